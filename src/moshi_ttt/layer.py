@@ -1,0 +1,256 @@
+"""``TTTLayer``: a causal TTT-Linear / TTT-MLP sequence-mixing layer that streams like Moshi.
+
+Forward, for x ``[B, T, dim]``:
+1. ``q, k, v = x Wq, x Wk, x Wv`` split into H heads of d = dim / H; RoPE on q, k with the
+   position inside the TTT mini-batch;
+2. per-token inner learning rate ``lr_t = base_lr * sigmoid(x_t Wlr + blr) / d`` (one per head);
+3. the TTT scan (``moshi_ttt.ttt``) in float32 (float64 if the layer is float64), even under
+   autocast: dual form for T > 1, primal form for one token;
+4. post LayerNorm over dim, then ``o_proj``.
+
+State: outside streaming every call starts from the layer's initial weights, unless a
+``FastState`` is passed (chunked processing: ``y, s = layer(x, state=s, return_state=True)``).
+Inside ``with layer.streaming(B):`` the state lives in a ``TTTState`` (a moshi ``State``), one
+per batch element, advanced by every call, reset by ``reset_streaming(mask)``, honouring exec
+masks. Parameters are never written by a forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from moshi.modules.streaming import State, StreamingModule
+from torch import nn
+
+from .ttt import KINDS, FastState, InnerLoss, apply_rope, ttt_dual, ttt_primal_step, weight_shapes
+
+DEFAULT_BASE_LR = {"linear": 1.0, "mlp": 0.1}
+INNER_WEIGHT_NAMES = {"linear": ("W1", "b1"), "mlp": ("W1", "b1", "W2", "b2")}
+
+
+@dataclass
+class TTTState(State):
+    """Streaming state of a ``TTTLayer``: the fast weights of each batch element."""
+
+    fast: FastState
+
+    def reset(self, reset_mask: torch.Tensor) -> None:
+        super().reset(reset_mask)
+        self.fast.copy_(self.fast.select(~reset_mask, self.fast.zeros_like()))
+
+
+class TTTLayer(StreamingModule[TTTState]):
+    """Causal TTT layer. ``forward(x [B, T, dim]) -> [B, T, dim]``.
+
+    Args:
+        dim: model width; must be divisible by ``num_heads`` with an even head dim.
+        num_heads: number of TTT heads (independent inner models).
+        kind: ``"linear"`` (d x d inner model) or ``"mlp"`` (d -> 4d -> d, GELU).
+        mini_batch_size: tokens per inner update (16 in the paper; 1.28 s of Moshi frames).
+        base_lr: inner learning rate scale; default 1.0 (linear) or 0.1 (mlp).
+        checkpoint_group_size: mini-batches per activation-checkpointing group when training
+            (0 disables).
+        rope_theta: RoPE base for q/k positions inside the mini-batch.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kind: str = "mlp",
+        mini_batch_size: int = 16,
+        base_lr: float | None = None,
+        checkpoint_group_size: int = 4,
+        rope_theta: float = 10000.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"TTTLayer kind must be one of {KINDS}, got {kind!r}")
+        if num_heads < 1 or dim < 1 or dim % num_heads != 0:
+            raise ValueError(
+                f"TTTLayer dim ({dim}) must be a positive multiple of num_heads ({num_heads})"
+            )
+        if (dim // num_heads) % 2 != 0:
+            raise ValueError(
+                f"TTTLayer head dim dim/num_heads = {dim // num_heads} must be even (RoPE pairs)"
+            )
+        if mini_batch_size < 1:
+            raise ValueError(f"mini_batch_size must be >= 1, got {mini_batch_size}")
+        if checkpoint_group_size < 0:
+            raise ValueError(f"checkpoint_group_size must be >= 0, got {checkpoint_group_size}")
+        base_lr = DEFAULT_BASE_LR[kind] if base_lr is None else float(base_lr)
+        if not base_lr > 0 or not math.isfinite(base_lr):
+            raise ValueError(f"base_lr must be a positive number, got {base_lr}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.kind, self.mini_batch_size, self.base_lr = kind, mini_batch_size, base_lr
+        self.checkpoint_group_size, self.rope_theta = checkpoint_group_size, rope_theta
+        self.probe: InnerLossProbe | None = None
+
+        fk = {"device": device, "dtype": dtype}
+        self.q_proj = nn.Linear(dim, dim, bias=False, **fk)
+        self.k_proj = nn.Linear(dim, dim, bias=False, **fk)
+        self.v_proj = nn.Linear(dim, dim, bias=False, **fk)
+        self.o_proj = nn.Linear(dim, dim, bias=False, **fk)
+        self.lr_gate = nn.Linear(dim, num_heads, **fk)  # data-dependent inner lr, one per head
+        self.tok_bias = nn.Parameter(torch.zeros(mini_batch_size, **fk))  # eps_i of tok_i
+        self.ttt_norm_weight = nn.Parameter(torch.ones(num_heads, self.head_dim, **fk))
+        self.ttt_norm_bias = nn.Parameter(torch.zeros(num_heads, self.head_dim, **fk))
+        for name, shape in zip(
+            INNER_WEIGHT_NAMES[kind], weight_shapes(kind, num_heads, self.head_dim), strict=True
+        ):
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape, **fk)))
+        self.post_norm = nn.LayerNorm(dim, eps=1e-6, **fk)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialisation of the reference code: weights N(0, 0.02), biases 0, norms identity."""
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.lr_gate):
+            nn.init.normal_(lin.weight, std=0.02)
+        nn.init.zeros_(self.lr_gate.bias)
+        nn.init.zeros_(self.tok_bias)
+        nn.init.ones_(self.ttt_norm_weight)
+        nn.init.zeros_(self.ttt_norm_bias)
+        for name in INNER_WEIGHT_NAMES[self.kind]:
+            p = getattr(self, name)
+            nn.init.normal_(p, std=0.02) if name.startswith("W") else nn.init.zeros_(p)
+        self.post_norm.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind}, dim={self.dim}, heads={self.num_heads}, "
+            f"mini_batch={self.mini_batch_size}, base_lr={self.base_lr}"
+        )
+
+    # -- state ------------------------------------------------------------------------------
+    def _state_dtype(self) -> torch.dtype:
+        return torch.float64 if self.W1.dtype == torch.float64 else torch.float32
+
+    def initial_state(self, batch_size: int) -> FastState:
+        """A fresh fast-weight state (the layer's initial weights) for ``batch_size`` sequences."""
+        return FastState.zeros(
+            self.kind, batch_size, self.num_heads, self.head_dim, self.W1.device, self._state_dtype()
+        )
+
+    def _init_streaming_state(self, batch_size: int) -> TTTState:
+        return TTTState(batch_size, self.W1.device, fast=self.initial_state(batch_size))
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(
+        self, x: torch.Tensor, state: FastState | None = None, return_state: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, FastState]:
+        """x ``[B, T, dim]`` -> ``[B, T, dim]`` (and the final ``FastState`` if ``return_state``).
+
+        ``state``: the fast weights to start from (not modified); default: the streaming state
+        when streaming, else the layer's initial weights.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] == 0:
+            raise ValueError(
+                f"TTTLayer expected input [batch, time >= 1, {self.dim}], got {tuple(x.shape)}"
+            )
+        B, T, _ = x.shape
+        stream = self._streaming_state if state is None else None
+        if state is None:
+            state = stream.fast if stream is not None else self.initial_state(B)
+        if state.batch_size != B:
+            raise ValueError(f"TTT state is for batch size {state.batch_size}, input has {B}")
+
+        z, new_state, inner_loss = self._scan(x, state)
+        out = self.o_proj(z.to(x.dtype))
+        if stream is not None:
+            stream.fast.copy_(new_state.select(stream.exec_mask, stream.fast))
+        if self.probe is not None and inner_loss is not None:
+            self.probe.record(self, inner_loss)
+        return (out, new_state) if return_state else out
+
+    def _scan(self, x: torch.Tensor, state: FastState):
+        """Projections, inner lr, RoPE, the scan and the post-norm; returns z ``[B, T, dim]``."""
+        B, T, _ = x.shape
+        H, d, n = self.num_heads, self.head_dim, self.mini_batch_size
+        cdt = torch.float64 if torch.float64 in (x.dtype, self.W1.dtype) else torch.float32
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # [B, T, dim] -> [B, H, T, d]
+            return t.view(B, T, H, d).transpose(1, 2).to(cdt)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(cdt)
+            gate = torch.sigmoid(F.linear(xc, self.lr_gate.weight.to(cdt), self.lr_gate.bias.to(cdt)))
+            lr = (self.base_lr / d) * gate.transpose(1, 2)  # [B, H, T]
+            positions = (state.pos.view(B, 1) + torch.arange(T, device=x.device)) % n
+            q = apply_rope(q, positions, self.rope_theta)
+            k = apply_rope(k, positions, self.rope_theta)
+            args = (
+                tuple(getattr(self, w).to(cdt) for w in INNER_WEIGHT_NAMES[self.kind]),
+                self.ttt_norm_weight.to(cdt),
+                self.ttt_norm_bias.to(cdt),
+                n,
+            )
+            probe = self.probe is not None
+            tok_bias = self.tok_bias.to(cdt)
+            state = state.to(cdt)
+            if T > 1 and bool((state.pos == state.pos[0]).all()):
+                z, state, inner_loss = ttt_dual(
+                    self.kind, q, k, v, lr, tok_bias, *args, state=state,
+                    checkpoint_group_size=self.checkpoint_group_size, probe=probe,
+                )  # fmt: skip
+            else:  # one token, or sequences at different mini-batch positions: token by token
+                zs, losses = [], []
+                for t in range(T):
+                    sl = slice(t, t + 1)
+                    z_t, state, loss_t = ttt_primal_step(
+                        self.kind, q[:, :, sl], k[:, :, sl], v[:, :, sl], lr[:, :, sl], tok_bias,
+                        *args, state=state, probe=probe,
+                    )  # fmt: skip
+                    zs.append(z_t)
+                    losses.append(loss_t)
+                z = torch.cat(zs, dim=2)
+                inner_loss = InnerLoss.cat(losses) if probe else None
+            z = z.transpose(1, 2).reshape(B, T, self.dim)
+            z = F.layer_norm(
+                z, (self.dim,), self.post_norm.weight.to(cdt), self.post_norm.bias.to(cdt), 1e-6
+            )
+        return z, state, inner_loss
+
+
+class InnerLossProbe:
+    """Collects the inner losses (``InnerLoss``, each ``[B, H, T]``) of TTT layers.
+
+    Use ``with record_inner_loss(model) as probe: model(x)``; then ``probe.losses(name)`` joins
+    the calls of layer ``name`` (its qualified module name) along time.
+    """
+
+    def __init__(self, names: dict[TTTLayer, str]):
+        self._names = names
+        self.records: dict[str, list[InnerLoss]] = defaultdict(list)
+
+    def record(self, layer: TTTLayer, loss: InnerLoss) -> None:
+        self.records[self._names[layer]].append(loss)
+
+    def losses(self, name: str) -> InnerLoss:
+        return InnerLoss.cat(self.records[name])
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self._names.values())
+
+
+@contextmanager
+def record_inner_loss(model: nn.Module) -> Iterator[InnerLossProbe]:
+    """Enable the inner-loss probe on every ``TTTLayer`` of ``model`` for the ``with`` block."""
+    layers = {m: name for name, m in model.named_modules() if isinstance(m, TTTLayer)}
+    probe = InnerLossProbe(layers)
+    for layer in layers:
+        layer.probe = probe
+    try:
+        yield probe
+    finally:
+        for layer in layers:
+            layer.probe = None

@@ -1,0 +1,237 @@
+"""The inner model of a TTT layer, its self-supervised loss and the fast-weight state.
+
+Shapes, per layer: B batch, H heads, T tokens, d head dim, n tokens of a mini-batch.
+Inner model per head: ``f(k; W) = k + LN(f_res(k; W))`` with
+- ``"linear"``: ``f_res(k) = k W1 + b1``, W1 ``[d, d]``;
+- ``"mlp"``:    ``f_res(k) = gelu_tanh(k W1 + b1) W2 + b2``, W1 ``[d, 4d]``, W2 ``[4d, d]``.
+The per-head LayerNorm (``ln_w``, ``ln_b``: ``[H, d]``) is a slow weight shared by the loss and
+the output path. The inner loss of token t is ``l(W; t) = 1/2 ||LN(f_res(k_t)) - (v_t - k_t)||^2``
+(summed over d); the probe reports it as a mean over d instead (an MSE, like the paper's plots).
+
+Fast weights are stored as a *delta* from the layer's initial weights (its parameters), so that
+resetting a sequence is zeroing its rows, and parameters are never written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+KINDS = ("linear", "mlp")
+LN_EPS = 1e-6
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def weight_shapes(kind: str, num_heads: int, head_dim: int) -> list[tuple[int, ...]]:
+    """Shapes of the inner-model weights ``(W1, b1[, W2, b2])`` for one layer, without batch."""
+    H, d = num_heads, head_dim
+    if kind == "linear":
+        return [(H, d, d), (H, 1, d)]
+    if kind == "mlp":
+        return [(H, d, 4 * d), (H, 1, 4 * d), (H, 4 * d, d), (H, 1, d)]
+    raise ValueError(f"unknown TTT kind {kind!r}: expected one of {KINDS}")
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
+    """d gelu_tanh(x) / dx, elementwise."""
+    inner = _GELU_C * (x + 0.044715 * x.pow(3))
+    t = torch.tanh(inner)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
+
+
+def layer_norm(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor) -> torch.Tensor:
+    """Per-head LayerNorm over the last dim. x ``[B, H, ..., d]``, ln_w/ln_b ``[H, d]``."""
+    mu = x.mean(-1, keepdim=True)
+    var = (x - mu).pow(2).mean(-1, keepdim=True)
+    xhat = (x - mu) * torch.rsqrt(var + LN_EPS)
+    shape = (1, ln_w.shape[0]) + (1,) * (x.dim() - 3) + (ln_w.shape[1],)
+    return xhat * ln_w.view(shape) + ln_b.view(shape)
+
+
+def ln_l2_grad(
+    z: torch.Tensor, target: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of ``1/2 ||LN(z) - target||^2`` with respect to z, fused by hand.
+
+    z, target: ``[B, H, ..., d]``. Returns ``(grad, residual)`` where ``residual = LN(z) - target``
+    (what the probe needs for free).
+    """
+    D = z.shape[-1]
+    shape = (1, ln_w.shape[0]) + (1,) * (z.dim() - 3) + (D,)
+    w, b = ln_w.view(shape), ln_b.view(shape)
+    mu = z.mean(-1, keepdim=True)
+    var = (z - mu).pow(2).mean(-1, keepdim=True)
+    rstd = torch.rsqrt(var + LN_EPS)
+    xhat = (z - mu) * rstd
+    residual = w * xhat + b - target
+    g = w * residual
+    grad = (D * g - g.sum(-1, keepdim=True) - xhat * (g * xhat).sum(-1, keepdim=True)) * (rstd / D)
+    return grad, residual
+
+
+def inner_residual(
+    kind: str,
+    k: torch.Tensor,
+    target: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    ln_w: torch.Tensor,
+    ln_b: torch.Tensor,
+) -> torch.Tensor:
+    """``LN(f_res(k; W)) - target`` for tokens k ``[B, H, T, d]`` and per-batch weights
+    ``[B, H, ...]`` (or per-head weights ``[H, ...]``, broadcast over the batch)."""
+    return layer_norm(f_res(kind, k, weights), ln_w, ln_b) - target
+
+
+def f_res(kind: str, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The residual branch of the inner model. x ``[B, H, T, d]`` -> ``[B, H, T, d]``."""
+    if kind == "linear":
+        W1, b1 = weights
+        return x @ W1 + b1
+    W1, b1, W2, b2 = weights
+    return gelu_tanh(x @ W1 + b1) @ W2 + b2
+
+
+def token_lr_scale(tok_bias: torch.Tensor) -> torch.Tensor:
+    """``tok_i = max(0, 1/i + eps_i)`` for i = 1..n; tok_bias ``[n]`` is the learnable eps."""
+    n = tok_bias.shape[0]
+    idx = torch.arange(1, n + 1, device=tok_bias.device, dtype=tok_bias.dtype)
+    return torch.relu(1.0 / idx + tok_bias)
+
+
+@dataclass
+class FastState:
+    """The fast-weight state of one TTT layer for B sequences (no parameters inside).
+
+    - ``delta``: the committed fast weights minus the layer's initial weights, per tensor of
+      ``weight_shapes`` with a leading batch dim ``[B, H, ...]``.
+    - ``grad_sum``: the sum over the tokens already seen in the current mini-batch of
+      ``lr_j * grad l(W; j)`` (W = committed weights), same shapes. Zero at a mini-batch start.
+    - ``pos``: ``[B]`` int64, tokens already seen in the current mini-batch (0 .. n-1).
+    """
+
+    delta: tuple[torch.Tensor, ...]
+    grad_sum: tuple[torch.Tensor, ...]
+    pos: torch.Tensor
+
+    @staticmethod
+    def zeros(
+        kind: str,
+        batch_size: int,
+        num_heads: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> FastState:
+        shapes = weight_shapes(kind, num_heads, head_dim)
+        mk = [torch.zeros((batch_size,) + s, device=device, dtype=dtype) for s in shapes]
+        return FastState(
+            delta=tuple(mk),
+            grad_sum=tuple(torch.zeros_like(t) for t in mk),
+            pos=torch.zeros(batch_size, device=device, dtype=torch.long),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.pos.shape[0]
+
+    def detach(self) -> FastState:
+        """A copy cut from the autograd graph (for carrying state across training windows)."""
+        return FastState(
+            tuple(t.detach() for t in self.delta),
+            tuple(t.detach() for t in self.grad_sum),
+            self.pos.clone(),
+        )
+
+    def zeros_like(self) -> FastState:
+        """The state of fresh sequences (initial weights, mini-batch start), same shapes."""
+        return FastState(
+            tuple(torch.zeros_like(t) for t in self.delta),
+            tuple(torch.zeros_like(t) for t in self.grad_sum),
+            torch.zeros_like(self.pos),
+        )
+
+    def to(self, dtype: torch.dtype) -> FastState:
+        """The same state with float tensors in ``dtype`` (self if already)."""
+        if self.delta[0].dtype == dtype:
+            return self
+        return FastState(
+            tuple(t.to(dtype) for t in self.delta),
+            tuple(t.to(dtype) for t in self.grad_sum),
+            self.pos,
+        )
+
+    def copy_(self, other: FastState) -> None:
+        """Write ``other`` into this state's tensors in place (keeps addresses: CUDA-graph safe)."""
+        for dst, src in zip(self.tensors(), other.tensors(), strict=True):
+            dst.copy_(src)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (*self.delta, *self.grad_sum, self.pos)
+
+    def select(self, keep: torch.Tensor, other: FastState) -> FastState:
+        """Per sequence, ``self`` where ``keep[b]`` else ``other``. keep: bool ``[B]``."""
+
+        def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.where(keep.view((-1,) + (1,) * (a.dim() - 1)), a, b)
+
+        return FastState(
+            tuple(pick(a, b) for a, b in zip(self.delta, other.delta, strict=True)),
+            tuple(pick(a, b) for a, b in zip(self.grad_sum, other.grad_sum, strict=True)),
+            torch.where(keep, self.pos, other.pos),
+        )
+
+
+@dataclass
+class InnerLoss:
+    """The inner-loss probe of one layer for a forward pass: per token MSE over d, ``[B, H, T]``.
+
+    - ``l0``: with the layer's initial weights W0;
+    - ``lprev``: with the committed weights at the start of the token's mini-batch;
+    - ``lafter``: with the weights the token's own output uses, W_t (after the token's update:
+      for the last token of a mini-batch, the weights after the mini-batch update).
+    """
+
+    l0: torch.Tensor
+    lprev: torch.Tensor
+    lafter: torch.Tensor
+
+    @staticmethod
+    def cat(parts: list[InnerLoss]) -> InnerLoss:
+        """Join consecutive pieces of one sequence along time."""
+        return InnerLoss(*(torch.cat(ts, dim=-1) for ts in zip(*((p.l0, p.lprev, p.lafter) for p in parts))))
+
+
+def mse(residual: torch.Tensor) -> torch.Tensor:
+    """Mean over d of the squared residual ``[B, H, T, d]`` -> ``[B, H, T]``, detached."""
+    return residual.detach().pow(2).mean(-1)
+
+
+def inner_grads(
+    kind: str,
+    k: torch.Tensor,
+    target: torch.Tensor,
+    W: tuple[torch.Tensor, ...],
+    ln_w: torch.Tensor,
+    ln_b: torch.Tensor,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Forward of the inner model at W on keys k ``[B, H, n, d]`` and its hand-derived backward.
+
+    Returns ``(xs, Gs, residual)``: for each inner linear layer its input (k, then gelu(Z1) for
+    the MLP) and the gradient of ``sum_t l(W; t)`` at its output, so that the weight gradient of
+    token t is ``xs[l][t]^T Gs[l][t]`` and the bias gradient ``Gs[l][t]``.
+    """
+    z1 = k @ W[0] + W[1]
+    if kind == "linear":
+        g, residual = ln_l2_grad(z1, target, ln_w, ln_b)
+        return [k], [g], residual
+    x2 = gelu_tanh(z1)
+    g2, residual = ln_l2_grad(x2 @ W[2] + W[3], target, ln_w, ln_b)
+    g1 = (g2 @ W[2].transpose(-1, -2)) * gelu_tanh_grad(z1)
+    return [k, x2], [g1, g2], residual
