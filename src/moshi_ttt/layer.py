@@ -95,24 +95,20 @@ class TTTLayer(StreamingModule[TTTState]):
         self.probe: InnerLossProbe | None = None
 
         fk = {"device": device, "dtype": dtype}
-        self.q_proj = nn.Linear(dim, dim, bias=False, **fk)
-        self.k_proj = nn.Linear(dim, dim, bias=False, **fk)
-        self.v_proj = nn.Linear(dim, dim, bias=False, **fk)
+        self.qkv_proj = nn.Linear(dim, 3 * dim, bias=False, **fk)  # q, k, v stacked
         self.o_proj = nn.Linear(dim, dim, bias=False, **fk)
         self.lr_gate = nn.Linear(dim, num_heads, **fk)  # data-dependent inner lr, one per head
         self.tok_bias = nn.Parameter(torch.zeros(mini_batch_size, **fk))  # eps_i of tok_i
         self.ttt_norm_weight = nn.Parameter(torch.ones(num_heads, self.head_dim, **fk))
         self.ttt_norm_bias = nn.Parameter(torch.zeros(num_heads, self.head_dim, **fk))
-        for name, shape in zip(
-            INNER_WEIGHT_NAMES[kind], weight_shapes(kind, num_heads, self.head_dim), strict=True
-        ):
+        for name, shape in zip(INNER_WEIGHT_NAMES[kind], self._inner_shapes(), strict=True):
             self.register_parameter(name, nn.Parameter(torch.zeros(shape, **fk)))
         self.post_norm = nn.LayerNorm(dim, eps=1e-6, **fk)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Initialisation of the reference code: weights N(0, 0.02), biases 0, norms identity."""
-        for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj, self.lr_gate):
+        for lin in (self.qkv_proj, self.o_proj, self.lr_gate):
             nn.init.normal_(lin.weight, std=0.02)
         nn.init.zeros_(self.lr_gate.bias)
         nn.init.zeros_(self.tok_bias)
@@ -127,6 +123,21 @@ class TTTLayer(StreamingModule[TTTState]):
         return (
             f"kind={self.kind}, dim={self.dim}, heads={self.num_heads}, "
             f"mini_batch={self.mini_batch_size}, base_lr={self.base_lr}"
+        )
+
+    def _inner_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of W1, b1[, W2, b2]: the bias-folded shapes of ``weight_shapes`` split."""
+        shapes = []
+        for H, rows, cols in weight_shapes(self.kind, self.num_heads, self.head_dim):
+            shapes += [(H, rows - 1, cols), (H, 1, cols)]
+        return shapes
+
+    def inner_init_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """The initial inner weights, bias-folded ``[H, d_in + 1, d_out]``, in ``dtype``."""
+        names = INNER_WEIGHT_NAMES[self.kind]
+        return tuple(
+            torch.cat((getattr(self, w), getattr(self, b)), dim=1).to(dtype)
+            for w, b in zip(names[0::2], names[1::2], strict=True)
         )
 
     # -- state ------------------------------------------------------------------------------
@@ -177,9 +188,9 @@ class TTTLayer(StreamingModule[TTTState]):
         cdt = torch.float64 if torch.float64 in (x.dtype, self.W1.dtype) else torch.float32
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # [B, T, dim] -> [B, H, T, d]
-            return t.view(B, T, H, d).transpose(1, 2).to(cdt)
+            return t.reshape(B, T, H, d).transpose(1, 2).to(cdt)
 
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        q, k, v = (heads(t) for t in self.qkv_proj(x).chunk(3, dim=-1))
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(cdt)
             gate = torch.sigmoid(F.linear(xc, self.lr_gate.weight.to(cdt), self.lr_gate.bias.to(cdt)))
@@ -188,7 +199,7 @@ class TTTLayer(StreamingModule[TTTState]):
             q = apply_rope(q, positions, self.rope_theta)
             k = apply_rope(k, positions, self.rope_theta)
             args = (
-                tuple(getattr(self, w).to(cdt) for w in INNER_WEIGHT_NAMES[self.kind]),
+                self.inner_init_weights(cdt),
                 self.ttt_norm_weight.to(cdt),
                 self.ttt_norm_bias.to(cdt),
                 n,

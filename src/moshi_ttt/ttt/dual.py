@@ -2,15 +2,16 @@
 
 Inside a mini-batch of n tokens all inner gradients are taken at the committed weights W, so the
 weights of token i, ``W_i = W - tok_i * sum_{j<=i} lr_j * grad l(W; j)``, never need to be
-materialised: with ``eta_ij = tok_i * lr_j`` (j <= i) and ``G = dl/dZ`` at W, for the linear kind
+materialised: with ``eta_ij = tok_i * lr_j`` (j <= i), ``G = dl/dZ`` at W and bias-folded
+weights (``x~ = [x, 1]``), each inner linear layer gives for the rows x of the mini-batch
 
-    Z_i = x_i W + b - sum_{j<=i} eta_ij (x_i . k_j + 1) G_j        (x = q for outputs)
+    Z_i = x~_i W - sum_{j<=i} eta_ij (x~_i . k~_j) G_j        (x = q for outputs)
 
-and the same per layer for the MLP. A state that arrives in the middle of a mini-batch (``pos``
-tokens already seen, their ``grad_sum`` carried) is handled by left-padding the first mini-batch
-with ``pos`` inert tokens (lr = 0) and subtracting ``tok_i * (x_i A + a)``; a sequence that ends
-in the middle of a mini-batch is right-padded the same way and returns an uncommitted state.
-Both give exactly the streaming (primal) recurrence, see ``primal.py`` and ``naive.py``.
+A state that arrives in the middle of a mini-batch (``pos`` tokens already seen, their
+``grad_sum`` A carried) is handled by left-padding the first mini-batch with ``pos`` inert tokens
+(lr = 0) and subtracting ``tok_i * x~_i A``; a sequence that ends inside a mini-batch is
+right-padded the same way and returns an uncommitted state. This is exactly the streaming
+recurrence (``primal.py``) and the definition (``naive.py``); tests compare all three.
 
 Checkpointing: with ``checkpoint_group_size = g > 0`` (and autograd on), each group of g
 mini-batches is recomputed in the backward pass, so only the states at group boundaries are kept.
@@ -19,15 +20,18 @@ mini-batches is recomputed in the backward pass, so only the states at group bou
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .inner import (
     FastState,
     InnerLoss,
-    gelu_tanh,
-    inner_grads,
+    augment,
+    gelu,
+    gelu_backward,
     inner_residual,
     layer_norm,
+    ln_l2_grad,
     mse,
     token_lr_scale,
 )
@@ -35,45 +39,83 @@ from .inner import (
 Weights = tuple[torch.Tensor, ...]
 
 
-def _eval_token_weights(kind, x, W, acc, eta, tok, xk1, G, m1=None):
-    """``f_res(x_i; W_i)`` for the rows x ``[B, H, n, d]`` of one mini-batch, in dual form.
-
-    W: committed weights; acc: carried grad sums (or None); eta ``[B, H, n, n]`` (lower
-    triangular); tok ``[n, 1]``; xk1: the inputs of each inner linear at W (k, and gelu(Z1) for
-    the MLP); G: the gradients at each inner linear's output; m1: precomputed ``x @ k^T``.
-    """
-    h = x
-    for layer in range(len(W) // 2):
-        w, b = W[2 * layer], W[2 * layer + 1]
-        if layer > 0:
-            h = gelu_tanh(h)
-        gram = m1 if (layer == 0 and m1 is not None) else h @ xk1[layer].transpose(-1, -2)
-        z = h @ w + b - (eta * (gram + 1.0)) @ G[layer]
-        if acc is not None:
-            z = z - tok * (h @ acc[2 * layer] + acc[2 * layer + 1])
-        h = z
-    return h
+def _split(w: Weights) -> Weights:
+    """Bias-folded weights -> the loop's layout: ``(W1~,)`` or ``(W1~, W2, b2)`` (views)."""
+    return w if len(w) == 1 else (w[0], w[1][:, :-1], w[1][:, -1:])
 
 
-def _mini_batch(kind, W, acc, commit, tok, tok_last, ln_w, ln_b, q, k, tgt, lr, eta, qk, probe):
-    """One mini-batch. Returns (zbar ``[B,H,n,d]``, new W, new acc or None, lprev, lafter)."""
-    xs, Gs, residual = inner_grads(kind, k, tgt, W, ln_w, ln_b)
-    zbar = _eval_token_weights(kind, q, W, acc, eta, tok, xs, Gs, m1=qk)
+def _join(w: Weights) -> Weights:
+    """Inverse of ``_split``."""
+    return w if len(w) == 1 else (w[0], torch.cat((w[1], w[2]), dim=1))
+
+
+def _rows_at_token_weights(kind, x_aug, z_base, m1, W, acc, eta, tok, x2, Gs):
+    """``f_res(x_i; W_i)`` for the rows of one mini-batch, in dual form. x_aug ``[BH, n, d+1]``;
+    z_base ``= x_aug @ W1~``; m1 ``= eta * (x_aug @ k~^T)``; x2: the keys' hidden activations
+    (MLP); acc: carried gradient sums or None. Weights in the loop layout (``_split``)."""
+    z = torch.baddbmm(z_base, m1, Gs[0], alpha=-1)
+    if acc is not None:
+        z = z - tok * (x_aug @ acc[0])
+    if kind == "linear":
+        return z
+    h = gelu(z)
+    m2 = eta * torch.baddbmm(eta.new_ones(()), h, x2.transpose(-1, -2))
+    z2 = torch.baddbmm(torch.baddbmm(W[2], h, W[1]), m2, Gs[1], alpha=-1)
+    if acc is not None:
+        z2 = z2 - tok * torch.baddbmm(acc[2], h, acc[1])
+    return z2
+
+
+def _mini_batch(kind, n, W, acc, commit, tok, tok_last, lnw, shift, kq, lr, eta, m1, probe):
+    """One mini-batch on ``[BH, ...]`` tensors: kq ``[BH, 2n, d+1]`` (augmented keys then
+    queries), lr ``[BH, n, 1]``, eta/m1 ``[BH, n, n]``. Returns (zbar, W, acc, lprev, lafter).
+    Without autograd the weights are updated in place (they are this scan's own tensors)."""
+    zkq = kq @ W[0]
+    k_aug, z1 = kq[:, :n], zkq[:, :n]
+    x2 = None
+    if kind == "linear":
+        g1, residual = ln_l2_grad(z1, lnw, shift)
+        Gs = (g1,)
+    else:  # forward at W, then the hand-derived backward
+        x2 = gelu(z1)
+        g2, residual = ln_l2_grad(torch.baddbmm(W[2], x2, W[1]), lnw, shift)
+        Gs = (gelu_backward(g2 @ W[1].transpose(-1, -2), z1), g2)
+    zbar = _rows_at_token_weights(kind, kq[:, n:], zkq[:, n:], m1, W, acc, eta, tok, x2, Gs)
     lprev = lafter = None
     if probe:
         lprev = mse(residual)
-        z_after = _eval_token_weights(kind, k, W, acc, eta, tok, xs, Gs)
-        lafter = mse(layer_norm(z_after, ln_w, ln_b) - tgt)
-    # lr-weighted gradient sums of this mini-batch: sum_j lr_j x_j^T G_j and sum_j lr_j G_j.
-    lr_row = lr.unsqueeze(-2)  # [B, H, 1, n]
-    sums = []
-    for x, g in zip(xs, Gs, strict=True):
-        sums += [(x * lr.unsqueeze(-1)).transpose(-1, -2) @ g, lr_row @ g]
-    if acc is not None:
-        sums = [s + a for s, a in zip(sums, acc, strict=True)]
-    if commit:
-        return zbar, tuple(w - tok_last * s for w, s in zip(W, sums, strict=True)), None, lprev, lafter
-    return zbar, W, tuple(sums), lprev, lafter
+        m1k = eta * (k_aug @ k_aug.transpose(-1, -2))
+        z_after = _rows_at_token_weights(kind, k_aug, z1, m1k, W, acc, eta, tok, x2, Gs)
+        lafter = mse(torch.addcmul(shift, F.layer_norm(z_after, z_after.shape[-1:], eps=1e-6), lnw))
+
+    # This mini-batch's lr-weighted gradient sums, per tensor of W: sum_j lr_j x_j^T G_j.
+    def sums(scale: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = [(k_aug.transpose(-1, -2), Gs[0] * scale)]
+        if kind == "mlp":
+            g2 = Gs[1] * scale
+            out += [(x2.transpose(-1, -2), g2), (None, g2)]
+        return out
+
+    def total(x: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
+        return g.sum(1, keepdim=True) if x is None else x @ g
+
+    if not commit:
+        new = [total(x, g) for x, g in sums(lr)]
+        acc = tuple(new if acc is None else (a + s for a, s in zip(acc, new, strict=True)))
+        return zbar, W, acc, lprev, lafter
+    # Commit: W <- W - tok_n * (A + sum_j lr_j x_j^T G_j).
+    inplace = not torch.is_grad_enabled()
+    new_W = []
+    for i, (x, g) in enumerate(sums(lr * tok_last)):
+        w = W[i]
+        if acc is not None:
+            w = w.sub_(acc[i], alpha=tok_last) if inplace else w - tok_last * acc[i]
+        if x is None:
+            w = w.sub_(g.sum(1, keepdim=True)) if inplace else w - g.sum(1, keepdim=True)
+        else:
+            w = w.baddbmm_(x, g, alpha=-1) if inplace else torch.baddbmm(w, x, g, alpha=-1)
+        new_W.append(w)
+    return zbar, tuple(new_W), None, lprev, lafter
 
 
 def ttt_dual(
@@ -92,10 +134,11 @@ def ttt_dual(
     probe: bool = False,
 ) -> tuple[torch.Tensor, FastState, InnerLoss | None]:
     """Parallel scan. q, k, v ``[B, H, T, d]``; lr ``[B, H, T]``; tok_bias ``[n]``; init_weights
-    ``[H, ...]``. ``state.pos`` must be the same for every sequence. Returns ``z [B, H, T, d]``
-    (``q + LN(f_res(q; W_t))``), the final state and, if ``probe``, the inner losses."""
+    ``[H, ...]`` (bias-folded). ``state.pos`` must be the same for every sequence. Returns
+    ``z [B, H, T, d]`` (``q + LN(f_res(q; W_t))``), the final state and, if ``probe``, the inner
+    losses ``[B, H, T]``."""
     B, H, T, d = q.shape
-    n = mini_batch_size
+    BH, n = B * H, mini_batch_size
     if state is None:
         state = FastState.zeros(kind, B, H, d, q.device, q.dtype)
     pos = int(state.pos[0])
@@ -105,35 +148,43 @@ def ttt_dual(
         )
     total = pos + T
     pad_right = (-total) % n
-    L = total + pad_right
-    nmb = L // n
+    nmb = (total + pad_right) // n
     commit_last = pad_right == 0
 
-    tgt = v - k
-    pad = (0, 0, pos, pad_right)
-    q_, k_, tgt_ = (torch.nn.functional.pad(t, pad) for t in (q, k, tgt))
-    lr_ = torch.nn.functional.pad(lr, (pos, pad_right))  # padded tokens learn nothing
+    def mb_major(t: torch.Tensor) -> torch.Tensor:  # [B, H, T, c] -> [nmb, BH, n, c], padded
+        t = F.pad(t, (0, 0, pos, pad_right))
+        return t.reshape(BH, nmb, n, t.shape[-1]).transpose(0, 1).contiguous()
 
-    def mb_major(t: torch.Tensor) -> torch.Tensor:  # [B, H, L, ...] -> [nmb, B, H, n, ...]
-        return t.reshape(B, H, nmb, n, *t.shape[3:]).movedim(2, 0).contiguous()
+    q_, k_ = augment(mb_major(q)), augment(mb_major(k))
+    lr_ = mb_major(lr.unsqueeze(-1))  # padded tokens have lr = 0: they learn nothing
+    lnw = ln_w.repeat(B, 1).view(BH, 1, d)
+    shift = ln_b.repeat(B, 1).view(BH, 1, d) - mb_major(v - k)  # LN(z) - target = lnw*zhat + shift
+    kq = torch.cat((k_, q_), dim=2)  # [nmb, BH, 2n, d+1]
 
-    q_, k_, tgt_, lr_ = mb_major(q_), mb_major(k_), mb_major(tgt_), mb_major(lr_)
     tok_vec = token_lr_scale(tok_bias).to(q.dtype)
     tok, tok_last = tok_vec.view(n, 1), tok_vec[n - 1]
     tril = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    eta = (tok * lr_.unsqueeze(-2)).masked_fill(~tril, 0.0)  # [nmb, B, H, n, n]
-    qk = q_ @ k_.transpose(-1, -2)  # state-free, so batched over all mini-batches
+    eta = (tok * lr_.transpose(-1, -2)).masked_fill(~tril, 0.0)  # [nmb, BH, n, n]
+    m1 = eta * (q_ @ k_.transpose(-1, -2))  # state-free: batched over all mini-batches
 
-    W = tuple(w0.unsqueeze(0) + dw for w0, dw in zip(init_weights, state.delta, strict=True))
-    acc = state.grad_sum if pos > 0 else None
+    def flat(w: torch.Tensor) -> torch.Tensor:  # [B, H, ...] -> [BH, ...]
+        return w.reshape((BH,) + w.shape[2:])
+
+    W = _split(tuple(flat(w0 + dw) for w0, dw in zip(init_weights, state.delta, strict=True)))
+    acc = _split(tuple(flat(a) for a in state.grad_sum)) if pos > 0 else None
+
+    # Per-mini-batch views made by one unbind each: indexing t[i] in the loop would make every
+    # backward step allocate and zero a gradient of the whole sequence (quadratic cost).
+    per_mb = list(zip(*(t.unbind(0) for t in (shift, kq, lr_, eta, m1)), strict=True))
 
     def run(start: int, stop: int, W: Weights, acc: Weights | None):
         zs, lps, las = [], [], []
         for i in range(start, stop):
             commit = i < nmb - 1 or commit_last
+            shift_i, kq_i, lr_i, eta_i, m1_i = per_mb[i]
             zbar, W, acc, lp, la = _mini_batch(
-                kind, W, acc, commit, tok, tok_last, ln_w, ln_b,
-                q_[i], k_[i], tgt_[i], lr_[i], eta[i], qk[i], probe,
+                kind, n, W, acc, commit, tok, tok_last, lnw, shift_i, kq_i, lr_i, eta_i, m1_i,
+                probe,
             )  # fmt: skip
             zs.append(zbar)
             lps.append(lp)
@@ -155,19 +206,23 @@ def ttt_dual(
         lps += lp_g
         las += la_g
 
-    def seq_major(ts: list[torch.Tensor]) -> torch.Tensor:  # nmb x [B, H, n, ...] -> [B, H, T, ...]
-        return torch.stack(ts, 2).flatten(2, 3)[:, :, pos : pos + T]
+    def seq_major(ts: list[torch.Tensor]) -> torch.Tensor:  # nmb x [BH, n, ...] -> [B, H, T, ...]
+        t = torch.stack(ts, 1).view((B, H, nmb * n) + ts[0].shape[2:])
+        return t[:, :, pos : pos + T]
 
-    zbar = seq_major(zs)
-    z = q + layer_norm(zbar, ln_w, ln_b)
+    z = q + layer_norm(seq_major(zs), ln_w, ln_b)
 
+    def unflat(w: torch.Tensor) -> torch.Tensor:
+        return w.view((B, H) + w.shape[1:])
+
+    W, acc = _join(W), _join(acc) if acc is not None else None
     new_state = FastState(
-        delta=tuple(w - w0.unsqueeze(0) for w, w0 in zip(W, init_weights, strict=True)),
-        grad_sum=acc if acc is not None else tuple(torch.zeros_like(w) for w in W),
+        delta=tuple(unflat(w) - w0 for w, w0 in zip(W, init_weights, strict=True)),
+        grad_sum=tuple(unflat(a) for a in acc) if acc is not None else state.zeros_like().grad_sum,
         pos=torch.full_like(state.pos, total % n),
     )
     inner_loss = None
     if probe:
-        l0 = mse(inner_residual(kind, k, tgt, init_weights, ln_w, ln_b))
+        l0 = mse(inner_residual(kind, k, v - k, init_weights, ln_w, ln_b))
         inner_loss = InnerLoss(l0=l0, lprev=seq_major(lps), lafter=seq_major(las))
     return z, new_state, inner_loss

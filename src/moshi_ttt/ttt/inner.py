@@ -3,10 +3,14 @@
 Shapes, per layer: B batch, H heads, T tokens, d head dim, n tokens of a mini-batch.
 Inner model per head: ``f(k; W) = k + LN(f_res(k; W))`` with
 - ``"linear"``: ``f_res(k) = k W1 + b1``, W1 ``[d, d]``;
-- ``"mlp"``:    ``f_res(k) = gelu_tanh(k W1 + b1) W2 + b2``, W1 ``[d, 4d]``, W2 ``[4d, d]``.
-The per-head LayerNorm (``ln_w``, ``ln_b``: ``[H, d]``) is a slow weight shared by the loss and
-the output path. The inner loss of token t is ``l(W; t) = 1/2 ||LN(f_res(k_t)) - (v_t - k_t)||^2``
-(summed over d); the probe reports it as a mean over d instead (an MSE, like the paper's plots).
+- ``"mlp"``:    ``f_res(k) = gelu(k W1 + b1) W2 + b2``, W1 ``[d, 4d]``, W2 ``[4d, d]``, with the
+  exact (erf) GELU: the reference code uses the tanh approximation, which differs by < 1e-3 and
+  costs 2-3x more on CPU (see ``docs/benchmarks.md``).
+Each inner linear layer is stored *bias-folded*: one matrix ``[d_in + 1, d_out]`` whose last row
+is the bias, applied to inputs with a column of ones appended (``augment``). The per-head
+LayerNorm (``ln_w``, ``ln_b``: ``[H, d]``) is a slow weight shared by the loss and the output
+path. The inner loss of token t is ``l(W; t) = 1/2 ||LN(f_res(k_t)) - (v_t - k_t)||^2`` (summed
+over d); the probe reports it as a mean over d instead (an MSE, like the paper's plots).
 
 Fast weights are stored as a *delta* from the layer's initial weights (its parameters), so that
 resetting a sequence is zeroing its rows, and parameters are never written.
@@ -14,7 +18,6 @@ resetting a sequence is zeroing its rows, and parameters are never written.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -22,58 +25,69 @@ import torch.nn.functional as F
 
 KINDS = ("linear", "mlp")
 LN_EPS = 1e-6
-_GELU_C = math.sqrt(2.0 / math.pi)
 
 
 def weight_shapes(kind: str, num_heads: int, head_dim: int) -> list[tuple[int, ...]]:
-    """Shapes of the inner-model weights ``(W1, b1[, W2, b2])`` for one layer, without batch."""
+    """Shapes of the bias-folded inner weights ``(W1[, W2])`` of one layer, without batch."""
     H, d = num_heads, head_dim
     if kind == "linear":
-        return [(H, d, d), (H, 1, d)]
+        return [(H, d + 1, d)]
     if kind == "mlp":
-        return [(H, d, 4 * d), (H, 1, 4 * d), (H, 4 * d, d), (H, 1, d)]
+        return [(H, d + 1, 4 * d), (H, 4 * d + 1, d)]
     raise ValueError(f"unknown TTT kind {kind!r}: expected one of {KINDS}")
 
 
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
+def augment(x: torch.Tensor) -> torch.Tensor:
+    """Append a column of ones: ``[..., m] -> [..., m + 1]`` (so ``augment(x) @ W = x W + b``)."""
+    return torch.cat((x, x.new_ones(x.shape[:-1] + (1,))), dim=-1)
 
 
-def gelu_tanh_grad(x: torch.Tensor) -> torch.Tensor:
-    """d gelu_tanh(x) / dx, elementwise."""
-    inner = _GELU_C * (x + 0.044715 * x.pow(3))
-    t = torch.tanh(inner)
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x)
+
+
+def gelu_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``grad * gelu'(x)`` in one fused (and twice-differentiable) kernel."""
+    return torch.ops.aten.gelu_backward(grad, x)
+
+
+def head_view(p: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Per-head ``[H, d]`` -> broadcastable against ``[B, H, ..., d]`` with ``ndim`` dims."""
+    return p.view((1, p.shape[0]) + (1,) * (ndim - 3) + (p.shape[1],))
 
 
 def layer_norm(x: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor) -> torch.Tensor:
     """Per-head LayerNorm over the last dim. x ``[B, H, ..., d]``, ln_w/ln_b ``[H, d]``."""
-    mu = x.mean(-1, keepdim=True)
-    var = (x - mu).pow(2).mean(-1, keepdim=True)
-    xhat = (x - mu) * torch.rsqrt(var + LN_EPS)
-    shape = (1, ln_w.shape[0]) + (1,) * (x.dim() - 3) + (ln_w.shape[1],)
-    return xhat * ln_w.view(shape) + ln_b.view(shape)
+    xhat = F.layer_norm(x, x.shape[-1:], eps=LN_EPS)
+    return torch.addcmul(head_view(ln_b, x.dim()), xhat, head_view(ln_w, x.dim()))
 
 
 def ln_l2_grad(
-    z: torch.Tensor, target: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor
+    z: torch.Tensor, ln_w: torch.Tensor, shift: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient of ``1/2 ||LN(z) - target||^2`` with respect to z, fused by hand.
+    """Gradient of ``1/2 ||ln_w * xhat(z) + shift||^2`` with respect to z, fused by hand.
 
-    z, target: ``[B, H, ..., d]``. Returns ``(grad, residual)`` where ``residual = LN(z) - target``
-    (what the probe needs for free).
+    With ``shift = ln_b - target`` this is the inner loss ``1/2 ||LN(z) - target||^2``.
+    z ``[..., D]``; ln_w and shift broadcastable to z. Returns ``(grad, residual)`` with
+    ``residual = LN(z) - target`` (what the probe needs, for free).
     """
-    D = z.shape[-1]
-    shape = (1, ln_w.shape[0]) + (1,) * (z.dim() - 3) + (D,)
-    w, b = ln_w.view(shape), ln_b.view(shape)
-    mu = z.mean(-1, keepdim=True)
-    var = (z - mu).pow(2).mean(-1, keepdim=True)
-    rstd = torch.rsqrt(var + LN_EPS)
-    xhat = (z - mu) * rstd
-    residual = w * xhat + b - target
-    g = w * residual
-    grad = (D * g - g.sum(-1, keepdim=True) - xhat * (g * xhat).sum(-1, keepdim=True)) * (rstd / D)
-    return grad, residual
+    centered = z - z.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((centered * centered).mean(-1, keepdim=True) + LN_EPS)
+    xhat = centered * rstd
+    residual = torch.addcmul(shift, xhat, ln_w)
+    g = residual * ln_w
+    mean_g = g.mean(-1, keepdim=True)
+    mean_gx = (g * xhat).mean(-1, keepdim=True)
+    return (g - mean_g - xhat * mean_gx) * rstd, residual
+
+
+def f_res(kind: str, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The residual branch of the inner model, x ``[B, H, T, d]`` -> ``[B, H, T, d]``, for
+    per-sequence weights ``[B, H, ...]`` or per-head weights ``[H, ...]``."""
+    h = augment(x) @ weights[0]
+    if kind == "linear":
+        return h
+    return augment(gelu(h)) @ weights[1]
 
 
 def inner_residual(
@@ -84,18 +98,8 @@ def inner_residual(
     ln_w: torch.Tensor,
     ln_b: torch.Tensor,
 ) -> torch.Tensor:
-    """``LN(f_res(k; W)) - target`` for tokens k ``[B, H, T, d]`` and per-batch weights
-    ``[B, H, ...]`` (or per-head weights ``[H, ...]``, broadcast over the batch)."""
+    """``LN(f_res(k; W)) - target`` for tokens k ``[B, H, T, d]``."""
     return layer_norm(f_res(kind, k, weights), ln_w, ln_b) - target
-
-
-def f_res(kind: str, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The residual branch of the inner model. x ``[B, H, T, d]`` -> ``[B, H, T, d]``."""
-    if kind == "linear":
-        W1, b1 = weights
-        return x @ W1 + b1
-    W1, b1, W2, b2 = weights
-    return gelu_tanh(x @ W1 + b1) @ W2 + b2
 
 
 def token_lr_scale(tok_bias: torch.Tensor) -> torch.Tensor:
@@ -213,25 +217,28 @@ def mse(residual: torch.Tensor) -> torch.Tensor:
     return residual.detach().pow(2).mean(-1)
 
 
+
 def inner_grads(
     kind: str,
-    k: torch.Tensor,
-    target: torch.Tensor,
+    k_aug: torch.Tensor,
     W: tuple[torch.Tensor, ...],
     ln_w: torch.Tensor,
-    ln_b: torch.Tensor,
+    shift: torch.Tensor,
+    z1: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-    """Forward of the inner model at W on keys k ``[B, H, n, d]`` and its hand-derived backward.
+    """Forward of the inner model at W on augmented keys ``[.., n, d+1]`` and its backward.
 
-    Returns ``(xs, Gs, residual)``: for each inner linear layer its input (k, then gelu(Z1) for
-    the MLP) and the gradient of ``sum_t l(W; t)`` at its output, so that the weight gradient of
-    token t is ``xs[l][t]^T Gs[l][t]`` and the bias gradient ``Gs[l][t]``.
+    Returns ``(xs, Gs, residual)``: for each inner linear layer its augmented input (k, then
+    gelu(Z1) for the MLP) and the gradient of ``sum_t l(W; t)`` at its output, so that the
+    gradient of token t for that layer is ``xs[l][t]^T Gs[l][t]``. ``z1 = k_aug @ W[0]`` may be
+    passed if already computed.
     """
-    z1 = k @ W[0] + W[1]
+    if z1 is None:
+        z1 = k_aug @ W[0]
     if kind == "linear":
-        g, residual = ln_l2_grad(z1, target, ln_w, ln_b)
-        return [k], [g], residual
-    x2 = gelu_tanh(z1)
-    g2, residual = ln_l2_grad(x2 @ W[2] + W[3], target, ln_w, ln_b)
-    g1 = (g2 @ W[2].transpose(-1, -2)) * gelu_tanh_grad(z1)
-    return [k, x2], [g1, g2], residual
+        g, residual = ln_l2_grad(z1, ln_w, shift)
+        return [k_aug], [g], residual
+    x2 = augment(gelu(z1))
+    g2, residual = ln_l2_grad(x2 @ W[1], ln_w, shift)
+    g1 = gelu_backward(g2 @ W[1][..., :-1, :].transpose(-1, -2), z1)
+    return [k_aug, x2], [g1, g2], residual

@@ -48,7 +48,7 @@ def ttt_naive(
     differentiable = torch.is_grad_enabled()
     with torch.enable_grad():
         for b in range(B):
-            W = [w0.unsqueeze(0) + dw[b : b + 1] for w0, dw in zip(init_weights, state.delta)]
+            W = [w0 + dw[b : b + 1] for w0, dw in zip(init_weights, state.delta)]
             acc = [g[b : b + 1] for g in state.grad_sum]
             pos = int(state.pos[b])
             z_b, l0, lprev, lafter = [], [], [], []
@@ -68,7 +68,7 @@ def ttt_naive(
                 if pos == n:
                     W, acc, pos = W_t, [torch.zeros_like(a) for a in acc], 0
             outs.append(torch.cat(z_b, dim=2))
-            deltas.append([w - w0.unsqueeze(0) for w, w0 in zip(W, init_weights)])
+            deltas.append([w - w0 for w, w0 in zip(W, init_weights)])
             sums.append(acc)
             poss.append(pos)
             probes.append([torch.cat(x, dim=2) for x in (l0, lprev, lafter)])

@@ -19,7 +19,9 @@ import torch
 from .inner import (
     FastState,
     InnerLoss,
+    augment,
     f_res,
+    head_view,
     inner_grads,
     inner_residual,
     layer_norm,
@@ -46,13 +48,14 @@ def ttt_primal_step(
     state (the input state is not modified) and, if ``probe``, the inner losses ``[B, H, 1]``."""
     B = q.shape[0]
     tgt = v - k
-    W = tuple(w0.unsqueeze(0) + dw for w0, dw in zip(init_weights, state.delta, strict=True))
-    xs, Gs, residual = inner_grads(kind, k, tgt, W, ln_w, ln_b)
+    W = tuple(w0 + dw for w0, dw in zip(init_weights, state.delta, strict=True))
+    shift = head_view(ln_b, 4) - tgt
+    xs, Gs, residual = inner_grads(kind, augment(k), W, head_view(ln_w, 4), shift)
     step = lr.unsqueeze(-1)  # [B, H, 1, 1]
-    grads = []
-    for x, g in zip(xs, Gs, strict=True):
-        grads += [x.transpose(-1, -2) @ g, g]
-    acc = tuple(a + step * gr for a, gr in zip(state.grad_sum, grads, strict=True))
+    acc = tuple(
+        a + x.transpose(-1, -2) @ (g * step)
+        for a, x, g in zip(state.grad_sum, xs, Gs, strict=True)
+    )
 
     tok = token_lr_scale(tok_bias).to(q.dtype)[state.pos].view(B, 1, 1, 1)
     W_t = tuple(w - tok * a for w, a in zip(W, acc, strict=True))
@@ -62,7 +65,7 @@ def ttt_primal_step(
     keep = commit.view(B, 1, 1, 1)
     new_state = FastState(
         delta=tuple(
-            torch.where(keep, wt - w0.unsqueeze(0), dw)
+            torch.where(keep, wt - w0, dw)
             for wt, w0, dw in zip(W_t, init_weights, state.delta, strict=True)
         ),
         grad_sum=tuple(torch.where(keep, torch.zeros_like(a), a) for a in acc),

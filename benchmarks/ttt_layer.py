@@ -1,0 +1,133 @@
+"""Speed and memory of one TTTLayer on CPU (float32). Prints a markdown table.
+
+    .venv/bin/python benchmarks/ttt_layer.py                  # dim 512, 8 heads, b 16, T 2048
+    .venv/bin/python benchmarks/ttt_layer.py --kinds mlp --repeats 3
+
+Columns: forward tokens/s (no autograd), forward+backward tokens/s with the default
+checkpointing (group of 4 mini-batches) and without, streaming ms/token at two positions (the
+prefix is fed in chunked mode first), and the peak resident memory added by one forward+backward
+at several lengths, each measured in a fresh process. Medians over ``--repeats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from moshi_ttt import TTTLayer
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make(args, kind: str, group: int = 4) -> TTTLayer:
+    torch.manual_seed(0)
+    return TTTLayer(args.dim, args.heads, kind=kind, mini_batch_size=args.mini_batch,
+                    checkpoint_group_size=group)  # fmt: skip
+
+
+def throughput(args, kind: str) -> dict[str, float]:
+    x = torch.randn(1, args.seq, args.dim)
+    layer = make(args, kind)
+    with torch.no_grad():
+        fwd = timed(lambda: layer(x), args.repeats)
+    out = {"fwd_tok_s": args.seq / fwd}
+    for group in (4, 0):
+        layer = make(args, kind, group)
+        t = timed(lambda layer=layer: layer(x).sum().backward(), max(1, args.repeats // 2))
+        out[f"fwdbwd_g{group}_tok_s"] = args.seq / t
+    return out
+
+
+def streaming_ms(args, kind: str, position: int, steps: int = 50) -> float:
+    layer = make(args, kind)
+    x = torch.randn(1, position + steps + 1, args.dim)
+    with torch.no_grad(), layer.streaming(1):
+        for start in range(0, position, 4096):  # chunked prefill with carried state
+            layer(x[:, start : min(position, start + 4096)])
+        times = []
+        for t in range(position, position + steps):
+            t0 = time.perf_counter()
+            layer(x[:, t : t + 1])
+            times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times[5:])
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def memory_child(args, kind: str, seq: int) -> None:
+    """Run in a fresh process: print the peak RSS added by one forward+backward, in MiB."""
+    layer = make(args, kind)
+    x = torch.randn(1, seq, args.dim)
+    layer(x[:, :64]).sum().backward()  # allocator and thread-pool warm-up
+    layer.zero_grad(set_to_none=True)
+    base = rss_mb()
+    layer(x).sum().backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_mb": peak - base}))
+
+
+def peak_memory(args, kind: str, seq: int) -> float:
+    cmd = [sys.executable, __file__, "--memory-child", kind, str(seq)] + [
+        f"--dim={args.dim}", f"--heads={args.heads}", f"--mini-batch={args.mini_batch}"
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--kinds", nargs="+", default=["mlp", "linear"])
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--mini-batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--positions", type=int, nargs="+", default=[100, 10_000])
+    p.add_argument("--memory-lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--memory-child", nargs=2, metavar=("KIND", "SEQ"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.memory_child:
+        memory_child(args, args.memory_child[0], int(args.memory_child[1]))
+        return
+
+    print(f"# TTTLayer, dim {args.dim}, {args.heads} heads, mini-batch {args.mini_batch}, batch 1, "
+          f"float32, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)  # fmt: skip
+    head = ["kind", f"fwd tok/s (T={args.seq})", "fwd+bwd tok/s, ckpt 4", "fwd+bwd tok/s, no ckpt"]
+    head += [f"stream ms/token @{p}" for p in args.positions]
+    head += [f"peak MiB fwd+bwd T={t}" for t in args.memory_lengths]
+    rows = []
+    for kind in args.kinds:
+        print(f"... {kind}", file=sys.stderr, flush=True)
+        tp = throughput(args, kind)
+        row = [kind, f"{tp['fwd_tok_s']:,.0f}", f"{tp['fwdbwd_g4_tok_s']:,.0f}",
+               f"{tp['fwdbwd_g0_tok_s']:,.0f}"]  # fmt: skip
+        row += [f"{streaming_ms(args, kind, pos):.2f}" for pos in args.positions]
+        row += [f"{peak_memory(args, kind, t):,.0f}" for t in args.memory_lengths]
+        rows.append(row)
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""``TTTConfig``: which layers of Moshi's temporal transformer get TTT, and how.
+
+Layer specs (``parse_layer_spec``), for a transformer of L layers (indices 0 .. L-1):
+
+- ``"all"``: every layer;
+- ``"middle"``: the single layer ``L // 2`` (16 of Moshi's 32);
+- ``"top:N"`` / ``"bottom:N"``: the last / first N layers;
+- ``"every:K"``: layers 0, K, 2K, ... (the In-Place TTT paper's pattern);
+- explicit lists ``[3, 5]`` and strings of indices and inclusive ranges ``"10,20,29-31"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+KINDS = ("linear", "mlp", "inplace")
+PLACEMENTS = ("before_attention", "after_attention", "after_ffn")
+INPLACE_TARGETS = ("ffn_input", "embeddings")
+_NAMED_SPECS = ("all", "middle", "top:N", "bottom:N", "every:K", "'3,5,10-12'", "[3, 5]")
+
+
+@dataclass
+class TTTConfig:
+    """How to put TTT into Moshi (``apply_ttt``). Frames are 80 ms.
+
+    Attributes:
+        layers: layer spec of the temporal transformer's layers to convert (module docstring).
+            Default ``"middle"``: one layer, the cheapest useful start.
+        kind: ``"linear"`` / ``"mlp"`` (a gated TTT branch, ``moshi_ttt.TTTLayer``) or
+            ``"inplace"`` (In-Place TTT on the FFN's output projection).
+        mini_batch_size: TTT tokens (frames) per inner update; 16 = 1.28 s.
+        base_lr: TTT inner learning-rate scale; None = the layer's default (1.0 linear, 0.1 mlp).
+        gate_init: initial value of the per-channel gate parameter alpha (the branch is scaled by
+            ``tanh(alpha)``). Default 0.0: the converted model starts *exactly* as the base model
+            (no loss jump at the start of fine-tuning); alpha still gets a gradient at 0.
+        num_heads: TTT heads; None = the transformer's number of attention heads.
+        checkpoint_group_size: TTT mini-batches per activation-checkpointing group (0 = off).
+        placement: where the gated branch goes in the layer: ``"after_attention"`` (default, the
+            video-TTT recipe: after self-attention, before the FFN), ``"before_attention"`` or
+            ``"after_ffn"``.
+        chunk_size: In-Place TTT chunk, in frames (256 = 20.5 s): the fast weight is updated
+            once per chunk and used from the next chunk on.
+        inplace_lr: In-Place TTT step size eta in ``dW = eta (conv(X) W_target)^T Z``
+            (the official code's default, 0.3).
+        inplace_target: In-Place TTT X: ``"ffn_input"`` (the normalised FFN input, for fine-tuning
+            a trained model) or ``"embeddings"`` (the temporal transformer's input embeddings).
+        inplace_conv_kernel: kernel size of the causal depthwise conv computing the target.
+    """
+
+    layers: str | list[int] = "middle"
+    kind: str = "mlp"
+    mini_batch_size: int = 16
+    base_lr: float | None = None
+    gate_init: float = 0.0
+    num_heads: int | None = None
+    checkpoint_group_size: int = 4
+    placement: str = "after_attention"
+    chunk_size: int = 256
+    inplace_lr: float = 0.3
+    inplace_target: str = "ffn_input"
+    inplace_conv_kernel: int = 5
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field with a wrong type or impossible value."""
+        if isinstance(self.layers, tuple):
+            self.layers = list(self.layers)
+        if isinstance(self.layers, list):
+            if not all(_is_int(i) for i in self.layers):
+                raise ValueError(f"TTTConfig.layers: expected a list of ints, got {self.layers!r}")
+        elif isinstance(self.layers, str):
+            _check_spec_syntax(self.layers)
+        else:
+            raise ValueError(
+                f"TTTConfig.layers: expected a layer spec string or a list of ints, "
+                f"got {type(self.layers).__name__} {self.layers!r}"
+            )
+        _choice("kind", self.kind, KINDS)
+        _choice("placement", self.placement, PLACEMENTS)
+        _choice("inplace_target", self.inplace_target, INPLACE_TARGETS)
+        for name, low in (
+            ("mini_batch_size", 1),
+            ("checkpoint_group_size", 0),
+            ("chunk_size", 1),
+            ("inplace_conv_kernel", 1),
+        ):
+            _int_at_least(name, getattr(self, name), low)
+        if self.num_heads is not None:
+            _int_at_least("num_heads", self.num_heads, 1)
+        self.gate_init = _float("gate_init", self.gate_init)
+        self.inplace_lr = _float("inplace_lr", self.inplace_lr, positive=True)
+        if self.base_lr is not None:
+            self.base_lr = _float("base_lr", self.base_lr, positive=True)
+
+    # -- (de)serialisation ------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TTTConfig:
+        """Build from a mapping; an unknown key is a ``ValueError`` naming the closest field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"TTTConfig expects a mapping, got {type(data).__name__}")
+        names = cls.field_names()
+        for key in data:
+            if key not in names:
+                close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+                hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {names}"
+                raise ValueError(f"unknown TTTConfig key {key!r}: {hint}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (YAML/JSON safe)."""
+        out = {name: getattr(self, name) for name in self.field_names()}
+        if isinstance(out["layers"], list):
+            out["layers"] = [int(i) for i in out["layers"]]
+        return out
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TTTConfig:
+        """Read a YAML file whose top level is the config mapping (an empty file = defaults)."""
+        data = yaml.safe_load(Path(path).read_text())
+        return cls.from_dict(data if data is not None else {})
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# -- layer specs ----------------------------------------------------------------------------
+_PREFIX_SPEC = re.compile(r"^(top|bottom|every):(\d+)$")
+_LIST_SPEC = re.compile(r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*$")
+
+
+def _check_spec_syntax(spec: str) -> None:
+    s = spec.strip().lower()
+    if s in ("all", "middle") or _PREFIX_SPEC.match(s) or _LIST_SPEC.match(s):
+        return
+    raise ValueError(f"TTTConfig.layers: bad layer spec {spec!r}; expected one of {_NAMED_SPECS}")
+
+
+def parse_layer_spec(spec: str | list[int] | tuple[int, ...], num_layers: int) -> list[int]:
+    """Sorted, de-duplicated layer indices of a spec for a transformer of ``num_layers`` layers.
+
+    A spec that names no layer or an index out of range is a ``ValueError`` stating the count.
+    """
+    where = f"the model has {num_layers} layers (indices 0..{num_layers - 1})"
+    if isinstance(spec, (list, tuple)):
+        if not all(_is_int(i) for i in spec):
+            raise ValueError(f"layer spec {spec!r}: expected a list of ints; {where}")
+        indices = [int(i) for i in spec]
+    elif isinstance(spec, str):
+        _check_spec_syntax(spec)
+        s = spec.strip().lower()
+        m = _PREFIX_SPEC.match(s)
+        if s == "all":
+            indices = list(range(num_layers))
+        elif s == "middle":
+            indices = [num_layers // 2] if num_layers > 0 else []
+        elif m:
+            kind, n = m.group(1), int(m.group(2))
+            if n < 1 or (kind != "every" and n > num_layers):
+                raise ValueError(f"layer spec {spec!r}: N must be in 1..{num_layers}; {where}")
+            if kind == "top":
+                indices = list(range(num_layers - n, num_layers))
+            elif kind == "bottom":
+                indices = list(range(n))
+            else:
+                indices = list(range(0, num_layers, n))
+        else:
+            indices = []
+            for part in s.split(","):
+                lo, _, hi = part.partition("-")
+                lo_i, hi_i = int(lo), int(hi) if hi.strip() else int(lo)
+                if hi_i < lo_i:
+                    raise ValueError(f"layer spec {spec!r}: empty range {part.strip()!r}; {where}")
+                indices += range(lo_i, hi_i + 1)
+    else:
+        raise ValueError(f"layer spec must be a string or a list of ints, got {spec!r}; {where}")
+    bad = [i for i in indices if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"layer spec {spec!r}: indices {bad} out of range; {where}")
+    if not indices:
+        raise ValueError(f"layer spec {spec!r} names no layer; {where}")
+    return sorted(set(indices))
+
+
+# -- small validators -----------------------------------------------------------------------
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"TTTConfig.{name}: expected one of {choices}, got {value!r}")
+
+
+def _int_at_least(name: str, value: Any, low: int) -> None:
+    if not _is_int(value) or value < low:
+        raise ValueError(f"TTTConfig.{name}: expected an int >= {low}, got {value!r}")
+
+
+def _float(name: str, value: Any, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"TTTConfig.{name}: expected a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or (positive and value <= 0):
+        kind = "a positive finite number" if positive else "a finite number"
+        raise ValueError(f"TTTConfig.{name}: expected {kind}, got {value!r}")
+    return value

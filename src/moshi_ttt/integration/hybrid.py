@@ -1,0 +1,179 @@
+"""Hybrid Moshi layers: the original ``StreamingTransformerLayer`` plus a gated TTT branch.
+
+A hybrid layer is a subclass of moshi's ``StreamingTransformerLayer`` that *adopts* the original
+layer's submodules under their own attribute names, so every base parameter keeps its name
+(``transformer.layers.3.self_attn.in_projs.0.weight`` ...), a base state dict loads with
+``strict=True`` on the base keys, and FSDP policies keyed on ``StreamingTransformerLayer``
+still match. Everything new lives under ``.ttt``.
+
+``TTTHybridLayer`` (kinds ``"linear"``/``"mlp"``), with ``placement="after_attention"``::
+
+    x = x + self_attn(norm1(x))
+    x = x + tanh(alpha) * TTT(norm_ttt(x))      # alpha: per channel [dim]
+    x = x + gating(norm2(x))
+
+With ``alpha = 0`` the outputs equal the base layer's bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TypeVar
+
+import torch
+from moshi.modules.transformer import StreamingTransformerLayer
+from torch import nn
+
+from ..layer import TTTLayer
+
+L = TypeVar("L", bound="AdoptingLayer")
+
+
+class AdoptingLayer(StreamingTransformerLayer):
+    """Base of the layers built from an existing moshi layer (``from_layer``), never directly."""
+
+    def __init__(self, *args, **kwargs):  # pragma: no cover - guard only
+        raise TypeError(f"build {type(self).__name__} with {type(self).__name__}.from_layer(layer)")
+
+    @classmethod
+    def adopt(cls: type[L], layer: StreamingTransformerLayer) -> L:
+        """A new ``cls`` instance sharing ``layer``'s submodules, parameters and attributes."""
+        if type(layer) is not StreamingTransformerLayer:
+            raise ValueError(
+                "expected a plain moshi StreamingTransformerLayer (not yet converted), "
+                f"got {type(layer).__name__}"
+            )
+        if layer._streaming_state is not None:
+            raise ValueError("cannot convert a layer while it is streaming")
+        new = cls.__new__(cls)
+        for key, value in layer.__dict__.items():
+            # Own copies of the registries (_modules, _parameters, hooks...), shared members.
+            new.__dict__[key] = copy.copy(value) if isinstance(value, (dict, set)) else value
+        new._cached_children = None
+        new._embeddings = None
+        return new
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cross_attention_src: torch.Tensor | None = None,
+        ttt_embeddings: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """moshi's layer forward; ``ttt_embeddings`` ``[B, T, dim]`` (the transformer's input,
+        passed by ``apply_ttt``'s hook when a layer needs it) is kept for the call only."""
+        self._embeddings = ttt_embeddings
+        try:
+            return super().forward(x, cross_attention_src)
+        finally:
+            self._embeddings = None
+
+    def base_state_dict_keys(self) -> list[str]:
+        """The keys of the adopted base layer (everything not under ``ttt.``)."""
+        return [k for k in self.state_dict() if not k.startswith("ttt.")]
+
+
+class PassthroughLayer(AdoptingLayer):
+    """A base layer that only accepts (and ignores) ``ttt_embeddings``; same numbers."""
+
+    @classmethod
+    def from_layer(cls, layer: StreamingTransformerLayer) -> PassthroughLayer:
+        return cls.adopt(layer)
+
+
+class GatedTTT(nn.Module):
+    """``tanh(alpha) * TTT(norm(x))``: x ``[B, T, dim]`` -> ``[B, T, dim]`` (x's dtype).
+
+    ``gate_override`` (a float, or None for the learned gates) replaces ``tanh(alpha)``; it is a
+    plain attribute, so it never touches parameters (frozen at capture under CUDA graphs).
+    """
+
+    def __init__(self, norm: nn.Module, ttt: TTTLayer, gate_init: float):
+        super().__init__()
+        self.norm = norm
+        self.layer = ttt
+        self.alpha = nn.Parameter(
+            torch.full((ttt.dim,), float(gate_init), device=ttt.W1.device, dtype=ttt.W1.dtype)
+        )
+        self.gate_init = float(gate_init)
+        self.gate_override: float | None = None
+
+    def reset_parameters(self) -> None:
+        """Identity norm, fresh TTT weights, ``alpha = gate_init``."""
+        reset_norm_(self.norm)
+        self.layer.reset_parameters()
+        nn.init.constant_(self.alpha, self.gate_init)
+
+    def gate(self) -> torch.Tensor:
+        if self.gate_override is not None:
+            return torch.full_like(self.alpha, self.gate_override)
+        return torch.tanh(self.alpha)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.layer(self.norm(x))
+        return self.gate().to(y.dtype) * y
+
+
+class TTTHybridLayer(AdoptingLayer):
+    """A moshi layer plus a gated TTT branch at ``placement`` (see the module docstring)."""
+
+    ttt: GatedTTT
+
+    @classmethod
+    def from_layer(
+        cls,
+        layer: StreamingTransformerLayer,
+        kind: str = "mlp",
+        num_heads: int | None = None,
+        mini_batch_size: int = 16,
+        base_lr: float | None = None,
+        gate_init: float = 0.0,
+        checkpoint_group_size: int = 4,
+        placement: str = "after_attention",
+    ) -> TTTHybridLayer:
+        if placement not in ("before_attention", "after_attention", "after_ffn"):
+            raise ValueError(f"unknown TTT placement {placement!r}")
+        if layer.skip_self_attn:
+            raise ValueError("TTT hybrid layers need a layer with self-attention")
+        new = cls.adopt(layer)
+        ref = next(layer.self_attn.parameters())  # the model's device and dtype
+        dim = layer.self_attn.embed_dim
+        ttt = TTTLayer(
+            dim,
+            num_heads or layer.self_attn.num_heads,
+            kind=kind,
+            mini_batch_size=mini_batch_size,
+            base_lr=base_lr,
+            checkpoint_group_size=checkpoint_group_size,
+            device=ref.device,
+            dtype=ref.dtype,
+        )
+        norm = copy.deepcopy(layer.norm2)
+        reset_norm_(norm)
+        new.placement = placement
+        new.ttt = GatedTTT(norm, ttt, gate_init)
+        return new
+
+    def _sa_block(self, x: torch.Tensor) -> torch.Tensor:
+        if self.placement == "before_attention":
+            x = x + self.ttt(x).to(x.dtype)
+        return super()._sa_block(x)
+
+    def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
+        if self.placement == "after_attention":
+            x = x + self.ttt(x).to(x.dtype)
+        x = super()._ff_block(x)
+        if self.placement == "after_ffn":
+            x = x + self.ttt(x).to(x.dtype)
+        return x
+
+
+@torch.no_grad()
+def reset_norm_(norm: nn.Module) -> None:
+    """Make a moshi norm (RMSNorm: ``alpha``; LayerNorm: ``weight``/``bias``) the identity map."""
+    for name, p in norm.named_parameters():
+        if name in ("alpha", "weight"):
+            p.fill_(1.0)
+        elif name == "bias":
+            p.zero_()
+        else:
+            raise ValueError(f"cannot reset norm parameter {name!r} of {type(norm).__name__}")

@@ -1,0 +1,141 @@
+"""The TTT math against its definition: naive (autograd, per token) == dual == primal."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from moshi_ttt.ttt import FastState, ttt_dual, ttt_naive, ttt_primal_step, weight_shapes
+from moshi_ttt.ttt.inner import gelu, gelu_backward, head_view, layer_norm, ln_l2_grad
+
+KINDS = ["linear", "mlp"]
+F64 = torch.float64
+
+
+def make_inputs(kind, B=2, H=3, T=21, d=8, n=4, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        t = torch.randn(*shape, generator=g, dtype=F64) * scale
+        return t.requires_grad_(requires_grad)
+
+    q, k, v = rnd(B, H, T, d), rnd(B, H, T, d), rnd(B, H, T, d)
+    lr = (torch.rand(B, H, T, generator=g, dtype=F64) * 0.2).requires_grad_(requires_grad)
+    tok_bias = rnd(n, scale=0.1)
+    init = tuple(rnd(*s, scale=0.3) for s in weight_shapes(kind, H, d))
+    ln_w = (1 + 0.1 * torch.randn(H, d, generator=g, dtype=F64)).requires_grad_(requires_grad)
+    ln_b = rnd(H, d, scale=0.1)
+    return dict(q=q, k=k, v=v, lr=lr, tok_bias=tok_bias, init_weights=init, ln_w=ln_w, ln_b=ln_b)
+
+
+def call(fn, kind, inp, n, sl=slice(None), **kw):
+    return fn(
+        kind, inp["q"][:, :, sl], inp["k"][:, :, sl], inp["v"][:, :, sl], inp["lr"][:, :, sl],
+        inp["tok_bias"], inp["init_weights"], inp["ln_w"], inp["ln_b"], n, **kw,
+    )  # fmt: skip
+
+
+def assert_states_close(a: FastState, b: FastState, atol=1e-12):
+    for x, y in zip(a.tensors(), b.tensors(), strict=True):
+        torch.testing.assert_close(x, y, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T", [1, 4, 21])
+def test_dual_matches_definition(kind, T):
+    inp = make_inputs(kind, T=T)
+    z_ref, s_ref, p_ref = call(ttt_naive, kind, inp, 4)
+    z, s, p = call(ttt_dual, kind, inp, 4, probe=True)
+    torch.testing.assert_close(z, z_ref, atol=1e-12, rtol=0)
+    assert_states_close(s, s_ref)
+    for name in ("l0", "lprev", "lafter"):
+        torch.testing.assert_close(getattr(p, name), getattr(p_ref, name), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_primal_steps_match_definition(kind):
+    inp = make_inputs(kind, T=13)
+    z_ref, s_ref, p_ref = call(ttt_naive, kind, inp, 4)
+    state = FastState.zeros(kind, 2, 3, 8, dtype=F64)
+    zs, lafter = [], []
+    for t in range(13):
+        z, state, p = call(ttt_primal_step, kind, inp, 4, slice(t, t + 1), state=state, probe=True)
+        zs.append(z)
+        lafter.append(p.lafter)
+    torch.testing.assert_close(torch.cat(zs, 2), z_ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.cat(lafter, 2), p_ref.lafter, atol=1e-12, rtol=0)
+    assert_states_close(state, s_ref)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cuts", [[5], [1, 2, 3, 11, 12], [4, 8, 16], [7, 20]])
+def test_chunks_with_carried_state_match_one_pass(kind, cuts):
+    T = 21
+    inp = make_inputs(kind, T=T)
+    z_ref, s_ref, _ = call(ttt_dual, kind, inp, 4)
+    state, zs = None, []
+    for a, b in zip([0, *cuts], [*cuts, T], strict=True):
+        z, state, _ = call(ttt_dual, kind, inp, 4, slice(a, b), state=state, checkpoint_group_size=2)
+        zs.append(z)
+    torch.testing.assert_close(torch.cat(zs, 2), z_ref, atol=1e-12, rtol=0)
+    assert_states_close(state, s_ref)
+
+
+def test_dual_rejects_sequences_at_different_positions():
+    inp = make_inputs("linear", T=5)
+    state = FastState.zeros("linear", 2, 3, 8, dtype=F64)
+    state.pos[1] = 2
+    with pytest.raises(ValueError, match="same mini-batch position"):
+        call(ttt_dual, "linear", inp, 4, state=state)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_match_definition(kind):
+    """Gradients through the dual form (any checkpoint grouping) equal those of the definition."""
+    inp = make_inputs(kind, T=11, requires_grad=True)
+    leaves = [inp[k] for k in ("q", "k", "v", "lr", "tok_bias", "ln_w", "ln_b")]
+    leaves += list(inp["init_weights"])
+    w = torch.randn(2, 3, 11, 8, dtype=F64)
+
+    def grads(fn, **kw):
+        z, _, _ = call(fn, kind, inp, 4, **kw)
+        return torch.autograd.grad((z * w).sum(), leaves)
+
+    ref = grads(ttt_naive)
+    for group in (0, 1, 2, 100):  # 100: fewer mini-batches than one group
+        for g, r in zip(grads(ttt_dual, checkpoint_group_size=group), ref, strict=True):
+            torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-9)
+
+
+def test_ln_l2_grad_matches_autograd():
+    z = torch.randn(2, 3, 5, 8, dtype=F64, requires_grad=True)
+    tgt = torch.randn(2, 3, 5, 8, dtype=F64)
+    ln_w, ln_b = torch.randn(3, 8, dtype=F64), torch.randn(3, 8, dtype=F64)
+    loss = 0.5 * (layer_norm(z, ln_w, ln_b) - tgt).pow(2).sum()
+    (ref,) = torch.autograd.grad(loss, z)
+    got, residual = ln_l2_grad(z.detach(), head_view(ln_w, 4), head_view(ln_b, 4) - tgt)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(residual, layer_norm(z, ln_w, ln_b) - tgt)
+
+
+def test_gelu_grad_matches_autograd():
+    x = torch.linspace(-6, 6, 101, dtype=F64, requires_grad=True)
+    g = torch.randn(101, dtype=F64)
+    (ref,) = torch.autograd.grad((gelu(x) * g).sum(), x)
+    torch.testing.assert_close(gelu_backward(g, x.detach()), ref)
+
+
+def test_ttt_math_does_not_import_moshi():
+    """The math package stays independent of Moshi (plain torch)."""
+    root = Path(__file__).parents[1] / "src" / "moshi_ttt" / "ttt"
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            assert not any(n.split(".")[0] == "moshi" for n in names), path
