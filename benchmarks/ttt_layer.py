@@ -109,8 +109,11 @@ def main() -> None:
         memory_child(args, args.memory_child[0], int(args.memory_child[1]))
         return
 
-    print(f"# TTTLayer, dim {args.dim}, {args.heads} heads, mini-batch {args.mini_batch}, batch 1, "
-          f"float32, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)  # fmt: skip
+    print(
+        f"# TTTLayer, dim {args.dim}, {args.heads} heads, mini-batch {args.mini_batch}, batch 1,"
+        f" float32, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
     head = ["kind", f"fwd tok/s (T={args.seq})", "fwd+bwd tok/s, ckpt 4", "fwd+bwd tok/s, no ckpt"]
     head += [f"stream ms/token @{p}" for p in args.positions]
     head += [f"peak MiB fwd+bwd T={t}" for t in args.memory_lengths]

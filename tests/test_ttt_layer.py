@@ -165,7 +165,9 @@ def test_inner_loss_probe(kind):
     assert layer.probe is None
     assert par.l0.shape == (2, 4, 30)
     for name in ("l0", "lprev", "lafter"):
-        torch.testing.assert_close(getattr(streamed, name), getattr(par, name), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            getattr(streamed, name), getattr(par, name), atol=1e-5, rtol=1e-5
+        )
     # The token's own update lowers its loss (one gradient step on a convex-ish inner loss).
     assert (par.lafter <= par.lprev + 1e-6).float().mean() > 0.9
     # Within the first mini-batch, nothing is committed yet: lprev == l0.

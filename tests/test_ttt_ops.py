@@ -78,7 +78,9 @@ def test_chunks_with_carried_state_match_one_pass(kind, cuts):
     z_ref, s_ref, _ = call(ttt_dual, kind, inp, 4)
     state, zs = None, []
     for a, b in zip([0, *cuts], [*cuts, T], strict=True):
-        z, state, _ = call(ttt_dual, kind, inp, 4, slice(a, b), state=state, checkpoint_group_size=2)
+        z, state, _ = call(
+            ttt_dual, kind, inp, 4, slice(a, b), state=state, checkpoint_group_size=2
+        )
         zs.append(z)
     torch.testing.assert_close(torch.cat(zs, 2), z_ref, atol=1e-12, rtol=0)
     assert_states_close(state, s_ref)

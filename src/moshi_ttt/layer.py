@@ -147,7 +147,12 @@ class TTTLayer(StreamingModule[TTTState]):
     def initial_state(self, batch_size: int) -> FastState:
         """A fresh fast-weight state (the layer's initial weights) for ``batch_size`` sequences."""
         return FastState.zeros(
-            self.kind, batch_size, self.num_heads, self.head_dim, self.W1.device, self._state_dtype()
+            self.kind,
+            batch_size,
+            self.num_heads,
+            self.head_dim,
+            self.W1.device,
+            self._state_dtype(),
         )
 
     def _init_streaming_state(self, batch_size: int) -> TTTState:
@@ -193,7 +198,9 @@ class TTTLayer(StreamingModule[TTTState]):
         q, k, v = (heads(t) for t in self.qkv_proj(x).chunk(3, dim=-1))
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(cdt)
-            gate = torch.sigmoid(F.linear(xc, self.lr_gate.weight.to(cdt), self.lr_gate.bias.to(cdt)))
+            gate = torch.sigmoid(
+                F.linear(xc, self.lr_gate.weight.to(cdt), self.lr_gate.bias.to(cdt))
+            )
             lr = (self.base_lr / d) * gate.transpose(1, 2)  # [B, H, T]
             positions = (state.pos.view(B, 1) + torch.arange(T, device=x.device)) % n
             q = apply_rope(q, positions, self.rope_theta)

@@ -144,7 +144,8 @@ def ttt_dual(
     pos = int(state.pos[0])
     if bool((state.pos != pos).any()):
         raise ValueError(
-            f"ttt_dual needs every sequence at the same mini-batch position, got {state.pos.tolist()}"
+            "ttt_dual needs every sequence at the same mini-batch position, "
+            f"got {state.pos.tolist()}"
         )
     total = pos + T
     pad_right = (-total) % n

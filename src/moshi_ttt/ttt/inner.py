@@ -209,13 +209,14 @@ class InnerLoss:
     @staticmethod
     def cat(parts: list[InnerLoss]) -> InnerLoss:
         """Join consecutive pieces of one sequence along time."""
-        return InnerLoss(*(torch.cat(ts, dim=-1) for ts in zip(*((p.l0, p.lprev, p.lafter) for p in parts))))
+        return InnerLoss(
+            *(torch.cat(ts, dim=-1) for ts in zip(*((p.l0, p.lprev, p.lafter) for p in parts)))
+        )
 
 
 def mse(residual: torch.Tensor) -> torch.Tensor:
     """Mean over d of the squared residual ``[B, H, T, d]`` -> ``[B, H, T]``, detached."""
     return residual.detach().pow(2).mean(-1)
-
 
 
 def inner_grads(

@@ -53,10 +53,16 @@ def ttt_naive(
             pos = int(state.pos[b])
             z_b, l0, lprev, lafter = [], [], [], []
             for t in range(T):
-                kt, qt, yt = k[b : b + 1, :, t : t + 1], q[b : b + 1, :, t : t + 1], target[b : b + 1, :, t : t + 1]
+                kt, qt, yt = (
+                    k[b : b + 1, :, t : t + 1],
+                    q[b : b + 1, :, t : t + 1],
+                    target[b : b + 1, :, t : t + 1],
+                )
                 leaves = [w if w.requires_grad else w.detach().requires_grad_() for w in W]
                 loss = _inner_loss_sum(kind, kt, yt, leaves, ln_w, ln_b)
-                grads = torch.autograd.grad(loss, leaves, create_graph=differentiable and any(w.requires_grad for w in W))
+                grads = torch.autograd.grad(
+                    loss, leaves, create_graph=differentiable and any(w.requires_grad for w in W)
+                )
                 step = lr[b : b + 1, :, t].view(1, H, 1, 1)
                 acc = [a + step * g for a, g in zip(acc, grads)]
                 W_t = [w - tok[pos] * a for w, a in zip(W, acc)]

@@ -53,8 +53,7 @@ def ttt_primal_step(
     xs, Gs, residual = inner_grads(kind, augment(k), W, head_view(ln_w, 4), shift)
     step = lr.unsqueeze(-1)  # [B, H, 1, 1]
     acc = tuple(
-        a + x.transpose(-1, -2) @ (g * step)
-        for a, x, g in zip(state.grad_sum, xs, Gs, strict=True)
+        a + x.transpose(-1, -2) @ (g * step) for a, x, g in zip(state.grad_sum, xs, Gs, strict=True)
     )
 
     tok = token_lr_scale(tok_bias).to(q.dtype)[state.pos].view(B, 1, 1, 1)
