@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -68,9 +67,18 @@ def streaming_ms(args, kind: str, position: int, steps: int = 50) -> float:
     return 1000 * statistics.median(times[5:])
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def proc_status_mb(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
 
 
 def memory_child(args, kind: str, seq: int) -> None:
@@ -79,10 +87,10 @@ def memory_child(args, kind: str, seq: int) -> None:
     x = torch.randn(1, seq, args.dim)
     layer(x[:, :64]).sum().backward()  # allocator and thread-pool warm-up
     layer.zero_grad(set_to_none=True)
-    base = rss_mb()
+    reset_peak_rss()
+    base = proc_status_mb("VmRSS")
     layer(x).sum().backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_mb": peak - base}))
+    print(json.dumps({"peak_mb": proc_status_mb("VmHWM") - base}))
 
 
 def peak_memory(args, kind: str, seq: int) -> float:
