@@ -1,0 +1,289 @@
+"""``TrainConfig``: the validated schema of ``moshi-ttt train CONFIG.yaml [--set key=value ...]``.
+
+Every key, its type and its bounds are checked when the config is built, before any work: an
+unknown or misspelt key names the full dotted key and the closest valid one (moshi-finetune's
+names, e.g. ``first_codebook_weight_multiplier`` or ``optim.lr``, point to ours), a wrong type or
+an impossible value names the key and what was expected (``moshi_ttt.schema``).
+
+Units: durations in seconds, frames at 12.5 Hz (80 ms), steps are optimizer steps, ``batch_size``
+is per rank and per micro-batch (global batch = batch_size x grad_accum x world size).
+Relative paths are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .. import schema
+from ..integration.config import TTTConfig
+from ..schema import option
+from .data import frames_for_duration
+
+# Names used by moshi-finetune (and common guesses) -> ours, for "did you mean" messages.
+ALIASES: dict[str, str] = {
+    "first_codebook_weight_multiplier": "first_codebook_weight",
+    "num_microbatches": "grad_accum",
+    "log_freq": "log_every",
+    "eval_freq": "eval_every",
+    "ckpt_freq": "ckpt_every",
+    "num_ckpt_keep": "keep_last",
+    "param_dtype": "model.dtype",
+    "moshi_paths": "model",
+    "hf_repo_id": "model.hf_repo",
+    "train_data": "data.train",
+    "eval_data": "data.eval",
+    "do_eval": "eval_every",
+    "do_ckpt": "ckpt_every",
+    "warmup": "optim.pct_start",
+    "warmup_steps": "optim.pct_start",
+    "warmup_frac": "optim.pct_start",
+    "optim.lr": "lr",
+    "lora.lr": "lora_lr",
+    "ttt.lr": "ttt_lr",
+    "clip": "max_norm",
+    "grad_clip": "max_norm",
+    "ft_embed": "model.train_embeddings",
+    "shards": "data.train",
+    "shards_dir": "data.train",
+}
+
+
+@dataclass
+class ModelConfig:
+    """Which Moshi to fine-tune and how to run it.
+
+    Attributes:
+        source: ``"tiny"`` (the random tiny model of ``integration.tiny``, for tests and CPU),
+            ``"hf"`` (a Hugging Face repo, ``hf_repo``) or ``"local"`` (a directory, ``path``).
+        hf_repo: repo id for ``source: hf`` (no config.json there = the 7B config).
+        path: local checkpoint directory for ``source: local``.
+        moshi_weights / mimi_weights / tokenizer / config_path: optional file overrides
+            (``CheckpointInfo.from_hf_repo`` arguments); null = the repo's defaults.
+        tiny_overrides: ``tiny_lm_kwargs`` overrides for ``source: tiny`` (e.g. num_layers: 2).
+        dtype: compute dtype of the frozen base: ``"auto"`` = bfloat16 on GPU, float32 on CPU.
+            Trainable parameters and optimizer state are always float32.
+        gradient_checkpointing: activation checkpointing of every transformer layer.
+        train_embeddings: also train the text and audio embeddings (moshi-finetune's ft_embed).
+    """
+
+    source: Literal["tiny", "hf", "local"] = "tiny"
+    hf_repo: str = "kyutai/moshiko-pytorch-bf16"
+    path: str | None = None
+    moshi_weights: str | None = None
+    mimi_weights: str | None = None
+    tokenizer: str | None = None
+    config_path: str | None = None
+    tiny_overrides: dict[str, Any] = field(default_factory=dict)
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    gradient_checkpointing: bool = True
+    train_embeddings: bool = False
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on every linear of the model (moshi's ``replace_all_linear_with_lora``).
+
+    ``y = W x + scaling * B(A x)``: ``scaling`` multiplies directly (it is not alpha / rank).
+    Its learning rate is the top-level ``lora_lr``.
+    """
+
+    enable: bool = False
+    rank: int = option(64, ge=1)
+    scaling: float = option(2.0, gt=0)
+
+
+@dataclass
+class DataConfig:
+    """The moshi-finetune dataset format, raw or pre-tokenized (``moshi-ttt tokenize``).
+
+    Attributes:
+        train / eval: index paths: a JSONL index (``{"path", "duration"}`` per line, audio paths
+            relative to the index's directory) or a shards directory (or its ``shards.json``).
+        state_carry: ``"none"``: every window starts from the initial TTT state;
+            ``"detached"``: the windows of one file are fed in order to the same batch row and
+            the TTT state is carried from one window to the next (no gradient through it).
+        shuffle: shuffle the file order at every epoch (windows within a file stay in order).
+        max_bad_fraction: stop the run when more than this fraction of the files seen so far is
+            unusable (missing, unreadable, empty, too short, wrong channel count, bad alignments).
+        min_duration_sec: files shorter than this are skipped as too short.
+        require_alignments: a file without its ``.json`` alignments is skipped (else it is used
+            with no text: text tokens -1, no text loss).
+        main_speaker: the alignment speaker label that is Moshi (left channel).
+        encode_chunk_sec: Mimi encodes a file in streaming chunks of this length (bounded
+            memory on long files); 0 = the whole file in one call.
+        num_workers: background threads reading and decoding audio ahead of the trainer.
+    """
+
+    train: list[str] = field(default_factory=list)
+    eval: list[str] = field(default_factory=list)
+    state_carry: Literal["none", "detached"] = "none"
+    shuffle: bool = True
+    max_bad_fraction: float = option(0.1, ge=0, le=1)
+    min_duration_sec: float = option(1.0, ge=0)
+    require_alignments: bool = True
+    main_speaker: str = option("SPEAKER_MAIN", nonempty=True)
+    encode_chunk_sec: float = option(60.0, ge=0)
+    num_workers: int = option(2, ge=0)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (peak rates are the top-level ``lr``/``ttt_lr``/...).
+
+    Attributes:
+        schedule: ``"cosine"`` (linear warm-up over ``pct_start`` of the steps from 0, then
+            cosine decay to ``min_lr_ratio`` x peak), ``"onecycle"`` (torch ``OneCycleLR`` as
+            moshi-finetune: from peak/25, warm-up ``pct_start``, down to peak/2.5e5) or
+            ``"constant"`` (after the same linear warm-up).
+        pct_start: fraction of ``max_steps`` spent warming up.
+    """
+
+    weight_decay: float = option(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = option(1e-8, gt=0)
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    pct_start: float = option(0.05, ge=0, lt=1)
+    min_lr_ratio: float = option(0.0, ge=0, le=1)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. See the module docstring for units.
+
+    Attributes:
+        run_dir: output directory (resolved config, metrics.jsonl, TensorBoard, checkpoints).
+        seed: seeds the initialisation of the new parameters and the data order.
+        max_steps: optimizer steps.
+        duration_sec: window length; a file is cut into consecutive windows of this length
+            (``ceil(12.5 * duration_sec)`` frames, the last one padded).
+        batch_size: windows per micro-batch per rank.
+        grad_accum: micro-batches per optimizer step.
+        lr: peak learning rate of the TTT parameters and of anything without its own rate.
+        ttt_lr / lora_lr: peak learning rates of the TTT parameters / LoRA; null = ``lr``.
+        max_norm: gradient clipping (global norm over all trainable parameters); 0 = off.
+        first_codebook_weight: loss multiplier of the semantic codebook (moshi-finetune's
+            ``first_codebook_weight_multiplier``). Default 100, the value of moshi-finetune's
+            example and of the Moshi paper; it makes codebook 0 ~93 % of the audio loss, so the
+            unweighted per-codebook losses are logged beside it.
+        text_padding_weight: loss weight of text targets PAD (3) and EPAD (0).
+        log_every / eval_every / ckpt_every: in steps; 0 = never (eval needs ``data.eval``;
+            a final checkpoint is always written).
+        eval_max_batches: cap on batches per evaluation per rank; null = the whole eval set.
+        keep_last: checkpoints kept (older ones are deleted).
+        max_bad_steps: consecutive non-finite steps (skipped) that stop the run.
+    """
+
+    run_dir: str = option("runs/moshi_ttt", nonempty=True)
+    seed: int = option(0, ge=0)
+    max_steps: int = option(100, ge=1)
+    duration_sec: float = option(10.0, gt=0)
+    batch_size: int = option(1, ge=1)
+    grad_accum: int = option(1, ge=1)
+    lr: float = option(1e-4, gt=0)
+    ttt_lr: float | None = option(None, gt=0)
+    lora_lr: float | None = option(None, gt=0)
+    max_norm: float = option(1.0, ge=0)
+    first_codebook_weight: float = option(100.0, ge=0)
+    text_padding_weight: float = option(0.5, ge=0)
+    log_every: int = option(1, ge=1)
+    eval_every: int = option(0, ge=0)
+    eval_max_batches: int | None = option(None, ge=1)
+    ckpt_every: int = option(0, ge=0)
+    keep_last: int = option(3, ge=1)
+    max_bad_steps: int = option(5, ge=1)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ttt: TTTConfig | None = field(default_factory=TTTConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Types and bounds of every key (``schema.validate``), then cross-key rules."""
+        schema.validate(self)
+        if self.model.source == "local" and not self.model.path:
+            raise ValueError("model.path: expected a checkpoint directory for model.source: local")
+        if self.model.source == "hf" and not self.model.hf_repo:
+            raise ValueError("model.hf_repo: expected a repo id for model.source: hf")
+        if not self.data.train:
+            raise ValueError("data.train: expected at least one JSONL index or shards directory")
+        if self.eval_every > 0 and not self.data.eval:
+            raise ValueError("eval_every: evaluation needs data.eval (an index); got no index")
+        if self.ttt is None and not self.lora.enable and not self.model.train_embeddings:
+            raise ValueError(
+                "ttt: null with lora.enable false and no train_embeddings: nothing to train"
+            )
+        b1, b2 = self.optim.betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"optim.betas: expected two numbers in [0, 1), got {[b1, b2]}")
+
+    # -- derived values ---------------------------------------------------------------------
+    @property
+    def frames_per_window(self) -> int:
+        """Frames per window: ``ceil(12.5 * duration_sec)`` (as moshi-finetune)."""
+        return frames_for_duration(self.duration_sec)
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.optim.pct_start * self.max_steps)
+
+    @property
+    def effective_ttt_lr(self) -> float:
+        return self.lr if self.ttt_lr is None else self.ttt_lr
+
+    @property
+    def effective_lora_lr(self) -> float:
+        return self.lr if self.lora_lr is None else self.lora_lr
+
+    # -- (de)serialisation ------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> TrainConfig:
+        """Build and validate from a mapping (an unknown key names the closest valid one)."""
+        return schema.build(cls, data if data is not None else {}, aliases=ALIASES)
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+        """Read a YAML file, apply ``--set key=value`` overrides, build and validate."""
+        return cls.from_dict(apply_overrides(read_yaml(path), overrides))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config, plain types only (``from_dict(to_dict())`` gives it back)."""
+        return schema.to_dict(self)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file (an empty file is ``{}``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}"
+        )
+    return data
+
+
+def apply_overrides(
+    data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...]
+) -> dict[str, Any]:
+    """A copy of ``data`` with ``--set`` overrides (``"optim.weight_decay=0"``, ``"ttt=null"``).
+
+    Values are parsed with ``yaml.safe_load`` (``lr=1e-4`` is a number, ``data.train=[a, b]``
+    a list). Keys are checked when the result is built (``TrainConfig.from_dict``).
+    """
+    return schema.apply_overrides(data, overrides)

@@ -1,0 +1,750 @@
+"""The moshi-finetune dataset format -> codes ``[17, T]`` per file -> windows -> batches.
+
+Format: a JSONL index of ``{"path", "duration"}`` (audio paths relative to the index's
+directory), stereo audio (left = Moshi, right = the user; resampled to 24 kHz) and, beside each
+file, a same-stem ``.json`` of word alignments ``{"alignments": [[word, [start_s, end_s],
+speaker], ...]}``. Codes (12.5 Hz frames): row 0 text, rows 1-8 Moshi (left) codebooks 0-7,
+rows 9-16 user (right) codebooks 0-7; -1 (moshi's zero token: no embedding, no loss) pads.
+
+Differences from moshi-finetune, on purpose: the text stream and Mimi codes are computed over
+the whole file and then cut into windows (moshi-finetune redoes both per window), so a word or a
+Mimi context crossing a window boundary is not cut and the windows of a file are one continuous
+stream (needed to carry TTT state across them); the padded tail of the last window is -1 in every
+row, text included (moshi-finetune leaves PAD text there, scored with weight 0.5).
+
+Bad files (missing, unreadable, empty, too short, wrong channel count, bad alignments) are
+skipped and counted by reason (``BadFileCounter``); ``BadFileCounter.check`` raises
+``DataError`` when more than ``max_bad_fraction`` of the files seen are bad.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zlib
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import sphn
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+SAMPLE_RATE = 24_000
+FRAME_RATE = 12.5
+FRAME_SIZE = 1920  # samples per frame
+TEXT_PAD = 3
+TEXT_EPAD = 0
+ZERO_TOKEN = -1
+NUM_CODEBOOKS = 8  # per speaker
+NUM_STREAMS = 1 + 2 * NUM_CODEBOOKS
+MAIN_SPEAKER = "SPEAKER_MAIN"
+BAD_REASONS = ("missing", "unreadable", "empty", "too_short", "channels", "alignments")
+SHARDS_INDEX = "shards.json"
+
+Alignment = tuple[str, tuple[float, float], str]
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+
+class AudioEncoder(Protocol):
+    """Mimi-like: ``encode(wav [B, 1, S] float, 24 kHz) -> codes [B, 8, ceil(S / 1920)]``."""
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class DataError(ValueError):
+    """The dataset cannot be used (too many bad files, nothing usable, malformed index)."""
+
+
+class BadFile(Exception):
+    """One unusable file; ``reason`` is one of ``BAD_REASONS``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def frames_for_duration(duration_sec: float) -> int:
+    """Frames in ``duration_sec`` seconds, rounded up (moshi-finetune's window length)."""
+    return max(1, math.ceil(duration_sec * FRAME_RATE - 1e-9))
+
+
+# -- index ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IndexEntry:
+    path: Path  # audio file, resolved against the index's directory
+    duration: float  # seconds, as written in the index
+    where: str  # "index.jsonl:LINE", for messages
+
+
+def read_index(index: str | Path) -> list[IndexEntry]:
+    """Entries of a JSONL index; a malformed line is a ``DataError`` naming file and line."""
+    index = Path(index)
+    if not index.is_file():
+        raise FileNotFoundError(f"dataset index {str(index)!r} not found")
+    entries = []
+    for lineno, line in enumerate(index.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{index}:{lineno}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg}): {line[:80]!r}") from None
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str) or not item["path"]:
+            raise DataError(
+                f'{where}: expected {{"path": str, "duration": seconds}}, got {line[:80]!r}'
+            )
+        duration = item.get("duration")
+        if (
+            isinstance(duration, bool)
+            or not isinstance(duration, (int, float))
+            or not (math.isfinite(duration) and duration >= 0)
+        ):
+            raise DataError(
+                f'{where}: "duration" must be a number of seconds >= 0, got {duration!r}'
+            )
+        entries.append(IndexEntry(index.parent / item["path"], float(duration), where))
+    return entries
+
+
+# -- bad files ------------------------------------------------------------------------------
+@dataclass
+class BadFileCounter:
+    """Distinct files read fine / skipped, by reason (a file is counted once however often seen)."""
+
+    ok: int = 0
+    bad: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_REASONS, 0))
+    examples: dict[str, list[str]] = field(default_factory=dict)  # up to 3 per reason
+    _seen: set[str] = field(default_factory=set, repr=False)
+
+    def record_ok(self, name: str) -> None:
+        if name not in self._seen:
+            self._seen.add(name)
+            self.ok += 1
+
+    def record_bad(self, name: str, reason: str, detail: str = "") -> None:
+        if name in self._seen:
+            return
+        self._seen.add(name)
+        self.bad[reason] = self.bad.get(reason, 0) + 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < 3:
+            shown.append(f"{name}: {detail}" if detail else name)
+
+    @property
+    def num_bad(self) -> int:
+        return sum(self.bad.values())
+
+    @property
+    def num_seen(self) -> int:
+        return self.ok + self.num_bad
+
+    @property
+    def bad_fraction(self) -> float:
+        return self.num_bad / self.num_seen if self.num_seen else 0.0
+
+    def check(self, max_bad_fraction: float, min_seen: int = 1) -> None:
+        """``DataError`` if > ``max_bad_fraction`` of the (>= ``min_seen``) files seen are bad."""
+        if self.num_seen >= min_seen and self.bad_fraction > max_bad_fraction:
+            raise DataError(
+                f"{self.num_bad} of {self.num_seen} files are unusable ({self.bad_fraction:.0%} > "
+                f"max_bad_fraction {max_bad_fraction:.0%}): {self.summary()}"
+            )
+
+    def summary(self) -> str:
+        parts = [f"{r} {n} (e.g. {self.examples[r][0]})" for r, n in self.bad.items() if n]
+        return "; ".join(parts) if parts else "no bad file"
+
+    def to_dict(self) -> dict[str, Any]:
+        """For logging and checkpoints: ``{"files_ok", "files_bad", "bad_<reason>"...}``."""
+        out: dict[str, Any] = {"files_ok": self.ok, "files_bad": self.num_bad}
+        out.update({f"bad_{r}": n for r, n in self.bad.items()})
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "bad": dict(self.bad),
+            "examples": self.examples,
+            "seen": sorted(self._seen),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ok, self.bad = state["ok"], dict(state["bad"])
+        self.examples, self._seen = dict(state["examples"]), set(state["seen"])
+
+
+# -- audio and alignments -------------------------------------------------------------------
+def load_stereo(path: str | Path, min_duration_sec: float = 0.0) -> np.ndarray:
+    """Audio ``[2, S]`` float32 at 24 kHz (row 0 = left = Moshi); raises ``BadFile``."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadFile("missing", "no such file")
+    if path.stat().st_size == 0:
+        raise BadFile("empty", "0 bytes")
+    try:
+        data, sr = sphn.read(str(path))
+    except Exception as e:  # sphn raises ValueError/OSError with the decoder's message
+        raise BadFile("unreadable", str(e).replace(f'"{path}": ', "")) from None
+    data = np.asarray(data, dtype=np.float32)
+    if data.ndim != 2 or data.shape[-1] == 0:
+        raise BadFile("empty", "no samples")
+    if data.shape[0] != 2:
+        raise BadFile(
+            "channels", f"{data.shape[0]} channel(s), expected 2 (left Moshi, right user)"
+        )
+    if sr != SAMPLE_RATE:
+        n = round(data.shape[1] * SAMPLE_RATE / sr)
+        data = np.asarray(sphn.resample(data, sr, SAMPLE_RATE), dtype=np.float32)[:, :n]
+        data = np.pad(data, ((0, 0), (0, n - data.shape[1])))
+    if not np.isfinite(data).all():
+        raise BadFile("unreadable", "non-finite samples")
+    seconds = data.shape[1] / SAMPLE_RATE
+    if data.shape[1] < FRAME_SIZE or seconds < min_duration_sec:
+        raise BadFile("too_short", f"{seconds:.3f} s < {max(min_duration_sec, 0.08):g} s")
+    return data
+
+
+def alignments_path(audio: str | Path) -> Path:
+    return Path(os.path.splitext(str(audio))[0] + ".json")
+
+
+def read_alignments(path: str | Path) -> list[Alignment]:
+    """``[(word, (start_s, end_s), speaker), ...]`` from an alignments file; raises ``BadFile``."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadFile("alignments", f"no alignments file {path.name}")
+    try:
+        items = json.loads(path.read_text())["alignments"]
+        out = []
+        for word, (start, end), speaker in items:
+            if not isinstance(word, str) or not isinstance(speaker, str):
+                raise TypeError("word and speaker must be strings")
+            out.append((word, (float(start), float(end)), speaker))
+    except Exception as e:
+        detail = (
+            f"{path.name}: expected {{'alignments': [[word, [start, end], speaker], ...]}} ({e!r})"
+        )
+        raise BadFile("alignments", detail) from None
+    return out
+
+
+def build_text_stream(
+    alignments: Sequence[Alignment],
+    num_frames: int,
+    tokenizer: Tokenizer,
+    *,
+    main_speaker: str = MAIN_SPEAKER,
+    frame_rate: float = FRAME_RATE,
+    pad: int = TEXT_PAD,
+    epad: int = TEXT_EPAD,
+) -> list[int]:
+    """One text token per frame, exactly as moshi-finetune's ``Interleaver`` (keep_main_only).
+
+    Words of ``main_speaker`` with start < end, sorted by start; PAD everywhere; a word's tokens
+    start at frame ``floor(frame_rate * start)``, one per frame; a new word drops the unfinished
+    tokens of the previous one; the frame before a token becomes EPAD if it held PAD.
+    """
+    words = [
+        (tokenizer.encode(w.strip()), ts)
+        for w, ts, spk in sorted(alignments, key=lambda a: a[1][0])
+        if spk == main_speaker and ts[0] < ts[1]
+    ]
+    stream = [pad] * num_frames
+    queue: deque[int] = deque()
+    i = 0
+    for t in range(num_frames):
+        while i < len(words) and words[i][1][0] * frame_rate < t + 1:
+            queue = deque(words[i][0])
+            i += 1
+        if queue:
+            if t > 0 and stream[t - 1] == pad:
+                stream[t - 1] = epad
+            stream[t] = queue.popleft()
+    return stream
+
+
+def encode_stereo(
+    encoder: AudioEncoder,
+    wav: np.ndarray | torch.Tensor,
+    *,
+    chunk_frames: int = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Codes ``[16, T]`` int64 on CPU (rows 0-7 left channel, 8-15 right), ``T = ceil(S / 1920)``.
+
+    ``chunk_frames > 0`` with a streaming encoder (Mimi): encode in streaming chunks of that many
+    frames (same codes as one call for Mimi, bounded memory on long files).
+    """
+    x = torch.as_tensor(wav, dtype=torch.float32)[:, None, :]  # [2, 1, S]
+    num_frames = math.ceil(x.shape[-1] / FRAME_SIZE)
+    param = next(iter(getattr(encoder, "parameters", lambda: iter(()))()), None)
+    if device is None and param is not None:
+        device = param.device
+    with torch.no_grad():
+        if chunk_frames > 0 and num_frames > chunk_frames and hasattr(encoder, "streaming"):
+            x = torch.nn.functional.pad(x, (0, num_frames * FRAME_SIZE - x.shape[-1]))
+            step = chunk_frames * FRAME_SIZE
+            with encoder.streaming(2):  # type: ignore[attr-defined]
+                parts = [
+                    encoder.encode(x[..., a : a + step].to(device))
+                    for a in range(0, x.shape[-1], step)
+                ]
+            codes = torch.cat(parts, dim=-1)
+        else:
+            codes = encoder.encode(x.to(device))
+    codes = codes[..., :num_frames]
+    if tuple(codes.shape) != (2, NUM_CODEBOOKS, num_frames):
+        raise ValueError(
+            f"encoder returned codes of shape {tuple(codes.shape)}, expected (2, 8, {num_frames})"
+        )
+    return codes.reshape(2 * NUM_CODEBOOKS, num_frames).long().cpu()
+
+
+# -- sources: file id -> codes [17, T] ------------------------------------------------------
+@dataclass
+class RawFile:
+    wav: np.ndarray  # [2, S] float32, 24 kHz
+    text: list[int] | None  # one token per frame, None = no transcript (text row -1)
+
+
+class AudioSource:
+    """Files of JSONL indexes, read (``read``: CPU, thread-safe) then encoded (``encode``)."""
+
+    def __init__(
+        self,
+        entries: Sequence[IndexEntry],
+        encoder: AudioEncoder,
+        tokenizer: Tokenizer,
+        *,
+        min_duration_sec: float = 0.0,
+        require_alignments: bool = True,
+        main_speaker: str = MAIN_SPEAKER,
+        encode_chunk_sec: float = 0.0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.entries = list(entries)
+        self.encoder, self.tokenizer, self.device = encoder, tokenizer, device
+        self.min_duration_sec, self.require_alignments = min_duration_sec, require_alignments
+        self.main_speaker = main_speaker
+        self.chunk_frames = frames_for_duration(encode_chunk_sec) if encode_chunk_sec > 0 else 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def name(self, i: int) -> str:
+        return str(self.entries[i].path)
+
+    def read(self, i: int) -> RawFile:
+        path = self.entries[i].path
+        wav = load_stereo(path, self.min_duration_sec)
+        num_frames = math.ceil(wav.shape[1] / FRAME_SIZE)
+        align = alignments_path(path)
+        if not align.exists() and not self.require_alignments:
+            return RawFile(wav, None)
+        words = read_alignments(align)
+        text = build_text_stream(words, num_frames, self.tokenizer, main_speaker=self.main_speaker)
+        return RawFile(wav, text)
+
+    def encode(self, raw: RawFile) -> torch.Tensor:
+        audio = encode_stereo(
+            self.encoder, raw.wav, chunk_frames=self.chunk_frames, device=self.device
+        )
+        if raw.text is None:
+            text = torch.full((1, audio.shape[1]), ZERO_TOKEN, dtype=torch.long)
+        else:
+            text = torch.tensor(raw.text, dtype=torch.long)[None]
+        return torch.cat([text, audio], dim=0)
+
+    def codes(self, i: int) -> torch.Tensor:
+        """Codes ``[17, T]`` of file ``i``; raises ``BadFile``."""
+        return self.encode(self.read(i))
+
+
+class ShardSource:
+    """Files tokenized by ``tokenize_index``: a directory with ``shards.json``."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        self.root = path.parent if path.name == SHARDS_INDEX else path
+        index = self.root / SHARDS_INDEX
+        if not index.is_file():
+            raise FileNotFoundError(
+                f"shards index {str(index)!r} not found (run moshi-ttt tokenize)"
+            )
+        try:
+            self.files = json.loads(index.read_text())["files"]
+            self.frames = [int(f["frames"]) for f in self.files]
+            self.shards = [str(f["shard"]) for f in self.files]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{index}: malformed shards index ({e!r})") from None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def name(self, i: int) -> str:
+        return str(self.root / self.shards[i])
+
+    def read(self, i: int) -> torch.Tensor:
+        path = self.root / self.shards[i]
+        if not path.is_file():
+            raise BadFile("missing", "no such shard")
+        try:
+            codes = load_file(str(path))["codes"]
+        except Exception as e:
+            raise BadFile("unreadable", repr(e)) from None
+        if tuple(codes.shape) != (NUM_STREAMS, self.frames[i]):
+            raise BadFile(
+                "unreadable", f"codes {tuple(codes.shape)}, expected (17, {self.frames[i]})"
+            )
+        return codes.long()
+
+    def encode(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw
+
+    def codes(self, i: int) -> torch.Tensor:
+        return self.read(i)
+
+
+class ConcatSource:
+    """Several sources as one (file ids run through them in order)."""
+
+    def __init__(self, sources: Sequence[AudioSource | ShardSource]) -> None:
+        self.sources = list(sources)
+        self.offsets = np.cumsum([0] + [len(s) for s in self.sources]).tolist()
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def _locate(self, i: int) -> tuple[AudioSource | ShardSource, int]:
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.sources[k], i - self.offsets[k]
+
+    def name(self, i: int) -> str:
+        source, j = self._locate(i)
+        return source.name(j)
+
+    def read(self, i: int) -> Any:
+        source, j = self._locate(i)
+        return source, source.read(j)
+
+    def encode(self, raw: Any) -> torch.Tensor:
+        source, inner = raw
+        return source.encode(inner)
+
+    def codes(self, i: int) -> torch.Tensor:
+        return self.encode(self.read(i))
+
+
+Source = AudioSource | ShardSource | ConcatSource
+
+
+def open_source(
+    paths: str | Path | Sequence[str | Path],
+    encoder: AudioEncoder | None = None,
+    tokenizer: Tokenizer | None = None,
+    **audio_kwargs: Any,
+) -> Source:
+    """A source over JSONL indexes and/or shards directories (``data.train`` / ``data.eval``).
+
+    ``encoder`` and ``tokenizer`` are needed for JSONL indexes only; ``audio_kwargs`` go to
+    ``AudioSource`` (min_duration_sec, require_alignments, main_speaker, encode_chunk_sec, device).
+    """
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    sources: list[AudioSource | ShardSource] = []
+    for p in map(Path, paths):
+        if p.is_dir() or p.name == SHARDS_INDEX:
+            sources.append(ShardSource(p))
+        else:
+            if encoder is None or tokenizer is None:
+                raise ValueError(f"{p}: a JSONL index needs an audio encoder and a text tokenizer")
+            sources.append(AudioSource(read_index(p), encoder, tokenizer, **audio_kwargs))
+    return sources[0] if len(sources) == 1 else ConcatSource(sources)
+
+
+# -- windows and batches --------------------------------------------------------------------
+@dataclass
+class Window:
+    codes: torch.Tensor  # [17, F] int64, -1 past the end of the file
+    file_id: int
+    index: int  # 0 = first window of the file (a fresh TTT state)
+    num_windows: int
+    num_frames: int  # real frames (F on all but the last window)
+
+
+def cut_windows(codes: torch.Tensor, frames: int, file_id: int = 0) -> list[Window]:
+    """Consecutive windows of ``frames`` frames covering ``codes [17, T]`` in order."""
+    total = codes.shape[-1]
+    n = max(1, math.ceil(total / frames))
+    out = []
+    for k in range(n):
+        part = codes[:, k * frames : (k + 1) * frames]
+        real = part.shape[-1]
+        if real < frames:
+            part = torch.nn.functional.pad(part, (0, frames - real), value=ZERO_TOKEN)
+        out.append(Window(part.contiguous(), file_id, k, n, real))
+    return out
+
+
+@dataclass
+class Batch:
+    codes: torch.Tensor  # [B, 17, F] int64
+    reset: torch.Tensor  # [B] bool: the row starts a file -> start from a fresh TTT state
+    lanes: list[int]  # batch slot of each row (a lane walks through its files in order)
+    file_ids: list[int]
+    window_indices: list[int]
+
+    @staticmethod
+    def collate(windows: Sequence[Window], lanes: Sequence[int] | None = None) -> Batch:
+        return Batch(
+            codes=torch.stack([w.codes for w in windows]),
+            reset=torch.tensor([w.index == 0 for w in windows]),
+            lanes=list(range(len(windows))) if lanes is None else list(lanes),
+            file_ids=[w.file_id for w in windows],
+            window_indices=[w.index for w in windows],
+        )
+
+
+class WindowLoader:
+    """Batches of windows: row ``b`` (lane ``b``) walks through its files window by window.
+
+    File order per epoch: a permutation seeded by ``(seed, epoch)`` (or the index order), of
+    which rank ``r`` takes positions ``r, r + world_size, ...``. ``loop=True`` (training) cycles
+    forever; ``loop=False`` (evaluation: build a fresh loader each time) ends after one pass,
+    the last batches having fewer rows as lanes run dry. Bad files are skipped, counted in
+    ``stats`` once, never retried, and ``stats.check(max_bad_fraction)`` runs after each one.
+    ``state_dict()`` / ``load_state_dict()`` give the exact position for resuming.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        *,
+        frames: int,
+        batch_size: int,
+        loop: bool = True,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        max_bad_fraction: float = 1.0,
+        stats: BadFileCounter | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        self.source, self.frames, self.batch_size = source, frames, batch_size
+        self.loop, self.shuffle, self.seed = loop, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.max_bad_fraction, self.num_workers = max_bad_fraction, num_workers
+        self.stats = stats if stats is not None else BadFileCounter()
+        self.epoch, self.cursor = 0, 0
+        self.lanes: list[tuple[int, int] | None] = [None] * batch_size  # (file id, next window)
+        self._windows: dict[int, list[Window]] = {}  # lane -> windows of its current file
+        self._bad: set[int] = set()
+        self._good_this_epoch = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[tuple[int, int], Future] = {}
+        self._shares: dict[int, list[int]] = {}
+        if len(self._share(0)) == 0:
+            raise DataError(f"rank {rank} gets no file: {len(source)} files for {world_size} ranks")
+
+    def _share(self, epoch: int) -> list[int]:
+        """This rank's file ids for ``epoch``, in reading order."""
+        if epoch not in self._shares:
+            n = len(self.source)
+            order = np.arange(n)
+            if self.shuffle:
+                order = np.random.default_rng((self.seed, epoch)).permutation(n)
+            self._shares = {epoch: order[self.rank :: self.world_size].tolist()}
+        return self._shares[epoch]
+
+    def _read(self, epoch: int, pos: int, fid: int) -> Any:
+        if self.num_workers <= 0:
+            return self.source.read(fid)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="moshi-ttt-data")
+        share = self._share(epoch)
+        for p in range(pos, min(pos + self.num_workers + 1, len(share))):
+            if (epoch, p) not in self._pending and share[p] not in self._bad:
+                self._pending[(epoch, p)] = self._pool.submit(self.source.read, share[p])
+        future = self._pending.pop((epoch, pos), None)
+        return future.result() if future is not None else self.source.read(fid)
+
+    def _load(self, fid: int, epoch: int = -1, pos: int = -1) -> list[Window] | None:
+        try:
+            raw = self._read(epoch, pos, fid) if pos >= 0 else self.source.read(fid)
+            codes = self.source.encode(raw)
+        except BadFile as e:
+            self._bad.add(fid)
+            self.stats.record_bad(self.source.name(fid), e.reason, e.detail)
+            self.stats.check(self.max_bad_fraction, min_seen=min(20, len(self._share(0))))
+            return None
+        self.stats.record_ok(self.source.name(fid))
+        return cut_windows(codes, self.frames, fid)
+
+    def _next_file(self) -> tuple[int, list[Window]] | None:
+        while True:
+            share = self._share(self.epoch)
+            if self.cursor >= len(share):
+                if not self.loop:
+                    return None
+                if self._good_this_epoch == 0:
+                    raise DataError(f"no usable file in a whole epoch: {self.stats.summary()}")
+                self.epoch, self.cursor, self._good_this_epoch = self.epoch + 1, 0, 0
+                continue
+            pos, fid = self.cursor, share[self.cursor]
+            self.cursor += 1
+            if fid in self._bad:
+                continue
+            windows = self._load(fid, self.epoch, pos)
+            if windows is not None:
+                self._good_this_epoch += 1
+                return fid, windows
+
+    def _take(self, lane: int) -> Window | None:
+        state = self.lanes[lane]
+        if state is not None and lane not in self._windows:  # resumed mid-file
+            windows = self._load(state[0])
+            if windows is None:
+                state = None
+            else:
+                self._windows[lane] = windows
+        if state is None or state[1] >= len(self._windows[lane]):
+            found = self._next_file()
+            if found is None:
+                self.lanes[lane] = None
+                self._windows.pop(lane, None)
+                return None
+            state = (found[0], 0)
+            self._windows[lane] = found[1]
+        window = self._windows[lane][state[1]]
+        self.lanes[lane] = (state[0], state[1] + 1)
+        return window
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            rows = [(b, w) for b in range(self.batch_size) if (w := self._take(b)) is not None]
+            if not rows:
+                return
+            yield Batch.collate([w for _, w in rows], [b for b, _ in rows])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "lanes": [list(s) if s is not None else None for s in self.lanes],
+            "bad": sorted(self._bad),
+            "good_this_epoch": self._good_this_epoch,
+            "stats": self.stats.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.lanes = [tuple(s) if s is not None else None for s in state["lanes"]]  # type: ignore[misc]
+        self._bad, self._good_this_epoch = set(state["bad"]), int(state["good_this_epoch"])
+        self.stats.load_state_dict(state["stats"])
+        self._windows.clear()
+        self._pending.clear()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+# -- pre-tokenized shards -------------------------------------------------------------------
+def tokenize_index(
+    index: str | Path,
+    out_dir: str | Path,
+    encoder: AudioEncoder,
+    tokenizer: Tokenizer,
+    *,
+    max_bad_fraction: float | None = None,
+    progress: bool = True,
+    **audio_kwargs: Any,
+) -> BadFileCounter:
+    """Encode every file of a JSONL index once: ``out_dir/NNNNNN.safetensors`` (``codes``
+    ``[17, T]`` int32) and ``out_dir/shards.json`` (files, frames, skipped files and why).
+
+    Bad files are skipped and counted; with ``max_bad_fraction`` a ``DataError`` is raised
+    at the end (after writing the index) when too many were bad. ``audio_kwargs`` go to
+    ``AudioSource`` (min_duration_sec, require_alignments, main_speaker, encode_chunk_sec, device).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    source = AudioSource(read_index(index), encoder, tokenizer, **audio_kwargs)
+    stats = BadFileCounter()
+    files, skipped = [], []
+    bar = tqdm(range(len(source)), desc="tokenize", unit="file", disable=not progress)
+    for i in bar:
+        entry = source.entries[i]
+        try:
+            codes = source.codes(i)
+        except BadFile as e:
+            stats.record_bad(source.name(i), e.reason, e.detail)
+            skipped.append({"path": str(entry.path), "reason": e.reason, "detail": e.detail})
+            bar.set_postfix(bad=stats.num_bad)
+            continue
+        stats.record_ok(source.name(i))
+        shard = f"{i:06d}.safetensors"
+        tmp = out / f".{shard}.tmp"
+        meta = {"path": str(entry.path), "frames": str(codes.shape[1])}
+        save_file({"codes": codes.to(torch.int32).contiguous()}, str(tmp), metadata=meta)
+        os.replace(tmp, out / shard)
+        files.append({"shard": shard, "path": str(entry.path), "frames": int(codes.shape[1])})
+    summary = {
+        "format": "moshi-ttt shards",
+        "version": 1,
+        "index": str(index),
+        "frame_rate": FRAME_RATE,
+        "rows": "text, Moshi (left) codebooks 0-7, user (right) codebooks 0-7",
+        "files": files,
+        "skipped": skipped,
+        "stats": stats.to_dict(),
+    }
+    tmp = out / f".{SHARDS_INDEX}.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, out / SHARDS_INDEX)
+    if max_bad_fraction is not None:
+        stats.check(max_bad_fraction)
+    return stats
+
+
+# -- stand-ins for the tiny model (tests, CPU runs) -----------------------------------------
+class ToyTokenizer:
+    """Deterministic word pieces: 3-character chunks hashed into ``[4, vocab_size)``."""
+
+    def __init__(self, vocab_size: int = 64) -> None:
+        if vocab_size <= 4:
+            raise ValueError(f"ToyTokenizer: vocab_size must be > 4, got {vocab_size}")
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        chunks = [text[i : i + 3] for i in range(0, len(text), 3)]
+        return [4 + zlib.crc32(c.encode()) % (self.vocab_size - 4) for c in chunks]
+
+
+class ToyEncoder:
+    """Mimi-shaped deterministic codes: codebook k of a frame quantises the RMS of the k-th
+    eighth of its 1920 samples into ``card`` bins. ``encode([B, 1, S]) -> [B, 8, ceil(S/1920)]``."""
+
+    def __init__(self, card: int = 32, scale: float = 4.0) -> None:
+        self.card, self.scale = card, scale
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, S = x.shape
+        T = math.ceil(S / FRAME_SIZE)
+        x = torch.nn.functional.pad(x.float(), (0, T * FRAME_SIZE - S))
+        seg = x.reshape(B, T, NUM_CODEBOOKS, FRAME_SIZE // NUM_CODEBOOKS)
+        rms = seg.pow(2).mean(-1).sqrt()  # [B, T, 8]
+        codes = (rms * self.scale * self.card).long().clamp_(0, self.card - 1)
+        return codes.transpose(1, 2).contiguous()
