@@ -9,6 +9,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from .cli_generate import add_generate_parser
+
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 
 
@@ -29,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    add_generate_parser(sub)
     return parser
 
 

@@ -1,0 +1,166 @@
+"""Offline streaming inference: user audio in, Moshi's audio and text out, frame by frame.
+
+For each 80 ms frame (1920 samples at 24 kHz): Mimi encodes the user's frame into 8 codes, one
+``LMGen.step`` runs the temporal transformer (with its TTT layers: their state persists across
+the whole session) and the depformer, and Mimi decodes Moshi's 8 codes back to audio. This is
+the same code path on a tiny CPU model and on the 7B on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sphn
+import torch
+from moshi.models.compression import MimiModel
+from moshi.models.lm import LMGen, LMModel
+from moshi.utils.compile import no_compile
+
+SAMPLE_RATE = 24000
+FRAME_SIZE = 1920  # samples per 80 ms frame at 24 kHz
+TEXT_PAD, TEXT_EPAD = 3, 0  # Moshi's text padding ids (never written to the text)
+
+
+def read_wav(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Mono float32 samples ``[S]`` at ``sample_rate`` (channels averaged, resampled if needed).
+
+    A missing file is a ``FileNotFoundError``; an unreadable one a ``ValueError`` naming it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input audio not found: {path}")
+    try:
+        data, sr = sphn.read(str(path))
+    except (ValueError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: cannot read as audio ({e})") from e
+    if data.size == 0:
+        raise ValueError(f"{path}: no audio samples")
+    mono = np.asarray(data, dtype=np.float32).mean(axis=0)
+    return resample(mono, int(sr), sample_rate) if sr != sample_rate else mono
+
+
+def resample(x: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
+    """``sphn.resample`` without its leading delay and lost tail: ``[S] -> [round(S dst/src)]``.
+
+    sphn's resampler delays the signal by a rate-dependent number of samples; it is measured
+    with an impulse and cut, and the input is padded so that its end comes out.
+    """
+    n_out = round(len(x) * dst_rate / src_rate)
+    pad = np.zeros(src_rate // 5, dtype=np.float32)  # 200 ms, well past the filter's delay
+    y = sphn.resample(np.concatenate([x, pad]), src_rate, dst_rate)
+    probe = np.zeros(len(x) + len(pad), dtype=np.float32)
+    probe[0] = 1.0
+    delay = int(np.argmax(np.abs(sphn.resample(probe, src_rate, dst_rate))))
+    out = y[delay : delay + n_out]
+    return np.pad(out, (0, n_out - len(out))).astype(np.float32)
+
+
+def token_text(tokenizer: Any | None, token: int) -> str:
+    """The text of one Moshi text token ('' for padding): a sentencepiece piece with '▁' as a
+    space, or ``"<id> "`` without a tokenizer."""
+    if token in (TEXT_PAD, TEXT_EPAD):
+        return ""
+    if tokenizer is None:
+        return f"<{token}> "
+    if not 0 <= token < tokenizer.get_piece_size():
+        return f"<{token}>"
+    return tokenizer.id_to_piece(token).replace("▁", " ")
+
+
+@torch.no_grad()
+def generate(
+    lm: LMModel,
+    mimi: MimiModel,
+    tokenizer: Any | None,
+    input_wav: str | Path,
+    output_wav: str | Path,
+    text_path: str | Path | None = None,
+    *,
+    seed: int = 0,
+    max_seconds: float | None = None,
+    temp: float = 0.8,
+    temp_text: float = 0.7,
+    top_k: int = 250,
+    top_k_text: int = 25,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run Moshi (``lm``, eval mode, TTT layers or not) on a user recording, frame by frame.
+
+    The input is cut to ``max_seconds`` and padded to whole frames, plus one frame of silence
+    (the first ``LMGen`` step only fills the delays), so the output has as many frames as the
+    input. Writes ``output_wav`` (mono, 24 kHz) and, if given, ``text_path`` (Moshi's text
+    stream: pieces, or ``<id>`` without a tokenizer). Sampling is seeded by ``seed``.
+
+    Returns stats: ``frames``, ``audio_s`` (input length), ``wall_s``, ``rtf`` (wall / audio,
+    < 1 = faster than real time), ``ms_per_frame``, ``text``, ``text_tokens`` (ids per frame),
+    ``output_wav``, ``text_path``.
+    """
+    if lm.training:
+        raise ValueError("generate needs the model in eval mode (lm.eval())")
+    audio = read_wav(input_wav, int(mimi.sample_rate))
+    if max_seconds is not None:
+        if not max_seconds > 0:
+            raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+        audio = audio[: int(max_seconds * mimi.sample_rate)]
+    frame = int(mimi.frame_size)
+    frames = -(-len(audio) // frame)
+    if frames == 0:
+        raise ValueError(f"{input_wav}: shorter than one sample after cutting")
+    padded = np.zeros((frames + 1) * frame, dtype=np.float32)
+    padded[: len(audio)] = audio
+    device, mimi_device = lm.device, next(mimi.parameters()).device
+    pcm = torch.from_numpy(padded).to(device=mimi_device, dtype=torch.float32).view(1, 1, -1)
+
+    gen = LMGen(
+        lm,
+        temp=temp,
+        temp_text=temp_text,
+        top_k=min(top_k, lm.card),
+        top_k_text=min(top_k_text, lm.text_card),
+    )
+    eager = no_compile() if device.type == "cpu" else contextlib.nullcontext()
+    out_pcm, tokens = [], []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with eager, mimi.streaming(1), gen.streaming(1):
+            steps = range(frames + 1)
+            if progress:
+                from tqdm import tqdm
+
+                steps = tqdm(steps, desc="generate", unit="frame", leave=False)
+            start = time.perf_counter()
+            for i in steps:
+                codes = mimi.encode(pcm[..., i * frame : (i + 1) * frame])  # [1, K, 1]
+                out = gen.step(codes[:, : lm.n_q - lm.dep_q].to(device))
+                if out is None:
+                    continue
+                tokens.append(int(out[0, 0, 0]))
+                out_pcm.append(mimi.decode(out[:, 1:].to(mimi_device)).float().cpu())
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+    wav = torch.cat(out_pcm, dim=-1)[0, 0].numpy()
+    output_wav = Path(output_wav)
+    output_wav.parent.mkdir(parents=True, exist_ok=True)
+    sphn.write_wav(str(output_wav), wav, int(mimi.sample_rate))
+    text = "".join(token_text(tokenizer, t) for t in tokens).strip()
+    if text_path is not None:
+        text_path = Path(text_path)
+        text_path.parent.mkdir(parents=True, exist_ok=True)
+        text_path.write_text(text + "\n")
+    audio_s = frames * frame / mimi.sample_rate
+    return {
+        "frames": frames,
+        "audio_s": audio_s,
+        "wall_s": wall,
+        "rtf": wall / audio_s,
+        "ms_per_frame": 1000 * wall / (frames + 1),
+        "text": text,
+        "text_tokens": tokens,
+        "output_wav": str(output_wav),
+        "text_path": None if text_path is None else str(text_path),
+    }

@@ -1,0 +1,334 @@
+"""Adapters (what fine-tuning trained) and merged checkpoints. Safetensors and JSON only.
+
+An adapter directory holds
+
+- ``adapter.safetensors``: the TTT parameters and gates (``named_ttt_parameters``: gated
+  TTT branches and In-Place TTT) and the LoRA weights if any (``lora_A`` / ``lora_B`` of every
+  moshi ``LoRALinear``), under their names in the LM's state dict; both found by module type;
+- ``adapter.json``: ``format``/``format_version``, ``base`` (the repo id, local directory or
+  ``"tiny:SEED"`` it was trained on), ``base_arch`` (sizes of that model), ``ttt_config`` (a
+  ``TTTConfig`` dict), ``ttt_layers`` (the converted layer indices), ``lora``
+  (``{"rank", "scaling"}`` or null), ``tensors`` (name -> shape, dtype) and the ``sha256`` of
+  ``adapter.safetensors``.
+
+``export_merged`` writes one directory (``model.safetensors`` with every weight, LoRA merged
+into the base weights; ``config.json`` = the LM kwargs + a ``"moshi_ttt"`` entry with the TTT
+config; Mimi and the tokenizer copied when the base has them) that ``load_merged`` and
+``load_base_lm`` load. Plain moshi cannot load it (the TTT keys are unknown to it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from moshi.models import loaders
+from moshi.models.lm import LMModel
+from moshi.modules.lora import replace_lora_with_linear
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .apply import apply_ttt, named_ttt_parameters, ttt_modules
+from .config import TTTConfig
+from .loading import (
+    MERGED_KEY,
+    apply_lora,
+    checkpoint_info,
+    lm_kwargs_of,
+    load_base_lm,
+    lora_modules,
+    lora_settings,
+    read_json,
+    require_file,
+)
+
+WEIGHTS_NAME = "adapter.safetensors"
+META_NAME = "adapter.json"
+FORMAT = "moshi-ttt-adapter"
+FORMAT_VERSION = 1
+MERGED_WEIGHTS = "model.safetensors"
+
+
+# -- what an adapter holds --------------------------------------------------------------------
+def adapter_parameters(lm: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Name -> parameter of everything an adapter stores: TTT parameters and LoRA A/B."""
+    params = dict(named_ttt_parameters(lm))
+    for name, module in lora_modules(lm):
+        params[f"{name}.lora_A.weight"] = module.lora_A.weight
+        params[f"{name}.lora_B.weight"] = module.lora_B.weight
+    return params
+
+
+def base_arch(lm: LMModel) -> dict[str, int]:
+    """The sizes that an adapter's base model must have."""
+    return {
+        "dim": int(lm.dim),
+        "num_layers": len(lm.transformer.layers),
+        "num_heads": int(lm.transformer.layers[0].self_attn.num_heads),
+        "card": int(lm.card),
+        "text_card": int(lm.text_card),
+        "n_q": int(lm.n_q),
+        "dep_q": int(lm.dep_q),
+    }
+
+
+def _ttt_record(lm: torch.nn.Module) -> tuple[dict[str, Any] | None, list[int] | None]:
+    if not ttt_modules(lm):
+        return None, None
+    config = getattr(lm, "ttt_config", None)
+    if not isinstance(config, TTTConfig):
+        raise ValueError("the model has TTT modules but no ttt_config: convert it with apply_ttt")
+    return config.to_dict(), [int(i) for i in lm.ttt_layers]
+
+
+# -- save -------------------------------------------------------------------------------------
+def save_adapter(lm: LMModel, out_dir: str | Path, base: str | None = None) -> Path:
+    """Write ``adapter.safetensors`` + ``adapter.json`` into ``out_dir``; returns the directory.
+
+    ``base``: the base model id/path/``"tiny:SEED"`` (default: ``lm.moshi_ttt_base``, set by
+    ``load_base_lm``). Tensors keep their dtype; the JSON is written last.
+    """
+    base = base if base is not None else getattr(lm, "moshi_ttt_base", None)
+    if not base:
+        raise ValueError("save_adapter needs the base model id or path (base=...)")
+    ttt_config, ttt_layers = _ttt_record(lm)
+    params = adapter_parameters(lm)
+    if not params:
+        raise ValueError("nothing to save: the model has neither TTT layers nor LoRA adapters")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: p.detach().to("cpu").contiguous() for k, p in sorted(params.items())}
+    weights = out / WEIGHTS_NAME
+    save_file(tensors, str(weights), metadata={"format": "pt", "moshi_ttt": FORMAT})
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "base": str(base),
+        "base_arch": base_arch(lm),
+        "ttt_config": ttt_config,
+        "ttt_layers": ttt_layers,
+        "lora": lora_settings(lm),
+        "tensors": {
+            k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+            for k, t in tensors.items()
+        },
+        "sha256": _sha256(weights),
+    }
+    (out / META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
+    return out
+
+
+# -- load -------------------------------------------------------------------------------------
+def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Validated ``adapter.json`` and the tensors of ``adapter.safetensors`` (on CPU)."""
+    root = Path(adapter_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"adapter directory not found: {root}")
+    meta_path = require_file(root / META_NAME, "adapter metadata")
+    weights = require_file(root / WEIGHTS_NAME, "adapter weights")
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: not a moshi-ttt adapter (expected format {FORMAT!r})")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{meta_path}: format_version {version!r} is not supported (<= {FORMAT_VERSION})"
+        )
+    missing = [k for k in ("base", "tensors", "sha256", "ttt_config", "ttt_layers", "lora")
+               if k not in meta]  # fmt: skip
+    if missing:
+        raise ValueError(f"{meta_path}: missing fields {missing}")
+    if _sha256(weights) != meta["sha256"]:
+        raise ValueError(
+            f"{weights}: checksum differs from {META_NAME} (corrupt or from another adapter)"
+        )
+    tensors = _load_safetensors(weights)
+    if sorted(tensors) != sorted(meta["tensors"]):
+        diff = sorted(set(tensors) ^ set(meta["tensors"]))
+        raise ValueError(f"{weights}: tensors differ from those listed in {META_NAME}: {diff[:3]}")
+    return meta, tensors
+
+
+def load_adapter(
+    adapter_dir: str | Path,
+    lm: LMModel | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+) -> tuple[LMModel, loaders.CheckpointInfo | None]:
+    """Apply an adapter: returns ``(lm, checkpoint_info)``.
+
+    Without ``lm`` the base is loaded from ``adapter.json``'s ``base`` (``load_base_lm``;
+    ``checkpoint_info`` is None for tiny bases and for a given ``lm``). LoRA and TTT are applied
+    as recorded (LoRA on the base linears only, TTT on the recorded layer indices) unless ``lm``
+    already has them with the same settings, then every adapter tensor is loaded strictly: a
+    missing or extra key, a shape or size mismatch is a ``ValueError`` naming it (a given
+    ``lm`` may then be left with LoRA/TTT applied: load a fresh one).
+    """
+    meta, tensors = read_adapter(adapter_dir)
+    info = None
+    if lm is None:
+        lm, info = load_base_lm(meta["base"], device=device, dtype=dtype)
+    where = f"adapter {adapter_dir}"
+    _check_layers(lm, meta, where)
+    if meta["lora"] is not None and not lora_modules(lm):
+        apply_lora(lm, rank=int(meta["lora"]["rank"]), scaling=float(meta["lora"]["scaling"]))
+    elif lora_settings(lm) != meta["lora"]:
+        raise ValueError(f"{where}: LoRA {meta['lora']} but the model has {lora_settings(lm)}")
+    if meta["ttt_config"] is not None:
+        config = TTTConfig.from_dict({**meta["ttt_config"], "layers": list(meta["ttt_layers"])})
+        if not ttt_modules(lm):
+            apply_ttt(lm, config)
+        elif not _same_ttt(lm, config):
+            raise ValueError(f"{where}: the model already has other TTT layers or settings")
+    elif ttt_modules(lm):
+        raise ValueError(f"{where}: the adapter has no TTT layers but the model has some")
+    params = adapter_parameters(lm)
+    check_tensors(params, tensors, f"{adapter_dir}/{WEIGHTS_NAME}")
+    _check_arch(lm, meta, where)
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].device))
+    return lm.eval(), info
+
+
+def check_tensors(
+    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], file: str
+) -> None:
+    """Same keys and shapes, else a ``ValueError`` naming the first bad key and both shapes."""
+    for name in _natural_sorted(set(expected) | set(found)):
+        if name not in found:
+            raise ValueError(f"{file} lacks {name!r} (shape {list(expected[name].shape)})")
+        if name not in expected:
+            raise ValueError(
+                f"{file} has {name!r} (shape {list(found[name].shape)}), "
+                "which the model does not have"
+            )
+        if tuple(found[name].shape) != tuple(expected[name].shape):
+            raise ValueError(
+                f"shape mismatch for {name!r}: {list(found[name].shape)} in {file}, "
+                f"{list(expected[name].shape)} in the model"
+            )
+
+
+def _same_ttt(lm: LMModel, config: TTTConfig) -> bool:
+    have, layers = _ttt_record(lm)
+    want = config.to_dict()
+    return layers == want.pop("layers") and {k: v for k, v in have.items() if k != "layers"} == want
+
+
+def _check_layers(lm: LMModel, meta: dict[str, Any], where: str) -> None:
+    n = len(lm.transformer.layers)
+    layers = meta["ttt_layers"] or []
+    bad = [i for i in layers if not 0 <= int(i) < n]
+    had = (meta.get("base_arch") or {}).get("num_layers", "?")
+    if bad:
+        raise ValueError(
+            f"{where}: TTT layers {bad} out of range: the base model has {n} layers "
+            f"(indices 0..{n - 1}); the adapter's base had {had}"
+        )
+
+
+def _check_arch(lm: LMModel, meta: dict[str, Any], where: str) -> None:
+    for key, value in (meta.get("base_arch") or {}).items():
+        have = base_arch(lm).get(key)
+        if have != value:
+            raise ValueError(f"{where}: made for a base with {key}={value}, this one has {have}")
+
+
+# -- merged checkpoints -------------------------------------------------------------------------
+def export_merged(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    copy_codec: bool = True,
+) -> Path:
+    """Base + adapter -> one directory (``model.safetensors``, ``config.json``); LoRA merged.
+
+    ``copy_codec``: copy the base's Mimi weights and tokenizer next to it (when it has them).
+    """
+    meta, _ = read_adapter(adapter_dir)
+    lm, info = load_adapter(adapter_dir, device=device, dtype=dtype)
+    replace_lora_with_linear(lm)  # W + scaling * B A
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in lm.state_dict().items()}
+    save_file(state, str(out / MERGED_WEIGHTS), metadata={"format": "pt"})
+    config: dict[str, Any] = dict(lm_kwargs_of(meta["base"], info))
+    config["moshi_name"] = MERGED_WEIGHTS
+    if info is not None:
+        if info.lm_gen_config:
+            config["lm_gen_config"] = info.lm_gen_config
+        for key, src in (("mimi_name", info.mimi_weights), ("tokenizer_name", info.tokenizer)):
+            if copy_codec and Path(src).is_file():
+                shutil.copy2(src, out / Path(src).name)
+                config[key] = Path(src).name
+    config[MERGED_KEY] = {
+        "format_version": FORMAT_VERSION,
+        "base": meta["base"],
+        "ttt_config": meta["ttt_config"],
+        "ttt_layers": meta["ttt_layers"],
+        "lora_merged": meta["lora"],
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    return out
+
+
+def load_merged(
+    directory: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    lora: dict[str, Any] | None = None,
+) -> tuple[LMModel, loaders.CheckpointInfo]:
+    """Load an ``export_merged`` directory: built on the meta device, TTT applied, every weight
+    loaded strictly with ``assign``. ``lora``: fresh LoRA adapters to add (``apply_lora``)."""
+    root = Path(directory)
+    info = checkpoint_info(root)
+    merged = (info.raw_config or {}).get(MERGED_KEY)
+    if not isinstance(merged, dict) or "ttt_layers" not in merged:
+        raise ValueError(f"{root}/config.json: not a merged moshi-ttt checkpoint (no {MERGED_KEY})")
+    lm = loaders.get_moshi_lm(None, lm_kwargs_of(root, info), device="meta", dtype=dtype)
+    if merged.get("ttt_config") is not None:
+        ttt = {**merged["ttt_config"], "layers": list(merged["ttt_layers"])}
+        apply_ttt(lm, TTTConfig.from_dict(ttt))
+    state = _load_safetensors(info.moshi_weights, device)
+    check_tensors(lm.state_dict(), state, str(info.moshi_weights))
+    for key, value in state.items():
+        if value.dtype.is_floating_point and not key.startswith(("condition_provider.", "fuser.")):
+            state[key] = value.to(dtype)
+    lm.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"{info.moshi_weights}: no values for {left[:3]}")
+    lm.moshi_ttt_base = str(root.resolve())
+    if lora:
+        apply_lora(lm, **lora)
+    return lm.eval(), info
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _load_safetensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _natural_sorted(names: set[str]) -> list[str]:
+    """Sort with numbers by value (layers.2 before layers.10)."""
+    return sorted(
+        names, key=lambda s: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
+    )

@@ -1,0 +1,309 @@
+"""Base models: a Hugging Face repo, a local checkpoint directory, or the tiny random model.
+
+``load_base_lm(source)`` understands three kinds of ``source``:
+
+- ``"tiny"`` / ``"tiny:SEED"``: ``build_tiny_lm(SEED)`` (random weights; Mimi and the text
+  tokenizer are ``build_tiny_mimi`` and ``build_tiny_tokenizer``);
+- an existing local directory: ``model.safetensors`` (or the config's ``moshi_name``), an optional
+  ``config.json`` in moshi's format (without it the model is the 7B), and optionally Mimi and
+  the tokenizer under their usual names. A directory written by ``export_merged`` (its config has
+  a ``"moshi_ttt"`` entry) is loaded with its TTT layers (``load_merged``);
+- anything else of the form ``org/name`` (or ``hf://org/name``): a Hugging Face repo id, through
+  ``moshi.models.loaders.CheckpointInfo.from_hf_repo`` (default ``kyutai/moshiko-pytorch-bf16``).
+
+LoRA (``apply_lora``) wraps the *base* linear layers only: moshi's own
+``replace_all_linear_with_lora`` would also wrap the TTT branches' linears, which then break.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from moshi.models import loaders
+from moshi.models.compression import MimiModel
+from moshi.models.lm import LMModel
+from moshi.modules.lora import LoRALinear
+from torch import nn
+
+from .apply import TTT_MODULE_TYPES
+from .tiny import build_tiny_lm, tiny_lm_kwargs
+
+DEFAULT_REPO = loaders.DEFAULT_REPO  # "kyutai/moshiko-pytorch-bf16"
+MERGED_KEY = "moshi_ttt"  # the config.json entry of a merged TTT checkpoint
+LORA_KEYS = ("lora", "lora_rank", "lora_scaling")
+_TINY = re.compile(r"^tiny(?::(\d+))?$")
+_REPO_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# -- sources ----------------------------------------------------------------------------------
+def tiny_seed(source: str) -> int | None:
+    """The seed of a ``"tiny"`` / ``"tiny:SEED"`` source, None for any other source."""
+    m = _TINY.match(str(source).strip())
+    if m is None:
+        return None
+    return int(m.group(1)) if m.group(1) else 0
+
+
+def checkpoint_info(source: str | Path) -> loaders.CheckpointInfo:
+    """moshi's ``CheckpointInfo`` for a local checkpoint directory or a Hugging Face repo id.
+
+    Local files are not checked here (Mimi and the tokenizer are optional); use
+    ``require_file`` before reading one.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _local_checkpoint_info(path)
+    if path.exists():
+        raise ValueError(f"{path} is a file; expected a checkpoint directory or a repo id")
+    text = str(source)
+    if not _REPO_ID.match(text):
+        raise FileNotFoundError(
+            f"{text!r}: no such directory, and not a Hugging Face repo id (org/name)"
+        )
+    repo = text.removeprefix("hf://")
+    try:
+        return loaders.CheckpointInfo.from_hf_repo(repo)
+    except OSError as e:  # huggingface_hub's errors (offline, no such repo, no such file)
+        raise FileNotFoundError(f"cannot get {repo!r} from the Hugging Face Hub: {e}") from e
+
+
+def _local_checkpoint_info(root: Path) -> loaders.CheckpointInfo:
+    """``CheckpointInfo`` of a local directory, every file given as a local path (no download)."""
+    root = root.resolve()
+    config_path = root / "config.json"
+    config = read_json(config_path) if config_path.exists() else {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object")
+    weights = root / config.get("moshi_name", loaders.MOSHI_NAME)
+    require_file(weights, "model weights")
+    mimi = root / config.get("mimi_name", loaders.MIMI_NAME)
+    tokenizer = root / config.get("tokenizer_name", loaders.TEXT_TOKENIZER_NAME)
+    if not config:  # no config.json: moshi assumes the 7B (lm_config None)
+        return loaders.CheckpointInfo(weights, mimi, tokenizer)
+    extra: dict[str, Any] = {}
+    if config.get("mimi_config_name"):
+        extra["mimi_config_path"] = root / config["mimi_config_name"]
+    if config.get("lora_name"):
+        extra["lora_weights"] = root / config["lora_name"]
+    return loaders.CheckpointInfo.from_hf_repo(
+        str(root),
+        moshi_weights=weights,
+        mimi_weights=mimi,
+        tokenizer=tokenizer,
+        config_path=config_path,
+        **extra,
+    )
+
+
+def lm_kwargs_of(source: str | Path, info: loaders.CheckpointInfo | None) -> dict[str, Any]:
+    """``LMModel(**kwargs)`` of a base source (moshi's 7B kwargs when it has no config)."""
+    seed = tiny_seed(str(source))
+    if info is None:
+        if seed is None:
+            raise ValueError(f"no checkpoint info for base {source!r}")
+        return tiny_lm_kwargs()
+    kwargs = dict(info.lm_config if info.lm_config is not None else loaders._lm_kwargs)
+    for key in (*LORA_KEYS, MERGED_KEY):
+        kwargs.pop(key, None)
+    return kwargs
+
+
+def load_base_lm(
+    source: str | Path = DEFAULT_REPO,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    lora: dict[str, Any] | None = None,
+) -> tuple[LMModel, loaders.CheckpointInfo | None]:
+    """Load a base Moshi LM (eval mode) and its ``CheckpointInfo`` (None for ``"tiny"``).
+
+    ``lora``: ``{"rank": r, "scaling": s}`` adds fresh LoRA adapters to the base linears
+    (``apply_lora``). A LoRA stored in the checkpoint itself (moshi-finetune's ``lora_name``) is
+    merged into the base weights. The model records its source as ``lm.moshi_ttt_base``.
+    """
+    seed = tiny_seed(str(source))
+    if seed is not None:
+        lm, info = build_tiny_lm(seed).to(device=device, dtype=dtype), None
+    else:
+        info = checkpoint_info(source)
+        if info.raw_config and MERGED_KEY in info.raw_config:
+            return load_merged(source, device=device, dtype=dtype, lora=lora)
+        lm = info.get_moshi(device=device, dtype=dtype, fuse_lora=True)
+        source = str(Path(source).resolve()) if Path(source).is_dir() else str(source)
+    lm.moshi_ttt_base = str(source)
+    if lora:
+        apply_lora(lm, **lora)
+    return lm.eval(), info
+
+
+def load_merged(
+    directory: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    lora: dict[str, Any] | None = None,
+) -> tuple[LMModel, loaders.CheckpointInfo]:
+    """Load a directory written by ``moshi_ttt.export_merged``: the LM with its TTT layers."""
+    from .adapter import load_merged as _load_merged
+
+    return _load_merged(directory, device=device, dtype=dtype, lora=lora)
+
+
+def load_codec(
+    lm: LMModel, info: loaders.CheckpointInfo | None, device: torch.device | str = "cpu"
+) -> tuple[MimiModel, Any | None]:
+    """Mimi and the text tokenizer (None when the checkpoint has none) that go with ``lm``.
+
+    Tiny bases (also adapters and merged checkpoints made from one) get ``build_tiny_mimi`` and
+    ``build_tiny_tokenizer`` with the base's seed; others the checkpoint's Mimi weights.
+    """
+    base = str(getattr(lm, "moshi_ttt_base", ""))
+    merged = (info.raw_config or {}).get(MERGED_KEY) if info is not None else None
+    if isinstance(merged, dict):
+        base = str(merged.get("base", base))
+    seed = tiny_seed(base)
+    if seed is not None and (info is None or not Path(info.mimi_weights).is_file()):
+        mimi = build_tiny_mimi(seed, card=lm.card, num_codebooks=lm.n_q - lm.dep_q, device=device)
+        return mimi, build_tiny_tokenizer(lm.text_card, seed)
+    if info is None:
+        raise ValueError(f"no Mimi codec known for the model loaded from {base or '?'}")
+    require_file(Path(info.mimi_weights), "Mimi weights")
+    tokenizer = info.get_text_tokenizer() if Path(info.tokenizer).is_file() else None
+    return info.get_mimi(device=device), tokenizer
+
+
+# -- LoRA -------------------------------------------------------------------------------------
+def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """``(qualified name, module)`` of every moshi ``LoRALinear`` in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def lora_settings(model: nn.Module) -> dict[str, Any] | None:
+    """``{"rank", "scaling"}`` of the model's LoRA adapters, None without LoRA."""
+    modules = lora_modules(model)
+    if not modules:
+        return None
+    settings = {(m.rank, float(m.scaling)) for _, m in modules}
+    if len(settings) > 1:
+        raise ValueError(f"LoRA modules with different (rank, scaling): {sorted(settings)}")
+    rank, scaling = settings.pop()
+    return {"rank": int(rank), "scaling": scaling}
+
+
+@torch.no_grad()
+def apply_lora(model: nn.Module, rank: int, scaling: float = 2.0) -> int:
+    """Wrap every base ``nn.Linear`` in a moshi ``LoRALinear`` (y = W x + scaling * B A x).
+
+    The TTT branches (``GatedTTT``, ``InPlaceTTT``) are skipped, so this works before or after
+    ``apply_ttt``. Init as moshi-finetune: A Kaiming-uniform, B zero (the model is unchanged).
+    Returns the number of wrapped linears.
+    """
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"LoRA rank must be a positive int, got {rank!r}")
+    if lora_modules(model):
+        raise ValueError("the model already has LoRA adapters")
+
+    def visit(module: nn.Module) -> int:
+        count = 0
+        for name, child in list(module.named_children()):
+            if isinstance(child, TTT_MODULE_TYPES):
+                continue
+            if type(child) is nn.Linear:
+                w = child.weight
+                lora = LoRALinear(child.in_features, child.out_features, rank, float(scaling),
+                                  device=w.device, dtype=w.dtype)  # fmt: skip
+                nn.init.zeros_(lora.lora_B.weight)
+                lora.frozen_W = child
+                setattr(module, name, lora)
+                count += 1
+            else:
+                count += visit(child)
+        return count
+
+    return visit(model)
+
+
+# -- tiny Mimi and tokenizer --------------------------------------------------------------------
+def tiny_mimi_config(card: int = 32, num_codebooks: int = 8) -> dict[str, Any]:
+    """``get_mimi`` config of a tiny Mimi: moshi's architecture kinds (SEANet with strides
+    8·6·5·4, a causal transformer on each side, split RVQ with 1 semantic codebook, conv
+    resampling 25 -> 12.5 Hz) at 24 kHz / 12.5 Hz (1920 samples per frame), small widths."""
+    seanet = dict(loaders._seanet_kwargs, dimension=32, n_filters=4)
+    quantizer = dict(loaders._quantizer_kwargs, dimension=16, n_q=num_codebooks, bins=card,
+                     input_dimension=32, output_dimension=32)  # fmt: skip
+    transformer = dict(loaders._transformer_kwargs, d_model=32, num_heads=2, num_layers=1,
+                       dim_feedforward=64, input_dimension=32, output_dimensions=[32])  # fmt: skip
+    return dict(loaders._mimi_config, seanet=seanet, quantizer=quantizer, transformer=transformer)
+
+
+@torch.no_grad()
+def build_tiny_mimi(
+    seed: int = 0, card: int = 32, num_codebooks: int = 8, device: torch.device | str = "cpu"
+) -> MimiModel:
+    """A tiny random ``MimiModel`` (float32, eval): ``encode([B, 1, 1920 n]) -> [B, K, n]`` codes
+    in ``[0, card)``. Codebooks are random unit-scale vectors (a fresh Mimi has all-zero ones).
+    The global RNG is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mimi = loaders.get_mimi(None, tiny_mimi_config(card, num_codebooks), device="cpu",
+                                num_codebooks=num_codebooks)  # fmt: skip
+        for module in mimi.modules():
+            if hasattr(module, "embedding_sum") and hasattr(module, "_initialized"):
+                module.embedding_sum.copy_(torch.randn_like(module.embedding_sum))
+                module.cluster_usage.fill_(1.0)
+                module._initialized.fill_(1.0)
+                module._embedding = None
+    return mimi.to(device).eval()
+
+
+_TINY_WORDS = str.split(
+    "alpha bravo charlie delta echo foxtrot golf hotel india juliett kilo lima mike november "
+    "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu one two three "
+    "four five six seven eight nine zero hello world moshi speech memory test time training "
+    "layer stream"
+)
+
+
+def build_tiny_tokenizer(vocab_size: int = 64, seed: int = 0) -> Any:
+    """A ``sentencepiece.SentencePieceProcessor`` of exactly ``vocab_size`` pieces, trained in
+    memory (about 30 ms) on random sentences of a fixed word list. Ids 0-3 are
+    ``<unk> <s> </s> <pad>`` like Moshi's tokenizer (3 = text PAD)."""
+    import sentencepiece
+
+    rng = random.Random(seed)
+    sentences = [" ".join(rng.choice(_TINY_WORDS) for _ in range(8)) for _ in range(200)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        minloglevel=2,
+    )
+    return sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+# -- small file helpers -------------------------------------------------------------------------
+def require_file(path: Path, what: str) -> Path:
+    """``path`` if it is a file, else ``FileNotFoundError`` naming it and what it should be."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return Path(path)
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; a missing file or bad JSON is an error naming the file."""
+    require_file(path, "JSON file")
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
