@@ -132,6 +132,8 @@ def load_base_lm(
     else:
         info = checkpoint_info(source)
         if info.raw_config and MERGED_KEY in info.raw_config:
+            from .adapter import load_merged  # adapter imports this module
+
             return load_merged(source, device=device, dtype=dtype, lora=lora)
         lm = info.get_moshi(device=device, dtype=dtype, fuse_lora=True)
         source = str(Path(source).resolve()) if Path(source).is_dir() else str(source)
@@ -139,18 +141,6 @@ def load_base_lm(
     if lora:
         apply_lora(lm, **lora)
     return lm.eval(), info
-
-
-def load_merged(
-    directory: str | Path,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.bfloat16,
-    lora: dict[str, Any] | None = None,
-) -> tuple[LMModel, loaders.CheckpointInfo]:
-    """Load a directory written by ``moshi_ttt.export_merged``: the LM with its TTT layers."""
-    from .adapter import load_merged as _load_merged
-
-    return _load_merged(directory, device=device, dtype=dtype, lora=lora)
 
 
 def load_codec(
