@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from moshi.models.lm import LMGen, LMModel
-from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
 from moshi.utils.compile import no_compile
 
 from moshi_ttt.integration import (
@@ -29,6 +28,7 @@ from moshi_ttt.integration import (
 )
 from moshi_ttt.integration.hybrid import AdoptingLayer
 from moshi_ttt.integration.inplace import inplace_correction
+from moshi_ttt.integration.streaming import widen_kv_caches
 
 CONTEXT = 12  # the tiny model's attention context, in frames
 T_LONG = 31  # > CONTEXT, not a multiple of the TTT mini-batch (4) nor of the chunk (6)
@@ -64,19 +64,6 @@ def random_codes(lm: LMModel, B: int, T: int, seed: int = 0) -> torch.Tensor:
     codes = torch.randint(0, lm.card, (B, lm.num_codebooks, T), generator=g)
     codes[:, 0] = torch.randint(0, lm.text_card, (B, T), generator=g)
     return codes
-
-
-def widen_kv_caches(model: torch.nn.Module, batch_size: int, chunk: int) -> None:
-    """moshi's ring KV cache holds ``context`` frames, so a chunk of T > 1 frames overwrites
-    T - 1 keys its first queries still need. Give the streaming caches ``chunk - 1`` more slots
-    (the mask still uses the context) so chunked streaming is comparable to the parallel pass."""
-    for m in model.modules():
-        if isinstance(m, StreamingMultiheadAttention) and m._streaming_state is not None:
-            head_dim = m.embed_dim // m.num_heads
-            m._streaming_state.kv_cache = RingKVCache(
-                batch_size, m.num_heads // m.kv_repeat, head_dim, m.context + chunk - 1,
-                device=torch.device("cpu"), dtype=torch.float32,
-            )  # fmt: skip
 
 
 def stream(module, x: torch.Tensor, step: int, fn=None, time_dim: int = 1) -> torch.Tensor:

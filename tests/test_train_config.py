@@ -45,7 +45,8 @@ def test_yaml_load_and_resolved_round_trip(tmp_path):
     cfg = TrainConfig.load(path)
     assert cfg.lr == 1e-4 and isinstance(cfg.lr, float)
     assert cfg.duration_sec == 20.0 and isinstance(cfg.duration_sec, float)
-    assert cfg.frames_per_window == 250
+    assert cfg.frames_per_window == 256  # 250 rounded up to 8-frame TTT mini-batches (carry)
+    assert _cfg(duration_sec=20).frames_per_window == 250  # no carry: ceil(12.5 * 20)
     assert cfg.effective_ttt_lr == 3e-4 and cfg.effective_lora_lr == 1e-4
     assert isinstance(cfg.ttt, TTTConfig) and cfg.ttt.kind == "linear" and cfg.ttt.layers == "10,20"
     assert cfg.data.train == ["a.jsonl", "shards/b"] and cfg.data.eval == ["c.jsonl"]
@@ -76,7 +77,11 @@ def test_overrides(tmp_path):
     assert cfg.lr == 2e-5 and cfg.optim.weight_decay == 0.0 and cfg.ttt.layers == [1, 2]
     assert cfg.data.train == ["x.jsonl"] and cfg.lora.enable is False and cfg.ttt_lr is None
     assert cfg.model.tiny_overrides == {"num_layers": 2}
-    assert TrainConfig.load(path, ["ttt=null"]).ttt is None  # LoRA only
+    assert TrainConfig.load(path, ["ttt=null", "data.state_carry=none"]).ttt is None  # LoRA only
+    with pytest.raises(ValueError, match="state_carry: detached needs TTT layers"):
+        TrainConfig.load(path, ["ttt=null"])
+    with pytest.raises(ValueError, match="In-Place TTT"):
+        TrainConfig.load(path, ["ttt.kind=inplace"])
     # a section that was null gets created
     assert apply_overrides({"ttt": None}, ["ttt.kind=mlp"]) == {"ttt": {"kind": "mlp"}}
     original = {"optim": {"eps": 1.0}}

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import sphn
 import torch
 
 from moshi_ttt.train.data import (
@@ -32,6 +31,7 @@ from moshi_ttt.train.data import (
     read_index,
     tokenize_index,
 )
+from moshi_ttt.train.toy_data import WORDS, write_alignments, write_stereo, write_toy_dataset
 
 P, E = 3, 0  # text PAD, EPAD
 MAIN, OTHER = "SPEAKER_MAIN", "SPEAKER_OTHER"
@@ -45,59 +45,15 @@ class DictTokenizer:
         return list(self.table[text])
 
 
-# -- helpers --------------------------------------------------------------------------------
-def write_stereo(path: Path, seconds: float, seed: int, sr: int = SAMPLE_RATE) -> np.ndarray:
-    """Left: a sine whose loudness changes over time; right: noise. Written as 16-bit wav."""
-    n = int(round(seconds * sr))
-    rng = np.random.default_rng(seed)
-    t = np.arange(n) / sr
-    left = 0.4 * np.sin(2 * np.pi * (110 + 40 * seed) * t) * (0.5 + 0.5 * np.sin(2 * np.pi * t))
-    right = 0.2 * rng.standard_normal(n)
-    data = np.stack([left, right]).astype(np.float32)
-    sphn.write_wav(str(path), data, sr)
-    return data
-
-
-def write_alignments(path: Path, words: list) -> None:
-    path.with_suffix(".json").write_text(json.dumps({"alignments": words}))
-
-
-WORDS = [
-    ["hello", [0.1, 0.4], MAIN],
-    ["there", [0.3, 0.6], OTHER],
-    ["general", [0.7, 1.2], MAIN],
-    ["kenobi", [1.5, 2.0], MAIN],
-]
-
-
+# -- helpers ----------------------------------------------------------------------------------
 def make_dataset(root: Path, durations: list[float], bad: dict[str, str] | None = None) -> Path:
-    """``root/index.jsonl`` with good stereo files of the given durations (+ bad ones by kind)."""
-    lines = []
-    for i, d in enumerate(durations):
-        wav = root / f"good_{i}.wav"
-        write_stereo(wav, d, seed=i)
-        write_alignments(wav, WORDS)
-        lines.append({"path": wav.name, "duration": d})
-    for name, kind in (bad or {}).items():
-        wav = root / f"{name}.wav"
-        if kind == "corrupt":
-            wav.write_bytes(b"RIFF\x00\x01garbage" * 50)
-        elif kind == "empty":
-            wav.write_bytes(b"")
-        elif kind == "mono":
-            sphn.write_wav(str(wav), np.zeros((1, SAMPLE_RATE * 2), np.float32), SAMPLE_RATE)
-        elif kind == "short":
-            write_stereo(wav, 0.5, seed=9)
-        elif kind == "bad_json":
-            write_stereo(wav, 2.0, seed=9)
-            wav.with_suffix(".json").write_text('{"alignments": [["w", 0.1, "x"]]}')
-        elif kind == "no_json":
-            write_stereo(wav, 2.0, seed=9)
-        if kind not in ("corrupt", "empty", "mono", "missing", "no_json", "bad_json"):
+    """``root/index.jsonl`` with good stereo files of the given durations (+ bad ones by kind);
+    every good file has the hand-made ``WORDS`` alignments."""
+    index = write_toy_dataset(root, durations, bad)
+    for line in index.read_text().splitlines():
+        wav = root / json.loads(line)["path"]
+        if wav.name.startswith("good_"):
             write_alignments(wav, WORDS)
-        lines.append({"path": wav.name, "duration": 2.0})
-    index = root / "index.jsonl"
-    index.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return index
 
 

@@ -9,7 +9,10 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from .cli_eval import add_eval_parser
 from .cli_generate import add_generate_parser
+from .cli_train import add_train_parsers
+from .errors import TrainingStopped
 
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 
@@ -33,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     add_generate_parser(sub)
+    add_eval_parser(sub)
+    add_train_parsers(sub)
     return parser
 
 
@@ -46,6 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"moshi-ttt {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        if args.debug:
+            raise
+        print(f"moshi-ttt {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -87,11 +87,18 @@ def _ttt_record(lm: torch.nn.Module) -> tuple[dict[str, Any] | None, list[int] |
 
 
 # -- save -------------------------------------------------------------------------------------
-def save_adapter(lm: LMModel, out_dir: str | Path, base: str | None = None) -> Path:
+def save_adapter(
+    lm: LMModel,
+    out_dir: str | Path,
+    base: str | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write ``adapter.safetensors`` + ``adapter.json`` into ``out_dir``; returns the directory.
 
     ``base``: the base model id/path/``"tiny:SEED"`` (default: ``lm.moshi_ttt_base``, set by
-    ``load_base_lm``). Tensors keep their dtype; the JSON is written last.
+    ``load_base_lm``). ``tensors``: the adapter's whole tensors by name when the model's own
+    are sharded (FSDP); default: read from the model. Tensors keep their dtype; the JSON is
+    written last.
     """
     base = base if base is not None else getattr(lm, "moshi_ttt_base", None)
     if not base:
@@ -102,7 +109,12 @@ def save_adapter(lm: LMModel, out_dir: str | Path, base: str | None = None) -> P
         raise ValueError("nothing to save: the model has neither TTT layers nor LoRA adapters")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: p.detach().to("cpu").contiguous() for k, p in sorted(params.items())}
+    if tensors is None:
+        tensors = {k: p.detach().to("cpu").contiguous() for k, p in sorted(params.items())}
+    elif sorted(tensors) != sorted(params):
+        raise ValueError(f"save_adapter: tensors {sorted(tensors)[:3]}... are not the adapter's")
+    else:
+        tensors = {k: tensors[k].detach().to("cpu").contiguous() for k in sorted(tensors)}
     weights = out / WEIGHTS_NAME
     save_file(tensors, str(weights), metadata={"format": "pt", "moshi_ttt": FORMAT})
     meta = {

@@ -96,6 +96,7 @@ class GatedTTT(nn.Module):
         )
         self.gate_init = float(gate_init)
         self.gate_override: float | None = None
+        self.carry = None  # a ``StateCarry`` while training with carried state (carry.py)
 
     def reset_parameters(self) -> None:
         """Identity norm, fresh TTT weights, ``alpha = gate_init``."""
@@ -109,7 +110,12 @@ class GatedTTT(nn.Module):
         return torch.tanh(self.alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.layer(self.norm(x))
+        if self.carry is None:
+            y = self.layer(self.norm(x))
+        else:  # training with the fast weights carried from the previous window
+            state = self.carry.state_for(self, x.shape[0])
+            y, new_state = self.layer(self.norm(x), state=state, return_state=True)
+            self.carry.store(self, new_state)
         return self.gate().to(y.dtype) * y
 
 

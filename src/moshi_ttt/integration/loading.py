@@ -235,19 +235,61 @@ def build_tiny_mimi(
     seed: int = 0, card: int = 32, num_codebooks: int = 8, device: torch.device | str = "cpu"
 ) -> MimiModel:
     """A tiny random ``MimiModel`` (float32, eval): ``encode([B, 1, 1920 n]) -> [B, K, n]`` codes
-    in ``[0, card)``. Codebooks are random unit-scale vectors (a fresh Mimi has all-zero ones).
+    in ``[0, card)``. A fresh Mimi has all-zero codebooks; here each codebook, in order, is set
+    to ``card`` of the vectors it receives on seeded calibration audio (sines and noise at
+    several loudnesses), so codes depend on the input as with a trained Mimi.
     The global RNG is left untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         mimi = loaders.get_mimi(None, tiny_mimi_config(card, num_codebooks), device="cpu",
                                 num_codebooks=num_codebooks)  # fmt: skip
-        for module in mimi.modules():
-            if hasattr(module, "embedding_sum") and hasattr(module, "_initialized"):
-                module.embedding_sum.copy_(torch.randn_like(module.embedding_sum))
-                module.cluster_usage.fill_(1.0)
-                module._initialized.fill_(1.0)
-                module._embedding = None
+        mimi.eval()
+        audio = _calibration_audio(seed)
+        codebooks = [m for m in mimi.modules() if hasattr(m, "embedding_sum")]
+        for codebook in codebooks:
+            seen: list[torch.Tensor] = []
+            original = codebook.encode
+
+            def capture(x: torch.Tensor, _orig=original, _seen=seen) -> torch.Tensor:
+                _seen.append(x.reshape(-1, x.shape[-1]))
+                return _orig(x)
+
+            codebook.encode = capture  # instance attribute, removed below
+            try:
+                _fill_codebook(codebook, torch.zeros(1, codebook.embedding_sum.shape[1]))
+                mimi.encode(audio)
+            finally:
+                del codebook.encode
+            samples = torch.cat(seen)
+            pick = torch.randperm(samples.shape[0])[:card]
+            vectors = samples[pick]
+            if vectors.shape[0] < card:  # short calibration: jitter copies
+                extra = vectors[torch.randint(0, vectors.shape[0], (card - vectors.shape[0],))]
+                vectors = torch.cat([vectors, extra + 0.01 * torch.randn_like(extra)])
+            _fill_codebook(codebook, vectors)
     return mimi.to(device).eval()
+
+
+def _fill_codebook(codebook: nn.Module, vectors: torch.Tensor) -> None:
+    """Set a moshi ``EuclideanCodebook``'s centroids (broadcast to its size) and mark it ready."""
+    codebook.embedding_sum.copy_(vectors.expand_as(codebook.embedding_sum))
+    codebook.cluster_usage.fill_(1.0)
+    codebook._initialized.fill_(1.0)
+    codebook._embedding = None
+
+
+def _calibration_audio(seed: int, seconds: float = 6.0) -> torch.Tensor:
+    """``[4, 1, S]`` 24 kHz: sines of several pitches and loudnesses, and noise."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(seconds * 24000)
+    t = torch.arange(n) / 24000
+    rows = []
+    for k in range(4):
+        f = 80 + 400 * torch.rand((), generator=g)
+        env = 0.5 + 0.5 * torch.sin(2 * torch.pi * (0.2 + k * 0.3) * t)
+        tone = 0.05 * (k + 1) * env * torch.sin(2 * torch.pi * f * t)
+        rows.append(tone + 0.02 * k * torch.randn(n, generator=g))
+    return torch.stack(rows)[:, None]
 
 
 _TINY_WORDS = str.split(

@@ -68,6 +68,8 @@ class ModelConfig:
             Trainable parameters and optimizer state are always float32.
         gradient_checkpointing: activation checkpointing of every transformer layer.
         train_embeddings: also train the text and audio embeddings (moshi-finetune's ft_embed).
+        train_base: train every base weight too (for small models trained from scratch, as in
+            the demo); the base is then float32 like every trainable parameter.
     """
 
     source: Literal["tiny", "hf", "local"] = "tiny"
@@ -81,6 +83,7 @@ class ModelConfig:
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     gradient_checkpointing: bool = True
     train_embeddings: bool = False
+    train_base: bool = False
 
 
 @dataclass
@@ -215,19 +218,37 @@ class TrainConfig:
             raise ValueError("data.train: expected at least one JSONL index or shards directory")
         if self.eval_every > 0 and not self.data.eval:
             raise ValueError("eval_every: evaluation needs data.eval (an index); got no index")
-        if self.ttt is None and not self.lora.enable and not self.model.train_embeddings:
+        m = self.model
+        if self.ttt is None and not self.lora.enable and not (m.train_embeddings or m.train_base):
             raise ValueError(
                 "ttt: null with lora.enable false and no train_embeddings: nothing to train"
             )
+        if self.data.state_carry == "detached":
+            self._check_state_carry()
         b1, b2 = self.optim.betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
             raise ValueError(f"optim.betas: expected two numbers in [0, 1), got {[b1, b2]}")
 
+    def _check_state_carry(self) -> None:
+        if self.ttt is None:
+            raise ValueError("data.state_carry: detached needs TTT layers (ttt is null)")
+        if self.ttt.kind == "inplace":
+            raise ValueError(
+                "data.state_carry: detached is for kinds linear/mlp; In-Place TTT (kind inplace) "
+                "keeps no state across windows in training: use state_carry: none"
+            )
+
     # -- derived values ---------------------------------------------------------------------
     @property
     def frames_per_window(self) -> int:
-        """Frames per window: ``ceil(12.5 * duration_sec)`` (as moshi-finetune)."""
-        return frames_for_duration(self.duration_sec)
+        """Frames per window: ``ceil(12.5 * duration_sec)`` (as moshi-finetune); with
+        ``state_carry: detached``, rounded up to a multiple of ``ttt.mini_batch_size`` so that
+        every window ends on a TTT mini-batch boundary (the carried state is then committed)."""
+        frames = frames_for_duration(self.duration_sec)
+        if self.data.state_carry == "detached" and self.ttt is not None:
+            n = self.ttt.mini_batch_size
+            frames = -(-frames // n) * n
+        return frames
 
     @property
     def warmup_steps(self) -> int:

@@ -1,0 +1,86 @@
+"""``moshi-ttt train`` and ``moshi-ttt tokenize``: thin shells over ``moshi_ttt.train``.
+
+moshi-ttt train configs/tiny.yaml --set max_steps=20 --set lr=3e-4
+torchrun --nproc-per-node 8 -m moshi_ttt.cli train configs/moshi7b_dailytalk.yaml
+moshi-ttt train configs/tiny.yaml --resume
+moshi-ttt tokenize data/train.jsonl data/shards --base kyutai/moshiko-pytorch-bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_train_parsers(subparsers: Any) -> None:
+    """Register ``train`` and ``tokenize`` on an ``add_subparsers()`` object."""
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune Moshi with TTT layers (alone or under torchrun)",
+        description="Train as CONFIG says (YAML, validated before any work). Writes RUN_DIR/"
+        "config.yaml, metrics.jsonl, train.log, tensorboard/ and checkpoints/step_XXXXXX/.",
+    )
+    p.add_argument("config", metavar="CONFIG.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set lr=3e-5")  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_train)
+
+    t = subparsers.add_parser(
+        "tokenize",
+        help="encode a JSONL index once into shards of codes [17, T]",
+        description="Mimi + the text tokenizer of the model, once per file: OUT_DIR/"
+        "NNNNNN.safetensors and OUT_DIR/shards.json. Bad files are skipped and listed.",
+    )
+    t.add_argument("index", metavar="INDEX.jsonl")
+    t.add_argument("out_dir", metavar="OUT_DIR")
+    model = t.add_mutually_exclusive_group(required=True)
+    model.add_argument(
+        "--base", metavar="REPO_OR_DIR", help="the model whose Mimi/tokenizer to use"
+    )
+    model.add_argument("--tiny", action="store_true", help="the tiny model's Mimi and tokenizer")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    t.add_argument("--main-speaker", default="SPEAKER_MAIN", help="alignment label of Moshi")
+    t.add_argument("--no-alignments-ok", action="store_true",
+                   help="use files without .json alignments (text stream -1)")  # fmt: skip
+    t.add_argument("--max-bad-fraction", type=float, default=None,
+                   help="fail (after writing) if more than this fraction is bad")  # fmt: skip
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=run_tokenize)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from .train.config import TrainConfig
+    from .train.trainer import train
+
+    cfg = TrainConfig.load(args.config, args.overrides)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress, device=args.device)
+    if result.final_metrics and result.is_main:
+        m = result.final_metrics
+        print(f"done: {result.steps} steps, loss {m['loss']:.4f} (text {m['text_loss']:.4f}, "
+              f"audio {m['audio_loss']:.4f}); checkpoint {result.last_checkpoint}")  # fmt: skip
+
+
+def run_tokenize(args: argparse.Namespace) -> None:
+    from .cli_common import resolve_device
+    from .integration.loading import checkpoint_info, load_codec
+    from .integration.tiny import build_tiny_lm
+    from .train.data import tokenize_index
+
+    device = resolve_device(args.device)
+    if args.tiny:  # the tiny LM is only needed for its sizes
+        lm = build_tiny_lm(0)
+        lm.moshi_ttt_base = "tiny:0"
+        mimi, tokenizer = load_codec(lm, None, device=device)
+    else:  # only Mimi and the tokenizer: the 7B weights are not read
+        info = checkpoint_info(args.base)
+        mimi, tokenizer = info.get_mimi(device=device), info.get_text_tokenizer()
+    stats = tokenize_index(
+        args.index, args.out_dir, mimi, tokenizer,
+        max_bad_fraction=args.max_bad_fraction, progress=not args.no_progress,
+        require_alignments=not args.no_alignments_ok, main_speaker=args.main_speaker,
+        device=device,
+    )  # fmt: skip
+    print(f"wrote {stats.num_seen - stats.num_bad} shards to {args.out_dir}; {stats.summary()}")

@@ -1,0 +1,409 @@
+"""``moshi-ttt eval sblimp | swuggy | storycloze``: pairwise likelihood benchmarks.
+
+    moshi-ttt eval swuggy DATA/lexical --split dev --adapter runs/x/adapter --out eval/swuggy
+    moshi-ttt eval sblimp DATA --base kyutai/moshiko-pytorch-bf16 --out eval/sblimp
+    moshi-ttt eval storycloze DATA/sSC --tiny --out /tmp/sc --max-items 20
+
+Each writes ``OUT/report.md``, ``OUT/report.json`` (``accuracy``: the headline), per-file
+``OUT/scores.csv`` and the plots. ``add_pair_parsers(eval_subparsers)`` registers the three
+commands on ``moshi-ttt eval``; ``evaluate_pairs`` is the library entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .likelihood import (
+    FILLS,
+    REDUCTIONS,
+    STREAMS,
+    TEXT_FILLS,
+    Score,
+    ScoringConfig,
+    codebooks_label,
+    parse_codebooks,
+    score_audio,
+    stream_size,
+)
+from .pairs import (
+    PairSet,
+    pair_accuracy,
+    read_storycloze,
+    read_zerospeech_lexical,
+    read_zerospeech_syntactic,
+)
+from .report import Report
+
+TITLES = {
+    "swuggy": "sWUGGY (ZeroSpeech 2021 lexical)",
+    "sblimp": "sBLIMP (ZeroSpeech 2021 syntactic)",
+    "storycloze": "Spoken StoryCloze (sSC / tSC)",
+}
+# Published accuracies (%) from ../shared/reference/evaluation.md; protocols differ (see there).
+THIRD_PARTY = "Moshi stream, -1 elsewhere, ×100-weighted mean"
+PUBLISHED: dict[str, list[tuple[str, str, str]]] = {
+    "swuggy": [
+        ("Moshi, audio-only cold start (2410.00037 T7)", "74.8", "protocol not public"),
+        ("Moshi public, 3rd-party run (n = 2000)", "63.35", THIRD_PARTY),
+        ("TWIST-13B", "74.5 (in-vocab 84.1)", "all vs in-vocab"),
+        ("SpiritLM base 7B", "69.0 / 71.4", "mean / sum"),
+        ("GSLM", "64.8", "mean"),
+    ],
+    "sblimp": [
+        ("Moshi text+audio (2410.00037 T7)", "58.8", "protocol not public"),
+        ("Moshi public, 3rd-party run (n = 1000)", "54.5", THIRD_PARTY),
+        ("TWIST-7B / 13B", "59.0 / 59.2", ""),
+        ("SpiritLM base 7B", "58.3 / 63.2", "mean / sum"),
+        ("GSLM", "54.2", "mean"),
+    ],
+    "storycloze": [
+        ("Moshi text+audio (2410.00037 T7)", "sSC 60.8, tSC 83.0", "protocol not public"),
+        ("Moshi public, 3rd-party run (n = 1871)", "sSC 60.93, tSC 80.06", THIRD_PARTY),
+        ("TWIST-7B", "sSC 55.3, tSC 74.1", ""),
+        ("SpiritLM base 7B", "sSC 61.0 / 56.2, tSC 82.9 / 69.2", "mean / sum"),
+        ("GSLM", "sSC 53.3, tSC 66.6", "mean"),
+    ],
+}
+GROUPING = {
+    "swuggy": "word / non-word pairs joined on (voice, id); the voices of an id are averaged, "
+    "then the ids (official `by_pair`); in-vocab = ids whose word has LibriSpeech frequency "
+    ">= 1 (the official count-weighted mean over bands without oov)",
+    "sblimp": "pairs joined on (voice, type, subtype, id); the voices are averaged per "
+    "(type, subtype, id), then those (official `by_pair`); per type the same over its groups",
+    "storycloze": "one pair per story (`<n>_<uuid>_correct` vs `_incorrect`, whole story: "
+    "prompt + ending); each sub-directory (e.g. sSC, tSC) is a subset",
+}
+
+
+def _readers(args: argparse.Namespace) -> dict[str, Callable[[], PairSet]]:
+    return {
+        "swuggy": lambda: read_zerospeech_lexical(args.data, args.split),
+        "sblimp": lambda: read_zerospeech_syntactic(args.data, args.split),
+        "storycloze": lambda: read_storycloze(args.data),
+    }
+
+
+def add_pair_parsers(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
+    """Register ``sblimp``, ``swuggy`` and ``storycloze`` on an ``add_subparsers()`` object."""
+    from ..cli_common import add_model_args
+
+    helps = {
+        "sblimp": ("sBLIMP: grammatical vs ungrammatical sentences", "syntactic"),
+        "swuggy": ("sWUGGY: words vs non-words", "lexical"),
+        "storycloze": ("spoken StoryCloze: true vs false story endings", None),
+    }
+    parsers = {}
+    for name, (text, part) in helps.items():
+        p = subparsers.add_parser(
+            name,
+            help=text,
+            description=f"{TITLES[name]}: pairwise accuracy of Moshi's audio log-likelihood "
+            "(ties count 0.5). Writes OUT/report.md, report.json, scores.csv and plots.",
+        )
+        where = (
+            f"ZeroSpeech 2021 root, {part}/ or {part}/SPLIT/ (with gold.csv)"
+            if part
+            else "directory of <n>_<uuid>_correct.wav / _incorrect.wav (any depth)"
+        )
+        p.add_argument("data", help=where)
+        p.add_argument("--out", required=True, metavar="DIR", help="report directory")
+        add_model_args(p)
+        if part:
+            p.add_argument("--split", choices=["dev", "test"], default="dev", help="default dev")
+        p.add_argument(
+            "--codebooks",
+            default="0",
+            help="codebooks scored: 0 (semantic, default), 0-7, all, 0,1,2",
+        )
+        p.add_argument(
+            "--reduction",
+            choices=REDUCTIONS,
+            default="mean",
+            help="headline: mean per token or sum (both are reported)",
+        )
+        p.add_argument(
+            "--stream",
+            choices=STREAMS,
+            default="moshi",
+            help="stream carrying the audio (user: needs dep_q = 16)",
+        )
+        p.add_argument(
+            "--other-stream",
+            choices=FILLS,
+            default="zero",
+            help="other audio stream: zero (-1) or Mimi-encoded silence",
+        )
+        p.add_argument(
+            "--text",
+            choices=TEXT_FILLS,
+            default="zero",
+            help="text stream: zero (-1) or pad (PAD 3)",
+        )
+        p.add_argument("--batch-size", type=int, default=16, help="files per forward")
+        p.add_argument(
+            "--max-items",
+            type=int,
+            metavar="N",
+            help="quick run: ~N pairs (whole groups drawn at random, seed 0)",
+        )
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.set_defaults(func=run_pairs, benchmark=name)
+        parsers[name] = p
+    return parsers
+
+
+def run_pairs(args: argparse.Namespace) -> dict[str, Any]:
+    """CLI body: read the pairs (user errors first), load the model, score, write the report."""
+    from ..cli_common import describe_model, load_model_from_args
+    from ..integration.loading import load_codec
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.max_items is not None and args.max_items < 1:
+        raise ValueError(f"--max-items must be positive, got {args.max_items}")
+    parse_codebooks(args.codebooks, 64)  # syntax, before loading a large model
+    pairs = _readers(args)[args.benchmark]().sample(args.max_items)
+    if not pairs.pairs:
+        raise ValueError(f"{pairs.source}: no complete pair ({len(pairs.problems)} unpaired)")
+    lm, info, device, dtype = load_model_from_args(args)
+    mimi, _ = load_codec(lm, info, device=device)
+    config = ScoringConfig(
+        stream=args.stream,
+        other_stream=args.other_stream,
+        text=args.text,
+        codebooks=parse_codebooks(args.codebooks, stream_size(lm)),
+    )
+    model = describe_model(lm, device, dtype)
+    print(model)
+    data = evaluate_pairs(
+        pairs,
+        lm,
+        mimi,
+        args.out,
+        config,
+        args.reduction,
+        args.batch_size,
+        progress=not args.no_progress,
+        model=model,
+    )
+    print(
+        f"{args.benchmark}: accuracy {100 * data['accuracy']:.2f} % ({args.reduction}) over "
+        f"{data['n_pairs']} pairs; {data['n_bad_files']} bad files; wrote {args.out}/report.md"
+    )
+    return data
+
+
+def evaluate_pairs(
+    pairs: PairSet,
+    lm: Any,
+    mimi: Any,
+    out_dir: str | Path,
+    config: ScoringConfig | None = None,
+    reduction: str = "mean",
+    batch_size: int = 16,
+    progress: bool = True,
+    model: str = "",
+) -> dict[str, Any]:
+    """Score every file of ``pairs``, write the report to ``out_dir``, return its JSON data:
+    ``accuracy`` (subset "all", ``reduction``), ``subsets`` (per subset: accuracy_mean,
+    accuracy_sum, n_pairs, n_groups), ``alternatives`` (other codebook choices), bad files."""
+    config = config or ScoringConfig()
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    start = time.perf_counter()
+    scores, bad = score_audio(lm, mimi, pairs.paths(), config, batch_size, progress)
+    wall = time.perf_counter() - start
+    acc = {
+        r: pair_accuracy(pairs.pairs, scores, r, config.codebooks, pairs.subsets)
+        for r in REDUCTIONS
+    }
+    subsets = {
+        name: {
+            "accuracy": acc[reduction]["subsets"][name]["accuracy"],
+            "accuracy_mean": row["accuracy"],
+            "accuracy_sum": acc["sum"]["subsets"][name]["accuracy"],
+            "n_pairs": row["n_pairs"],
+            "n_groups": row["n_groups"],
+        }
+        for name, row in acc["mean"]["subsets"].items()
+    }
+    alternatives = {}
+    size = stream_size(lm)
+    for cbs in ((0,), tuple(range(size))):
+        label = f"codebooks {codebooks_label(cbs)}"
+        alternatives[label] = {
+            r: pair_accuracy(pairs.pairs, scores, r, cbs)["subsets"]["all"]["accuracy"]
+            for r in REDUCTIONS
+        }
+    report = Report(TITLES[pairs.name], out_dir)
+    head = subsets["all"]
+    report.data.update(
+        benchmark=pairs.name,
+        accuracy=head["accuracy"],
+        reduction=reduction,
+        n_pairs=head["n_pairs"],
+        n_groups=head["n_groups"],
+        n_ties={r: sum(v == 0.5 for v in acc[r]["outcomes"].values()) for r in REDUCTIONS},
+        accuracy_by_reduction={r: head[f"accuracy_{r}"] for r in REDUCTIONS},
+        subsets=subsets,
+        alternatives=alternatives,
+        protocol={
+            **config.to_dict(),
+            "reduction": reduction,
+            "ties": 0.5,
+            "sample_rate": int(mimi.sample_rate),
+            "grouping": GROUPING[pairs.name],
+        },
+        data=str(pairs.source),
+        model=model,
+        n_files=len(pairs.paths()),
+        n_bad_files=len(bad),
+        bad_files=bad,
+        dropped_pairs=acc["mean"]["dropped_pairs"],
+        unpaired=pairs.problems,
+        wall_s=wall,
+    )
+    _write_text(report, pairs, config, reduction, subsets, alternatives, bad, model)
+    _plots(report, subsets, acc[reduction]["margins"], reduction)
+    _write_scores(Path(out_dir) / "scores.csv", scores, config)
+    report.write()
+    return report.data
+
+
+def _pct(x: float) -> str:
+    return "-" if not math.isfinite(x) else f"{100 * x:.2f}"
+
+
+def _write_text(
+    report: Report,
+    pairs: PairSet,
+    config: ScoringConfig,
+    reduction: str,
+    subsets: dict[str, dict[str, Any]],
+    alternatives: dict[str, dict[str, float]],
+    bad: dict[str, str],
+    model: str,
+) -> None:
+    d = report.data
+    report.add_text(
+        f"**Accuracy: {_pct(d['accuracy'])} %** (token {reduction}, chance 50 %) over "
+        f"{d['n_pairs']} pairs in {d['n_groups']} groups; tied pairs (count 0.5): "
+        f"{d['n_ties'][reduction]}.\n\n"
+        f"- data: `{pairs.source}`\n- {model or 'model: ?'}\n"
+        f"- files: {d['n_files']} ({len(bad)} bad); pairs dropped for a bad file: "
+        f"{d['dropped_pairs']}; unpaired entries: {len(pairs.problems)}; "
+        f"scoring took {d['wall_s']:.1f} s"
+    )
+    report.add_text("## Accuracy (%)")
+    rows = [
+        [name, _pct(s["accuracy_mean"]), _pct(s["accuracy_sum"]), s["n_pairs"], s["n_groups"]]
+        for name, s in subsets.items()
+    ]
+    report.add_table(["subset", "mean", "sum", "n pairs", "n groups"], rows)
+    report.add_text(
+        "Other codebook choices, same forward pass (subset all, %): "
+        + "; ".join(
+            f"{k}: mean {_pct(v['mean'])}, sum {_pct(v['sum'])}" for k, v in alternatives.items()
+        )
+    )
+    report.add_text(_protocol_text(pairs, config, reduction))
+    report.add_text(
+        "## Published numbers (%)\n\nComparable only under the same protocol: "
+        "published Moshi numbers range from 45 to 83 with the protocol "
+        "(`../shared/reference/evaluation.md`)."
+    )
+    report.add_table(["model", "accuracy", "protocol"], [list(r) for r in PUBLISHED[pairs.name]])
+    if bad or pairs.problems:
+        lines = [f"- `{p}`: {why}" for p, why in list(bad.items())[:100]]
+        more = f"\n- ... {len(bad) - 100} more in report.json" if len(bad) > 100 else ""
+        report.add_text(f"## Bad files ({len(bad)})\n\n" + "\n".join(lines) + more)
+        if pairs.problems:
+            shown = "\n".join(f"- {p}" for p in pairs.problems[:100])
+            report.add_text(f"## Unpaired entries ({len(pairs.problems)})\n\n{shown}")
+
+
+def _protocol_text(pairs: PairSet, config: ScoringConfig, reduction: str) -> str:
+    audio_rows = "9-16 (user)" if config.stream == "user" else "1-8 (Moshi)"
+    other = "-1 (zero embedding)" if config.other_stream == "zero" else "Mimi codes of silence"
+    text = "-1 (zero embedding)" if config.text == "zero" else "PAD 3 on every frame"
+    cbs = codebooks_label(config.codebooks)
+    return f"""## Protocol
+
+- Audio: mono, resampled to 24 kHz (ZeroSpeech is 16 kHz), Mimi-encoded (12.5 Hz, 8 codebooks
+  per stream); a file shorter than one 80 ms frame, missing or unreadable is dropped with its
+  pairs and listed below.
+- Input codes `[B, 17, T]`: audio on rows {audio_rows}; other stream: {other}; text: {text}.
+  One teacher-forced `LMModel.forward` per batch (right-padded with -1; scores do not depend on
+  the batch); TTT layers start from their initial state for every file.
+- Score: log-likelihood (nats) of the audio tokens of codebook(s) {cbs} (0 = semantic)
+  where `LMOutput.mask` scores them (acoustic codebooks lose their last frame to
+  the 1-frame delay). **mean** = per scored token (headline: {reduction}), **sum** = total.
+  Not the training loss (no ×100 codebook-0 weight).
+- Accuracy: positive more likely = 1, tie = 0.5, else 0; {GROUPING[pairs.name]}."""
+
+
+def _plots(
+    report: Report, subsets: dict[str, dict[str, Any]], margins: dict[str, float], reduction: str
+) -> None:
+    names = list(subsets)
+    fig, ax = report.figure(width=max(5.0, 0.6 * len(names) + 2))
+    xs = range(len(names))
+    for shift, r in ((-0.2, "mean"), (0.2, "sum")):
+        vals = [100 * subsets[n][f"accuracy_{r}"] for n in names]
+        ax.bar([x + shift for x in xs], [v if math.isfinite(v) else 0 for v in vals], 0.4, label=r)
+    ax.axhline(50, color="k", lw=0.8, ls="--", label="chance")
+    ax.set_xticks(
+        list(xs),
+        [f"{n}\n(n={subsets[n]['n_pairs']})" for n in names],
+        rotation=30,
+        ha="right",
+        fontsize=7,
+    )
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    report.add_figure(fig, "accuracy.png", "Pairwise accuracy per subset (token mean and sum)")
+    if margins:
+        fig, ax = report.figure()
+        ax.hist(list(margins.values()), bins=min(50, max(5, len(margins) // 5)))
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_xlabel(f"log-likelihood ({reduction}) of positive - negative (nats)")
+        ax.set_ylabel("pairs")
+        report.add_figure(fig, "margins.png", "Likelihood margin per pair (> 0: correct)")
+
+
+def _write_scores(path: Path, scores: dict[str, Score], config: ScoringConfig) -> None:
+    """One row per scored file: the chosen codebooks' sum / count / mean, then per codebook."""
+    k = len(next(iter(scores.values())).ll) if scores else 0
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "path",
+                "frames",
+                "ll_sum",
+                "n_tokens",
+                "ll_mean",
+                *(f"ll_cb{i}" for i in range(k)),
+                *(f"n_cb{i}" for i in range(k)),
+            ]
+        )
+        for p, s in scores.items():
+            total, n = s.total(config.codebooks)
+            w.writerow(
+                [
+                    p,
+                    s.frames,
+                    f"{total:.6f}",
+                    n,
+                    f"{s.value('mean', config.codebooks):.6f}",
+                    *(f"{v:.6f}" for v in s.ll),
+                    *(int(v) for v in s.n),
+                ]
+            )

@@ -1,0 +1,118 @@
+"""Chunked streaming of Moshi's temporal transformer: helpers shared by evaluation and tests.
+
+In ``with lm.streaming(B):`` every call to ``lm.forward_text`` advances the attention KV caches
+and the TTT states by the frames it is given. Calls of T > 1 frames ("chunks") give the same
+outputs as T calls of one frame if the KV caches can hold ``context + T - 1`` keys: moshi's
+``RingKVCache`` holds exactly ``context``, so a chunk would overwrite keys that its first
+queries still need (``widen_kv_caches``; the attention mask still uses ``context``).
+
+    with chunked_streaming(lm, batch_size=1, chunk=250):
+        for cols in inputs.split(250, dim=-1):       # inputs [B, 17, T]: delayed columns
+            out, text_logits = lm.forward_text(cols)
+
+``delayed_inputs`` gives the columns that ``LMModel.forward`` feeds the temporal transformer;
+``reset_ttt_states`` restarts the TTT memory only (attention caches untouched).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from moshi.models.lm import LMModel
+from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
+from torch import nn
+
+from ..layer import TTTLayer
+from .inplace import InPlaceTTT
+
+TTT_STATE_TYPES = (TTTLayer, InPlaceTTT)  # the streaming modules that hold fast weights
+
+
+def widen_kv_caches(model: nn.Module, batch_size: int, chunk: int) -> int:
+    """Give every streaming self-attention KV cache of ``model`` ``context + chunk - 1`` slots
+    (fresh, empty), so chunks of up to ``chunk`` frames stream exactly like single frames.
+
+    Call right after entering ``model.streaming(batch_size)``, before the first frame. The
+    caches keep the device, dtype and exec-mask behaviour of the ones they replace. Returns the
+    number of caches replaced (attention without a finite context is left alone).
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1 frame, got {chunk}")
+    count = 0
+    for m in model.modules():
+        if not isinstance(m, StreamingMultiheadAttention) or m._streaming_state is None:
+            continue
+        old = m._streaming_state.kv_cache
+        if old is None or m.context is None:
+            continue
+        _, rows, heads, _, head_dim = old.cache.shape
+        if rows != batch_size:
+            raise ValueError(f"streaming batch size is {rows}, not {batch_size}")
+        m._streaming_state.kv_cache = RingKVCache(
+            batch_size,
+            heads,
+            head_dim,
+            m.context + chunk - 1,
+            respect_exec_mask=old.respect_exec_mask,
+            device=old.cache.device,
+            dtype=old.cache.dtype,
+        )
+        count += 1
+    return count
+
+
+@contextmanager
+def chunked_streaming(model: nn.Module, batch_size: int, chunk: int) -> Iterator[nn.Module]:
+    """``model.streaming(batch_size)`` with KV caches widened for chunks of ``chunk`` frames."""
+    with model.streaming(batch_size):
+        if chunk > 1:
+            widen_kv_caches(model, batch_size, chunk)
+        yield model
+
+
+def reset_ttt_states(model: nn.Module, mask: torch.Tensor | None = None) -> int:
+    """Restart the TTT fast weights (``TTTLayer`` and In-Place states) of the sequences in
+    ``mask`` (``[B]`` bool; None: all) while streaming; attention caches and positions go on.
+    Returns the number of states reset (0 without TTT layers or outside streaming)."""
+    count = 0
+    for m in model.modules():
+        state = m._streaming_state if isinstance(m, TTT_STATE_TYPES) else None
+        if state is None:
+            continue
+        rows = state.batch_size
+        state.reset(
+            torch.ones(rows, dtype=torch.bool, device=state.device)
+            if mask is None
+            else mask.to(device=state.device, dtype=torch.bool)
+        )
+        count += 1
+    return count
+
+
+def delay_codes(codes: torch.Tensor, delays: Sequence[int], initial: torch.Tensor) -> torch.Tensor:
+    """Row ``k`` of ``codes [B, K, T]`` shifted right by ``delays[k]``, the first ``delays[k]``
+    frames filled with ``initial[:, k]`` (``[B, K, 1]``): moshi's delay pattern."""
+    T = codes.shape[-1]
+    out = codes.clone()
+    for k, d in enumerate(delays):
+        d = min(int(d), T)
+        if d > 0:
+            out[:, k, d:] = codes[:, k, : T - d]
+            out[:, k, :d] = initial[:, k]
+    return out
+
+
+def delayed_inputs(lm: LMModel, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inputs, delayed)``, both ``[B, 17, T]`` for ``codes [B, 17, T]``.
+
+    ``delayed`` is the codes in moshi's delay pattern (the depformer's tokens and the targets:
+    step ``s`` predicts ``delayed[:, :, s]``); ``inputs`` is what the temporal transformer reads
+    at step ``s``: the initial tokens at ``s = 0``, else ``delayed[:, :, s - 1]``. Exactly the
+    columns of ``LMModel.forward``, so streaming ``inputs`` in chunks reproduces it.
+    """
+    initial = lm._get_initial_token().to(codes.device).expand(codes.shape[0], -1, -1)
+    delayed = delay_codes(codes, lm.delays, initial)
+    inputs = torch.cat([initial, delayed[:, :, :-1]], dim=2)
+    return inputs, delayed

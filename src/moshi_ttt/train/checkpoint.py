@@ -1,0 +1,170 @@
+"""Training checkpoints: everything ``--resume`` needs, in safetensors and JSON, written atomically.
+
+``RUN_DIR/checkpoints/step_000123/``:
+
+- ``trainable.safetensors``: every trainable parameter, whole (gathered from FSDP shards), fp32;
+- ``optimizer.safetensors``: AdamW's ``exp_avg`` / ``exp_avg_sq`` / ``step`` per parameter name;
+- ``rank{r}.safetensors``: rank r's RNG states and its carried TTT states (``state_carry``);
+- ``state.json``: step, learning rates, data position of every rank, bad-step counter, world size;
+- ``adapter.json`` + ``adapter.safetensors`` when only TTT/LoRA parameters train: the directory
+  is then directly usable as ``--adapter`` by ``generate`` and ``eval``.
+
+Rank 0 writes into ``checkpoints/.tmp-step_000123`` and renames it when complete, so a crash
+never leaves a half-written ``step_*``; the ``keep_last`` newest are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..integration.adapter import adapter_parameters, save_adapter
+from .parallel import Dist, barrier, copy_full_, full_tensor
+
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+STATE = "state.json"
+TRAINABLE = "trainable.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:06d}"
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    found = [p for p in found if (p / STATE).is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def _gather(obj: Any, d: Dist) -> list[Any]:
+    """Every rank's ``obj`` (on every rank)."""
+    if not d.distributed:
+        return [obj]
+    out: list[Any] = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    named: list[tuple[str, nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    rank_tensors: dict[str, torch.Tensor],
+    d: Dist,
+    lm: nn.Module,
+    keep_last: int,
+) -> Path:
+    """Write checkpoint ``step`` (a collective: every rank calls it). Returns its directory.
+
+    ``named``: the trainable parameters; ``state``: JSON-able trainer state (rank 0's is
+    written, with every rank's ``data`` entry gathered into a list); ``rank_tensors``: this
+    rank's tensors (RNG, carried TTT state).
+    """
+    root = Path(root)
+    params = {n: full_tensor(p.detach()).float().cpu().contiguous() for n, p in named}
+    optim: dict[str, torch.Tensor] = {}
+    for name, p in named:
+        st = optimizer.state.get(p, {})
+        for key in ADAM_KEYS:
+            if key in st:
+                optim[f"{name}.{key}"] = full_tensor(st[key]).float().cpu().contiguous()
+        if "step" in st:
+            optim[f"{name}.step"] = torch.as_tensor(st["step"]).float().cpu().reshape(1)
+    data_states = _gather(state.get("data"), d)
+    rank_blobs = _gather({k: v.detach().cpu().contiguous() for k, v in rank_tensors.items()}, d)
+    final = step_dir(root, step)
+    if d.is_main:
+        tmp = root / f".tmp-{final.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(params, str(tmp / TRAINABLE))
+        save_file(optim, str(tmp / OPTIMIZER))
+        for r, blob in enumerate(rank_blobs):
+            save_file(blob, str(tmp / f"rank{r}.safetensors"))
+        if set(params) == set(adapter_parameters(lm)):
+            save_adapter(lm, tmp, tensors=params)
+        record = {**state, "step": step, "world_size": d.world_size, "data": data_states}
+        (tmp / STATE).write_text(json.dumps(record, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(
+    path: str | Path,
+    named: list[tuple[str, nn.Parameter]],
+    optimizer: torch.optim.Optimizer | None,
+    d: Dist,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Load parameters (and optimizer state) from checkpoint ``path`` into this rank's shards.
+
+    Returns ``(state.json with this rank's data position as "data", this rank's tensors)``.
+    A missing or extra parameter, or a shape mismatch, is a ``ValueError`` naming it.
+    """
+    path = Path(path)
+    state_file = path / STATE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{path}: not a training checkpoint (no {STATE})")
+    state = json.loads(state_file.read_text())
+    if int(state.get("world_size", 1)) != d.world_size:
+        raise ValueError(
+            f"{path}: written by {state['world_size']} processes, resumed with "
+            f"{d.world_size}; the data position is per process: resume with the same count"
+        )
+    params = load_file(str(path / TRAINABLE))
+    expected = {n: p for n, p in named}
+    missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{path / TRAINABLE}: does not match the model's trainable parameters "
+            f"(missing {missing[:3]}, unexpected {extra[:3]}): was it written with this config?"
+        )
+    for name, p in named:
+        if tuple(params[name].shape) != tuple(p.shape):
+            raise ValueError(
+                f"{path / TRAINABLE}: {name} has shape {tuple(params[name].shape)}, "
+                f"the model expects {tuple(p.shape)}"
+            )
+    with torch.no_grad():
+        for name, p in named:
+            copy_full_(p.data, params[name])
+    if optimizer is not None:
+        optim = load_file(str(path / OPTIMIZER))
+        for name, p in named:
+            if f"{name}.step" not in optim:
+                continue
+            st: dict[str, torch.Tensor] = {}
+            for key in ADAM_KEYS:
+                st[key] = torch.zeros_like(p.data)
+                copy_full_(st[key], optim[f"{name}.{key}"])
+            st["step"] = optim[f"{name}.step"].reshape(())
+            optimizer.state[p] = st
+    rank_file = path / f"rank{d.rank}.safetensors"
+    tensors = load_file(str(rank_file)) if rank_file.is_file() else {}
+    state["data"] = state["data"][d.rank]
+    return state, tensors

@@ -1,0 +1,412 @@
+"""The one training loop: ``moshi-ttt train CONFIG.yaml`` alone or under ``torchrun``.
+
+Reads top to bottom: set up the process group, build the model and freeze what does not train,
+wrap it (activation checkpointing, FSDP2), build the optimizer and the data, resume if asked,
+then for every optimizer step: fetch ``grad_accum`` micro-batches, compute the *global* loss
+weight totals first (they depend on the codes only), backpropagate every micro-batch's share of
+the global token-weighted mean, all-reduce the logged loss terms, check that loss and gradients
+are finite, clip, step. Evaluate, log and checkpoint on schedule. The result does not depend on
+how the global batch is split over ranks and micro-batches (tested to 1e-5).
+
+Units: a step is an optimizer step; ``tokens`` count text + 8 Moshi codebooks per frame
+(moshi-finetune's convention: 9 per frame), over all ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..errors import TrainingStopped
+from ..integration.carry import StateCarry
+from ..integration.loading import load_codec
+from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import BadFileCounter, Batch, DataError, WindowLoader, open_source
+from .loss import LossTerms, compute_loss_terms, weight_totals
+from .metrics import GATE_COLLAPSE, MetricsWriter, gate_values, grad_norms, truncate_metrics
+from .model import build_model
+from .parallel import (
+    Dist,
+    all_reduce_sum,
+    apply_activation_checkpointing,
+    apply_fsdp,
+    barrier,
+    init_distributed,
+)
+
+TOKENS_PER_FRAME = 9  # text + the 8 Moshi codebooks
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns (rank 0's view)."""
+
+    run_dir: Path
+    steps: int
+    last_checkpoint: Path | None
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    skipped_steps: int = 0
+    is_main: bool = True
+
+
+# -- schedule ---------------------------------------------------------------------------------
+def lr_multiplier(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (1-based) as a fraction of the peak.
+
+    ``cosine``: linear warm-up from 0 over ``warmup_steps``, then cosine to ``min_lr_ratio``;
+    ``constant``: the same warm-up, then 1; ``onecycle``: torch ``OneCycleLR``'s shape (cosine
+    from 1/25 up to 1 over the warm-up, then cosine down to 1/2.5e5), without its momentum
+    cycling (AdamW keeps ``optim.betas``).
+    """
+    warm, total = cfg.warmup_steps, cfg.max_steps
+    s = step - 1  # 0-based
+    if cfg.optim.schedule == "onecycle":  # phases as OneCycleLR: peak at step pct*total - 1
+        start, end = 1 / 25, 1 / 25 / 1e4
+        peak = cfg.optim.pct_start * total - 1
+        if s <= peak and peak > 0:
+            return start + (1 - start) * (1 - math.cos(math.pi * s / peak)) / 2
+        frac = (s - max(peak, 0)) / max(1e-9, total - 1 - max(peak, 0))
+        return end + (1 - end) * (1 + math.cos(math.pi * min(1.0, frac))) / 2
+    if s < warm:
+        return (s + 1) / (warm + 1)
+    if cfg.optim.schedule == "constant":
+        return 1.0
+    frac = (s - warm) / max(1, total - warm)
+    floor = cfg.optim.min_lr_ratio
+    return floor + (1 - floor) * (1 + math.cos(math.pi * min(1.0, frac))) / 2
+
+
+def build_optimizer(groups: dict[str, list[tuple[str, nn.Parameter]]], lrs: dict[str, float],
+                    cfg: TrainConfig) -> torch.optim.AdamW:  # fmt: skip
+    """AdamW with one parameter group per (trainable group, decay or not); weight decay on
+    matrices only (not on biases, norms, gates). Each group remembers its ``peak_lr``."""
+    param_groups = []
+    for group, named in groups.items():
+        for decay in (True, False):
+            params = [p for _, p in named if (p.dim() >= 2) == decay]
+            if params:
+                param_groups.append({
+                    "params": params, "name": group, "peak_lr": lrs[group], "lr": lrs[group],
+                    "weight_decay": cfg.optim.weight_decay if decay else 0.0,
+                })  # fmt: skip
+    return torch.optim.AdamW(param_groups, betas=cfg.optim.betas, eps=cfg.optim.eps)
+
+
+# -- data -------------------------------------------------------------------------------------
+def make_loader(cfg: TrainConfig, paths: list[str], d: Dist, codec: Any, *, train: bool,
+                stats: BadFileCounter | None = None) -> WindowLoader:  # fmt: skip
+    """A ``WindowLoader`` over ``paths`` for this rank: looping and shuffled for training, one
+    ordered pass for evaluation (build a fresh one for every evaluation)."""
+    encoder, tokenizer = codec() if any(not _is_shards(p) for p in paths) else (None, None)
+    source = open_source(
+        paths, encoder, tokenizer,
+        min_duration_sec=cfg.data.min_duration_sec,
+        require_alignments=cfg.data.require_alignments,
+        main_speaker=cfg.data.main_speaker,
+        encode_chunk_sec=cfg.data.encode_chunk_sec,
+    )  # fmt: skip
+    return WindowLoader(
+        source, frames=cfg.frames_per_window, batch_size=cfg.batch_size, loop=train,
+        shuffle=cfg.data.shuffle and train, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
+        max_bad_fraction=cfg.data.max_bad_fraction, stats=stats,
+        num_workers=cfg.data.num_workers if train else 0,
+    )  # fmt: skip
+
+
+def _is_shards(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() or p.name == "shards.json"
+
+
+# -- one forward ------------------------------------------------------------------------------
+def forward_terms(lm: nn.Module, codes: torch.Tensor, cfg: TrainConfig) -> LossTerms:
+    """``LossTerms`` of ``lm(codes)`` (bfloat16 autocast on GPU, float32 on CPU)."""
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if codes.device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        out = lm(codes)
+    return compute_loss_terms(
+        out, codes,
+        first_codebook_weight=cfg.first_codebook_weight,
+        text_padding_weight=cfg.text_padding_weight,
+    )  # fmt: skip
+
+
+def _totals(batches: list[Batch], lm: nn.Module, cfg: TrainConfig, d: Dist) -> torch.Tensor:
+    """Global ``(text, audio)`` loss weight totals of a step's micro-batches over all ranks."""
+    t = torch.zeros(2, dtype=torch.float32)
+    for b in batches:
+        tw, aw = weight_totals(
+            b.codes, lm.delays,
+            first_codebook_weight=cfg.first_codebook_weight,
+            text_padding_weight=cfg.text_padding_weight,
+        )  # fmt: skip
+        t += torch.stack([tw, aw]).cpu()
+    return all_reduce_sum(t.to(d.device)).cpu()
+
+
+@torch.no_grad()
+def evaluate(lm: nn.Module, cfg: TrainConfig, d: Dist, codec: Any,
+             carry: StateCarry | None) -> dict[str, float]:  # fmt: skip
+    """Token-weighted metrics over the eval set (``data.eval``), all ranks, a fresh pass.
+
+    Every rank runs the same number of forwards (FSDP gathers parameters collectively): a rank
+    out of data runs an empty batch (all -1, weight 0). With ``state_carry`` the TTT state is
+    carried over the windows of each eval file as in training.
+    """
+    was_training = lm.training
+    lm.eval()
+    stats = BadFileCounter()
+    loader = make_loader(cfg, cfg.data.eval, d, codec, train=False, stats=stats)
+    eval_carry = StateCarry(lm) if carry is not None else None
+    total: LossTerms | None = None
+    it = iter(loader)
+    batches = 0
+    try:
+        while cfg.eval_max_batches is None or batches < cfg.eval_max_batches:
+            batch = next(it, None)
+            if int(all_reduce_sum(torch.tensor([batch is not None], device=d.device))) == 0:
+                break
+            if batch is None:
+                batch = _empty_batch(cfg)
+            codes = batch.codes.to(d.device)
+            if eval_carry is not None:
+                eval_carry.begin(batch.reset, batch.lanes)
+            terms = forward_terms(lm, codes, cfg).detach()
+            if eval_carry is not None:
+                eval_carry.commit()
+            total = terms if total is None else total + terms
+            batches += 1
+    finally:
+        loader.close()
+        if eval_carry is not None:
+            eval_carry.detach_from_model()
+        if carry is not None:
+            carry.attach()
+        lm.train(was_training)
+    if total is None:
+        raise DataError(f"no usable evaluation data in {cfg.data.eval}: {stats.summary()}")
+    metrics = total.all_reduce().metrics()
+    metrics["bad_files"] = float(stats.num_bad)
+    return metrics
+
+
+def _empty_batch(cfg: TrainConfig) -> Batch:
+    codes = torch.full((1, 17, cfg.frames_per_window), -1, dtype=torch.long)
+    return Batch(codes, torch.ones(1, dtype=torch.bool), [0], [-1], [0])
+
+
+# -- the loop ---------------------------------------------------------------------------------
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
+          device: str = "auto") -> TrainResult:  # fmt: skip
+    """Run (or ``resume``) the training described by ``cfg``; see the module docstring."""
+    d = init_distributed(device)
+    run_dir = Path(cfg.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    start = _checkpoint_to_resume(ckpt_root, resume)
+
+    # Model: base (frozen) + LoRA + TTT, trainable groups in float32, then wrappers.
+    lm, groups, info = build_model(cfg, d.device)
+    if cfg.model.gradient_checkpointing:
+        apply_activation_checkpointing(lm)
+    if d.distributed:
+        apply_fsdp(lm)
+        groups.rebind(lm)
+    named = groups.named()
+    optimizer = build_optimizer(groups.params, groups.lrs, cfg)
+
+    codec_cache: dict[str, Any] = {}
+
+    def codec() -> tuple[Any, Any]:
+        if "codec" not in codec_cache:
+            mimi, tokenizer = load_codec(lm, info, device=d.device)
+            if tokenizer is None:
+                raise ValueError("data: a JSONL index needs the checkpoint's text tokenizer")
+            codec_cache["codec"] = (mimi, tokenizer)
+        return codec_cache["codec"]
+
+    bad_files = BadFileCounter()
+    loader = make_loader(cfg, cfg.data.train, d, codec, train=True, stats=bad_files)
+    carry = StateCarry(lm) if cfg.data.state_carry == "detached" else None
+
+    writer = MetricsWriter(run_dir) if d.is_main else None
+    step, skipped, bad_in_row = 0, 0, 0
+    if start is not None:
+        state, rank_tensors = load_checkpoint(start, named, optimizer, d)
+        step, skipped = int(state["step"]), int(state.get("skipped_steps", 0))
+        loader.load_state_dict(state["data"])
+        _restore_rng(rank_tensors, d)
+        if carry is not None:
+            carry.load_state_dict({k.removeprefix("carry."): v for k, v in rank_tensors.items()
+                                   if k.startswith("carry.")})  # fmt: skip
+        if writer is not None:
+            truncate_metrics(writer.metrics_path, step)
+    if writer is not None:
+        cfg.to_yaml(run_dir / "config.yaml")
+        counts = groups.num_params()
+        writer.message(
+            f"moshi-ttt train: {d.world_size} process(es) on {d.device.type}; trainable "
+            + ", ".join(f"{g} {n:,}" for g, n in counts.items())
+            + f"; {cfg.frames_per_window} frames x {cfg.batch_size} x {cfg.grad_accum} x "
+            f"{d.world_size} per step" + (f"; resumed from {start}" if start is not None else "")
+        )
+
+    last_ckpt = start
+    final_metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    warned_gates = False
+    gates0 = gate_values(lm)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step",
+               disable=not (progress and d.is_main), dynamic_ncols=True)  # fmt: skip
+    it = iter(loader)
+    t_last, tokens_since = time.perf_counter(), 0
+    try:
+        while step < cfg.max_steps:
+            step += 1
+            mult = lr_multiplier(cfg, step)
+            for g in optimizer.param_groups:
+                g["lr"] = g["peak_lr"] * mult
+
+            # Forward/backward over the micro-batches, each weighted by the global totals.
+            batches = [next(it) for _ in range(cfg.grad_accum)]
+            text_total, audio_total = _totals(batches, lm, cfg, d).tolist()
+            step_terms: LossTerms | None = None
+            for batch in batches:
+                codes = batch.codes.to(d.device)
+                if carry is not None:
+                    carry.begin(batch.reset.to(d.device), batch.lanes)
+                terms = forward_terms(lm, codes, cfg)
+                terms.objective(text_total, audio_total).backward()
+                if carry is not None:
+                    carry.commit()
+                step_terms = terms.detach() if step_terms is None else step_terms + terms.detach()
+                tokens_since += codes.shape[0] * codes.shape[-1] * TOKENS_PER_FRAME * d.world_size
+            assert step_terms is not None
+            metrics = step_terms.all_reduce().metrics()
+
+            # Guards, clipping, step.
+            sq = grad_norms(groups.params)
+            sq_all = all_reduce_sum(torch.stack(list(sq.values())).to(d.device)).cpu()
+            norms = {f"grad_norm/{g}": float(v.sqrt()) for g, v in zip(sq, sq_all)}
+            total_norm = float(sq_all.sum().sqrt())
+            if math.isfinite(metrics["loss"]) and math.isfinite(total_norm):
+                if cfg.max_norm > 0 and total_norm > cfg.max_norm:
+                    scale = cfg.max_norm / (total_norm + 1e-6)
+                    for _, p in named:
+                        if p.grad is not None:
+                            p.grad.mul_(scale)
+                optimizer.step()
+                bad_in_row = 0
+            else:
+                skipped, bad_in_row = skipped + 1, bad_in_row + 1
+                if carry is not None:
+                    carry.clear()
+                if writer is not None:
+                    writer.message(
+                        f"step {step}: non-finite loss {metrics['loss']} or gradient norm "
+                        f"{total_norm}: step skipped ({bad_in_row} in a row)"
+                    )
+            optimizer.zero_grad(set_to_none=True)
+            if bad_in_row >= cfg.max_bad_steps:
+                raise TrainingStopped(
+                    f"{bad_in_row} non-finite steps in a row (max_bad_steps {cfg.max_bad_steps}) "
+                    f"at step {step}; last good checkpoint: {last_ckpt or 'none'}"
+                )
+
+            # Logging.
+            gates = gate_values(lm)
+            now = time.perf_counter()
+            record = {
+                "step": step, **metrics, "grad_norm": total_norm, **norms,
+                **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},
+                "lr": optimizer.param_groups[0]["lr"], **gates,
+                "tokens_per_s": tokens_since / max(now - t_last, 1e-9),
+                "bad_files": float(bad_files.num_bad), "skipped_steps": float(skipped),
+            }  # fmt: skip
+            final_metrics = record
+            if writer is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                writer.log_metrics(record)
+                t_last, tokens_since = now, 0
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            collapsed = gates and max(gates.values()) < GATE_COLLAPSE < max(gates0.values()) + 1e-12
+            if collapsed and not warned_gates and writer is not None:
+                warned_gates = True
+                top = max(gates.values())
+                writer.message(
+                    f"step {step}: warning: the TTT gates collapsed toward zero (max mean "
+                    f"|tanh(alpha)| {top:.2e}): the TTT branches are being switched off"
+                )
+
+            # Evaluation and checkpoints.
+            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                eval_metrics = evaluate(lm, cfg, d, codec, carry)
+                if writer is not None:
+                    writer.log_metrics({"step": step, "split": "eval", **eval_metrics})
+                    writer.message(f"step {step}: eval loss {eval_metrics['loss']:.4f}")
+            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps:
+                last_ckpt = _save(ckpt_root, step, named, optimizer, loader, carry, skipped,
+                                  optimizer.param_groups, d, lm, cfg)  # fmt: skip
+    except DataError as e:
+        raise TrainingStopped(f"data: {e}; last good checkpoint: {last_ckpt or 'none'}") from e
+    finally:
+        bar.close()
+        loader.close()
+        if writer is not None:
+            writer.close()
+    barrier()
+    return TrainResult(run_dir, step, last_ckpt, final_metrics, eval_metrics, skipped, d.is_main)
+
+
+def _checkpoint_to_resume(root: Path, resume: bool) -> Path | None:
+    found = latest_checkpoint(root)
+    if resume and found is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {root}")
+    if not resume and list_checkpoints(root):
+        raise ValueError(
+            f"{root} already holds checkpoints: pass --resume to continue that run, or choose "
+            "another run_dir"
+        )
+    return found if resume else None
+
+
+def _save(root: Path, step: int, named: list, optimizer: torch.optim.Optimizer,
+          loader: WindowLoader, carry: StateCarry | None, skipped: int, param_groups: list,
+          d: Dist, lm: nn.Module, cfg: TrainConfig) -> Path:  # fmt: skip
+    rank_tensors = _rng_state(d)
+    if carry is not None:
+        rank_tensors.update({f"carry.{k}": v for k, v in carry.state_dict().items()})
+    state = {
+        "data": loader.state_dict(),
+        "skipped_steps": skipped,
+        "lr": {g["name"]: g["lr"] for g in param_groups},
+    }
+    return save_checkpoint(root, step, named, optimizer, state, rank_tensors, d, lm,
+                           cfg.keep_last)  # fmt: skip
+
+
+def _rng_state(d: Dist) -> dict[str, torch.Tensor]:
+    out = {"rng.cpu": torch.get_rng_state()}
+    if d.device.type == "cuda":
+        out["rng.cuda"] = torch.cuda.get_rng_state(d.device)
+    return out
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], d: Dist) -> None:
+    if "rng.cpu" in tensors:
+        torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and d.device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], d.device)

@@ -1,0 +1,238 @@
+"""The training loop on the tiny model: what trains, exact resume, 1 vs 2 processes, guards, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moshi_ttt.cli import main
+from moshi_ttt.errors import TrainingStopped
+from moshi_ttt.integration.apply import ttt_modules
+from moshi_ttt.train import trainer as trainer_mod
+from moshi_ttt.train.config import TrainConfig
+from moshi_ttt.train.model import build_model
+from moshi_ttt.train.toy_data import write_toy_dataset
+from moshi_ttt.train.trainer import forward_terms, lr_multiplier, train
+
+TTT = {"layers": "1,3", "kind": "mlp", "mini_batch_size": 8, "gate_init": 0.1}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("toy")
+    train_index = write_toy_dataset(root, [2.56] * 4, bad={"broken": "corrupt"})
+    eval_index = write_toy_dataset(root, [2.56] * 2, index_name="eval.jsonl", seed=10)
+    clean = write_toy_dataset(root / "clean", [2.56] * 4, seed=20)  # equal lengths, no bad file
+    return {"train": str(train_index), "eval": str(eval_index), "clean": str(clean)}
+
+
+def config(run_dir: Path, train_data: list[str], **top) -> TrainConfig:
+    base = {
+        "run_dir": str(run_dir), "max_steps": 4, "duration_sec": 1.28, "batch_size": 2,
+        "lr": 3e-3, "log_every": 1, "ttt": TTT,
+        "model": {"gradient_checkpointing": False},
+        "data": {"train": train_data, "num_workers": 0, "state_carry": "detached"},
+        "optim": {"pct_start": 0.25},
+    }  # fmt: skip
+    for key, value in top.items():
+        if isinstance(value, dict):
+            base[key] = {**base.get(key, {}), **value}
+        else:
+            base[key] = value
+    return TrainConfig.from_dict(base)
+
+
+def metrics(run_dir: Path, split: str = "train") -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("split", "train") == split]
+
+
+# -- what trains ------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "lora, checkpointing", [(False, False), (True, True)], ids=["ttt", "lora+ttt+ckpt"]
+)
+def test_step_changes_only_trainables_and_all_get_gradients(dataset, tmp_path, lora, checkpointing):
+    cfg = config(tmp_path, [dataset["clean"]], lora={"enable": lora, "rank": 4},
+                 model={"gradient_checkpointing": checkpointing})  # fmt: skip
+    lm, groups, _ = build_model(cfg, torch.device("cpu"))
+    if checkpointing:
+        trainer_mod.apply_activation_checkpointing(lm)
+    assert set(groups.params) == ({"ttt", "lora"} if lora else {"ttt"})
+    trainable = {id(p) for _, p in groups.named()}
+    assert all(p.requires_grad == (id(p) in trainable) for p in lm.parameters())
+    assert all(p.dtype == torch.float32 for _, p in groups.named())
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    optimizer = trainer_mod.build_optimizer(groups.params, groups.lrs, cfg)
+    codes = torch.randint(0, 32, (2, 17, 16))
+    codes[:, 0] = torch.randint(0, 64, (2, 16))
+    for step in range(2):  # LoRA's B starts at 0, so A gets its first gradient at step 2
+        optimizer.zero_grad()
+        forward_terms(lm, codes, cfg).loss().backward()
+        for name, p in groups.named():
+            if not (step == 0 and name.endswith("lora_A.weight")):
+                assert p.grad is not None and p.grad.abs().sum() > 0, name
+        optimizer.step()
+    names = {n for n, _ in groups.named()}
+    after = lm.state_dict()
+    for key, value in before.items():
+        changed = not torch.equal(value, after[key])
+        assert changed == (key in names), key
+
+
+def test_loss_goes_down_and_corrupt_file_is_counted(dataset, tmp_path):
+    cfg = config(tmp_path / "run", [dataset["train"]], max_steps=24, lr=1e-2,
+                 lora={"enable": True, "rank": 8}, lora_lr=3e-3,
+                 eval_every=12, data={"eval": [dataset["eval"]]})  # fmt: skip
+    result = train(cfg, progress=False)
+    losses = [r["loss"] for r in metrics(tmp_path / "run")]
+    assert len(losses) == 24 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.1, losses
+    assert result.final_metrics["bad_files"] == 1.0
+    evals = metrics(tmp_path / "run", "eval")
+    assert [r["step"] for r in evals] == [12, 24] and evals[1]["loss"] < evals[0]["loss"]
+    record = metrics(tmp_path / "run")[-1]
+    for key in (
+        "step",
+        "loss",
+        "text_loss",
+        "audio_loss",
+        "lr",
+        "grad_norm/ttt",
+        "grad_norm/lora",
+        "audio_ce_cb0",
+        "gate/1",
+        "gate/3",
+        "tokens_per_s",
+    ):
+        assert key in record, key  # fmt: skip
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert list((tmp_path / "run" / "tensorboard").iterdir())
+    ckpt = result.last_checkpoint
+    assert ckpt is not None and ckpt.name == "step_000024" and (ckpt / "adapter.json").is_file()
+
+
+# -- exact resume -----------------------------------------------------------------------------
+def test_resume_continues_exactly(dataset, tmp_path):
+    full = tmp_path / "full"
+    cfg = config(full, [dataset["train"]], max_steps=6, ckpt_every=3, keep_last=5,
+                 data={"num_workers": 2, "shuffle": True})  # fmt: skip
+    train(cfg, progress=False)
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step_000006")
+    cfg_part = config(part, [dataset["train"]], max_steps=6, ckpt_every=3, keep_last=5,
+                      data={"num_workers": 2, "shuffle": True})  # fmt: skip
+    with pytest.raises(ValueError, match="--resume"):
+        train(cfg_part, progress=False)  # a run_dir with checkpoints needs --resume
+    train(cfg_part, resume=True, progress=False)
+    a, b = metrics(full), metrics(part)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a[3:], b[3:]):
+        assert ra["loss"] == rb["loss"] and ra["grad_norm"] == rb["grad_norm"], (ra, rb)
+    wa = load_file(str(full / "checkpoints/step_000006/trainable.safetensors"))
+    wb = load_file(str(part / "checkpoints/step_000006/trainable.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# -- one process == two processes -------------------------------------------------------------
+def _torchrun(nproc: int, cfg_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           "--standalone", "-m", "moshi_ttt.cli", "train", str(cfg_path), "--no-progress",
+           *[f"--set={o}" for o in overrides]]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_TORCH_COMPILE": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(dataset, tmp_path):
+    # Adam's eps 1e-6: the depformer's first step attends to one key, so its q/k gradients are
+    # float noise (~1e-9) that eps 1e-8 would blow up to lr-sized, order-dependent updates.
+    cfg = config(tmp_path / "x", [dataset["clean"]], max_steps=3, lora={"enable": True, "rank": 4},
+                 model={"gradient_checkpointing": True}, optim={"eps": 1e-6})  # fmt: skip
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg.to_yaml(cfg_path)
+    one = main(["train", str(cfg_path), "--no-progress", f"--set=run_dir={tmp_path / 'one'}"])
+    assert one == 0
+    two = _torchrun(2, cfg_path, f"run_dir={tmp_path / 'two'}", "batch_size=1")
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(m1) == len(m2) == 3
+    for r1, r2 in zip(m1, m2):
+        for key in ("loss", "text_loss", "audio_loss", "grad_norm"):
+            assert r1[key] == pytest.approx(r2[key], rel=1e-5, abs=1e-5), (key, r1, r2)
+        assert r2["grad_norm/ttt"] > 0 and r2["grad_norm/lora"] > 0
+    w1 = load_file(str(tmp_path / "one/checkpoints/step_000003/trainable.safetensors"))
+    w2 = load_file(str(tmp_path / "two/checkpoints/step_000003/trainable.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert '"world_size": 2' in (tmp_path / "two/checkpoints/step_000003/state.json").read_text()
+
+
+# -- guards -----------------------------------------------------------------------------------
+def test_non_finite_steps_are_skipped_then_stop_the_run(dataset, tmp_path, monkeypatch):
+    real = trainer_mod.forward_terms
+    calls = {"n": 0}
+
+    def poisoned(lm, codes, cfg):  # steps 3 and 5..: NaN loss
+        calls["n"] += 1
+        terms = real(lm, codes, cfg)
+        if calls["n"] == 3 or calls["n"] >= 5:
+            terms.text_sum = terms.text_sum * float("nan")
+        return terms
+
+    monkeypatch.setattr(trainer_mod, "forward_terms", poisoned)
+    cfg = config(tmp_path / "run", [dataset["clean"]], max_steps=20, ckpt_every=2, max_bad_steps=3)
+    with pytest.raises(TrainingStopped, match="3 non-finite steps in a row"):
+        train(cfg, progress=False)
+    records = metrics(tmp_path / "run")
+    assert records[2]["skipped_steps"] == 1 and records[3]["skipped_steps"] == 1
+    assert "step 3: non-finite" in (tmp_path / "run" / "train.log").read_text()
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept[-1] == "step_000006"  # written at step 4 and 6 (step 6 skipped, params of 4)
+    ttt_names = [n for n, _ in ttt_modules(build_model(cfg, torch.device("cpu"))[0])]
+    assert ttt_names
+
+
+def test_learning_rate_schedules_match_definitions(tmp_path):
+    cfg = config(tmp_path, ["x"], max_steps=100, optim={"pct_start": 0.1, "schedule": "cosine"})
+    ms = [lr_multiplier(cfg, s) for s in range(1, 101)]
+    assert ms[0] == pytest.approx(1 / 11) and ms[9] == pytest.approx(10 / 11)
+    assert ms[10] == pytest.approx(1.0) and ms[-1] == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 89 / 90))
+    )
+    cfg = config(tmp_path, ["x"], max_steps=100, optim={"pct_start": 0.1, "schedule": "onecycle"})
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([p], lr=1.0)
+    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=100, pct_start=0.1,
+                                              cycle_momentum=False)  # fmt: skip
+    for step in range(1, 101):
+        assert lr_multiplier(cfg, step) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        opt.step()
+        ref.step() if step < 100 else None
+
+
+# -- command line -----------------------------------------------------------------------------
+def test_cli_typo_names_the_key_and_tokenize_then_train(dataset, tmp_path, capsys):
+    cfg = config(tmp_path / "run", [dataset["clean"]], max_steps=2)
+    path = tmp_path / "cfg.yaml"
+    cfg.to_yaml(path)
+    assert main(["train", str(path), "--set", "ttt.mini_batch=4"]) == 2
+    err = capsys.readouterr().err
+    assert "ttt.mini_batch" in err and "ttt.mini_batch_size" in err and "Traceback" not in err
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    shards = tmp_path / "shards"
+    assert main(["tokenize", dataset["train"], str(shards), "--tiny", "--no-progress"]) == 0
+    info = json.loads((shards / "shards.json").read_text())
+    assert len(info["files"]) == 4 and info["skipped"][0]["reason"] == "unreadable"
+    assert main(["train", str(path), "--no-progress", f"--set=data.train=[{shards}]"]) == 0
+    assert len(metrics(tmp_path / "run")) == 2
