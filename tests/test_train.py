@@ -236,3 +236,18 @@ def test_cli_typo_names_the_key_and_tokenize_then_train(dataset, tmp_path, capsy
     assert len(info["files"]) == 4 and info["skipped"][0]["reason"] == "unreadable"
     assert main(["train", str(path), "--no-progress", f"--set=data.train=[{shards}]"]) == 0
     assert len(metrics(tmp_path / "run")) == 2
+
+
+def test_shipped_configs_validate_and_tiny_config_trains(tmp_path, monkeypatch, capsys):
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "configs").glob("*.yaml")):
+        cfg = TrainConfig.load(path)
+        assert cfg.max_steps >= 1, path
+    monkeypatch.chdir(tmp_path)
+    assert main(["toy-data", "data/toy", "--files", "2", "--seconds", "2.56"]) == 0
+    args = ["train", str(root / "configs/tiny.yaml"), "--no-progress", "--set=max_steps=2",
+            "--set=eval_every=2", f"--set=run_dir={tmp_path / 'run'}"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "done: 2 steps" in out
+    assert [r["step"] for r in metrics(tmp_path / "run", "eval")] == [2]

@@ -50,6 +50,17 @@ def add_train_parsers(subparsers: Any) -> None:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=run_tokenize)
 
+    toy = subparsers.add_parser(
+        "toy-data",
+        help="write a small toy dataset in the moshi-finetune format (for configs/tiny.yaml)",
+        description="OUT_DIR/index.jsonl (train) and OUT_DIR/eval.jsonl: stereo 24 kHz wavs "
+        "with word alignments, plus one corrupt file to show bad-file accounting.",
+    )
+    toy.add_argument("out_dir", metavar="OUT_DIR")
+    toy.add_argument("--files", type=int, default=8, help="training files (default 8)")
+    toy.add_argument("--seconds", type=float, default=7.68, help="seconds per file")
+    toy.set_defaults(func=run_toy_data)
+
 
 def run_train(args: argparse.Namespace) -> None:
     from .train.config import TrainConfig
@@ -84,3 +95,13 @@ def run_tokenize(args: argparse.Namespace) -> None:
         device=device,
     )  # fmt: skip
     print(f"wrote {stats.num_seen - stats.num_bad} shards to {args.out_dir}; {stats.summary()}")
+
+
+def run_toy_data(args: argparse.Namespace) -> None:
+    from .train.toy_data import write_toy_dataset
+
+    if args.files < 1 or args.seconds <= 0:
+        raise ValueError("--files must be >= 1 and --seconds > 0")
+    train = write_toy_dataset(args.out_dir, [args.seconds] * args.files, bad={"broken": "corrupt"})
+    evals = write_toy_dataset(args.out_dir, [args.seconds] * 2, index_name="eval.jsonl", seed=100)
+    print(f"wrote {train} ({args.files} files + 1 corrupt) and {evals} (2 files)")
