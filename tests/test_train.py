@@ -18,6 +18,7 @@ from moshi_ttt.cli import main
 from moshi_ttt.errors import TrainingStopped
 from moshi_ttt.integration.apply import ttt_modules
 from moshi_ttt.train import trainer as trainer_mod
+from moshi_ttt.train.checkpoint import load_trained_model
 from moshi_ttt.train.config import TrainConfig
 from moshi_ttt.train.model import build_model
 from moshi_ttt.train.toy_data import write_toy_dataset
@@ -118,6 +119,10 @@ def test_loss_goes_down_and_corrupt_file_is_counted(dataset, tmp_path):
     assert list((tmp_path / "run" / "tensorboard").iterdir())
     ckpt = result.last_checkpoint
     assert ckpt is not None and ckpt.name == "step_000024" and (ckpt / "adapter.json").is_file()
+    lm, _ = load_trained_model(tmp_path / "run")
+    saved = load_file(str(ckpt / "trainable.safetensors"))
+    params = dict(lm.named_parameters())
+    assert not lm.training and all(torch.equal(params[k], v) for k, v in saved.items())
 
 
 # -- exact resume -----------------------------------------------------------------------------

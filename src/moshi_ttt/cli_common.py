@@ -1,8 +1,9 @@
 """Command-line pieces shared by ``generate`` and ``eval``: choosing the model and the device.
 
 Every model-taking subcommand accepts exactly one of ``--adapter DIR`` (a trained adapter on its
-base), ``--base REPO_OR_DIR`` (a Hugging Face repo, a checkpoint or a merged directory) and
-``--tiny`` (the tiny random Moshi-architecture model, for tests and CPU demos), plus
+base), ``--base REPO_OR_DIR`` (a Hugging Face repo, a checkpoint or a merged directory),
+``--run DIR`` (a ``moshi-ttt train`` run directory or one of its checkpoints, rebuilt from its
+config) and ``--tiny`` (the tiny random Moshi-architecture model, for tests and CPU demos), plus
 ``--ttt-config YAML`` for ``--base``/``--tiny``, ``--device`` and ``--dtype``.
 """
 
@@ -24,6 +25,9 @@ def add_model_args(p: argparse.ArgumentParser, tiny_default_ttt: bool = True) ->
     model.add_argument("--tiny", action="store_true", help="tiny random Moshi (CPU demo/tests)")
     model.add_argument(
         "--base", metavar="REPO_OR_DIR", help="HF repo id, checkpoint or merged directory"
+    )
+    model.add_argument(
+        "--run", metavar="DIR", help="a training run (its newest checkpoint) or checkpoint dir"
     )
     default = "TTTConfig()" if tiny_default_ttt else "none"
     p.add_argument(
@@ -64,8 +68,13 @@ def load_model_from_args(
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if args.adapter and args.ttt_config:
-        raise ValueError("--ttt-config cannot be combined with --adapter (it records its own)")
+    if (args.adapter or args.run) and args.ttt_config:
+        raise ValueError("--ttt-config cannot be combined with --adapter/--run (they record it)")
+    if args.run:
+        from .train.checkpoint import load_trained_model
+
+        lm, cfg = load_trained_model(args.run, device=device)
+        return lm.to(dtype=dtype).eval(), None, device, dtype
     if args.adapter:
         if not Path(args.adapter).is_dir():
             raise FileNotFoundError(f"--adapter {args.adapter}: no such directory")

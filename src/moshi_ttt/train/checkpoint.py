@@ -136,23 +136,7 @@ def load_checkpoint(
             f"{path}: written by {state['world_size']} processes, resumed with "
             f"{d.world_size}; the data position is per process: resume with the same count"
         )
-    params = load_file(str(path / TRAINABLE))
-    expected = {n: p for n, p in named}
-    missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
-    if missing or extra:
-        raise ValueError(
-            f"{path / TRAINABLE}: does not match the model's trainable parameters "
-            f"(missing {missing[:3]}, unexpected {extra[:3]}): was it written with this config?"
-        )
-    for name, p in named:
-        if tuple(params[name].shape) != tuple(p.shape):
-            raise ValueError(
-                f"{path / TRAINABLE}: {name} has shape {tuple(params[name].shape)}, "
-                f"the model expects {tuple(p.shape)}"
-            )
-    with torch.no_grad():
-        for name, p in named:
-            copy_full_(p.data, params[name])
+    load_trainable(path, named)
     if optimizer is not None:
         optim = load_file(str(path / OPTIMIZER))
         for name, p in named:
@@ -168,3 +152,53 @@ def load_checkpoint(
     tensors = load_file(str(rank_file)) if rank_file.is_file() else {}
     state["data"] = state["data"][d.rank]
     return state, tensors
+
+
+def load_trainable(path: str | Path, named: list[tuple[str, nn.Parameter]]) -> None:
+    """Copy ``path/trainable.safetensors`` into the parameters ``named`` (their shards under
+    FSDP). A missing or extra name or a shape mismatch is a ``ValueError`` naming it."""
+    file = Path(path) / TRAINABLE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such file (is {path} a training checkpoint?)")
+    params = load_file(str(file))
+    expected = dict(named)
+    missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{file}: does not match the model's trainable parameters "
+            f"(missing {missing[:3]}, unexpected {extra[:3]}): was it written with this config?"
+        )
+    for name, p in named:
+        if tuple(params[name].shape) != tuple(p.shape):
+            raise ValueError(
+                f"{file}: {name} has shape {tuple(params[name].shape)}, "
+                f"the model expects {tuple(p.shape)}"
+            )
+    with torch.no_grad():
+        for name, p in named:
+            copy_full_(p.data, params[name])
+
+
+def load_trained_model(
+    run: str | Path, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, Any]:
+    """The model a run trained, for evaluation: ``(lm in eval mode, TrainConfig)``.
+
+    ``run``: a run directory (its newest checkpoint) or a ``checkpoints/step_*`` directory.
+    The model is rebuilt from the run's ``config.yaml`` and gets the checkpoint's trainable
+    parameters.
+    """
+    from .config import TrainConfig
+    from .model import build_model
+
+    run = Path(run)
+    ckpt = run if (run / STATE).is_file() else latest_checkpoint(run / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"{run}: no checkpoint (expected {run}/checkpoints/step_*)")
+    config_path = ckpt.parent.parent / "config.yaml"
+    cfg = TrainConfig.load(config_path)
+    lm, groups, _ = build_model(cfg, torch.device(device))
+    load_trainable(ckpt, groups.named())
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    return lm.eval(), cfg
