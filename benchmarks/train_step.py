@@ -98,7 +98,7 @@ def measure(args: argparse.Namespace, variant: str, device: torch.device) -> dic
     sec = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gib()
     trainable = sum(groups.num_params().values())
-    del lm, opt
+    opt.state.clear()  # free the optimizer state before the next variant
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {
@@ -137,9 +137,10 @@ def main() -> None:
     if not args.gpu_7b:
         torch.set_num_threads(args.threads)
     name = torch.cuda.get_device_name() if args.gpu_7b else platform.processor() or "cpu"
-    print(f"# {'Moshi 7B (random bf16)' if args.gpu_7b else 'tiny'} on {name}, "
-          f"torch {torch.__version__}, duration {args.duration} s, batch {args.batch}, "
-          f"TTT {args.kind} layers {args.ttt_layers}, checkpointing {args.checkpointing}")  # fmt: skip
+    model = "Moshi 7B (random bf16)" if args.gpu_7b else "tiny"
+    print(f"# {model} on {name}, torch {torch.__version__}, duration {args.duration} s, "
+          f"batch {args.batch}, TTT {args.kind} layers {args.ttt_layers}, "
+          f"checkpointing {args.checkpointing}")  # fmt: skip
     mem = "peak GPU memory" if args.gpu_7b else "peak RSS (process)"
     print(f"| variant | trainable (M) | step (s) | tokens/s | {mem} (GiB) |")
     print("|---|---|---|---|---|")

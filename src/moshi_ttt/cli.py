@@ -20,7 +20,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out, seed=args.seed)
+    run_demo(out_dir=args.out, seed=args.seed, quick=args.quick, progress=not args.no_progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the built-in end-to-end demo on a tiny model")
     demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quick", action="store_true", help="a tiny version (tests, a minute)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
     add_generate_parser(sub)

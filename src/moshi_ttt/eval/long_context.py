@@ -493,14 +493,18 @@ def write_long_context_section(
     reference: str | None = None,
     prefix: str = "",
     title: str = "Loss against position",
+    metric: str = "audio_ce",
 ) -> dict[str, Any]:
     """Add the loss-vs-position section (tables, plots) for named curves (any models or
     variants over the same files) to ``report``; the others are compared against
-    ``reference`` (default: the first). Returns (and stores under ``report.data``) the numbers.
+    ``reference`` (default: the first) on ``metric`` (``audio_ce``, ``cb0``, ``cb1_7`` or
+    ``text_ce``). Returns (and stores under ``report.data``) the numbers.
     Plots: ``{prefix}loss_vs_position.png``, ``{prefix}gain_vs_position.png`` (with two or more
     curves), ``{prefix}codebooks_vs_position.png``."""
     if not curves:
         raise ValueError("no curve to report")
+    if metric not in METRICS:
+        raise ValueError(f"metric {metric!r}: expected one of {METRICS}")
     reference = reference or next(iter(curves))
     binned = {k: v.binned(bin_frames) for k, v in curves.items()}
     gains = memory_gains(curves, reference, context)
@@ -538,7 +542,8 @@ def write_long_context_section(
         ],
         rows,
     )
-    report.add_text(_headline_text(gains, reference, context, beyond[reference]["audio_tokens"]))
+    tokens = "text_tokens" if metric == "text_ce" else "audio_tokens"
+    report.add_text(_headline_text(gains, reference, context, beyond[reference][tokens], metric))
     if gains:
         g_rows = [
             [
@@ -562,10 +567,12 @@ def write_long_context_section(
         )
     _plot_losses(report, binned, context, prefix)
     if gains:
-        _plot_gains(report, binned, reference, context, prefix)
-    _plot_codebooks(report, binned[reference], reference, context, prefix)
+        _plot_gains(report, binned, reference, context, prefix, metric)
+    if np.isfinite(np.asarray(binned[reference]["codebooks"], dtype=float)).any():
+        _plot_codebooks(report, binned[reference], reference, context, prefix)
     data = {
         "reference": reference,
+        "metric": metric,
         "context_frames": context,
         "bin_frames": bin_frames,
         "totals": totals,
@@ -577,7 +584,9 @@ def write_long_context_section(
     return data
 
 
-def _headline_text(gains: dict, reference: str, context: int, tokens_beyond: float) -> str:
+def _headline_text(
+    gains: dict, reference: str, context: int, tokens_beyond: float, metric: str = "audio_ce"
+) -> str:
     if not gains:
         return f"Headline: one curve only ({reference}): nothing to compare."
     if tokens_beyond == 0:
@@ -587,11 +596,11 @@ def _headline_text(gains: dict, reference: str, context: int, tokens_beyond: flo
         )
     parts = []
     for name, g in gains.items():
-        d = g["beyond_context"]["audio_ce"]
+        d = g["beyond_context"][metric]
         verdict = "better" if d > 0 else "worse" if d < 0 else "equal" if d == 0 else "n/a"
         parts.append(f"{name} - {reference} = {d:+.4f} nats ({reference} {verdict})")
     return (
-        f"**Headline** (audio CE beyond the attention context, >= {context} frames, "
+        f"**Headline** ({metric} beyond the attention context, >= {context} frames, "
         f"{int(tokens_beyond)} tokens): " + "; ".join(parts) + "."
     )
 
@@ -606,15 +615,16 @@ def _mark_context(ax: Any, context: int) -> None:
 
 
 def _plot_losses(report: Report, binned: dict, context: int, prefix: str) -> None:
-    has_text = any(
-        np.isfinite(np.asarray(b["text_ce"], dtype=float)).any() for b in binned.values()
-    )
+    def scored(key: str) -> bool:
+        return any(np.isfinite(np.asarray(b[key], dtype=float)).any() for b in binned.values())
+
     panels = [
         ("audio_ce", "audio CE (8 codebooks)"),
         ("cb0", "codebook 0 (semantic)"),
         ("cb1_7", "codebooks 1-7"),
+        ("text_ce", "text CE"),
     ]
-    panels += [("text_ce", "text CE")] if has_text else []
+    panels = [p for p in panels if scored(p[0])] or panels[:1]
     fig, axes = report.figure(4.0 * len(panels), 3.6, ncols=len(panels))
     for ax, (key, label) in zip(np.atleast_1d(axes), panels):
         for name, b in binned.items():
@@ -625,19 +635,21 @@ def _plot_losses(report: Report, binned: dict, context: int, prefix: str) -> Non
     report.add_figure(fig, f"{prefix}loss_vs_position.png", "Loss against position")
 
 
-def _plot_gains(report: Report, binned: dict, reference: str, context: int, prefix: str) -> None:
+def _plot_gains(
+    report: Report, binned: dict, reference: str, context: int, prefix: str, metric: str
+) -> None:
     fig, ax = report.figure()
-    ref = np.asarray(binned[reference]["audio_ce"], dtype=float)
+    ref = np.asarray(binned[reference][metric], dtype=float)
     for name, b in binned.items():
         if name != reference:
-            mine = np.asarray(b["audio_ce"], dtype=float)
+            mine = np.asarray(b[metric], dtype=float)
             n = min(len(mine), len(ref))
             ax.plot(_centers(b)[:n], mine[:n] - ref[:n], marker=".", label=f"{name} - {reference}")
     ax.axhline(0, color="grey", lw=0.8)
     _mark_context(ax, context)
     ax.set(
         xlabel="position (frames, 80 ms)",
-        ylabel="audio CE difference (nats)",
+        ylabel=f"{metric} difference (nats)",
         title=f"Gain of {reference} (> 0: {reference} better)",
     )
     ax.legend(fontsize=7)

@@ -142,7 +142,8 @@ class LossTerms:
 
     # -- logging ----------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
-        """Token-weighted means as floats (NaN where nothing was scored) and token counts:
+        """Token-weighted means as floats (NaN where nothing was scored, except in ``loss``,
+        where such a part counts 0 as in the objective) and token counts:
         ``loss``, ``text_loss``, ``audio_loss`` (weighted, the training objective), ``text_ce``,
         ``audio_ce`` and ``audio_ce_cb0`` ... ``audio_ce_cb7`` (unweighted), ``text_tokens``,
         ``audio_tokens``."""
@@ -150,7 +151,7 @@ class LossTerms:
         text = _mean(v.text_sum, v.text_weight)
         audio = _mean(v.audio_sum, v.audio_weight)
         out = {
-            "loss": text + audio,
+            "loss": float(v.loss()),  # a part with nothing scored counts 0, as in the objective
             "text_loss": text,
             "audio_loss": audio,
             "text_ce": _mean(v.text_ce_sum, v.text_count),
