@@ -19,6 +19,7 @@ summed over micro-batches and ``all_reduce``d: they depend on the codes only) an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
@@ -142,8 +143,8 @@ class LossTerms:
 
     # -- logging ----------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
-        """Token-weighted means as floats (NaN where nothing was scored, except in ``loss``,
-        where such a part counts 0 as in the objective) and token counts:
+        """Token-weighted means as floats (NaN where nothing was scored; in ``loss`` a part with
+        nothing scored counts 0, as in the objective, NaN if neither part has any) and counts:
         ``loss``, ``text_loss``, ``audio_loss`` (weighted, the training objective), ``text_ce``,
         ``audio_ce`` and ``audio_ce_cb0`` ... ``audio_ce_cb7`` (unweighted), ``text_tokens``,
         ``audio_tokens``."""
@@ -151,7 +152,7 @@ class LossTerms:
         text = _mean(v.text_sum, v.text_weight)
         audio = _mean(v.audio_sum, v.audio_weight)
         out = {
-            "loss": float(v.loss()),  # a part with nothing scored counts 0, as in the objective
+            "loss": float(v.loss()) if float(v.text_weight + v.audio_weight) > 0 else math.nan,
             "text_loss": text,
             "audio_loss": audio,
             "text_ce": _mean(v.text_ce_sum, v.text_count),
