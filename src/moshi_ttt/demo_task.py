@@ -17,8 +17,14 @@ once t > C. The gap between the two is what a memory can win.
 Format: a shards directory (``moshi_ttt.train.data.ShardSource``): ``shards.json`` and one
 ``NNNNNN.safetensors`` per sequence holding ``codes`` ``[17, T]`` int32. Row 0 (text) holds the
 symbols as text tokens ``token_offset + symbol`` (the default offset 4 avoids Moshi's EPAD 0 and
-PAD 3, which the loss weighs differently); rows 1-16 (Moshi and user audio codebooks) are -1: no
-input embedding and no loss, so the training loss is the text loss of the next symbol.
+PAD 3, which the loss weighs differently); rows 1-8 (Moshi's audio) are -1: no input and no
+loss, so the training loss is the text loss of the next symbol. With ``user_echo`` (default)
+rows 9-16 (the user's codebooks, never scored) repeat the symbol ids (so V <= the audio card):
+Moshi feeds codebooks 1-7 one frame late (the acoustic delay), so the model's input at frame t
+holds the symbol x[t-1] (text) *and* x[t-2] (user codebooks 1-7), i.e. the transition
+x[t-2] -> x[t-1]. A single layer can then write transitions into its memory (key x[t-2], value
+x[t-1]) and read with x[t-1]; without the echo a previous-token attention head must be learned
+first, which the tiny models did not do within the demo's budget (see docs/demo.md).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class MarkovTask:
         noise: probability of a uniform jump instead of following the table, in [0, 1].
         seq_len: frames per sequence T.
         token_offset: text token of symbol 0; symbols use tokens ``offset .. offset + V - 1``.
+        user_echo: also write the symbol ids into the user's 8 audio rows (module docstring).
     """
 
     num_symbols: int = 16
@@ -101,7 +108,8 @@ class MarkovTask:
         return symbols, table
 
     def codes(self, symbols: np.ndarray) -> torch.Tensor:
-        """Codes ``[17, T]`` int32: row 0 the symbol tokens, rows 1-16 -1 (no token)."""
+        """Codes ``[17, T]`` int32: row 0 the symbol tokens, rows 1-8 -1 (no token), rows 9-16
+        the symbol ids with ``user_echo``, else -1."""
         out = torch.full((NUM_STREAMS, len(symbols)), ZERO_TOKEN, dtype=torch.int32)
         out[0] = torch.as_tensor(symbols + self.token_offset, dtype=torch.int32)
         if self.user_echo:
@@ -152,6 +160,16 @@ class MarkovTask:
             post /= post.sum()
             nll[t] = -math.log(float(post @ probs[:, symbols[t]]))
         return nll
+
+    def mean_oracle_nll(
+        self, seed: int, num_sequences: int, window: int | None = None
+    ) -> np.ndarray:
+        """``oracle_nll`` ``[T]`` averaged over sequences ``0 .. num_sequences-1`` of ``seed``
+        (the sequences ``write_shards(..., num_sequences, seed)`` writes)."""
+        return np.mean(
+            [self.oracle_nll(self.sample(seed, i)[0], window) for i in range(num_sequences)],
+            axis=0,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
