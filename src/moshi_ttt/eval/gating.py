@@ -21,7 +21,7 @@ from .long_context import (
     LongContextResult,
     Variant,
     evaluate_variants,
-    write_long_context_section,
+    write_result_section,
     write_run_info,
 )
 from .report import Report
@@ -148,15 +148,7 @@ def write_gating_report(
         report.add_table(
             ["gates", "audio CE", "cb0", "text CE", "audio CE >= ctx", "cb0 >= ctx"], rows
         )
-        write_long_context_section(
-            report,
-            result.variants,
-            context=result.context,
-            bin_frames=bin_frames,
-            reference=result.primary,
-        )
-    else:
-        report.add_text("No usable file: nothing was evaluated.")
+    write_result_section(report, result, bin_frames)
     if samples:
         report.add_text("## Generated samples\n\nSame input and seed for every gate value.")
         rows = [[k, v["text"] or "(silence)", v["wav"]] for k, v in samples.items()]

@@ -33,7 +33,7 @@ from .long_context import (
     LongContextResult,
     PositionLosses,
     evaluate_long_context,
-    write_long_context_section,
+    write_result_section,
     write_run_info,
 )
 from .report import Report
@@ -312,15 +312,7 @@ def write_inner_loss_report(
             context=result.context,
             reference=result.primary,
         )
-        write_long_context_section(
-            report,
-            result.variants,
-            context=result.context,
-            bin_frames=bin_frames,
-            reference=result.primary,
-        )
-    else:
-        report.add_text("No usable file: nothing was evaluated.")
+    write_result_section(report, result, bin_frames)
     report.data["result"] = result.to_dict(bin_frames)
     report.write()
     return report

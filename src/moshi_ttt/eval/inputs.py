@@ -40,6 +40,7 @@ from ..train.data import (
     BadFile,
     BadFileCounter,
     ShardSource,
+    encode_chunked,
     read_index,
 )
 
@@ -103,22 +104,8 @@ def encode_mono(
     files longer than ``chunk_frames`` frames are encoded in streaming pieces of that many
     frames (same codes, bounded memory)."""
     frames = math.ceil(len(wav) / FRAME_SIZE)
-    if device is None:
-        device = next(mimi.parameters()).device
-    x = torch.zeros(1, 1, frames * FRAME_SIZE, dtype=torch.float32)
-    x[0, 0, : len(wav)] = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))
-    with torch.no_grad():
-        if chunk_frames > 0 and frames > chunk_frames:
-            step = chunk_frames * FRAME_SIZE
-            with mimi.streaming(1):
-                parts = [
-                    mimi.encode(x[..., a : a + step].to(device))
-                    for a in range(0, x.shape[-1], step)
-                ]
-            codes = torch.cat(parts, dim=-1)
-        else:
-            codes = mimi.encode(x.to(device))
-    codes = codes[0, :, :frames]
+    x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))[None, None]
+    codes = encode_chunked(mimi, x, chunk_frames, device)[0]
     if tuple(codes.shape) != (NUM_CODEBOOKS, frames):
         raise ValueError(f"Mimi returned codes {tuple(codes.shape)}, expected (8, {frames})")
     return codes.long().cpu()

@@ -584,6 +584,18 @@ def write_long_context_section(
     return data
 
 
+def write_result_section(report: Report, result: LongContextResult, bin_frames: int) -> None:
+    """The loss-vs-position section of ``result``'s variants (against its primary), or a line
+    saying that no usable file was evaluated."""
+    if not result.files:
+        report.add_text("No usable file: nothing was evaluated.")
+        return
+    write_long_context_section(
+        report, result.variants, context=result.context, bin_frames=bin_frames,
+        reference=result.primary,
+    )  # fmt: skip
+
+
 def _headline_text(
     gains: dict, reference: str, context: int, tokens_beyond: float, metric: str = "audio_ce"
 ) -> str:
@@ -729,16 +741,7 @@ def write_long_context_report(
     bin_frames = bin_frames or result.bin_frames
     report = Report(title, out_dir)
     write_run_info(report, result, setup or {})
-    if result.files:
-        write_long_context_section(
-            report,
-            result.variants,
-            context=result.context,
-            bin_frames=bin_frames,
-            reference=result.primary,
-        )
-    else:
-        report.add_text("No usable file: nothing was evaluated.")
+    write_result_section(report, result, bin_frames)
     if extra is not None:
         extra(report)
     report.data["result"] = result.to_dict(bin_frames)

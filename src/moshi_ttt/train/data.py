@@ -288,6 +288,27 @@ def encode_stereo(
     """
     x = torch.as_tensor(wav, dtype=torch.float32)[:, None, :]  # [2, 1, S]
     num_frames = math.ceil(x.shape[-1] / FRAME_SIZE)
+    codes = encode_chunked(encoder, x, chunk_frames, device)
+    if tuple(codes.shape) != (2, NUM_CODEBOOKS, num_frames):
+        raise ValueError(
+            f"encoder returned codes of shape {tuple(codes.shape)}, expected (2, 8, {num_frames})"
+        )
+    return codes.reshape(2 * NUM_CODEBOOKS, num_frames).long().cpu()
+
+
+def encode_chunked(
+    encoder: AudioEncoder,
+    x: torch.Tensor,
+    chunk_frames: int = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Codes ``[B, 8, ceil(S / 1920)]`` on CPU of ``x [B, 1, S]`` (24 kHz), without gradients.
+
+    ``chunk_frames > 0`` with a streaming encoder (Mimi) and a longer input: encode in
+    streaming pieces of that many frames (the same codes as one call, bounded memory).
+    ``device``: where to encode (default: the encoder's parameters' device).
+    """
+    num_frames = math.ceil(x.shape[-1] / FRAME_SIZE)
     param = next(iter(getattr(encoder, "parameters", lambda: iter(()))()), None)
     if device is None and param is not None:
         device = param.device
@@ -295,7 +316,7 @@ def encode_stereo(
         if chunk_frames > 0 and num_frames > chunk_frames and hasattr(encoder, "streaming"):
             x = torch.nn.functional.pad(x, (0, num_frames * FRAME_SIZE - x.shape[-1]))
             step = chunk_frames * FRAME_SIZE
-            with encoder.streaming(2):  # type: ignore[attr-defined]
+            with encoder.streaming(x.shape[0]):  # type: ignore[attr-defined]
                 parts = [
                     encoder.encode(x[..., a : a + step].to(device))
                     for a in range(0, x.shape[-1], step)
@@ -303,12 +324,7 @@ def encode_stereo(
             codes = torch.cat(parts, dim=-1)
         else:
             codes = encoder.encode(x.to(device))
-    codes = codes[..., :num_frames]
-    if tuple(codes.shape) != (2, NUM_CODEBOOKS, num_frames):
-        raise ValueError(
-            f"encoder returned codes of shape {tuple(codes.shape)}, expected (2, 8, {num_frames})"
-        )
-    return codes.reshape(2 * NUM_CODEBOOKS, num_frames).long().cpu()
+    return codes[..., :num_frames].cpu()
 
 
 # -- sources: file id -> codes [17, T] ------------------------------------------------------

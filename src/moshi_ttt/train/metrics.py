@@ -83,11 +83,8 @@ def grad_norms(groups: dict[str, list[tuple[str, nn.Parameter]]]) -> dict[str, t
     """Squared gradient norms per group, summed over this rank's shards (all-reduce them)."""
     out = {}
     for group, named in groups.items():
-        total = torch.zeros((), dtype=torch.float32)
-        for _, p in named:
-            if p.grad is not None:
-                g = p.grad
-                g = g.to_local() if hasattr(g, "to_local") else g
-                total = total + g.detach().float().pow(2).sum().cpu()
-        out[group] = total
+        local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                 for _, p in named if p.grad is not None]  # fmt: skip
+        squares = [g.detach().float().pow(2).sum() for g in local]
+        out[group] = torch.stack(squares).sum().cpu() if squares else torch.zeros(())
     return out

@@ -30,7 +30,15 @@ from ..integration.carry import StateCarry
 from ..integration.loading import load_codec
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import BadFileCounter, Batch, DataError, WindowLoader, open_source
+from .data import (
+    NUM_STREAMS,
+    ZERO_TOKEN,
+    BadFileCounter,
+    Batch,
+    DataError,
+    WindowLoader,
+    open_source,
+)
 from .loss import LossTerms, compute_loss_terms, weight_totals
 from .metrics import GATE_COLLAPSE, MetricsWriter, gate_values, grad_norms, truncate_metrics
 from .model import build_model
@@ -205,7 +213,7 @@ def evaluate(lm: nn.Module, cfg: TrainConfig, d: Dist, codec: Any,
 
 
 def _empty_batch(cfg: TrainConfig) -> Batch:
-    codes = torch.full((1, 17, cfg.frames_per_window), -1, dtype=torch.long)
+    codes = torch.full((1, NUM_STREAMS, cfg.frames_per_window), ZERO_TOKEN, dtype=torch.long)
     return Batch(codes, torch.ones(1, dtype=torch.bool), [0], [-1], [0])
 
 
