@@ -12,6 +12,14 @@ from moshi.utils.compile import no_compile
 from safetensors.torch import save_file
 from torch import nn
 
+from moshi_ttt.checkpoints.adapter import export_merged, load_adapter, save_adapter
+from moshi_ttt.checkpoints.loading import (
+    apply_lora,
+    load_base_lm,
+    load_codec,
+    load_merged,
+    lora_modules,
+)
 from moshi_ttt.integration import (
     TTTConfig,
     apply_ttt,
@@ -20,18 +28,6 @@ from moshi_ttt.integration import (
     tiny_lm_kwargs,
     ttt_modules,
     ttt_parameters,
-)
-from moshi_ttt.integration.adapter import (
-    export_merged,
-    load_adapter,
-    load_merged,
-    save_adapter,
-)
-from moshi_ttt.integration.loading import (
-    apply_lora,
-    load_base_lm,
-    load_codec,
-    lora_modules,
 )
 
 F32 = torch.float32

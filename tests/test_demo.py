@@ -1,42 +1,80 @@
-"""The end-to-end demo (shortened) runs through the real trainer and evaluation and writes a
-report with finite numbers."""
+"""The end-to-end demo (shortened): base -> export -> frozen retrofit -> eval, through the real
+trainer, exporter and evaluation; results.json rows are recomputed by their commands."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import shlex
+
+import pytest
 
 from moshi_ttt.cli import main
 
 
-def test_quick_demo_writes_report_with_finite_numbers(tmp_path):
-    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
-    report = json.loads((tmp_path / "report.json").read_text())
-    summary = report["summary"]
-    for row in summary["loss"].values():
-        assert math.isfinite(row["inside"]) and math.isfinite(row["beyond"])
-    assert math.isfinite(summary["gain_beyond_pct"])
-    assert set(summary["checks"]) == {
-        "ttt_at_least_10pct_below_baseline_beyond_window",
-        "state_reset_gives_back_most_of_the_gain",
-        "gate_not_collapsed",
-    }
-    assert all(math.isfinite(v) for v in summary["gates"].values())
-    md = (tmp_path / "report.md").read_text()
-    assert md.startswith("# moshi-ttt demo") and "Bar " in md
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_quick_demo_writes_results_and_report(quick):
+    results = json.loads((quick / "results.json").read_text())
+    rows = results["rows"]
+    assert {"base", "oracle_full", "retrofit", "retrofit_reset", "retrofit_gate0",
+            "scratch"} <= set(rows)  # fmt: skip
+    base, oracle = rows["base"]["ce_beyond"], rows["oracle_full"]["ce_beyond"]
+    assert results["available_gain"] == pytest.approx(base - oracle)
+    for name, row in rows.items():
+        assert math.isfinite(row["ce_within"]) and math.isfinite(row["ce_beyond"])
+        want = (base - row["ce_beyond"]) / (base - oracle)
+        assert row["gain_share"] == pytest.approx(want), name
+    assert rows["base"]["gain_share"] == 0.0 and rows["oracle_full"]["gain_share"] == 1.0
+    assert rows["retrofit"]["frozen_base"] and not rows["base"]["frozen_base"]
+    assert rows["oracle_full"]["command"] is None
+    # gate forced to 0 on the frozen base is the base itself, bit for bit
+    assert rows["retrofit_gate0"]["ce_beyond"] == base
+    assert 0 < rows["retrofit"]["gate"] <= 1
+    assert results["target_met"] == (rows["retrofit"]["gain_share"] >= 0.5)
+    md = (quick / "report.md").read_text()
+    assert md.startswith("# moshi-ttt demo") and "frozen" in md
+    report = json.loads((quick / "report.json").read_text())
     for plot in report["plots"]:
-        assert (tmp_path / plot).stat().st_size > 1000
-    assert {"loss_vs_position.png", "training_loss.png"} <= set(report["plots"])
-    # both models went through the real trainer: checkpoints and metrics exist
-    for run in report["runs"].values():
-        assert list((tmp_path / "runs").glob("*/checkpoints/step_*"))
-        assert (tmp_path / "runs").exists() and run
-    assert (tmp_path / "configs" / "ttt.yaml").is_file()
+        assert (quick / plot).stat().st_size > 1000
+    assert {"loss_vs_position.png", "training.png"} <= set(report["plots"])
+    # the retrofit trained on the exported base, frozen, with the shorter training window
+    cfg = (quick / "configs" / "retrofit.yaml").read_text()
+    assert "source: local" in cfg and "train_base: false" in cfg and "train_context: 4" in cfg
+    assert (quick / "base" / "model.safetensors").is_file()
 
 
-def test_quick_demo_is_deterministic(tmp_path):
-    runs = []
-    for name in ("a", "b"):
-        assert main(["demo", "--quick", "--out", str(tmp_path / name), "--no-progress"]) == 0
-        runs.append(json.loads((tmp_path / name / "report.json").read_text())["summary"])
-    assert runs[0]["loss"] == runs[1]["loss"] and runs[0]["gates"] == runs[1]["gates"]
+@pytest.mark.parametrize("row", ["base", "retrofit", "retrofit_reset", "retrofit_gate0"])
+def test_results_commands_reproduce_the_rows(quick, row, capsys, monkeypatch):
+    results = json.loads((quick / "results.json").read_text())
+    entry = results["rows"][row]
+    argv = shlex.split(entry["command"])
+    assert argv[0].endswith("moshi-ttt")
+    monkeypatch.chdir(quick.parent)  # the paths are absolute here; any directory works
+    assert main(argv[1:]) == 0
+    printed = capsys.readouterr().out
+    line = next(x for x in printed.splitlines() if "beyond the context" in x)
+    values = dict(re.findall(r"(\w+) (-?\d+\.\d{4})", line))
+    assert float(values[entry["variant"]]) == pytest.approx(entry["ce_beyond"], abs=1e-4)
+
+
+def test_quick_demo_is_deterministic(quick, tmp_path):
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    a = json.loads((quick / "results.json").read_text())["rows"]
+    b = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {k: v["ce_beyond"] for k, v in a.items()} == {k: v["ce_beyond"] for k, v in b.items()}
+    assert a["retrofit"]["gate"] == b["retrofit"]["gate"]
+
+
+def test_quick_demo_audio_stream(tmp_path):
+    assert main(["demo", "--quick", "--stream", "audio", "--out", str(tmp_path),
+                 "--no-progress"]) == 0  # fmt: skip
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["metric"] == "cb0"
+    assert all(math.isfinite(r["ce_beyond"]) for r in results["rows"].values())

@@ -16,6 +16,7 @@ import torch
 from moshi.utils.compile import no_compile
 from safetensors.torch import save_file
 
+from moshi_ttt.checkpoints.loading import build_tiny_mimi
 from moshi_ttt.cli import main
 from moshi_ttt.eval.gating import parse_gates
 from moshi_ttt.eval.inner_loss import evaluate_inner_loss, verdict
@@ -28,7 +29,6 @@ from moshi_ttt.eval.long_context import (
     stream_losses,
 )
 from moshi_ttt.integration import TTTConfig, apply_ttt, build_tiny_lm, ttt_modules
-from moshi_ttt.integration.loading import build_tiny_mimi
 from moshi_ttt.train.loss import _masked_ce
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}
@@ -309,7 +309,12 @@ def test_cli_long_context_inner_loss_gating(librilight, tmp_path, capsys):
     assert math.isfinite(res["gains"]["no_ttt"]["beyond_context"]["audio_ce"])
     assert res["bad"]["files_bad"] == 3 and res["speedup"]["speedup"] > 0
     assert "bad.flac" in md and "too_short" in md and "Headline" in md
-    assert "token-by-token streaming: x" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "token-by-token streaming: x" in printed
+    # audio is scored beyond the 12-frame context: the headline metric is audio CE
+    assert data["metric"] == res["metric"] == "audio_ce"
+    assert "audio CE beyond the context (>= 12 frames): ttt " in printed
+    assert "| text CE" not in md  # no text is scored: no text column
 
     out = tmp_path / "inner"
     assert main(["eval", "inner-loss", *common, "--out", str(out), "--speedup-frames", "0"]) == 0

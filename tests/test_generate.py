@@ -11,11 +11,11 @@ import torch
 from moshi.utils.compile import no_compile
 
 from moshi_ttt import cli
+from moshi_ttt.checkpoints.adapter import save_adapter
+from moshi_ttt.checkpoints.loading import build_tiny_mimi, load_base_lm, load_codec
 from moshi_ttt.cli_generate import add_generate_parser
 from moshi_ttt.generate import generate, read_wav, resample
 from moshi_ttt.integration import TTTConfig, apply_ttt
-from moshi_ttt.integration.adapter import save_adapter
-from moshi_ttt.integration.loading import build_tiny_mimi, load_base_lm, load_codec
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .cli_eval import add_eval_parser
+from .cli_export import add_export_parser
 from .cli_generate import add_generate_parser
 from .cli_train import add_train_parsers
 from .errors import TrainingStopped
@@ -20,7 +21,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(out_dir=args.out, seed=args.seed, quick=args.quick, progress=not args.no_progress)
+    run_demo(out_dir=args.out, seed=args.seed, quick=args.quick, progress=not args.no_progress,
+             stream=args.stream)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,11 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a tiny version (tests, a minute)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--stream", choices=["text", "audio"], default="text",
+                      help="where the task's symbols live: text tokens (default) or Moshi's "
+                      "audio codebook 0 (scored by audio CE)")  # fmt: skip
     demo.set_defaults(func=_demo)
 
     add_generate_parser(sub)
     add_eval_parser(sub)
     add_train_parsers(sub)
+    add_export_parser(sub)
     return parser
 
 

@@ -1,7 +1,8 @@
 """Command-line pieces shared by ``generate`` and ``eval``: choosing the model and the device.
 
 Every model-taking subcommand accepts exactly one of ``--adapter DIR`` (a trained adapter on its
-base), ``--base REPO_OR_DIR`` (a Hugging Face repo, a checkpoint or a merged directory),
+base), ``--base REPO_OR_DIR`` (a Hugging Face repo, a checkpoint directory with config.json, an
+export, or a run / ``step_*`` directory as a frozen base with its LoRA merged),
 ``--run DIR`` (a ``moshi-ttt train`` run directory or one of its checkpoints, rebuilt from its
 config) and ``--tiny`` (the tiny random Moshi-architecture model, for tests and CPU demos), plus
 ``--ttt-config YAML`` for ``--base``/``--tiny``, ``--device`` and ``--dtype``.
@@ -24,7 +25,9 @@ def add_model_args(p: argparse.ArgumentParser, tiny_default_ttt: bool = True) ->
     model.add_argument("--adapter", metavar="DIR", help="adapter directory (its base is loaded)")
     model.add_argument("--tiny", action="store_true", help="tiny random Moshi (CPU demo/tests)")
     model.add_argument(
-        "--base", metavar="REPO_OR_DIR", help="HF repo id, checkpoint or merged directory"
+        "--base",
+        metavar="REPO_OR_DIR",
+        help="HF repo id, checkpoint dir, `moshi-ttt export` dir, or a run dir (LoRA merged)",
     )
     model.add_argument(
         "--run", metavar="DIR", help="a training run (its newest checkpoint) or checkpoint dir"
@@ -62,9 +65,9 @@ def load_model_from_args(
     args: argparse.Namespace, tiny_default_ttt: bool = True
 ) -> tuple[Any, Any, torch.device, torch.dtype]:
     """``(lm, checkpoint_info, device, dtype)`` for the model named by ``add_model_args``."""
+    from .checkpoints.adapter import load_adapter
+    from .checkpoints.loading import load_base_lm
     from .integration import TTTConfig, apply_ttt
-    from .integration.adapter import load_adapter
-    from .integration.loading import load_base_lm
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

@@ -101,6 +101,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         default="zero",
         help="text stream: -1 (no text loss) or PAD every frame (default zero)",
     )
+    p.add_argument(
+        "--metric",
+        choices=["auto", "audio_ce", "cb0", "cb1_7", "text_ce"],
+        default="auto",
+        help="headline metric (default auto: audio CE when audio tokens are scored beyond "
+        "the attention context, else text CE)",
+    )
     p.add_argument("--max-files", type=int, metavar="N", help="only the first N files")
     p.add_argument("--max-frames", type=int, metavar="N", help="cut files to N frames")
     p.add_argument(
@@ -188,8 +195,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
     """Check the arguments, load the model, open the inputs: ``(lm, info, inputs, setup)``."""
+    from .checkpoints.loading import load_codec
     from .eval.inputs import EvalInputs, StreamPlacement
-    from .integration.loading import load_codec
 
     _check_numbers(args)
     placement = StreamPlacement(args.audio_stream, args.other_stream, args.text)
@@ -212,13 +219,17 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
 
 
 def _finish(result: Any, args: argparse.Namespace) -> None:
-    """Print the summary; no usable file is an error (after the report is written)."""
+    """Print the summary (``long_context.summary_lines``: per variant the CE beyond and inside
+    the attention context on the headline metric, 4 decimals, and the differences against the
+    primary); no usable file is an error (after the report is written)."""
+    from .eval.long_context import summary_lines
+
     out = args.out
     bad = result.bad.get("bad_files", [])
     print(f"evaluated {len(result.files)} files ({len(bad)} skipped); wrote {out}/report.md")
-    for name, g in result.gains().items():
-        d = g["beyond_context"]["audio_ce"]
-        print(f"  audio CE beyond the context: {name} - {result.primary} = {d:+.4f} nats")
+    if result.files:
+        for line in summary_lines(result.summary()):
+            print(line)
     if result.speedup:
         print(f"  chunked vs token-by-token streaming: x{result.speedup['speedup']:.1f}")
     if not result.files:
@@ -242,6 +253,7 @@ def run_long_context(args: argparse.Namespace) -> Any:
     result = evaluate_long_context(
         lm, inputs, reset_every=args.reset_every, controls=controls, **_run_kwargs(args)
     )
+    result.metric = args.metric
     write_long_context_report(result, args.out, setup=setup)
     _finish(result, args)
     return result
@@ -255,6 +267,7 @@ def run_inner_loss(args: argparse.Namespace) -> Any:
     result = evaluate_inner_loss(
         lm, inputs, reset_every=args.reset_every, controls=controls, **_run_kwargs(args)
     )
+    result.metric = args.metric
     report = write_inner_loss_report(result, args.out, setup=setup)
     for layer, v in report.data.get("inner_loss", {}).get("verdicts", {}).items():
         print(f"  {layer}: {v['text']}")
@@ -263,14 +276,15 @@ def run_inner_loss(args: argparse.Namespace) -> Any:
 
 
 def run_gating(args: argparse.Namespace) -> Any:
+    from .checkpoints.loading import load_codec
     from .eval.gating import evaluate_gating, generate_per_gate, parse_gates, write_gating_report
-    from .integration.loading import load_codec
 
     gates = parse_gates(args.gates)
     if args.generate_input and not Path(args.generate_input).is_file():
         raise FileNotFoundError(f"--generate-input not found: {args.generate_input}")
     lm, info, inputs, setup = _prepare(args)
     result = evaluate_gating(lm, inputs, gates, **_run_kwargs(args))
+    result.metric = args.metric
     samples = None
     if args.generate:
         used = [f["name"] for f in result.files] if inputs.kind != "shards" else []

@@ -39,8 +39,8 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_generate(args: argparse.Namespace) -> dict[str, Any]:
     """Load the model and codec named by ``args``, run ``generate``, print the summary."""
+    from .checkpoints.loading import load_codec
     from .generate import generate
-    from .integration.loading import load_codec
 
     if not Path(args.input).is_file():  # before loading a 15 GB model
         raise FileNotFoundError(f"input audio not found: {args.input}")

@@ -38,7 +38,7 @@ def add_train_parsers(subparsers: Any) -> None:
     t.add_argument("out_dir", metavar="OUT_DIR")
     model = t.add_mutually_exclusive_group(required=True)
     model.add_argument(
-        "--base", metavar="REPO_OR_DIR", help="the model whose Mimi/tokenizer to use"
+        "--base", metavar="REPO_OR_DIR", help="the model (or run) whose Mimi/tokenizer to use"
     )
     model.add_argument("--tiny", action="store_true", help="the tiny model's Mimi and tokenizer")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -75,8 +75,8 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_tokenize(args: argparse.Namespace) -> None:
+    from .checkpoints.loading import codec_for_source, load_codec
     from .cli_common import resolve_device
-    from .integration.loading import checkpoint_info, load_codec
     from .integration.tiny import build_tiny_lm
     from .train.data import tokenize_index
 
@@ -85,9 +85,10 @@ def run_tokenize(args: argparse.Namespace) -> None:
         lm = build_tiny_lm(0)
         lm.moshi_ttt_base = "tiny:0"
         mimi, tokenizer = load_codec(lm, None, device=device)
-    else:  # only Mimi and the tokenizer: the 7B weights are not read
-        info = checkpoint_info(args.base)
-        mimi, tokenizer = info.get_mimi(device=device), info.get_text_tokenizer()
+    else:  # only Mimi and the tokenizer: the LM weights are not read
+        mimi, tokenizer = codec_for_source(args.base, device=device)
+        if tokenizer is None:
+            raise FileNotFoundError(f"--base {args.base}: has no text tokenizer file")
     stats = tokenize_index(
         args.index, args.out_dir, mimi, tokenizer,
         max_bad_fraction=args.max_bad_fraction, progress=not args.no_progress,

@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 
 from .train.data import FRAME_RATE, NUM_CODEBOOKS, NUM_STREAMS, SHARDS_INDEX, ZERO_TOKEN
 
+STREAMS = ("text", "audio")
 MAX_SUBSETS = 20_000  # C(V, k) above this makes the exact oracle too slow
 
 
@@ -56,6 +57,10 @@ class MarkovTask:
         seq_len: frames per sequence T.
         token_offset: text token of symbol 0; symbols use tokens ``offset .. offset + V - 1``.
         user_echo: also write the symbol ids into the user's 8 audio rows (module docstring).
+        stream: where the scored symbols live: ``"text"`` (row 0, text tokens
+            ``token_offset + symbol``; scored by the text CE) or ``"audio"`` (row 1, Moshi's
+            own audio codebook 0, tokens = symbol ids, text row -1; scored by the audio CE of
+            codebook 0, as the LibriLight long-context evaluation scores audio).
     """
 
     num_symbols: int = 16
@@ -64,6 +69,7 @@ class MarkovTask:
     seq_len: int = 256
     token_offset: int = 4
     user_echo: bool = True
+    stream: str = "text"
 
     def __post_init__(self) -> None:
         if self.num_symbols < 2:
@@ -78,6 +84,8 @@ class MarkovTask:
             raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
         if self.token_offset < 0:
             raise ValueError(f"token_offset must be >= 0, got {self.token_offset}")
+        if self.stream not in STREAMS:
+            raise ValueError(f"stream must be one of {STREAMS}, got {self.stream!r}")
 
     @property
     def text_card(self) -> int:
@@ -107,17 +115,28 @@ class MarkovTask:
             symbols[t] = uniform[t] if jump[t] else table[symbols[t - 1], pick[t]]
         return symbols, table
 
+    @property
+    def metric(self) -> str:
+        """The ``PositionLosses.totals`` key that scores the symbols: text CE or codebook 0."""
+        return "text_ce" if self.stream == "text" else "cb0"
+
     def codes(self, symbols: np.ndarray) -> torch.Tensor:
-        """Codes ``[17, T]`` int32: row 0 the symbol tokens, rows 1-8 -1 (no token), rows 9-16
-        the symbol ids with ``user_echo``, else -1."""
+        """Codes ``[17, T]`` int32: the symbols in row 0 (text tokens, ``stream="text"``) or
+        row 1 (audio codebook 0, ``stream="audio"``), rows 9-16 the symbol ids with
+        ``user_echo``, every other row -1 (no token, no loss)."""
         out = torch.full((NUM_STREAMS, len(symbols)), ZERO_TOKEN, dtype=torch.int32)
-        out[0] = torch.as_tensor(symbols + self.token_offset, dtype=torch.int32)
+        if self.stream == "text":
+            out[0] = torch.as_tensor(symbols + self.token_offset, dtype=torch.int32)
+        else:
+            out[1] = torch.as_tensor(symbols, dtype=torch.int32)
         if self.user_echo:
             out[1 + NUM_CODEBOOKS :] = torch.as_tensor(symbols, dtype=torch.int32)
         return out
 
     def symbols_of(self, codes: torch.Tensor) -> np.ndarray:
-        """Inverse of ``codes``: symbols ``[T]`` from codes ``[17, T]`` (or text ``[T]``)."""
+        """Inverse of ``codes``: symbols ``[T]`` from codes ``[17, T]`` (or the row ``[T]``)."""
+        if self.stream == "audio":
+            return (codes[1] if codes.dim() == 2 else codes).long().numpy()
         text = codes[0] if codes.dim() == 2 else codes
         return text.long().numpy() - self.token_offset
 
@@ -200,7 +219,9 @@ def write_shards(out_dir: str | Path, task: MarkovTask, num_sequences: int, seed
         "version": 1,
         "index": f"synthetic markov task, seed {seed}",
         "frame_rate": FRAME_RATE,
-        "rows": "text = symbol tokens; audio rows -1",
+        "rows": "text = symbol tokens; audio rows -1"
+        if task.stream == "text"
+        else "audio codebook 0 = symbols; text and other audio rows -1",
         "task": task.to_dict(),
         "seed": int(seed),
         "files": files,

@@ -160,8 +160,8 @@ def add_pair_parsers(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
 
 def run_pairs(args: argparse.Namespace) -> dict[str, Any]:
     """CLI body: read the pairs (user errors first), load the model, score, write the report."""
+    from ..checkpoints.loading import load_codec
     from ..cli_common import describe_model, load_model_from_args
-    from ..integration.loading import load_codec
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")

@@ -9,8 +9,9 @@ binned by position (the TTT step = frame of the temporal transformer's input).
 
 A healthy memory: ``l0 > lprev > lafter``, and the memory gap ``l0 - lprev`` (what the
 accumulated fast weights give over W0) grows with position. The report compares that with the
-model-loss gain of the same run (``no_ttt`` minus ``ttt``): the seeds' run saw a 99 % inner
-improvement and no model-loss improvement.
+model-loss gain of the same run (``no_ttt`` minus ``ttt``) on the scored metric (``"auto"``:
+audio CE when audio tokens are scored beyond the context, else text CE; ``choose_metric``): the
+seeds' run saw a 99 % inner improvement and no model-loss improvement.
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ from moshi.models.lm import LMModel
 from ..layer import InnerLossProbe, TTTLayer, record_inner_loss
 from ..ttt import InnerLoss
 from .long_context import (
+    AUTO,
     FRAME_RATE,
+    METRIC_LABELS,
     LongContextResult,
     PositionLosses,
+    check_metric,
     evaluate_long_context,
+    resolve_metric,
     write_result_section,
     write_run_info,
 )
@@ -137,10 +142,12 @@ def evaluate_inner_loss(
     speedup_frames: int = 0,
     bin_frames: int = 250,
     progress: bool = True,
+    metric: str = AUTO,
 ) -> LongContextResult:
     """The long-context run (``evaluate_long_context``: the full-memory model and
     ``controls``) with the inner losses of every ``TTTLayer`` recorded on the full-memory
-    pass; ``result.inner`` is the ``InnerLossCurves``."""
+    pass; ``result.inner`` is the ``InnerLossCurves``; ``metric``: the model-loss metric of
+    its report (``"auto"``: ``choose_metric``)."""
     if not any(isinstance(m, TTTLayer) for m in lm.modules()):
         raise ValueError(
             "inner-loss needs a model with TTT-Linear/MLP layers (In-Place TTT and base models "
@@ -157,6 +164,7 @@ def evaluate_inner_loss(
         speedup_frames=speedup_frames,
         bin_frames=bin_frames,
         progress=progress,
+        metric=metric,
     )
     result.inner = recorder.curves
     return result
@@ -216,42 +224,66 @@ def write_inner_loss_section(
     reference: str = "ttt",
     baseline: str = "no_ttt",
     prefix: str = "",
+    metric: str = AUTO,
 ) -> dict[str, Any]:
-    """Per-layer plots of l0/lprev/lafter against position, each beside the model's audio CE
-    of the same run (``model_curves``), the verdicts, and a comparison plot of the relative
-    inner gain ``(l0 - lprev) / l0`` with the relative model gain ``(baseline - reference) /
-    baseline``. Returns (and stores under ``report.data``) the numbers."""
+    """Per-layer plots of l0/lprev/lafter against position, each beside the model's loss of
+    the same run (``model_curves``) on ``metric`` (``"auto"``: audio CE when audio tokens are
+    scored beyond ``context``, else text CE; or one of ``long_context.METRICS``), the
+    verdicts, and a comparison plot of the relative inner gain ``(l0 - lprev) / l0`` with the
+    relative model gain ``(baseline - reference) / baseline`` on that metric. Returns (and
+    stores under ``report.data``) the numbers, ``metric`` resolved (None without
+    ``model_curves``)."""
+    check_metric(metric)
+    model_curves = model_curves or {}
+    model_metric = resolve_metric(metric, model_curves, context) if model_curves else None
     binned = curves.binned(bin_frames)
-    model_binned = {k: v.binned(bin_frames) for k, v in (model_curves or {}).items()}
+    model_binned = {k: v.binned(bin_frames) for k, v in model_curves.items()}
     verdicts = {layer: verdict(c) for layer, c in binned.items()}
     report.add_text(
         "## Inner loss (Figure 5)\n\nInner reconstruction MSE of each TTT layer, mean "
         "over heads and files, against the TTT step (input frame): `l0` (initial "
         "weights), `lprev` (weights at the start of the token's mini-batch), `lafter` "
         "(weights the token's output uses)."
+        + (
+            f" Beside it: the model's {METRIC_LABELS[model_metric]} (`{model_metric}`) of the "
+            "same run."
+            if model_metric
+            else ""
+        )
     )
     report.add_text("\n".join(f"- **{layer}**: {v['text']}" for layer, v in verdicts.items()))
     for layer, c in binned.items():
-        fig, (ax, ax2) = report.figure(11.0, 3.8, ncols=2)
+        if model_metric is None:
+            fig, ax = report.figure(5.5, 3.8)
+            axes = [ax]
+        else:
+            fig, (ax, ax2) = report.figure(11.0, 3.8, ncols=2)
+            axes = [ax, ax2]
         x = (np.asarray(c["start"]) + np.asarray(c["end"]) - 1) / 2
         for n in NAMES:
             ax.plot(x, np.asarray(c[n], dtype=float), marker=".", label=n)
         ax.set(title=f"{layer}: inner loss", xlabel="position (frames)", ylabel="MSE")
         ax.legend(fontsize=7)
-        for name, b in model_binned.items():
-            xb = (np.asarray(b["start"]) + np.asarray(b["end"]) - 1) / 2
-            ax2.plot(xb, np.asarray(b["audio_ce"], dtype=float), marker=".", label=name)
-        if context:
-            for a in (ax, ax2):
-                a.axvline(context, color="k", ls="--", lw=1)
-        ax2.set(title="model: audio CE (same run)", xlabel="position (frames)", ylabel="CE (nats)")
-        if model_binned:
+        if model_metric is not None:
+            for name, b in model_binned.items():
+                xb = (np.asarray(b["start"]) + np.asarray(b["end"]) - 1) / 2
+                ax2.plot(xb, np.asarray(b[model_metric], dtype=float), marker=".", label=name)
+            label = METRIC_LABELS[model_metric]
+            ax2.set(
+                title=f"model: {label} (same run)", xlabel="position (frames)", ylabel="CE (nats)"
+            )
             ax2.legend(fontsize=7)
+        if context:
+            for a in axes:
+                a.axvline(context, color="k", ls="--", lw=1)
         slug = re.sub(r"\W+", "_", layer).strip("_")
         report.add_figure(fig, f"{prefix}inner_loss_{slug}.png", f"Inner loss, {layer}")
     if binned:
-        _plot_comparison(report, binned, model_binned, reference, baseline, context, prefix)
+        _plot_comparison(
+            report, binned, model_binned, reference, baseline, context, prefix, model_metric
+        )
     data = {
+        "metric": model_metric,
         "bin_frames": bin_frames,
         "curves": binned,
         "verdicts": verdicts,
@@ -261,23 +293,26 @@ def write_inner_loss_section(
     return data
 
 
-def _plot_comparison(report, binned, model_binned, reference, baseline, context, prefix) -> None:
+def _plot_comparison(
+    report, binned, model_binned, reference, baseline, context, prefix, metric
+) -> None:
     fig, ax = report.figure()
     for layer, c in binned.items():
         l0, lp = np.asarray(c["l0"], dtype=float), np.asarray(c["lprev"], dtype=float)
         x = (np.asarray(c["start"]) + np.asarray(c["end"]) - 1) / 2
         ax.plot(x, (l0 - lp) / l0, marker=".", label=f"{layer}: (l0 - lprev) / l0")
-    if reference in model_binned and baseline in model_binned:
-        ref = np.asarray(model_binned[reference]["audio_ce"], dtype=float)
-        base = np.asarray(model_binned[baseline]["audio_ce"], dtype=float)
+    if metric is not None and reference in model_binned and baseline in model_binned:
+        ref = np.asarray(model_binned[reference][metric], dtype=float)
+        base = np.asarray(model_binned[baseline][metric], dtype=float)
+        n = min(len(ref), len(base))
         b = model_binned[reference]
         x = (np.asarray(b["start"]) + np.asarray(b["end"]) - 1) / 2
         ax.plot(
-            x,
-            (base - ref) / base,
+            x[:n],
+            (base[:n] - ref[:n]) / base[:n],
             "k-",
             marker="s",
-            label=f"model: ({baseline} - {reference}) / {baseline}",
+            label=f"model {METRIC_LABELS[metric]}: ({baseline} - {reference}) / {baseline}",
         )
     if context:
         ax.axvline(context, color="k", ls="--", lw=1)
@@ -297,11 +332,15 @@ def write_inner_loss_report(
     *,
     bin_frames: int | None = None,
     setup: dict[str, Any] | None = None,
+    metric: str | None = None,
 ) -> Report:
     """``report.md``/``report.json``/plots: the inner-loss section and, beside it, the
-    long-context section of the same run (``bin_frames``: default the result's)."""
+    long-context section of the same run (``bin_frames``, ``metric``: default the result's;
+    ``report.json``'s ``metric`` is the resolved one)."""
     bin_frames = bin_frames or result.bin_frames
+    metric = check_metric(metric or result.metric)
     report = Report("Inner-loss diagnostic (Figure 5)", out_dir)
+    report.data["metric"] = result.chosen_metric(metric)
     write_run_info(report, result, setup or {})
     if result.files and isinstance(result.inner, InnerLossCurves):
         write_inner_loss_section(
@@ -311,8 +350,9 @@ def write_inner_loss_report(
             model_curves=result.variants,
             context=result.context,
             reference=result.primary,
+            metric=metric,
         )
-    write_result_section(report, result, bin_frames)
-    report.data["result"] = result.to_dict(bin_frames)
+    write_result_section(report, result, bin_frames, metric)
+    report.data["result"] = result.to_dict(bin_frames, metric)
     report.write()
     return report

@@ -116,7 +116,7 @@ class EvalInputs:
 
     Args:
         path: audio directory or file, JSONL index, or shards directory (module docstring).
-        mimi: the codec (``integration.loading.load_codec``); needed for audio sources.
+        mimi: the codec (``checkpoints.loading.load_codec``); needed for audio sources.
         placement: stream placement of the audio (``StreamPlacement``).
         max_files: only the first files (sorted by path; index order for JSONL).
         max_frames: cut every file to its first frames (None: whole files).

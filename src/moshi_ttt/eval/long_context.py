@@ -16,7 +16,9 @@ same way, ``LMModel.forward`` (tests check both).
 Variants of one model in the same run (``Variant``): ``ttt`` (full memory), ``reset_every_N``
 (TTT state restarted every N frames, attention untouched) and ``no_ttt`` (gates forced to 0:
 the base model). The headline is the loss difference, control minus full memory, at positions
-beyond the attention context (3,000 frames for Moshi).
+beyond the attention context (3,000 frames for Moshi), on one metric: ``"auto"`` (the default,
+``choose_metric``) takes the audio CE when audio tokens are scored beyond the context, else the
+text CE (e.g. text-only shards whose audio rows are -1); callers may name one of ``METRICS``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ from .report import Report
 FRAME_RATE = 12.5  # frames per second
 NUM_AUDIO = 8  # Moshi's codebooks, the scored audio
 METRICS = ("audio_ce", "cb0", "cb1_7", "text_ce")
+METRIC_LABELS = {"audio_ce": "audio CE", "cb0": "cb0 CE", "cb1_7": "cb1-7 CE", "text_ce": "text CE"}
+COLUMN_LABELS = {"audio_ce": "audio CE", "cb0": "cb0", "cb1_7": "cb1-7", "text_ce": "text CE"}
+AUTO = "auto"  # the headline metric chosen from what is scored (``choose_metric``)
 
 
 # -- one file ---------------------------------------------------------------------------------
@@ -247,6 +252,56 @@ def _div(num: Any, den: Any) -> Any:
     return float(out) if out.ndim == 0 else out
 
 
+# -- the headline metric ----------------------------------------------------------------------
+def choose_metric(curves: dict[str, PositionLosses], context: int) -> str:
+    """The headline metric of ``curves``: ``"audio_ce"`` when some curve scores audio tokens at
+    positions ``>= context``, else ``"text_ce"`` when some scores text tokens there. When
+    nothing is scored beyond the context (no file reaches past it): ``"audio_ce"`` if any
+    audio token is scored, else ``"text_ce"`` if any text token is, else ``"audio_ce"``."""
+    for start in (context, 0):
+        totals = [c.totals(start) for c in curves.values()]
+        if any(t["audio_tokens"] > 0 for t in totals):
+            return "audio_ce"
+        if any(t["text_tokens"] > 0 for t in totals):
+            return "text_ce"
+    return "audio_ce"
+
+
+def check_metric(metric: str) -> str:
+    """``metric`` if it is ``"auto"`` or one of ``METRICS``, else ``ValueError``."""
+    if metric != AUTO and metric not in METRICS:
+        raise ValueError(f"metric {metric!r}: expected 'auto' or one of {METRICS}")
+    return metric
+
+
+def resolve_metric(metric: str, curves: dict[str, PositionLosses], context: int) -> str:
+    """``metric`` with ``"auto"`` replaced by ``choose_metric(curves, context)``."""
+    check_metric(metric)
+    return choose_metric(curves, context) if metric == AUTO else metric
+
+
+def metric_note(
+    metric: str, requested: str, curves: dict[str, PositionLosses], context: int
+) -> str:
+    """One sentence for the report: the headline metric and why it was chosen."""
+    head = f"Headline metric: {METRIC_LABELS[metric]} (`{metric}`)"
+    if requested != AUTO:
+        return f"{head}, set by the caller."
+    beyond = [c.totals(context) for c in curves.values()]
+    if any(t["audio_tokens"] > 0 for t in beyond):
+        why = "audio tokens are scored beyond the attention context"
+    elif any(t["text_tokens"] > 0 for t in beyond):
+        why = "no audio token is scored beyond the attention context, text tokens are"
+    else:
+        scored = "audio" if metric == "audio_ce" else "text"
+        why = (
+            f"nothing is scored beyond the attention context; {scored} tokens are scored before it"
+        )
+        if not any(c.totals()[f"{scored}_tokens"] > 0 for c in curves.values()):
+            why = "no token is scored"
+    return f"{head}, chosen automatically: {why}."
+
+
 # -- variants and the run -------------------------------------------------------------------
 @dataclass(frozen=True)
 class Variant:
@@ -296,16 +351,54 @@ class LongContextResult:
     timing: dict[str, dict[str, float]] = field(default_factory=dict)
     speedup: dict[str, Any] | None = None
     inner: Any = None  # inner_loss.InnerLossCurves when recorded
+    metric: str = AUTO  # headline metric: "auto" (``choose_metric``) or one of ``METRICS``
+
+    def chosen_metric(self, metric: str | None = None) -> str:
+        """``metric`` (default: the result's) with ``"auto"`` resolved (``choose_metric``)."""
+        return resolve_metric(metric or self.metric, self.variants, self.context)
+
+    def summary(self, metric: str | None = None) -> dict[str, Any]:
+        """The headline numbers (``summary_lines`` prints them): ``metric`` (resolved),
+        ``context_frames``, ``primary``; per variant the token-weighted CE of every metric and
+        the token counts ``beyond_context`` (positions ``>= context``: exactly
+        ``variants[v].totals(context)``) and ``within_context`` (``< context``); and
+        ``difference[v]`` = variant minus primary on ``metric`` (``beyond_context``,
+        ``within_context``; > 0: the primary is better)."""
+        m = self.chosen_metric(metric)
+        keys = (*METRICS, "audio_tokens", "text_tokens")
+        parts = {"beyond_context": (self.context, None), "within_context": (0, self.context)}
+        out: dict[str, Any] = {
+            "metric": m,
+            "context_frames": self.context,
+            "primary": self.primary,
+        }
+        for part, (a, b) in parts.items():
+            out[part] = {
+                name: {k: c.totals(a, b)[k] for k in keys} for name, c in self.variants.items()
+            }
+        out["difference"] = {
+            name: {
+                part: out[part][name][m] - out[part][self.primary][m]
+                for part in ("beyond_context", "within_context")
+            }
+            for name in self.variants
+            if name != self.primary
+        }
+        return out
 
     def gains(self, reference: str | None = None) -> dict[str, dict[str, Any]]:
         """``memory_gains`` of every other variant against ``reference`` (default: primary)."""
         return memory_gains(self.variants, reference or self.primary, self.context)
 
-    def to_dict(self, bin_frames: int | None = None) -> dict[str, Any]:
+    def to_dict(self, bin_frames: int | None = None, metric: str | None = None) -> dict[str, Any]:
         """The numbers as plain JSON types, curves binned by ``bin_frames`` (default: the
-        result's)."""
+        result's); ``metric`` (resolved) and ``summary`` (``summary(metric)`` and its printed
+        ``lines``) on ``metric`` (default: the result's)."""
         bin_frames = bin_frames or self.bin_frames
+        summary = self.summary(metric)
         return {
+            "metric": summary["metric"],
+            "summary": summary | {"lines": summary_lines(summary)},
             "primary": self.primary,
             "context_frames": self.context,
             "chunk_frames": self.chunk_frames,
@@ -337,8 +430,31 @@ def memory_gains(
             mine, theirs = c.totals(a, b), ref.totals(a, b)
             entry[part] = {m: mine[m] - theirs[m] for m in METRICS}
             entry[part]["audio_tokens"] = theirs["audio_tokens"]
+            entry[part]["text_tokens"] = theirs["text_tokens"]
         out[name] = entry
     return out
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    """The printed summary of ``LongContextResult.summary()``: the CE of every variant beyond
+    and inside the attention context on the headline metric, then each variant minus the
+    primary; 4 decimals (the printed values are ``totals(context)[metric]`` rounded)."""
+    m, ctx, primary = summary["metric"], summary["context_frames"], summary["primary"]
+    label = METRIC_LABELS[m]
+
+    def values(part: str) -> str:
+        return ", ".join(f"{k} {v[m]:.4f}" for k, v in summary[part].items())
+
+    lines = [
+        f"  {label} beyond the context (>= {ctx} frames): {values('beyond_context')}",
+        f"  {label} inside the context (< {ctx} frames): {values('within_context')}",
+    ]
+    for name, d in summary["difference"].items():
+        lines.append(
+            f"  {label} beyond the context: {name} - {primary} = "
+            f"{d['beyond_context']:+.4f} nats (inside: {d['within_context']:+.4f})"
+        )
+    return lines
 
 
 def evaluate_variants(
@@ -352,6 +468,7 @@ def evaluate_variants(
     speedup_frames: int = 0,
     bin_frames: int = 250,
     progress: bool = True,
+    metric: str = AUTO,
 ) -> LongContextResult:
     """Run every variant over every file (each file read once), summing per-position losses.
 
@@ -359,8 +476,10 @@ def evaluate_variants(
     into the result). ``observer`` watches the ``primary`` variant (default: the first).
     ``speedup_frames > 0``: afterwards, time token-by-token streaming against chunks on the
     first file's first frames (``measure_speedup``). ``bin_frames``: the default position bin
-    of the result's report. The gates are restored (learned) after.
+    of the result's report; ``metric``: its headline metric (``"auto"``: ``choose_metric``).
+    The gates are restored (learned) after.
     """
+    check_metric(metric)
     if not variants:
         raise ValueError("no variant to evaluate")
     if bin_frames < 1 or chunk_frames < 1:
@@ -375,6 +494,7 @@ def evaluate_variants(
         context=attention_context(lm),
         chunk_frames=chunk_frames,
         bin_frames=bin_frames,
+        metric=metric,
     )
     has_ttt = bool(ttt_modules(lm))
     forced = [k for k, v in variants.items() if v.gate is not None or v.reset_every]
@@ -441,6 +561,7 @@ def evaluate_long_context(
     speedup_frames: int = 0,
     bin_frames: int = 250,
     progress: bool = True,
+    metric: str = AUTO,
 ) -> LongContextResult:
     """Loss against position of the full-memory model and its controls (``Variant``s from
     ``long_context_variants``) over ``files`` (``(name, codes [17, T])``). A model without
@@ -455,6 +576,7 @@ def evaluate_long_context(
         speedup_frames=speedup_frames,
         bin_frames=bin_frames,
         progress=progress,
+        metric=metric,
     )
 
 
@@ -493,78 +615,67 @@ def write_long_context_section(
     reference: str | None = None,
     prefix: str = "",
     title: str = "Loss against position",
-    metric: str = "audio_ce",
+    metric: str = AUTO,
 ) -> dict[str, Any]:
     """Add the loss-vs-position section (tables, plots) for named curves (any models or
     variants over the same files) to ``report``; the others are compared against
-    ``reference`` (default: the first) on ``metric`` (``audio_ce``, ``cb0``, ``cb1_7`` or
-    ``text_ce``). Returns (and stores under ``report.data``) the numbers.
+    ``reference`` (default: the first) on ``metric`` (``audio_ce``, ``cb0``, ``cb1_7``,
+    ``text_ce``, or ``"auto"``: ``choose_metric``, audio CE when audio tokens are scored
+    beyond the context, else text CE). Table columns where no curve scores anything (e.g.
+    the audio columns of text-only data) are left out. Returns (and stores under
+    ``report.data``) the numbers, ``metric`` resolved.
     Plots: ``{prefix}loss_vs_position.png``, ``{prefix}gain_vs_position.png`` (with two or more
-    curves), ``{prefix}codebooks_vs_position.png``."""
+    curves), ``{prefix}codebooks_vs_position.png`` (when audio is scored)."""
     if not curves:
         raise ValueError("no curve to report")
-    if metric not in METRICS:
-        raise ValueError(f"metric {metric!r}: expected one of {METRICS}")
+    requested = check_metric(metric)
+    metric = resolve_metric(metric, curves, context)
+    col = COLUMN_LABELS[metric]
     reference = reference or next(iter(curves))
     binned = {k: v.binned(bin_frames) for k, v in curves.items()}
     gains = memory_gains(curves, reference, context)
     totals = {k: v.totals() for k, v in curves.items()}
     beyond = {k: v.totals(context) for k, v in curves.items()}
+    within = {k: v.totals(0, context) for k, v in curves.items()}
     window = f"{context} frames = {context / FRAME_RATE:g} s" if context else "unlimited"
     report.add_text(
         f"## {title}\n\nAttention context: {window}. Unweighted CE in nats per "
         f"token; position bins of {bin_frames} frames ({bin_frames / FRAME_RATE:g} s)"
-        "; means are token-weighted over files."
+        "; means are token-weighted over files. " + metric_note(metric, requested, curves, context)
     )
-    rows = [
-        [
-            k,
-            t["audio_ce"],
-            t["cb0"],
-            t["cb1_7"],
-            t["text_ce"],
-            beyond[k]["audio_ce"],
-            beyond[k]["cb0"],
-            int(t["audio_tokens"]),
-        ]
-        for k, t in totals.items()
+    audio = any(t["audio_tokens"] > 0 for t in totals.values())
+    text = any(t["text_tokens"] > 0 for t in totals.values())
+    beyond_keys = [k for k in ("audio_ce", "cb0", "text_ce") if k != metric]
+    columns: list[tuple[str, list[Any]]] = [
+        (COLUMN_LABELS[k], [t[k] for t in totals.values()]) for k in METRICS
     ]
-    report.add_table(
-        [
-            "curve",
-            "audio CE",
-            "cb0",
-            "cb1-7",
-            "text CE",
-            "audio CE >= ctx",
-            "cb0 >= ctx",
-            "audio tokens",
-        ],
-        rows,
-    )
+    columns += [
+        (f"{col} < ctx", [t[metric] for t in within.values()]),
+        (f"{col} >= ctx", [t[metric] for t in beyond.values()]),
+    ]
+    columns += [
+        (f"{COLUMN_LABELS[k]} >= ctx", [t[k] for t in beyond.values()]) for k in beyond_keys
+    ]
+    if audio:
+        columns.append(("audio tokens", [int(t["audio_tokens"]) for t in totals.values()]))
+    if text:
+        columns.append(("text tokens", [int(t["text_tokens"]) for t in totals.values()]))
+    _add_columns(report, "curve", list(totals), columns)
     tokens = "text_tokens" if metric == "text_ce" else "audio_tokens"
-    report.add_text(_headline_text(gains, reference, context, beyond[reference][tokens], metric))
+    reaches = max(c.length for c in curves.values()) > context
+    report.add_text(
+        _headline_text(gains, reference, context, beyond[reference][tokens], metric, reaches)
+    )
     if gains:
-        g_rows = [
-            [
-                k,
-                g["beyond_context"]["audio_ce"],
-                g["beyond_context"]["cb0"],
-                g["beyond_context"]["text_ce"],
-                g["within_context"]["audio_ce"],
-            ]
-            for k, g in gains.items()
+        g_columns = [
+            (f"{col} >= ctx", [g["beyond_context"][metric] for g in gains.values()]),
+            (f"{col} < ctx", [g["within_context"][metric] for g in gains.values()]),
         ]
-        report.add_table(
-            [
-                f"curve - {reference}",
-                "audio CE >= ctx",
-                "cb0 >= ctx",
-                "text CE >= ctx",
-                "audio CE < ctx",
-            ],
-            g_rows,
-        )
+        g_columns += [
+            (f"{COLUMN_LABELS[k]} >= ctx", [g["beyond_context"][k] for g in gains.values()])
+            for k in beyond_keys
+        ]
+        _add_columns(report, f"curve - {reference}", list(gains), g_columns)
     _plot_losses(report, binned, context, prefix)
     if gains:
         _plot_gains(report, binned, reference, context, prefix, metric)
@@ -577,6 +688,7 @@ def write_long_context_section(
         "bin_frames": bin_frames,
         "totals": totals,
         "totals_beyond_context": beyond,
+        "totals_within_context": within,
         "gains": gains,
         "curves": binned,
     }
@@ -584,24 +696,51 @@ def write_long_context_section(
     return data
 
 
-def write_result_section(report: Report, result: LongContextResult, bin_frames: int) -> None:
-    """The loss-vs-position section of ``result``'s variants (against its primary), or a line
-    saying that no usable file was evaluated."""
+def _add_columns(
+    report: Report, first: str, names: list[str], columns: list[tuple[str, list[Any]]]
+) -> None:
+    """A table with ``names`` as first column and ``columns`` (header, values) after it,
+    leaving out the float columns with no finite value (nothing scored in them)."""
+
+    def scored(values: list[Any]) -> bool:
+        return any(not isinstance(v, float) or np.isfinite(v) for v in values)
+
+    kept = [(h, v) for h, v in columns if scored(v)]
+    rows = [[name, *(v[i] for _, v in kept)] for i, name in enumerate(names)]
+    report.add_table([first, *(h for h, _ in kept)], rows)
+
+
+def write_result_section(
+    report: Report, result: LongContextResult, bin_frames: int, metric: str | None = None
+) -> None:
+    """The loss-vs-position section of ``result``'s variants (against its primary, on
+    ``metric``, default the result's), or a line saying that no usable file was evaluated."""
     if not result.files:
         report.add_text("No usable file: nothing was evaluated.")
         return
     write_long_context_section(
         report, result.variants, context=result.context, bin_frames=bin_frames,
-        reference=result.primary,
+        reference=result.primary, metric=metric or result.metric,
     )  # fmt: skip
 
 
 def _headline_text(
-    gains: dict, reference: str, context: int, tokens_beyond: float, metric: str = "audio_ce"
+    gains: dict,
+    reference: str,
+    context: int,
+    tokens_beyond: float,
+    metric: str = "audio_ce",
+    reaches: bool = False,
 ) -> str:
     if not gains:
         return f"Headline: one curve only ({reference}): nothing to compare."
     if tokens_beyond == 0:
+        if reaches:
+            return (
+                f"Headline: no {METRIC_LABELS[metric]} token is scored beyond the attention "
+                f"context ({context} frames): the memory beyond the window is not measured "
+                "by this run on this metric."
+            )
         return (
             f"Headline: no file reaches past the attention context ({context} frames): "
             "the memory beyond the window is not measured by this run."
@@ -612,8 +751,8 @@ def _headline_text(
         verdict = "better" if d > 0 else "worse" if d < 0 else "equal" if d == 0 else "n/a"
         parts.append(f"{name} - {reference} = {d:+.4f} nats ({reference} {verdict})")
     return (
-        f"**Headline** ({metric} beyond the attention context, >= {context} frames, "
-        f"{int(tokens_beyond)} tokens): " + "; ".join(parts) + "."
+        f"**Headline** ({METRIC_LABELS[metric]} beyond the attention context, >= {context} "
+        f"frames, {int(tokens_beyond)} tokens): " + "; ".join(parts) + "."
     )
 
 
@@ -659,13 +798,16 @@ def _plot_gains(
             ax.plot(_centers(b)[:n], mine[:n] - ref[:n], marker=".", label=f"{name} - {reference}")
     ax.axhline(0, color="grey", lw=0.8)
     _mark_context(ax, context)
+    label = METRIC_LABELS[metric]
     ax.set(
         xlabel="position (frames, 80 ms)",
-        ylabel=f"{metric} difference (nats)",
-        title=f"Gain of {reference} (> 0: {reference} better)",
+        ylabel=f"{label} difference (nats)",
+        title=f"Gain of {reference} on {label} (> 0: {reference} better)",
     )
     ax.legend(fontsize=7)
-    report.add_figure(fig, f"{prefix}gain_vs_position.png", f"Loss difference against {reference}")
+    report.add_figure(
+        fig, f"{prefix}gain_vs_position.png", f"{label} difference against {reference}"
+    )
 
 
 def _plot_codebooks(report: Report, b: dict, name: str, context: int, prefix: str) -> None:
@@ -734,16 +876,21 @@ def write_long_context_report(
     setup: dict[str, Any] | None = None,
     title: str = "Long-context evaluation",
     extra: Callable[[Report], None] | None = None,
+    metric: str | None = None,
 ) -> Report:
     """``out_dir/report.md`` + ``report.json`` + plots for a ``LongContextResult``;
     ``extra(report)`` may add sections before writing; ``bin_frames`` defaults to the
-    result's. Returns the written ``Report``."""
+    result's, ``metric`` (the headline metric, ``"auto"`` or one of ``METRICS``) too.
+    ``report.json``: ``metric`` (resolved), ``setup``, ``long_context``, ``result`` (with
+    ``result.summary``). Returns the written ``Report``."""
     bin_frames = bin_frames or result.bin_frames
+    metric = check_metric(metric or result.metric)
     report = Report(title, out_dir)
+    report.data["metric"] = result.chosen_metric(metric)
     write_run_info(report, result, setup or {})
-    write_result_section(report, result, bin_frames)
+    write_result_section(report, result, bin_frames, metric)
     if extra is not None:
         extra(report)
-    report.data["result"] = result.to_dict(bin_frames)
+    report.data["result"] = result.to_dict(bin_frames, metric)
     report.write()
     return report

@@ -43,7 +43,9 @@ def apply_ttt(lm_model: LMModel, config: TTTConfig | dict[str, Any]) -> list[int
         raise ValueError("apply_ttt cannot convert a model while it is streaming")
     indices = parse_layer_spec(config.layers, len(transformer.layers))
 
-    embeddings = config.kind == "inplace" and config.inplace_target == "embeddings"
+    embeddings = (config.kind == "inplace" and config.inplace_target == "embeddings") or (
+        config.kind != "inplace" and config.input == "embeddings"
+    )
     for i, layer in enumerate(transformer.layers):
         if i in indices:
             transformer.layers[i] = convert_layer(layer, config)
@@ -78,6 +80,9 @@ def convert_layer(layer: nn.Module, config: TTTConfig) -> AdoptingLayer:
         gate_init=config.gate_init,
         checkpoint_group_size=config.checkpoint_group_size,
         placement=config.placement,
+        output_init=config.output_init,
+        output_scale=config.output_scale,
+        input=config.input,
     )
 
 

@@ -24,6 +24,9 @@ import yaml
 KINDS = ("linear", "mlp", "inplace")
 PLACEMENTS = ("before_attention", "after_attention", "after_ffn")
 INPLACE_TARGETS = ("ffn_input", "embeddings")
+OUTPUT_INITS = ("normal", "zero")
+OUTPUT_SCALES = ("fixed", "residual_rms")
+INPUTS = ("residual", "embeddings")
 _NAMED_SPECS = ("all", "middle", "top:N", "bottom:N", "every:K", "'3,5,10-12'", "[3, 5]")
 
 
@@ -53,6 +56,18 @@ class TTTConfig:
         inplace_target: In-Place TTT X: ``"ffn_input"`` (the normalised FFN input, for fine-tuning
             a trained model) or ``"embeddings"`` (the temporal transformer's input embeddings).
         inplace_conv_kernel: kernel size of the causal depthwise conv computing the target.
+        output_init: initialisation of the TTT branch's output projection ``o_proj``:
+            ``"normal"`` (N(0, 0.02), the reference code) or ``"zero"`` (the branch adds exactly
+            0 at the start whatever the gate, yet ``o_proj`` gets a gradient from step 1: the
+            ControlNet recipe, no gate saddle).
+        output_scale: ``"fixed"`` (the branch adds ``tanh(alpha) * TTT(norm(x))``) or
+            ``"residual_rms"`` (it adds ``tanh(alpha) * rms(x) * TTT(norm(x))``, rms over the
+            channels of each frame): the branch then acts *relative* to the residual stream it
+            joins, whose scale grows with depth in a trained model (docs/retrofit.md).
+        input: what a gated TTT branch reads: ``"residual"`` (the layer's residual stream at
+            ``placement``) or ``"embeddings"`` (the temporal transformer's input, the summed
+            token embeddings: clean token identities at any depth); it always writes into the
+            residual stream at ``placement``.
     """
 
     layers: str | list[int] = "middle"
@@ -67,6 +82,9 @@ class TTTConfig:
     inplace_lr: float = 0.3
     inplace_target: str = "ffn_input"
     inplace_conv_kernel: int = 5
+    output_init: str = "normal"
+    output_scale: str = "fixed"
+    input: str = "residual"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,6 +107,9 @@ class TTTConfig:
         _choice("kind", self.kind, KINDS)
         _choice("placement", self.placement, PLACEMENTS)
         _choice("inplace_target", self.inplace_target, INPLACE_TARGETS)
+        _choice("output_init", self.output_init, OUTPUT_INITS)
+        _choice("output_scale", self.output_scale, OUTPUT_SCALES)
+        _choice("input", self.input, INPUTS)
         for name, low in (
             ("mini_batch_size", 1),
             ("checkpoint_group_size", 0),

@@ -81,13 +81,21 @@ class PassthroughLayer(AdoptingLayer):
 
 
 class GatedTTT(nn.Module):
-    """``tanh(alpha) * TTT(norm(x))``: x ``[B, T, dim]`` -> ``[B, T, dim]`` (x's dtype).
+    """``tanh(alpha) * TTT(norm(x))`` (times ``rms(x)`` with ``output_scale="residual_rms"``):
+    x ``[B, T, dim]`` -> ``[B, T, dim]`` (x's dtype).
 
     ``gate_override`` (a float, or None for the learned gates) replaces ``tanh(alpha)``; it is a
     plain attribute, so it never touches parameters (frozen at capture under CUDA graphs).
     """
 
-    def __init__(self, norm: nn.Module, ttt: TTTLayer, gate_init: float):
+    def __init__(
+        self,
+        norm: nn.Module,
+        ttt: TTTLayer,
+        gate_init: float,
+        output_init: str = "normal",
+        output_scale: str = "fixed",
+    ):
         super().__init__()
         self.norm = norm
         self.layer = ttt
@@ -95,13 +103,20 @@ class GatedTTT(nn.Module):
             torch.full((ttt.dim,), float(gate_init), device=ttt.W1.device, dtype=ttt.W1.dtype)
         )
         self.gate_init = float(gate_init)
+        self.output_init = output_init
+        self.output_scale = output_scale
+        if output_init == "zero":
+            nn.init.zeros_(ttt.o_proj.weight)
         self.gate_override: float | None = None
         self.carry = None  # a ``StateCarry`` while training with carried state (carry.py)
 
     def reset_parameters(self) -> None:
-        """Identity norm, fresh TTT weights, ``alpha = gate_init``."""
+        """Identity norm, fresh TTT weights (``o_proj`` 0 if ``output_init`` is "zero"),
+        ``alpha = gate_init``."""
         reset_norm_(self.norm)
         self.layer.reset_parameters()
+        if self.output_init == "zero":
+            nn.init.zeros_(self.layer.o_proj.weight)
         nn.init.constant_(self.alpha, self.gate_init)
 
     def gate(self) -> torch.Tensor:
@@ -109,13 +124,18 @@ class GatedTTT(nn.Module):
             return torch.full_like(self.alpha, self.gate_override)
         return torch.tanh(self.alpha)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+        """x: the residual stream ``[B, T, dim]`` the branch is added to; ``source``: what the
+        TTT layer reads instead of x (``input="embeddings"``), same shape."""
+        inp = self.norm(x if source is None else source.to(x.dtype))
         if self.carry is None:
-            y = self.layer(self.norm(x))
+            y = self.layer(inp)
         else:  # training with the fast weights carried from the previous window
             state = self.carry.state_for(self, x.shape[0])
-            y, new_state = self.layer(self.norm(x), state=state, return_state=True)
+            y, new_state = self.layer(inp, state=state, return_state=True)
             self.carry.store(self, new_state)
+        if self.output_scale == "residual_rms":  # relative to the stream it is added to
+            y = y * x.float().pow(2).mean(-1, keepdim=True).sqrt().to(y.dtype)
         return self.gate().to(y.dtype) * y
 
 
@@ -135,6 +155,9 @@ class TTTHybridLayer(AdoptingLayer):
         gate_init: float = 0.0,
         checkpoint_group_size: int = 4,
         placement: str = "after_attention",
+        output_init: str = "normal",
+        output_scale: str = "fixed",
+        input: str = "residual",
     ) -> TTTHybridLayer:
         if placement not in ("before_attention", "after_attention", "after_ffn"):
             raise ValueError(f"unknown TTT placement {placement!r}")
@@ -156,20 +179,28 @@ class TTTHybridLayer(AdoptingLayer):
         norm = copy.deepcopy(layer.norm2)
         reset_norm_(norm)
         new.placement = placement
-        new.ttt = GatedTTT(norm, ttt, gate_init)
+        new.input = input
+        new.ttt = GatedTTT(norm, ttt, gate_init, output_init, output_scale)
         return new
+
+    def _branch(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input == "embeddings":
+            if self._embeddings is None:
+                raise RuntimeError("TTT input 'embeddings': the transformer passed no embeddings")
+            return x + self.ttt(x, self._embeddings).to(x.dtype)
+        return x + self.ttt(x).to(x.dtype)
 
     def _sa_block(self, x: torch.Tensor) -> torch.Tensor:
         if self.placement == "before_attention":
-            x = x + self.ttt(x).to(x.dtype)
+            x = self._branch(x)
         return super()._sa_block(x)
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:
         if self.placement == "after_attention":
-            x = x + self.ttt(x).to(x.dtype)
+            x = self._branch(x)
         x = super()._ff_block(x)
         if self.placement == "after_ffn":
-            x = x + self.ttt(x).to(x.dtype)
+            x = self._branch(x)
         return x
 
 

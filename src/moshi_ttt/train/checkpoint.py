@@ -27,7 +27,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..integration.adapter import adapter_parameters, save_adapter
+from ..checkpoints.adapter import adapter_parameters, save_adapter
 from .parallel import Dist, barrier, copy_full_, full_tensor
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -179,26 +179,48 @@ def load_trainable(path: str | Path, named: list[tuple[str, nn.Parameter]]) -> N
             copy_full_(p.data, params[name])
 
 
-def load_trained_model(
+def find_checkpoint(run: str | Path) -> Path:
+    """The checkpoint ``run`` names: ``run`` itself if it is a ``checkpoints/step_*`` directory,
+    else the newest complete checkpoint of the run directory ``run``.
+
+    Raises ``FileNotFoundError`` naming the path when there is none.
+    """
+    run = Path(run)
+    if (run / STATE).is_file():
+        return run
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run or checkpoint directory")
+    ckpt = latest_checkpoint(run / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"{run}: no checkpoint (expected {run}/checkpoints/step_*)")
+    return ckpt
+
+
+def load_trained(
     run: str | Path, device: torch.device | str = "cpu"
-) -> tuple[nn.Module, Any]:
-    """The model a run trained, for evaluation: ``(lm in eval mode, TrainConfig)``.
+) -> tuple[nn.Module, Any, Any, Path]:
+    """``(lm in eval mode, TrainConfig, base CheckpointInfo or None, checkpoint dir)`` of a run.
 
     ``run``: a run directory (its newest checkpoint) or a ``checkpoints/step_*`` directory.
-    The model is rebuilt from the run's ``config.yaml`` and gets the checkpoint's trainable
-    parameters.
+    The model is rebuilt from the run's ``config.yaml`` (``build_model``: base, LoRA, TTT) and
+    gets the checkpoint's trainable parameters; every parameter is then frozen.
     """
     from .config import TrainConfig
     from .model import build_model
 
-    run = Path(run)
-    ckpt = run if (run / STATE).is_file() else latest_checkpoint(run / "checkpoints")
-    if ckpt is None:
-        raise FileNotFoundError(f"{run}: no checkpoint (expected {run}/checkpoints/step_*)")
-    config_path = ckpt.parent.parent / "config.yaml"
-    cfg = TrainConfig.load(config_path)
-    lm, groups, _ = build_model(cfg, torch.device(device))
+    ckpt = find_checkpoint(run)
+    cfg = TrainConfig.load(ckpt.parent.parent / "config.yaml")
+    lm, groups, info = build_model(cfg, torch.device(device))
     load_trainable(ckpt, groups.named())
     for p in lm.parameters():
         p.requires_grad_(False)
-    return lm.eval(), cfg
+    return lm.eval(), cfg, info, ckpt
+
+
+def load_trained_model(
+    run: str | Path, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, Any]:
+    """The model a run trained, for evaluation: ``(lm in eval mode, TrainConfig)``
+    (``load_trained`` without the checkpoint info and path)."""
+    lm, cfg, _, _ = load_trained(run, device)
+    return lm, cfg

@@ -60,9 +60,13 @@ class ModelConfig:
         source: ``"tiny"`` (the random tiny model of ``integration.tiny``, for tests and CPU),
             ``"hf"`` (a Hugging Face repo, ``hf_repo``) or ``"local"`` (a directory, ``path``).
         hf_repo: repo id for ``source: hf`` (no config.json there = the 7B config).
-        path: local checkpoint directory for ``source: local``.
-        moshi_weights / mimi_weights / tokenizer / config_path: optional file overrides
-            (``CheckpointInfo.from_hf_repo`` arguments); null = the repo's defaults.
+        path: for ``source: local``: a checkpoint directory with a config.json of moshi's LM
+            kwargs (one without it is an error), a ``moshi-ttt export`` directory, or a
+            training run directory (its newest checkpoint) / ``checkpoints/step_*`` directory
+            (its trained model, LoRA merged).
+        moshi_weights / mimi_weights / tokenizer / config_path: optional file overrides for
+            ``hf`` and ``local`` (``CheckpointInfo.from_hf_repo`` arguments: a local path or
+            ``hf://org/repo/file``); null = the checkpoint's own files.
         tiny_overrides: ``tiny_lm_kwargs`` overrides for ``source: tiny`` (e.g. num_layers: 2).
         dtype: compute dtype of the frozen base: ``"auto"`` = bfloat16 on GPU, float32 on CPU.
             Trainable parameters and optimizer state are always float32.
@@ -70,6 +74,10 @@ class ModelConfig:
         train_embeddings: also train the text and audio embeddings (moshi-finetune's ft_embed).
         train_base: train every base weight too (for small models trained from scratch, as in
             the demo); the base is then float32 like every trainable parameter.
+        train_context: attention context (frames) of the temporal transformer *while
+            training*; null = the model's own. A shorter one than at inference makes the TTT
+            memory carry what attention can no longer see (evaluation and export keep the
+            model's own context).
     """
 
     source: Literal["tiny", "hf", "local"] = "tiny"
@@ -84,6 +92,7 @@ class ModelConfig:
     gradient_checkpointing: bool = True
     train_embeddings: bool = False
     train_base: bool = False
+    train_context: int | None = option(None, ge=1)
 
 
 @dataclass
@@ -214,6 +223,10 @@ class TrainConfig:
             raise ValueError("model.path: expected a checkpoint directory for model.source: local")
         if self.model.source == "hf" and not self.model.hf_repo:
             raise ValueError("model.hf_repo: expected a repo id for model.source: hf")
+        if self.model.source == "tiny":
+            for key in ("moshi_weights", "mimi_weights", "tokenizer", "config_path"):
+                if getattr(self.model, key) is not None:
+                    raise ValueError(f"model.{key}: only for model.source hf or local, not tiny")
         if not self.data.train:
             raise ValueError("data.train: expected at least one JSONL index or shards directory")
         if self.eval_every > 0 and not self.data.eval:
@@ -225,6 +238,8 @@ class TrainConfig:
             )
         if self.data.state_carry == "detached":
             self._check_state_carry()
+        if self.ttt is not None:
+            self._check_ttt_update_is_used()
         b1, b2 = self.optim.betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
             raise ValueError(f"optim.betas: expected two numbers in [0, 1), got {[b1, b2]}")
@@ -236,6 +251,27 @@ class TrainConfig:
             raise ValueError(
                 "data.state_carry: detached is for kinds linear/mlp; In-Place TTT (kind inplace) "
                 "keeps no state across windows in training: use state_carry: none"
+            )
+
+    def _check_ttt_update_is_used(self) -> None:
+        """Refuse a TTT layer whose fast-weight update can never be used inside a training
+        window: the first update lands at the end of the first chunk (In-Place) or mini-batch
+        (linear/mlp) and is read from the next one on, so a chunk as long as the window trains
+        nothing of the memory (the gradient reaching the TTT parameters is only the base's)."""
+        frames = self.frames_per_window
+        carried = self.data.state_carry == "detached"
+        if self.ttt.kind == "inplace":
+            key, size = "ttt.chunk_size", self.ttt.chunk_size
+        else:
+            key, size = "ttt.mini_batch_size", self.ttt.mini_batch_size
+        if size >= frames and not carried:
+            raise ValueError(
+                f"{key}: {size} frames >= the training window of {frames} frames "
+                f"(duration_sec {self.duration_sec:g}): the fast weights are updated at the end "
+                f"of a {'chunk' if key.endswith('chunk_size') else 'mini-batch'} and read from "
+                f"the next one, so the update is never used within a window and the memory "
+                f"gets no training signal; use {key} <= {frames // 2} (several updates per "
+                f"window) or a longer duration_sec"
             )
 
     # -- derived values ---------------------------------------------------------------------

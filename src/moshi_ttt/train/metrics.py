@@ -16,7 +16,9 @@ from ..integration.apply import ttt_modules
 from ..integration.hybrid import GatedTTT
 from .parallel import full_tensor
 
-GATE_COLLAPSE = 1e-3  # mean |tanh(alpha)| below this counts as switched off
+GATE_FALL = 0.25  # a gate below this fraction of its peak has "fallen"
+GATE_MIN_PEAK = 0.05  # ... once it had reached at least this much
+NO_GAIN_NATS = 0.01  # a branch improving the batch's loss by less than this brings no gain
 
 
 class MetricsWriter:
@@ -88,3 +90,55 @@ def grad_norms(groups: dict[str, list[tuple[str, nn.Parameter]]]) -> dict[str, t
         squares = [g.detach().float().pow(2).sum() for g in local]
         out[group] = torch.stack(squares).sum().cpu() if squares else torch.zeros(())
     return out
+
+
+class CollapseGuard:
+    """Detects the earlier attempt's failure: TTT gates falling toward 0 while the TTT branches
+    bring no gain (the zero-gate saddle: with ``y = x + tanh(alpha) f(x)`` a noisy ``f`` pushes
+    alpha to 0, which then starves ``f`` of gradient).
+
+    ``fallen(gates)`` is cheap (gate values only); when it is true the trainer measures the
+    branches' gain on the current batch (loss with the gates forced to 0 minus the loss) and
+    calls ``verdict``, which returns the warning once (None otherwise).
+    """
+
+    def __init__(self, gates: dict[str, float]):
+        self.peak = dict(gates)
+        self.peak_step = dict.fromkeys(gates, 0)
+        self.warned = False
+
+    def fallen(self, step: int, gates: dict[str, float]) -> bool:
+        """Update the peaks; True when every gate is below ``GATE_FALL`` x its peak (and the
+        peak reached ``GATE_MIN_PEAK``)."""
+        for k, g in gates.items():
+            if g > self.peak.get(k, -1.0):
+                self.peak[k], self.peak_step[k] = g, step
+        return (
+            bool(gates)
+            and not self.warned
+            and all(self.peak[k] >= GATE_MIN_PEAK and g < GATE_FALL * self.peak[k]
+                    for k, g in gates.items())
+        )  # fmt: skip
+
+    def verdict(self, step: int, gates: dict[str, float], gain: float | None) -> str | None:
+        """The warning text if the fallen gates come with no gain (``gain`` in nats; None =
+        not measurable, e.g. with carried state: the gates decide alone)."""
+        if gain is not None and gain >= NO_GAIN_NATS:
+            return None
+        self.warned = True
+        falls = ", ".join(
+            f"layer {k.removeprefix('gate/')} {self.peak[k]:.3f} (step {self.peak_step[k]}) "
+            f"-> {g:.3f}"
+            for k, g in gates.items()
+        )
+        measured = (
+            f"the TTT branches improve this batch's loss by only {gain:.4f} nats"
+            if gain is not None
+            else "their gain could not be measured (carried state)"
+        )
+        return (
+            f"step {step}: warning: TTT gate collapse: the gates fell below "
+            f"{GATE_FALL:.0%} of their peak ({falls}) and {measured}. The memory is being "
+            "switched off (the earlier attempt's failure). Try a lower ttt_lr, "
+            "ttt.output_init: zero (no gate saddle), or see docs/retrofit.md."
+        )

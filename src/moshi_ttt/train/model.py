@@ -1,8 +1,9 @@
 """The model a training run fine-tunes, and which of its parameters train.
 
-``build_model(cfg, device)`` loads the base (tiny / HF / local), adds LoRA to the base linears
-and TTT layers as configured, freezes everything, then unfreezes the parameter groups by the
-modules that own them (never by substrings of names):
+``build_model(cfg, device)`` loads the base (tiny / HF / a local directory, export or run), adds
+LoRA to the base linears and TTT layers as configured (a base exported with TTT layers keeps
+them), freezes everything, then unfreezes the parameter groups by the modules that own them
+(never by substrings of names):
 
 - ``ttt``: every parameter of a TTT branch (``integration.apply.ttt_modules``);
 - ``lora``: ``lora_A`` / ``lora_B`` of every moshi ``LoRALinear``;
@@ -25,11 +26,17 @@ from moshi.models.lm import LMModel
 from moshi.modules.transformer import StreamingTransformerLayer
 from torch import nn
 
-from ..integration import apply_ttt
+from ..checkpoints.loading import (
+    OVERRIDE_KEYS,
+    apply_lora,
+    load_base_lm,
+    lora_modules,
+    mark_origin,
+)
+from ..integration import TTTConfig, apply_ttt, parse_layer_spec
 from ..integration.apply import ttt_modules
-from ..integration.loading import apply_lora, load_base_lm, lora_modules
 from ..integration.tiny import build_tiny_lm
-from .config import TrainConfig
+from .config import ModelConfig, TrainConfig
 
 GROUPS = ("ttt", "lora", "embeddings", "base")
 
@@ -61,17 +68,30 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
+def file_overrides(m: ModelConfig) -> dict[str, str]:
+    """``model.moshi_weights`` / ``mimi_weights`` / ``tokenizer`` / ``config_path`` that are set
+    (``CheckpointInfo.from_hf_repo`` overrides)."""
+    return {k: str(getattr(m, k)) for k in OVERRIDE_KEYS if getattr(m, k) is not None}
+
+
 def load_base(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> tuple[LMModel, Any]:
-    """The base LM named by ``cfg.model`` (eval mode) and its ``CheckpointInfo`` (None if tiny)."""
+    """The base LM named by ``cfg.model`` (eval mode) and its ``CheckpointInfo`` (None if tiny).
+
+    ``source: local`` takes a checkpoint directory with a config.json, an exported run
+    (``moshi-ttt export``), a run directory or a ``checkpoints/step_*`` directory.
+    """
     m = cfg.model
     if m.source == "tiny":
         lm = build_tiny_lm(cfg.seed, **m.tiny_overrides).to(device=device, dtype=dtype)
-        lm.moshi_ttt_base = f"tiny:{cfg.seed}"
+        mark_origin(lm, f"tiny:{cfg.seed}", f"tiny:{cfg.seed}")
         return lm, None
     source = m.hf_repo if m.source == "hf" else m.path
     if m.source == "local" and not Path(str(source)).is_dir():
-        raise FileNotFoundError(f"model.path: {source!r} is not a checkpoint directory")
-    return load_base_lm(source, device=device, dtype=dtype)
+        raise FileNotFoundError(f"model.path: {source!r} is not a checkpoint or run directory")
+    return load_base_lm(
+        source, device=device, dtype=dtype, overrides=file_overrides(m),
+        legacy_7b=m.source == "hf",
+    )  # fmt: skip
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> tuple[LMModel, TrainableGroups, Any]:
@@ -86,13 +106,35 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[LMModel, Traina
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed + 1)
             apply_lora(lm, rank=cfg.lora.rank, scaling=cfg.lora.scaling)
-    if cfg.ttt is not None:
+    if cfg.ttt is not None and ttt_modules(lm):  # an exported TTT model: train its layers on
+        check_same_ttt(lm, cfg.ttt)
+    elif cfg.ttt is not None:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(cfg.seed + 2)
             apply_ttt(lm, cfg.ttt)
     groups = select_trainable(lm, cfg)
     lm.train()
     return lm, groups, info
+
+
+def check_same_ttt(lm: LMModel, config: TTTConfig) -> None:
+    """A base that already has TTT layers (an export) keeps them; ``ttt`` must then describe
+    them (same layers and settings; ``gate_init`` / ``output_init`` only initialise), else a
+    ``ValueError`` naming the differences."""
+    have = lm.ttt_config.to_dict()
+    want = config.to_dict()
+    layers = parse_layer_spec(config.layers, len(lm.transformer.layers))
+    diff = [f"layers: {layers} vs {list(lm.ttt_layers)}"] if layers != list(lm.ttt_layers) else []
+    for key in sorted(set(want) - {"layers", "gate_init", "output_init"}):
+        if want[key] != have.get(key):
+            diff.append(f"{key}: {want[key]!r} vs {have.get(key)!r}")
+    if diff:
+        raise ValueError(
+            f"ttt: the base ({getattr(lm, 'moshi_ttt_base', '?')}) already has TTT layers "
+            f"{list(lm.ttt_layers)} with other settings ({'; '.join(diff)}, config vs base): "
+            "set ttt to the base's settings to train them further, or ttt: null to keep them "
+            "frozen"
+        )
 
 
 def select_trainable(lm: LMModel, cfg: TrainConfig) -> TrainableGroups:

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ..checkpoints.loading import lora_modules
 from ..integration.apply import ttt_modules
-from ..integration.loading import lora_modules
 from .model import transformer_layers
 
 

@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from moshi.modules.transformer import set_attention_context
 from torch import nn
 from tqdm import tqdm
 
+from ..checkpoints.loading import load_codec
 from ..errors import TrainingStopped
+from ..integration.apply import set_gates
 from ..integration.carry import StateCarry
-from ..integration.loading import load_codec
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import (
@@ -40,7 +42,7 @@ from .data import (
     open_source,
 )
 from .loss import LossTerms, compute_loss_terms, weight_totals
-from .metrics import GATE_COLLAPSE, MetricsWriter, gate_values, grad_norms, truncate_metrics
+from .metrics import CollapseGuard, MetricsWriter, gate_values, grad_norms, truncate_metrics
 from .model import build_model
 from .parallel import (
     Dist,
@@ -153,6 +155,22 @@ def forward_terms(lm: nn.Module, codes: torch.Tensor, cfg: TrainConfig) -> LossT
     )  # fmt: skip
 
 
+@torch.no_grad()
+def branch_gain(lm: nn.Module, batch: Batch, cfg: TrainConfig, d: Dist) -> float:
+    """What the TTT branches bring on ``batch``: the text+audio CE with every gate forced to 0
+    minus the CE with the learned gates (nats, over all ranks; > 0 = the branches help)."""
+    codes = batch.codes.to(d.device)
+    losses = []
+    for gate in (None, 0.0):
+        set_gates(lm, gate)
+        try:
+            m = forward_terms(lm, codes, cfg).all_reduce().metrics()
+        finally:
+            set_gates(lm, None)
+        losses.append(m["loss"])
+    return float(losses[1] - losses[0])
+
+
 def _totals(batches: list[Batch], lm: nn.Module, cfg: TrainConfig, d: Dist) -> torch.Tensor:
     """Global ``(text, audio)`` loss weight totals of a step's micro-batches over all ranks."""
     t = torch.zeros(2, dtype=torch.float32)
@@ -228,6 +246,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
 
     # Model: base (frozen) + LoRA + TTT, trainable groups in float32, then wrappers.
     lm, groups, info = build_model(cfg, d.device)
+    if cfg.model.train_context is not None:  # training only: checkpoints keep the model's own
+        set_attention_context(lm.transformer, cfg.model.train_context)
     if cfg.model.gradient_checkpointing:
         apply_activation_checkpointing(lm)
     if d.distributed:
@@ -275,8 +295,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     last_ckpt = start
     final_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
-    warned_gates = False
-    gates0 = gate_values(lm)
+    guard = CollapseGuard(gate_values(lm))
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step",
                disable=not (progress and d.is_main), dynamic_ncols=True)  # fmt: skip
     it = iter(loader)
@@ -350,14 +369,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                 t_last, tokens_since = now, 0
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            collapsed = gates and max(gates.values()) < GATE_COLLAPSE < max(gates0.values()) + 1e-12
-            if collapsed and not warned_gates and writer is not None:
-                warned_gates = True
-                top = max(gates.values())
-                writer.message(
-                    f"step {step}: warning: the TTT gates collapsed toward zero (max mean "
-                    f"|tanh(alpha)| {top:.2e}): the TTT branches are being switched off"
-                )
+            if guard.fallen(step, gates):  # every rank: the gain check is a collective forward
+                gain = None if carry is not None else branch_gain(lm, batches[-1], cfg, d)
+                warning = guard.verdict(step, gates, gain)
+                if warning is not None and writer is not None:
+                    writer.message(warning)
+                    writer.log_metrics({"step": step, "split": "guard", "ttt_branch_gain": gain})
 
             # Evaluation and checkpoints.
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):

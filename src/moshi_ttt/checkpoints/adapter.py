@@ -11,17 +11,17 @@ An adapter directory holds
   (``{"rank", "scaling"}`` or null), ``tensors`` (name -> shape, dtype) and the ``sha256`` of
   ``adapter.safetensors``.
 
-``export_merged`` writes one directory (``model.safetensors`` with every weight, LoRA merged
-into the base weights; ``config.json`` = the LM kwargs + a ``"moshi_ttt"`` entry with the TTT
-config; Mimi and the tokenizer copied when the base has them) that ``load_merged`` and
-``load_base_lm`` load. Plain moshi cannot load it (the TTT keys are unknown to it).
+``export_merged`` (an adapter on its base) and ``export.export_run`` (a training run) write one
+directory with ``write_merged``: ``model.safetensors`` with every weight, LoRA merged into the
+base weights; ``config.json`` = the LM kwargs + a ``"moshi_ttt"`` entry with the TTT config;
+Mimi and the tokenizer copied when the base has them. ``loading.load_merged`` and
+``load_base_lm`` load it; plain moshi cannot (the TTT keys are unknown to it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,17 +30,19 @@ import torch
 from moshi.models import loaders
 from moshi.models.lm import LMModel
 from moshi.modules.lora import replace_lora_with_linear
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .apply import apply_ttt, named_ttt_parameters, ttt_modules
-from .config import TTTConfig
+from ..integration.apply import apply_ttt, named_ttt_parameters, ttt_modules
+from ..integration.config import TTTConfig
 from .loading import (
     MERGED_KEY,
+    MERGED_WEIGHTS,
+    BaseRecord,
     apply_lora,
-    checkpoint_info,
-    lm_kwargs_of,
+    check_tensors,
+    describe_base,
     load_base_lm,
+    load_safetensors,
     lora_modules,
     lora_settings,
     read_json,
@@ -51,7 +53,6 @@ WEIGHTS_NAME = "adapter.safetensors"
 META_NAME = "adapter.json"
 FORMAT = "moshi-ttt-adapter"
 FORMAT_VERSION = 1
-MERGED_WEIGHTS = "model.safetensors"
 
 
 # -- what an adapter holds --------------------------------------------------------------------
@@ -77,13 +78,16 @@ def base_arch(lm: LMModel) -> dict[str, int]:
     }
 
 
-def _ttt_record(lm: torch.nn.Module) -> tuple[dict[str, Any] | None, list[int] | None]:
+def ttt_record(lm: torch.nn.Module) -> tuple[dict[str, Any] | None, list[int] | None]:
+    """``(TTTConfig dict with layers = the converted layer list, that list)``, (None, None)
+    without TTT layers."""
     if not ttt_modules(lm):
         return None, None
     config = getattr(lm, "ttt_config", None)
     if not isinstance(config, TTTConfig):
         raise ValueError("the model has TTT modules but no ttt_config: convert it with apply_ttt")
-    return config.to_dict(), [int(i) for i in lm.ttt_layers]
+    layers = [int(i) for i in lm.ttt_layers]
+    return {**config.to_dict(), "layers": layers}, layers
 
 
 # -- save -------------------------------------------------------------------------------------
@@ -103,7 +107,7 @@ def save_adapter(
     base = base if base is not None else getattr(lm, "moshi_ttt_base", None)
     if not base:
         raise ValueError("save_adapter needs the base model id or path (base=...)")
-    ttt_config, ttt_layers = _ttt_record(lm)
+    ttt_config, ttt_layers = ttt_record(lm)
     params = adapter_parameters(lm)
     if not params:
         raise ValueError("nothing to save: the model has neither TTT layers nor LoRA adapters")
@@ -159,7 +163,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, tor
         raise ValueError(
             f"{weights}: checksum differs from {META_NAME} (corrupt or from another adapter)"
         )
-    tensors = _load_safetensors(weights)
+    tensors = load_safetensors(weights)
     if sorted(tensors) != sorted(meta["tensors"]):
         diff = sorted(set(tensors) ^ set(meta["tensors"]))
         raise ValueError(f"{weights}: tensors differ from those listed in {META_NAME}: {diff[:3]}")
@@ -208,27 +212,8 @@ def load_adapter(
     return lm.eval(), info
 
 
-def check_tensors(
-    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], file: str
-) -> None:
-    """Same keys and shapes, else a ``ValueError`` naming the first bad key and both shapes."""
-    for name in _natural_sorted(set(expected) | set(found)):
-        if name not in found:
-            raise ValueError(f"{file} lacks {name!r} (shape {list(expected[name].shape)})")
-        if name not in expected:
-            raise ValueError(
-                f"{file} has {name!r} (shape {list(found[name].shape)}), "
-                "which the model does not have"
-            )
-        if tuple(found[name].shape) != tuple(expected[name].shape):
-            raise ValueError(
-                f"shape mismatch for {name!r}: {list(found[name].shape)} in {file}, "
-                f"{list(expected[name].shape)} in the model"
-            )
-
-
 def _same_ttt(lm: LMModel, config: TTTConfig) -> bool:
-    have, layers = _ttt_record(lm)
+    have, layers = ttt_record(lm)
     want = config.to_dict()
     return layers == want.pop("layers") and {k: v for k, v in have.items() if k != "layers"} == want
 
@@ -265,82 +250,63 @@ def export_merged(
     ``copy_codec``: copy the base's Mimi weights and tokenizer next to it (when it has them).
     """
     meta, _ = read_adapter(adapter_dir)
-    lm, info = load_adapter(adapter_dir, device=device, dtype=dtype)
+    lm, _ = load_adapter(adapter_dir, device=device, dtype=dtype)
+    return write_merged(lm, out_dir, describe_base(meta["base"]), meta["base"], copy_codec)
+
+
+def write_merged(
+    lm: LMModel,
+    out_dir: str | Path,
+    record: BaseRecord,
+    base: str,
+    copy_codec: bool = True,
+    dtype: torch.dtype | None = None,
+    **entry: Any,
+) -> Path:
+    """Write ``lm`` as a merged directory: its LoRA merged (in place: ``lm`` is changed), cast to
+    ``dtype`` (None: as it is), ``model.safetensors`` then ``config.json`` (LM kwargs of
+    ``record``, a ``"moshi_ttt"`` entry with ``base``, the codec, the TTT layers, the merged
+    LoRA and the ``entry`` fields). Files of the same names in ``out_dir`` are replaced; the
+    config, which marks a complete directory, is removed first and written last.
+    """
+    lora = lora_settings(lm)
     replace_lora_with_linear(lm)  # W + scaling * B A
+    if dtype is not None:
+        lm.to(dtype=dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").unlink(missing_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in lm.state_dict().items()}
     save_file(state, str(out / MERGED_WEIGHTS), metadata={"format": "pt"})
-    config: dict[str, Any] = dict(lm_kwargs_of(meta["base"], info))
+    config: dict[str, Any] = dict(record.lm_kwargs)
     config["moshi_name"] = MERGED_WEIGHTS
+    info = record.info
     if info is not None:
         if info.lm_gen_config:
             config["lm_gen_config"] = info.lm_gen_config
         for key, src in (("mimi_name", info.mimi_weights), ("tokenizer_name", info.tokenizer)):
             if copy_codec and Path(src).is_file():
-                shutil.copy2(src, out / Path(src).name)
+                if Path(src).resolve() != (out / Path(src).name).resolve():
+                    shutil.copy2(src, out / Path(src).name)
                 config[key] = Path(src).name
+    ttt_config, ttt_layers = ttt_record(lm)
     config[MERGED_KEY] = {
         "format_version": FORMAT_VERSION,
-        "base": meta["base"],
-        "ttt_config": meta["ttt_config"],
-        "ttt_layers": meta["ttt_layers"],
-        "lora_merged": meta["lora"],
+        "base": str(base),
+        "codec": record.codec,
+        "ttt_config": ttt_config,
+        "ttt_layers": ttt_layers or [],
+        "lora_merged": lora,
+        **entry,
     }
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     return out
 
 
-def load_merged(
-    directory: str | Path,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.bfloat16,
-    lora: dict[str, Any] | None = None,
-) -> tuple[LMModel, loaders.CheckpointInfo]:
-    """Load an ``export_merged`` directory: built on the meta device, TTT applied, every weight
-    loaded strictly with ``assign``. ``lora``: fresh LoRA adapters to add (``apply_lora``)."""
-    root = Path(directory)
-    info = checkpoint_info(root)
-    merged = (info.raw_config or {}).get(MERGED_KEY)
-    if not isinstance(merged, dict) or "ttt_layers" not in merged:
-        raise ValueError(f"{root}/config.json: not a merged moshi-ttt checkpoint (no {MERGED_KEY})")
-    lm = loaders.get_moshi_lm(None, lm_kwargs_of(root, info), device="meta", dtype=dtype)
-    if merged.get("ttt_config") is not None:
-        ttt = {**merged["ttt_config"], "layers": list(merged["ttt_layers"])}
-        apply_ttt(lm, TTTConfig.from_dict(ttt))
-    state = _load_safetensors(info.moshi_weights, device)
-    check_tensors(lm.state_dict(), state, str(info.moshi_weights))
-    for key, value in state.items():
-        if value.dtype.is_floating_point and not key.startswith(("condition_provider.", "fuser.")):
-            state[key] = value.to(dtype)
-    lm.load_state_dict(state, strict=True, assign=True)
-    left = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta]
-    if left:
-        raise ValueError(f"{info.moshi_weights}: no values for {left[:3]}")
-    lm.moshi_ttt_base = str(root.resolve())
-    if lora:
-        apply_lora(lm, **lora)
-    return lm.eval(), info
-
-
 # -- helpers ----------------------------------------------------------------------------------
-def _load_safetensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _natural_sorted(names: set[str]) -> list[str]:
-    """Sort with numbers by value (layers.2 before layers.10)."""
-    return sorted(
-        names, key=lambda s: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
-    )
