@@ -16,7 +16,7 @@ import sphn
 import torch
 
 from moshi_ttt.checkpoints.loading import build_tiny_mimi
-from moshi_ttt.eval.cli_pairs import add_pair_parsers
+from moshi_ttt.cli.eval_pairs import add_pair_parsers
 from moshi_ttt.eval.likelihood import (
     Score,
     ScoringConfig,

@@ -24,7 +24,7 @@ from moshi_ttt.checkpoints.loading import (
     lora_modules,
 )
 from moshi_ttt.cli import main
-from moshi_ttt.cli_common import load_model_from_args
+from moshi_ttt.cli.common import load_model_from_args
 from moshi_ttt.demo_task import MarkovTask, write_shards
 from moshi_ttt.integration.apply import named_ttt_parameters, ttt_modules
 from moshi_ttt.train.checkpoint import load_trained_model

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 import sphn
 import torch
 from moshi.utils.compile import no_compile
 
-from moshi_ttt import cli
 from moshi_ttt.checkpoints.adapter import save_adapter
 from moshi_ttt.checkpoints.loading import build_tiny_mimi, load_base_lm, load_codec
-from moshi_ttt.cli_generate import add_generate_parser
+from moshi_ttt.cli import main
 from moshi_ttt.generate import generate, read_wav, resample
 from moshi_ttt.integration import TTTConfig, apply_ttt
 
@@ -31,19 +28,9 @@ def _eager_one_thread():
 
 
 @pytest.fixture
-def cli_main(monkeypatch):
-    """``moshi_ttt.cli.main`` with the ``generate`` subcommand (added here if cli.py lacks it)."""
-    original = cli.build_parser
-
-    def build() -> argparse.ArgumentParser:
-        parser = original()
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if "generate" not in sub.choices:
-            add_generate_parser(sub)
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", build)
-    return cli.main
+def cli_main():
+    """``moshi_ttt.cli.main`` (the ``moshi-ttt`` command)."""
+    return main
 
 
 def sine_wav(path, seconds: float = 2.0, rate: int = 16000) -> str:

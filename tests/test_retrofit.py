@@ -179,3 +179,16 @@ def test_trainer_warns_on_collapse(tmp_path, shards, monkeypatch):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     guard = [r for r in rows if r.get("split") == "guard"]
     assert len(guard) == 1 and math.isfinite(guard[0]["ttt_branch_gain"])
+
+
+# -- the shipped configs carry the recipe -------------------------------------------------------
+@pytest.mark.parametrize("name", ["moshi7b_dailytalk", "moshi7b_long_audio"])
+def test_7b_configs_carry_the_recommended_retrofit(name):
+    from moshi.models import loaders
+
+    from moshi_ttt.recipes import RETROFIT_TTT, retrofit_train_context
+
+    cfg = TrainConfig.load(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    assert cfg.model.train_context == retrofit_train_context(loaders._lm_kwargs["context"])
+    for key in ("layers", "placement", "kind", "gate_init"):
+        assert getattr(cfg.ttt, key) == RETROFIT_TTT[key], key

@@ -92,7 +92,8 @@ def test_step_changes_only_trainables_and_all_get_gradients(dataset, tmp_path, l
 def test_loss_goes_down_and_corrupt_file_is_counted(dataset, tmp_path):
     cfg = config(tmp_path / "run", [dataset["train"]], max_steps=24, lr=1e-2,
                  lora={"enable": True, "rank": 8}, lora_lr=3e-3,
-                 eval_every=12, data={"eval": [dataset["eval"]]})  # fmt: skip
+                 eval_every=12,
+                 data={"eval": [dataset["eval"]], "max_bad_fraction": 0.2})  # fmt: skip
     result = train(cfg, progress=False)
     losses = [r["loss"] for r in metrics(tmp_path / "run")]
     assert len(losses) == 24 and all(math.isfinite(x) for x in losses)
@@ -129,13 +130,14 @@ def test_loss_goes_down_and_corrupt_file_is_counted(dataset, tmp_path):
 def test_resume_continues_exactly(dataset, tmp_path):
     full = tmp_path / "full"
     cfg = config(full, [dataset["train"]], max_steps=6, ckpt_every=3, keep_last=5,
-                 data={"num_workers": 2, "shuffle": True})  # fmt: skip
+                 data={"num_workers": 2, "shuffle": True, "max_bad_fraction": 0.2})  # fmt: skip
     train(cfg, progress=False)
     part = tmp_path / "part"
     shutil.copytree(full, part)
     shutil.rmtree(part / "checkpoints" / "step_000006")
     cfg_part = config(part, [dataset["train"]], max_steps=6, ckpt_every=3, keep_last=5,
-                      data={"num_workers": 2, "shuffle": True})  # fmt: skip
+                      data={"num_workers": 2, "shuffle": True,
+                            "max_bad_fraction": 0.2})  # fmt: skip
     with pytest.raises(ValueError, match="--resume"):
         train(cfg_part, progress=False)  # a run_dir with checkpoints needs --resume
     train(cfg_part, resume=True, progress=False)

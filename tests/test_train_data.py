@@ -238,9 +238,12 @@ def test_counter_counts_each_file_once_and_round_trips():
     c.record_bad("b", "missing", "no such file")
     assert (c.ok, c.num_bad, c.num_seen) == (1, 1, 2)
     c.check(0.5)
-    c.check(0.0, min_seen=3)  # too few seen to judge
+    c.check(0.1, total=10)  # 1 bad of a 10-file dataset: 10 %, not more
+    with pytest.raises(DataError, match="1 of 9 files"):
+        c.check(0.1, total=9)
     with pytest.raises(DataError):
         c.check(0.49)
+    assert c.files == [{"name": "b", "reason": "missing", "detail": "no such file"}]
     d = BadFileCounter()
     d.load_state_dict(json.loads(json.dumps(c.state_dict())))
     assert d.to_dict() == c.to_dict()

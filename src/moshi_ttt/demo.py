@@ -290,7 +290,8 @@ def eval_command(run: Path, eval_dir: Path, out: Path, s: DemoSettings, controls
     args = [cli_prefix(), "eval", "long-context", str(eval_dir), "--run", str(run),
             "--out", str(out), "--chunk-frames", str(s.chunk_frames),
             "--bin-frames", str(s.bin_frames), "--speedup-frames", "0",
-            "--controls", controls, "--metric", s.task.metric, "--no-progress"]  # fmt: skip
+            "--controls", controls, "--metric", s.task.metric, "--no-progress",
+            "--force"]  # fmt: skip
     if "reset" in controls:
         args += ["--reset-every", str(s.context)]
     return shlex.join(args)

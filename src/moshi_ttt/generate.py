@@ -28,7 +28,8 @@ TEXT_PAD, TEXT_EPAD = 3, 0  # Moshi's text padding ids (never written to the tex
 def read_wav(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Mono float32 samples ``[S]`` at ``sample_rate`` (channels averaged, resampled if needed).
 
-    A missing file is a ``FileNotFoundError``; an unreadable one a ``ValueError`` naming it.
+    A missing file is a ``FileNotFoundError``; an unreadable, empty or non-finite (NaN/Inf
+    samples) one a ``ValueError`` naming it.
     """
     path = Path(path)
     if not path.is_file():
@@ -40,6 +41,9 @@ def read_wav(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     if data.size == 0:
         raise ValueError(f"{path}: no audio samples")
     mono = np.asarray(data, dtype=np.float32).mean(axis=0)
+    if not np.isfinite(mono).all():
+        bad = int((~np.isfinite(mono)).sum())
+        raise ValueError(f"{path}: {bad} non-finite (NaN/Inf) samples; expected finite audio")
     return resample(mono, int(sr), sample_rate) if sr != sample_rate else mono
 
 

@@ -23,17 +23,23 @@ Every loaded model records ``lm.moshi_ttt_base`` (what it was loaded from, what 
 trained on it names as its base) and ``lm.moshi_ttt_codec`` (``"tiny:SEED"`` or the source whose
 Mimi/tokenizer go with it, for ``load_codec``).
 
+Only safetensors weights are ever loaded: every weights file a checkpoint names (LM, Mimi,
+LoRA) is checked by ``check_safetensors`` (suffix, then header and size) before it is opened,
+and moshi's ``torch.load`` branch is disabled while moshi loads (``no_pickle_loads``), so a
+pickle is refused unexecuted whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says.
+
 LoRA (``apply_lora``) wraps the *base* linear layers only: moshi's own
 ``replace_all_linear_with_lora`` would also wrap the TTT branches' linears, which then break.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +64,8 @@ LORA_KEYS = ("lora", "lora_rank", "lora_scaling")
 OVERRIDE_KEYS = ("moshi_weights", "mimi_weights", "tokenizer", "config_path")
 RUN_CONFIG = "config.yaml"  # a training run directory's config (train.trainer writes it)
 RUN_STATE = "state.json"  # a training checkpoint's state (train.checkpoint.STATE)
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft", ".sfts")  # what moshi reads as safetensors
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 _TINY = re.compile(r"^tiny(?::(\d+))?$")
 _REPO_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -112,9 +120,51 @@ def checkpoint_info(
         )
     repo = text.removeprefix("hf://")
     try:
-        return loaders.CheckpointInfo.from_hf_repo(repo, **ov)
+        info = loaders.CheckpointInfo.from_hf_repo(repo, **ov)
     except OSError as e:  # huggingface_hub's errors (offline, no such repo, no such file)
         raise FileNotFoundError(f"cannot get {repo!r} from the Hugging Face Hub: {e}") from e
+    return check_info_files(info)
+
+
+def check_info_files(info: loaders.CheckpointInfo) -> loaders.CheckpointInfo:
+    """Refuse a checkpoint whose LM, Mimi or LoRA weights are not safetensors (never opened)
+    or not a complete safetensors file; returns ``info``."""
+    check_safetensors(info.moshi_weights, "model weights")
+    check_safetensors_suffix(info.mimi_weights, "Mimi weights")  # whole check when loaded
+    if info.lora_weights is not None:
+        check_safetensors(info.lora_weights, "LoRA weights")
+    return info
+
+
+@contextlib.contextmanager
+def _model_errors(source: str | Path) -> Iterator[None]:
+    """moshi's errors for a config.json that is not ``LMModel`` kwargs (``TypeError``) or
+    weights that do not fit it (``RuntimeError`` of ``load_state_dict``, ``AssertionError``)
+    -> a ``ValueError`` naming the checkpoint."""
+    try:
+        yield
+    except (TypeError, RuntimeError, AssertionError, KeyError) as e:
+        first = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ValueError(
+            f"{source}: its config.json and weights do not make a moshi LMModel ({first}); "
+            "expected moshi's LM kwargs and the matching weights (as `moshi-ttt export` writes)"
+        ) from e
+
+
+@contextlib.contextmanager
+def no_pickle_loads() -> Iterator[None]:
+    """While inside, ``torch.load`` refuses to run (moshi's loaders fall back to it for
+    non-safetensors files): a pickle is never executed, whatever the environment says."""
+    original = torch.load
+
+    def refuse(f: Any, *args: Any, **kwargs: Any) -> Any:
+        raise ValueError(f"{f}: refusing to unpickle it; moshi-ttt loads safetensors files only")
+
+    torch.load = refuse  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = original  # type: ignore[assignment]
 
 
 def _check_overrides(overrides: Mapping[str, str | Path | None] | None) -> dict[str, Path | str]:
@@ -158,13 +208,13 @@ def _local_checkpoint_info(
     mimi = file("mimi_weights", "mimi_name", loaders.MIMI_NAME)
     tokenizer = file("tokenizer", "tokenizer_name", loaders.TEXT_TOKENIZER_NAME)
     if config_path is None:  # legacy_7b: moshi assumes the 7B (lm_config None)
-        return loaders.CheckpointInfo(weights, mimi, tokenizer)
+        return check_info_files(loaders.CheckpointInfo(weights, mimi, tokenizer))
     extra: dict[str, Any] = {}
     if config.get("mimi_config_name"):
         extra["mimi_config_path"] = root / config["mimi_config_name"]
     if config.get("lora_name"):
         extra["lora_weights"] = root / config["lora_name"]
-    return loaders.CheckpointInfo.from_hf_repo(
+    info = loaders.CheckpointInfo.from_hf_repo(
         str(root),
         moshi_weights=weights,
         mimi_weights=mimi,
@@ -172,6 +222,7 @@ def _local_checkpoint_info(
         config_path=config_path,
         **extra,
     )
+    return check_info_files(info)
 
 
 def lm_kwargs_of(source: str | Path, info: loaders.CheckpointInfo | None) -> dict[str, Any]:
@@ -276,7 +327,8 @@ def load_base_lm(
         info = checkpoint_info(source, overrides, legacy_7b=legacy_7b)
         if info.raw_config and MERGED_KEY in info.raw_config:
             return load_merged(source, device=device, dtype=dtype, lora=lora, info=info)
-        lm = info.get_moshi(device=device, dtype=dtype, fuse_lora=True)
+        with no_pickle_loads(), _model_errors(source):
+            lm = info.get_moshi(device=device, dtype=dtype, fuse_lora=True)
         resolved = str(Path(source).resolve()) if Path(source).is_dir() else str(source)
         mark_origin(lm, resolved, resolved)
     if lora:
@@ -299,7 +351,8 @@ def load_merged(
     merged = (info.raw_config or {}).get(MERGED_KEY)
     if not isinstance(merged, dict) or "ttt_layers" not in merged:
         raise ValueError(f"{root}/config.json: not a merged moshi-ttt checkpoint (no {MERGED_KEY})")
-    lm = loaders.get_moshi_lm(None, lm_kwargs_of(root, info), device="meta", dtype=dtype)
+    with _model_errors(root):
+        lm = loaders.get_moshi_lm(None, lm_kwargs_of(root, info), device="meta", dtype=dtype)
     if merged.get("ttt_config") is not None:
         ttt = {**merged["ttt_config"], "layers": list(merged["ttt_layers"])}
         apply_ttt(lm, TTTConfig.from_dict(ttt))
@@ -360,9 +413,15 @@ def _load_codec(
         return mimi, build_tiny_tokenizer(int(sizes["text_card"]), seed)
     if info is None:
         raise ValueError(f"no Mimi codec known for the model loaded from {codec or '?'}")
-    require_file(Path(info.mimi_weights), "Mimi weights")
-    tokenizer = info.get_text_tokenizer() if Path(info.tokenizer).is_file() else None
-    return info.get_mimi(device=device), tokenizer
+    check_safetensors(info.mimi_weights, "Mimi weights")
+    tokenizer = None
+    if Path(info.tokenizer).is_file():
+        try:
+            tokenizer = info.get_text_tokenizer()
+        except (RuntimeError, OSError) as e:  # sentencepiece: not a model file
+            raise ValueError(f"{info.tokenizer}: not a sentencepiece tokenizer model ({e})") from e
+    with no_pickle_loads():
+        return info.get_mimi(device=device), tokenizer
 
 
 # -- LoRA -------------------------------------------------------------------------------------
@@ -559,12 +618,69 @@ def check_tensors(
             )
 
 
-def load_safetensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file; an unreadable file is a ``ValueError`` naming it."""
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file (None if it is): its 8-byte header
+    length, JSON header and size are checked; tensor data is not read, nothing is unpickled."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > min(size - 8, MAX_HEADER):
+                return f"{size} bytes, no safetensors header (truncated, or another format)"
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "the header is not JSON (not a safetensors file)"
+    except OSError as e:
+        return f"cannot read it ({e.strerror or e})"
+    if not isinstance(header, dict):
+        return "the header is not a JSON object (not a safetensors file)"
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                  default=0)  # fmt: skip
+    except (TypeError, KeyError, IndexError, ValueError):
+        return "malformed safetensors header (no data_offsets)"
+    if 8 + n + end != size:
+        return f"{size} bytes but its header describes {8 + n + end} (truncated or corrupt)"
+    return None
+
+
+def check_safetensors_suffix(path: str | Path, what: str) -> Path:
+    """``path`` if its suffix is a safetensors one, else a ``ValueError`` naming it (the file
+    is not opened: a pickle is never read)."""
+    p = Path(path)
+    if p.suffix not in SAFETENSORS_SUFFIXES:
+        raise ValueError(
+            f"{what} {p}: not a safetensors file (expected {'/'.join(SAFETENSORS_SUFFIXES)}); "
+            "moshi-ttt never loads pickled weights (.pt, .pth, .bin, .ckpt): convert it to "
+            "safetensors first"
+        )
+    return p
+
+
+def check_safetensors(path: str | Path, what: str) -> Path:
+    """``path`` if it names a complete safetensors file, else a ``ValueError`` naming it:
+    another suffix (``.pt``, ``.bin``, ...) is refused before the file is opened; then the
+    header and size are checked (``safetensors_problem``). A missing file is a
+    ``FileNotFoundError``."""
+    p = check_safetensors_suffix(path, what)
+    require_file(p, what)
+    problem = safetensors_problem(p)
+    if problem is not None:
+        raise ValueError(f"{p}: not a readable safetensors file ({what}): {problem}")
+    return p
+
+
+def load_safetensors(
+    path: Path, device: torch.device | str = "cpu", what: str = "weights"
+) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file (``check_safetensors`` first); an unreadable file is
+    a ``ValueError`` naming it."""
+    check_safetensors(path, what)
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+        raise ValueError(f"{path}: not a readable safetensors file ({what}): {e}") from e
 
 
 def _natural_sorted(names: set[str]) -> list[str]:

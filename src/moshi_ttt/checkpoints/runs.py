@@ -37,11 +37,9 @@ def config_base(cfg: Any) -> BaseRecord:
 
 def describe_run(run: str | Path) -> BaseRecord:
     """``BaseRecord`` of a run's model: its base's architecture, codec and checkpoint info."""
-    from ..train.checkpoint import find_checkpoint
-    from ..train.config import TrainConfig
+    from ..train.checkpoint import checkpoint_config, find_checkpoint
 
-    ckpt = find_checkpoint(run)
-    return config_base(TrainConfig.load(ckpt.parent.parent / "config.yaml"))
+    return config_base(checkpoint_config(find_checkpoint(run)))
 
 
 def load_run_base(

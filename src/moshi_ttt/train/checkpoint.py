@@ -10,7 +10,9 @@
   is then directly usable as ``--adapter`` by ``generate`` and ``eval``.
 
 Rank 0 writes into ``checkpoints/.tmp-step_000123`` and renames it when complete, so a crash
-never leaves a half-written ``step_*``; the ``keep_last`` newest are kept.
+never leaves a half-written ``step_*``; the ``keep_last`` newest are kept. A checkpoint damaged
+afterwards (truncated, overwritten) is found by ``checkpoint_problem`` before anything loads it:
+``find_checkpoint`` then names it and the previous complete checkpoint to use instead.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..checkpoints.adapter import adapter_parameters, save_adapter
+from ..checkpoints.loading import load_safetensors, safetensors_problem
 from .parallel import Dist, barrier, copy_full_, full_tensor
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
@@ -54,6 +57,61 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 def latest_checkpoint(root: str | Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """``state.json`` of checkpoint ``path``; missing or malformed is an error naming it."""
+    file = Path(path) / STATE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: not a training checkpoint (no {STATE})")
+    try:
+        state = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e}); the checkpoint is corrupt") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError(f"{file}: expected a JSON object with an integer 'step'")
+    return state
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why checkpoint ``path`` cannot be used (None if it looks complete): ``state.json``
+    readable, ``trainable.safetensors`` and the optimizer / rank / adapter safetensors files
+    complete (headers and sizes; tensor data is not read)."""
+    path = Path(path)
+    try:
+        state = read_state(path)
+    except (OSError, ValueError) as e:
+        return str(e)
+    if not (path / TRAINABLE).is_file():
+        return f"{path / TRAINABLE}: missing"
+    names = [TRAINABLE, OPTIMIZER, "adapter.safetensors"]
+    names += [f"rank{r}.safetensors" for r in range(int(state.get("world_size", 1) or 1))]
+    for name in names:
+        if (path / name).is_file():
+            problem = safetensors_problem(path / name)
+            if problem is not None:
+                return f"{path / name}: {problem}"
+    return None
+
+
+def previous_good_checkpoint(root: str | Path, before: Path) -> Path | None:
+    """The newest checkpoint under ``root`` older than ``before`` that has no problem."""
+    found = list_checkpoints(root)
+    older = found[: found.index(before)] if before in found else []
+    return next((p for p in reversed(older) if checkpoint_problem(p) is None), None)
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint that cannot be loaded; ``previous`` is the newest good one before it."""
+
+    def __init__(self, path: Path, problem: str, previous: Path | None, use: str) -> None:
+        hint = (
+            f"the previous complete checkpoint is {previous}: {use} {previous} to continue from it"
+            if previous is not None
+            else "no earlier complete checkpoint exists"
+        )
+        super().__init__(f"checkpoint {path} is corrupt ({problem}); {hint}")
+        self.path, self.problem, self.previous = path, problem, previous
 
 
 def _gather(obj: Any, d: Dist) -> list[Any]:
@@ -127,10 +185,7 @@ def load_checkpoint(
     A missing or extra parameter, or a shape mismatch, is a ``ValueError`` naming it.
     """
     path = Path(path)
-    state_file = path / STATE
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{path}: not a training checkpoint (no {STATE})")
-    state = json.loads(state_file.read_text())
+    state = read_state(path)
     if int(state.get("world_size", 1)) != d.world_size:
         raise ValueError(
             f"{path}: written by {state['world_size']} processes, resumed with "
@@ -138,7 +193,7 @@ def load_checkpoint(
         )
     load_trainable(path, named)
     if optimizer is not None:
-        optim = load_file(str(path / OPTIMIZER))
+        optim = load_safetensors(path / OPTIMIZER, what="optimizer state")
         for name, p in named:
             if f"{name}.step" not in optim:
                 continue
@@ -149,7 +204,7 @@ def load_checkpoint(
             st["step"] = optim[f"{name}.step"].reshape(())
             optimizer.state[p] = st
     rank_file = path / f"rank{d.rank}.safetensors"
-    tensors = load_file(str(rank_file)) if rank_file.is_file() else {}
+    tensors = load_safetensors(rank_file, what="rank state") if rank_file.is_file() else {}
     state["data"] = state["data"][d.rank]
     return state, tensors
 
@@ -160,7 +215,7 @@ def load_trainable(path: str | Path, named: list[tuple[str, nn.Parameter]]) -> N
     file = Path(path) / TRAINABLE
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such file (is {path} a training checkpoint?)")
-    params = load_file(str(file))
+    params = load_safetensors(file, what="trainable parameters")
     expected = dict(named)
     missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
     if missing or extra:
@@ -179,21 +234,44 @@ def load_trainable(path: str | Path, named: list[tuple[str, nn.Parameter]]) -> N
             copy_full_(p.data, params[name])
 
 
-def find_checkpoint(run: str | Path) -> Path:
+def find_checkpoint(run: str | Path, use: str = "name") -> Path:
     """The checkpoint ``run`` names: ``run`` itself if it is a ``checkpoints/step_*`` directory,
-    else the newest complete checkpoint of the run directory ``run``.
+    else the newest complete checkpoint of the run directory ``run``; checked
+    (``checkpoint_problem``) before anything loads it.
 
-    Raises ``FileNotFoundError`` naming the path when there is none.
+    Raises ``FileNotFoundError`` naming the path when there is none, ``CorruptCheckpoint``
+    (naming it, its problem and the previous good checkpoint, "``use`` PREVIOUS") when it is
+    damaged.
     """
     run = Path(run)
     if (run / STATE).is_file():
-        return run
-    if not run.is_dir():
+        ckpt = run
+    elif not run.is_dir():
         raise FileNotFoundError(f"{run}: no such run or checkpoint directory")
-    ckpt = latest_checkpoint(run / "checkpoints")
-    if ckpt is None:
-        raise FileNotFoundError(f"{run}: no checkpoint (expected {run}/checkpoints/step_*)")
+    else:
+        found = latest_checkpoint(run / "checkpoints")
+        if found is None:
+            raise FileNotFoundError(f"{run}: no checkpoint (expected {run}/checkpoints/step_*)")
+        ckpt = found
+    problem = checkpoint_problem(ckpt)
+    if problem is not None:
+        raise CorruptCheckpoint(ckpt, problem, previous_good_checkpoint(ckpt.parent, ckpt), use)
     return ckpt
+
+
+def checkpoint_config(ckpt: str | Path) -> Any:
+    """The ``TrainConfig`` checkpoint ``ckpt`` was written with: its ``state.json`` record, or
+    (older checkpoints) its run's ``config.yaml``."""
+    from .config import TrainConfig
+
+    ckpt = Path(ckpt)
+    recorded = read_state(ckpt).get("config")
+    if isinstance(recorded, dict):
+        try:
+            return TrainConfig.from_dict(recorded)
+        except ValueError as e:
+            raise ValueError(f"{ckpt / STATE}: its config is not valid: {e}") from e
+    return TrainConfig.load(ckpt.parent.parent / "config.yaml")
 
 
 def load_trained(
@@ -205,11 +283,10 @@ def load_trained(
     The model is rebuilt from the run's ``config.yaml`` (``build_model``: base, LoRA, TTT) and
     gets the checkpoint's trainable parameters; every parameter is then frozen.
     """
-    from .config import TrainConfig
     from .model import build_model
 
     ckpt = find_checkpoint(run)
-    cfg = TrainConfig.load(ckpt.parent.parent / "config.yaml")
+    cfg = checkpoint_config(ckpt)
     lm, groups, info = build_model(cfg, torch.device(device))
     load_trainable(ckpt, groups.named())
     for p in lm.parameters():

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from .. import schema
-from ..integration.config import TTTConfig
+from ..integration.config import TTTConfig, parse_layer_spec
 from ..schema import option
 from .data import frames_for_duration
 
@@ -243,6 +243,17 @@ class TrainConfig:
         b1, b2 = self.optim.betas
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
             raise ValueError(f"optim.betas: expected two numbers in [0, 1), got {[b1, b2]}")
+
+    def check_ttt_layers(self, num_layers: int) -> list[int]:
+        """The converted layer indices of ``ttt.layers`` for a base of ``num_layers`` layers;
+        an out-of-range or empty spec is a ``ValueError`` naming ``ttt.layers``. The trainer
+        checks it from the base's config files (no weights) before the model is built."""
+        if self.ttt is None:
+            return []
+        try:
+            return parse_layer_spec(self.ttt.layers, num_layers)
+        except ValueError as e:
+            raise ValueError(f"ttt.layers: {e}") from None
 
     def _check_state_carry(self) -> None:
         if self.ttt is None:

@@ -13,8 +13,10 @@ stream (needed to carry TTT state across them); the padded tail of the last wind
 row, text included (moshi-finetune leaves PAD text there, scored with weight 0.5).
 
 Bad files (missing, unreadable, empty, too short, wrong channel count, bad alignments) are
-skipped and counted by reason (``BadFileCounter``); ``BadFileCounter.check`` raises
-``DataError`` when more than ``max_bad_fraction`` of the files seen are bad.
+skipped, counted by reason and listed with the reason (``BadFileCounter``); after every skip
+``BadFileCounter.check`` raises ``DataError`` as soon as more than ``max_bad_fraction`` of the
+dataset's files are known to be bad (bad files / files in the dataset: exact, whatever the
+order in which the files are read).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ NUM_STREAMS = 1 + 2 * NUM_CODEBOOKS
 MAIN_SPEAKER = "SPEAKER_MAIN"
 BAD_REASONS = ("missing", "unreadable", "empty", "too_short", "channels", "alignments")
 SHARDS_INDEX = "shards.json"
+BAD_FILES = "bad_files.json"  # the full list of skipped files, beside a run or shards
 
 Alignment = tuple[str, tuple[float, float], str]
 
@@ -120,11 +123,13 @@ def read_index(index: str | Path) -> list[IndexEntry]:
 # -- bad files ------------------------------------------------------------------------------
 @dataclass
 class BadFileCounter:
-    """Distinct files read fine / skipped, by reason (a file is counted once however often seen)."""
+    """Distinct files read fine / skipped, by reason (a file is counted once however often
+    seen); ``files`` lists every skipped file with its reason and detail."""
 
     ok: int = 0
     bad: dict[str, int] = field(default_factory=lambda: dict.fromkeys(BAD_REASONS, 0))
     examples: dict[str, list[str]] = field(default_factory=dict)  # up to 3 per reason
+    files: list[dict[str, str]] = field(default_factory=list)  # {"name", "reason", "detail"}
     _seen: set[str] = field(default_factory=set, repr=False)
 
     def record_ok(self, name: str) -> None:
@@ -137,6 +142,7 @@ class BadFileCounter:
             return
         self._seen.add(name)
         self.bad[reason] = self.bad.get(reason, 0) + 1
+        self.files.append({"name": name, "reason": reason, "detail": detail})
         shown = self.examples.setdefault(reason, [])
         if len(shown) < 3:
             shown.append(f"{name}: {detail}" if detail else name)
@@ -153,17 +159,29 @@ class BadFileCounter:
     def bad_fraction(self) -> float:
         return self.num_bad / self.num_seen if self.num_seen else 0.0
 
-    def check(self, max_bad_fraction: float, min_seen: int = 1) -> None:
-        """``DataError`` if > ``max_bad_fraction`` of the (>= ``min_seen``) files seen are bad."""
-        if self.num_seen >= min_seen and self.bad_fraction > max_bad_fraction:
+    def check(self, max_bad_fraction: float, total: int | None = None) -> None:
+        """``DataError`` if more than ``max_bad_fraction`` of ``total`` files (the dataset's
+        size; default: the files seen) are known to be bad. With ``total``, calling it after
+        every skip stops a run as soon as the final fraction is sure to be too high."""
+        total = max(total or 0, self.num_seen)
+        if total and self.num_bad / total > max_bad_fraction:
             raise DataError(
-                f"{self.num_bad} of {self.num_seen} files are unusable ({self.bad_fraction:.0%} > "
+                f"{self.num_bad} of {total} files are unusable ({self.num_bad / total:.0%} > "
                 f"max_bad_fraction {max_bad_fraction:.0%}): {self.summary()}"
             )
 
     def summary(self) -> str:
         parts = [f"{r} {n} (e.g. {self.examples[r][0]})" for r, n in self.bad.items() if n]
         return "; ".join(parts) if parts else "no bad file"
+
+    def write(self, path: str | Path, total: int | None = None) -> Path:
+        """Write the counts and the full list of skipped files to ``path`` (JSON, atomic)."""
+        path = Path(path)
+        data = {**self.to_dict(), "files_total": total, "bad_files": self.files}
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
+        return path
 
     def to_dict(self) -> dict[str, Any]:
         """For logging and checkpoints: ``{"files_ok", "files_bad", "bad_<reason>"...}``."""
@@ -176,12 +194,14 @@ class BadFileCounter:
             "ok": self.ok,
             "bad": dict(self.bad),
             "examples": self.examples,
+            "files": self.files,
             "seen": sorted(self._seen),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ok, self.bad = state["ok"], dict(state["bad"])
         self.examples, self._seen = dict(state["examples"]), set(state["seen"])
+        self.files = [dict(f) for f in state.get("files", [])]
 
 
 # -- audio and alignments -------------------------------------------------------------------
@@ -230,7 +250,10 @@ def read_alignments(path: str | Path) -> list[Alignment]:
         for word, (start, end), speaker in items:
             if not isinstance(word, str) or not isinstance(speaker, str):
                 raise TypeError("word and speaker must be strings")
-            out.append((word, (float(start), float(end)), speaker))
+            start, end = float(start), float(end)
+            if not (math.isfinite(start) and math.isfinite(end) and start >= 0 and end >= 0):
+                raise ValueError(f"word {word!r}: times must be finite seconds >= 0")
+            out.append((word, (start, end), speaker))
     except Exception as e:
         detail = (
             f"{path.name}: expected {{'alignments': [[word, [start, end], speaker], ...]}} ({e!r})"
@@ -413,6 +436,8 @@ class ShardSource:
 
     def read(self, i: int) -> torch.Tensor:
         path = self.root / self.shards[i]
+        if path.suffix != ".safetensors":  # never opened: only safetensors are ever read
+            raise BadFile("unreadable", f"{path.name}: not a .safetensors shard")
         if not path.is_file():
             raise BadFile("missing", "no such shard")
         try:
@@ -540,6 +565,7 @@ class WindowLoader:
     the last batches having fewer rows as lanes run dry. Bad files are skipped, counted in
     ``stats`` once, never retried, and ``stats.check(max_bad_fraction)`` runs after each one.
     ``state_dict()`` / ``load_state_dict()`` give the exact position for resuming.
+    ``on_bad(name, reason, detail)`` is called for every newly skipped file.
     """
 
     def __init__(
@@ -556,12 +582,14 @@ class WindowLoader:
         max_bad_fraction: float = 1.0,
         stats: BadFileCounter | None = None,
         num_workers: int = 0,
+        on_bad: Any = None,
     ) -> None:
         self.source, self.frames, self.batch_size = source, frames, batch_size
         self.loop, self.shuffle, self.seed = loop, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.max_bad_fraction, self.num_workers = max_bad_fraction, num_workers
         self.stats = stats if stats is not None else BadFileCounter()
+        self.on_bad = on_bad
         self.epoch, self.cursor = 0, 0
         self.lanes: list[tuple[int, int] | None] = [None] * batch_size  # (file id, next window)
         self._windows: dict[int, list[Window]] = {}  # lane -> windows of its current file
@@ -572,6 +600,7 @@ class WindowLoader:
         self._shares: dict[int, list[int]] = {}
         if len(self._share(0)) == 0:
             raise DataError(f"rank {rank} gets no file: {len(source)} files for {world_size} ranks")
+        self.total = len(self._share(0))  # this rank's files: the denominator of the bad fraction
 
     def _share(self, epoch: int) -> list[int]:
         """This rank's file ids for ``epoch``, in reading order."""
@@ -601,8 +630,12 @@ class WindowLoader:
             codes = self.source.encode(raw)
         except BadFile as e:
             self._bad.add(fid)
-            self.stats.record_bad(self.source.name(fid), e.reason, e.detail)
-            self.stats.check(self.max_bad_fraction, min_seen=min(20, len(self._share(0))))
+            name = self.source.name(fid)
+            new = name not in self.stats._seen
+            self.stats.record_bad(name, e.reason, e.detail)
+            if new and self.on_bad is not None:
+                self.on_bad(name, e.reason, e.detail)
+            self.stats.check(self.max_bad_fraction, total=self.total)
             return None
         self.stats.record_ok(self.source.name(fid))
         return cut_windows(codes, self.frames, fid)
@@ -664,9 +697,14 @@ class WindowLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict`` position. One saved with another ``batch_size`` or dataset
+        (an inexact resume) is adapted: lanes added (empty) or dropped, unknown files ignored."""
+        n = len(self.source)
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
-        self.lanes = [tuple(s) if s is not None else None for s in state["lanes"]]  # type: ignore[misc]
-        self._bad, self._good_this_epoch = set(state["bad"]), int(state["good_this_epoch"])
+        lanes = [tuple(s) if s is not None and s[0] < n else None for s in state["lanes"]]
+        self.lanes = (lanes + [None] * self.batch_size)[: self.batch_size]  # type: ignore[assignment]
+        self._bad = {int(i) for i in state["bad"] if int(i) < n}
+        self._good_this_epoch = int(state["good_this_epoch"])
         self.stats.load_state_dict(state["stats"])
         self._windows.clear()
         self._pending.clear()
@@ -691,32 +729,48 @@ def tokenize_index(
     """Encode every file of a JSONL index once: ``out_dir/NNNNNN.safetensors`` (``codes``
     ``[17, T]`` int32) and ``out_dir/shards.json`` (files, frames, skipped files and why).
 
-    Bad files are skipped and counted; with ``max_bad_fraction`` a ``DataError`` is raised
-    at the end (after writing the index) when too many were bad. ``audio_kwargs`` go to
-    ``AudioSource`` (min_duration_sec, require_alignments, main_speaker, encode_chunk_sec, device).
+    Bad files are skipped, counted and listed in ``out_dir/bad_files.json``. With
+    ``max_bad_fraction`` the fraction (bad files / files in the index) is checked after every
+    skip: a ``DataError`` stops as soon as it is exceeded, and ``shards.json`` (which marks a
+    usable shards directory) is then not written; so is an index with no usable file.
+    ``audio_kwargs`` go to ``AudioSource`` (min_duration_sec, require_alignments,
+    main_speaker, encode_chunk_sec, device).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     source = AudioSource(read_index(index), encoder, tokenizer, **audio_kwargs)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SHARDS_INDEX).unlink(missing_ok=True)  # written last, when complete
     stats = BadFileCounter()
-    files, skipped = [], []
+    files = []
     bar = tqdm(range(len(source)), desc="tokenize", unit="file", disable=not progress)
-    for i in bar:
-        entry = source.entries[i]
-        try:
-            codes = source.codes(i)
-        except BadFile as e:
-            stats.record_bad(source.name(i), e.reason, e.detail)
-            skipped.append({"path": str(entry.path), "reason": e.reason, "detail": e.detail})
-            bar.set_postfix(bad=stats.num_bad)
-            continue
-        stats.record_ok(source.name(i))
-        shard = f"{i:06d}.safetensors"
-        tmp = out / f".{shard}.tmp"
-        meta = {"path": str(entry.path), "frames": str(codes.shape[1])}
-        save_file({"codes": codes.to(torch.int32).contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, out / shard)
-        files.append({"shard": shard, "path": str(entry.path), "frames": int(codes.shape[1])})
+    try:
+        for i in bar:
+            entry = source.entries[i]
+            try:
+                codes = source.codes(i)
+            except BadFile as e:
+                stats.record_bad(source.name(i), e.reason, e.detail)
+                bar.set_postfix(bad=stats.num_bad)
+                if max_bad_fraction is not None:
+                    stats.check(max_bad_fraction, total=len(source))
+                continue
+            stats.record_ok(source.name(i))
+            shard = f"{i:06d}.safetensors"
+            tmp = out / f".{shard}.tmp"
+            meta = {"path": str(entry.path), "frames": str(codes.shape[1])}
+            save_file({"codes": codes.to(torch.int32).contiguous()}, str(tmp), metadata=meta)
+            os.replace(tmp, out / shard)
+            files.append({"shard": shard, "path": str(entry.path), "frames": int(codes.shape[1])})
+    except DataError as e:
+        stats.write(out / BAD_FILES, len(source))
+        raise DataError(f"{index}: {e}; no {SHARDS_INDEX} written (list: {out / BAD_FILES})") from e
+    finally:
+        bar.close()
+    stats.write(out / BAD_FILES, len(source))
+    if not files:
+        raise DataError(f"{index}: no usable file ({stats.summary()}); list: {out / BAD_FILES}")
+    skipped = [{"path": f["name"], "reason": f["reason"], "detail": f["detail"]}
+               for f in stats.files]  # fmt: skip
     summary = {
         "format": "moshi-ttt shards",
         "version": 1,
@@ -730,8 +784,6 @@ def tokenize_index(
     tmp = out / f".{SHARDS_INDEX}.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
     os.replace(tmp, out / SHARDS_INDEX)
-    if max_bad_fraction is not None:
-        stats.check(max_bad_fraction)
     return stats
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +31,18 @@ from ..checkpoints.loading import load_codec
 from ..errors import TrainingStopped
 from ..integration.apply import set_gates
 from ..integration.carry import StateCarry
-from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from ..outputs import check_output_dir, existing
+from .checkpoint import (
+    CorruptCheckpoint,
+    checkpoint_config,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .data import (
+    BAD_FILES,
     NUM_STREAMS,
     ZERO_TOKEN,
     BadFileCounter,
@@ -54,6 +64,13 @@ from .parallel import (
 )
 
 TOKENS_PER_FRAME = 9  # text + the 8 Moshi codebooks
+RUN_FILES = ("config.yaml", "metrics.jsonl", "train.log", "tensorboard", "checkpoints", BAD_FILES)
+# Keys that do not change what a resumed run computes (all others must match the checkpoint's).
+RESUME_FREE_KEYS = (
+    "run_dir", "log_every", "eval_every", "eval_max_batches", "ckpt_every", "keep_last",
+    "max_bad_steps", "data.eval", "data.num_workers", "data.max_bad_fraction",
+    "data.encode_chunk_sec", "model.gradient_checkpointing",
+)  # fmt: skip
 
 
 @dataclass
@@ -67,6 +84,8 @@ class TrainResult:
     eval_metrics: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0
     is_main: bool = True
+    bad_files: list[dict[str, str]] = field(default_factory=list)  # this rank's skipped files
+    files_total: int = 0  # this rank's training files
 
 
 # -- schedule ---------------------------------------------------------------------------------
@@ -114,7 +133,8 @@ def build_optimizer(groups: dict[str, list[tuple[str, nn.Parameter]]], lrs: dict
 
 # -- data -------------------------------------------------------------------------------------
 def make_loader(cfg: TrainConfig, paths: list[str], d: Dist, codec: Any, *, train: bool,
-                stats: BadFileCounter | None = None) -> WindowLoader:  # fmt: skip
+                stats: BadFileCounter | None = None,
+                on_bad: Any = None) -> WindowLoader:  # fmt: skip
     """A ``WindowLoader`` over ``paths`` for this rank: looping and shuffled for training, one
     ordered pass for evaluation (build a fresh one for every evaluation)."""
     encoder, tokenizer = codec() if any(not _is_shards(p) for p in paths) else (None, None)
@@ -129,7 +149,7 @@ def make_loader(cfg: TrainConfig, paths: list[str], d: Dist, codec: Any, *, trai
         source, frames=cfg.frames_per_window, batch_size=cfg.batch_size, loop=train,
         shuffle=cfg.data.shuffle and train, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
         max_bad_fraction=cfg.data.max_bad_fraction, stats=stats,
-        num_workers=cfg.data.num_workers if train else 0,
+        num_workers=cfg.data.num_workers if train else 0, on_bad=on_bad,
     )  # fmt: skip
 
 
@@ -236,13 +256,36 @@ def _empty_batch(cfg: TrainConfig) -> Batch:
 
 
 # -- the loop ---------------------------------------------------------------------------------
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
-          device: str = "auto") -> TrainResult:  # fmt: skip
-    """Run (or ``resume``) the training described by ``cfg``; see the module docstring."""
+def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool = True,
+          device: str = "auto", allow_inexact_resume: bool = False,
+          overwrite: bool = False) -> TrainResult:  # fmt: skip
+    """Run (or ``resume``) the training described by ``cfg``; see the module docstring.
+
+    ``resume``: True = the newest checkpoint of ``run_dir``, or a ``checkpoints/step_*``
+    directory. Checked before the model is built: ``run_dir`` is writable and, without
+    ``resume``, holds no previous run (``overwrite`` deletes one); ``ttt.layers`` fits the
+    base; a resumed checkpoint is complete and was written with the same settings (any
+    difference that changes the data order or the results is refused, or with
+    ``allow_inexact_resume`` logged as a warning: the run is then not exact).
+    """
+    run_dir = check_output_dir(cfg.run_dir, "run_dir")
+    if not resume:
+        _check_fresh_run_dir(run_dir, overwrite)
+    _check_ttt_layers_against_base(cfg)
+    _check_data_paths(cfg)
+    start = _checkpoint_to_resume(run_dir, resume)
+    differences = _resume_differences(start, cfg) if start is not None else []
+    if differences and not allow_inexact_resume:
+        raise ValueError(
+            f"--resume from {start}: these settings differ from the checkpoint's, so the "
+            f"resumed run would not be exact: {'; '.join(differences)}. Use the checkpoint's "
+            "values, or pass --allow-inexact-resume to continue anyway (not exact)"
+        )
     d = init_distributed(device)
-    run_dir = Path(cfg.run_dir)
+    if overwrite and not resume and d.is_main:
+        _clear_run_dir(run_dir)
+    barrier()
     ckpt_root = run_dir / "checkpoints"
-    start = _checkpoint_to_resume(ckpt_root, resume)
 
     # Model: base (frozen) + LoRA + TTT, trainable groups in float32, then wrappers.
     lm, groups, info = build_model(cfg, d.device)
@@ -267,7 +310,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         return codec_cache["codec"]
 
     bad_files = BadFileCounter()
-    loader = make_loader(cfg, cfg.data.train, d, codec, train=True, stats=bad_files)
+    bad_path = run_dir / (BAD_FILES if d.is_main else f"bad_files.rank{d.rank}.json")
+
+    def on_bad(name: str, reason: str, detail: str) -> None:
+        bad_files.write(bad_path, loader.total)
+        if writer is not None:
+            writer.message(f"skipped {name}: {reason}: {detail} ({bad_files.num_bad} bad so far)")
+
+    writer: MetricsWriter | None = None
+    loader = make_loader(cfg, cfg.data.train, d, codec, train=True, stats=bad_files,
+                         on_bad=on_bad)  # fmt: skip
     carry = StateCarry(lm) if cfg.data.state_carry == "detached" else None
 
     writer = MetricsWriter(run_dir) if d.is_main else None
@@ -277,11 +329,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         step, skipped = int(state["step"]), int(state.get("skipped_steps", 0))
         loader.load_state_dict(state["data"])
         _restore_rng(rank_tensors, d)
-        if carry is not None:
+        if carry is not None and not differences:  # inexact resume: fresh TTT states
             carry.load_state_dict({k.removeprefix("carry."): v for k, v in rank_tensors.items()
                                    if k.startswith("carry.")})  # fmt: skip
         if writer is not None:
             truncate_metrics(writer.metrics_path, step)
+            if differences:
+                writer.message(
+                    f"warning: resumed from {start} with different settings "
+                    f"({'; '.join(differences)}): this run is not an exact continuation"
+                )
     if writer is not None:
         cfg.to_yaml(run_dir / "config.yaml")
         counts = groups.num_params()
@@ -386,26 +443,119 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
                 last_ckpt = _save(ckpt_root, step, named, optimizer, loader, carry, skipped,
                                   optimizer.param_groups, d, lm, cfg)  # fmt: skip
     except DataError as e:
-        raise TrainingStopped(f"data: {e}; last good checkpoint: {last_ckpt or 'none'}") from e
+        raise TrainingStopped(
+            f"data: {e}; skipped files listed in {bad_path}; last good checkpoint: "
+            f"{last_ckpt or 'none'}"
+        ) from e
     finally:
         bar.close()
         loader.close()
+        if bad_files.num_bad:
+            bad_files.write(bad_path, loader.total)
         if writer is not None:
+            if bad_files.num_bad:
+                writer.message(f"skipped files: {bad_files.summary()} (list: {bad_path})")
             writer.close()
     barrier()
-    return TrainResult(run_dir, step, last_ckpt, final_metrics, eval_metrics, skipped, d.is_main)
+    return TrainResult(run_dir, step, last_ckpt, final_metrics, eval_metrics, skipped, d.is_main,
+                       list(bad_files.files), loader.total)  # fmt: skip
 
 
-def _checkpoint_to_resume(root: Path, resume: bool) -> Path | None:
-    found = latest_checkpoint(root)
-    if resume and found is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {root}")
-    if not resume and list_checkpoints(root):
+def _check_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """A new run must not mix with (or replace) a previous one without ``overwrite``."""
+    if list_checkpoints(run_dir / "checkpoints") and not overwrite:
         raise ValueError(
-            f"{root} already holds checkpoints: pass --resume to continue that run, or choose "
+            f"run_dir {run_dir}: {run_dir / 'checkpoints'} already holds checkpoints: pass "
+            "--resume to continue that run, --force to start afresh (deletes it), or choose "
             "another run_dir"
         )
-    return found if resume else None
+    found = existing(run_dir, RUN_FILES)
+    if found and not overwrite:
+        raise ValueError(
+            f"run_dir {run_dir}: already holds a run ({', '.join(found)}): pass --resume to "
+            "continue it, --force to start afresh (deletes those), or choose another run_dir"
+        )
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    for name in (*RUN_FILES, *[p.name for p in run_dir.glob("bad_files.rank*.json")]):
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def _checkpoint_to_resume(run_dir: Path, resume: bool | str | Path) -> Path | None:
+    """The checkpoint to resume from (checked complete), None for a new run."""
+    if not resume:
+        return None
+    if resume is not True:
+        ckpt = Path(resume)
+        if not (ckpt / "state.json").is_file():
+            raise FileNotFoundError(
+                f"--resume-from {ckpt}: not a checkpoint directory (expected "
+                f"{run_dir}/checkpoints/step_* with a state.json)"
+            )
+        return find_checkpoint(ckpt, use="pass --resume-from")
+    root = run_dir / "checkpoints"
+    if not list_checkpoints(root):
+        raise FileNotFoundError(f"--resume: no checkpoint in {root}")
+    try:
+        return find_checkpoint(run_dir, use="pass --resume-from")
+    except CorruptCheckpoint as e:
+        raise ValueError(f"--resume: {e}") from e
+
+
+def _check_ttt_layers_against_base(cfg: TrainConfig) -> None:
+    """``ttt.layers`` against the base's layer count, from its config files (no weights)."""
+    if cfg.ttt is None:
+        return
+    from ..checkpoints.runs import config_base
+
+    if cfg.model.source == "local" and not Path(str(cfg.model.path)).is_dir():
+        raise FileNotFoundError(
+            f"model.path: {cfg.model.path!r} is not a checkpoint or run directory"
+        )
+    num_layers = config_base(cfg).lm_kwargs.get("num_layers")
+    if isinstance(num_layers, int):
+        cfg.check_ttt_layers(num_layers)
+
+
+def _check_data_paths(cfg: TrainConfig) -> None:
+    """Every ``data.train`` / ``data.eval`` index or shards directory exists and parses (the
+    index files only, no audio), before the model is built."""
+    from .data import ShardSource, read_index
+
+    for key, paths in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        for path in paths:
+            try:
+                ShardSource(path) if _is_shards(path) else read_index(path)
+            except (OSError, ValueError) as e:
+                raise type(e)(f"{key}: {e}") from None
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def _resume_differences(ckpt: Path, cfg: TrainConfig) -> list[str]:
+    """``"key: CHECKPOINT -> NOW"`` for every setting that differs from the checkpoint's
+    config and changes the data order, shapes or results (not in ``RESUME_FREE_KEYS``)."""
+    old = _flat(checkpoint_config(ckpt).to_dict())
+    new = _flat(cfg.to_dict())
+    keys = sorted(set(old) | set(new))
+    free = tuple(RESUME_FREE_KEYS)
+    return [
+        f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now"
+        for k in keys
+        if old.get(k) != new.get(k) and not k.startswith(free)
+    ]
 
 
 def _save(root: Path, step: int, named: list, optimizer: torch.optim.Optimizer,
@@ -418,6 +568,7 @@ def _save(root: Path, step: int, named: list, optimizer: torch.optim.Optimizer,
         "data": loader.state_dict(),
         "skipped_steps": skipped,
         "lr": {g["name"]: g["lr"] for g in param_groups},
+        "config": cfg.to_dict(),
     }
     return save_checkpoint(root, step, named, optimizer, state, rank_tensors, d, lm,
                            cfg.keep_last)  # fmt: skip

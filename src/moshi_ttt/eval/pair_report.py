@@ -1,43 +1,27 @@
-"""``moshi-ttt eval sblimp | swuggy | storycloze``: pairwise likelihood benchmarks.
+"""sBLIMP / sWUGGY / StoryCloze: score the files of a ``PairSet``, write the report.
 
-    moshi-ttt eval swuggy DATA/lexical --split dev --adapter runs/x/adapter --out eval/swuggy
-    moshi-ttt eval sblimp DATA --base kyutai/moshiko-pytorch-bf16 --out eval/sblimp
-    moshi-ttt eval storycloze DATA/sSC --tiny --out /tmp/sc --max-items 20
-
-Each writes ``OUT/report.md``, ``OUT/report.json`` (``accuracy``: the headline), per-file
-``OUT/scores.csv`` and the plots. ``add_pair_parsers(eval_subparsers)`` registers the three
-commands on ``moshi-ttt eval``; ``evaluate_pairs`` is the library entry point.
+``evaluate_pairs`` (the library entry point of ``moshi-ttt eval sblimp | swuggy | storycloze``,
+whose shell is ``cli/eval_pairs.py``) writes ``OUT/report.md``, ``OUT/report.json``
+(``accuracy``: the headline), per-file ``OUT/scores.csv`` and the plots.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .likelihood import (
-    FILLS,
     REDUCTIONS,
-    STREAMS,
-    TEXT_FILLS,
     Score,
     ScoringConfig,
     codebooks_label,
-    parse_codebooks,
     score_audio,
     stream_size,
 )
-from .pairs import (
-    PairSet,
-    pair_accuracy,
-    read_storycloze,
-    read_zerospeech_lexical,
-    read_zerospeech_syntactic,
-)
+from .pairs import PairSet, pair_accuracy
 from .report import Report
 
 TITLES = {
@@ -81,124 +65,6 @@ GROUPING = {
 }
 
 
-def _readers(args: argparse.Namespace) -> dict[str, Callable[[], PairSet]]:
-    return {
-        "swuggy": lambda: read_zerospeech_lexical(args.data, args.split),
-        "sblimp": lambda: read_zerospeech_syntactic(args.data, args.split),
-        "storycloze": lambda: read_storycloze(args.data),
-    }
-
-
-def add_pair_parsers(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
-    """Register ``sblimp``, ``swuggy`` and ``storycloze`` on an ``add_subparsers()`` object."""
-    from ..cli_common import add_model_args
-
-    helps = {
-        "sblimp": ("sBLIMP: grammatical vs ungrammatical sentences", "syntactic"),
-        "swuggy": ("sWUGGY: words vs non-words", "lexical"),
-        "storycloze": ("spoken StoryCloze: true vs false story endings", None),
-    }
-    parsers = {}
-    for name, (text, part) in helps.items():
-        p = subparsers.add_parser(
-            name,
-            help=text,
-            description=f"{TITLES[name]}: pairwise accuracy of Moshi's audio log-likelihood "
-            "(ties count 0.5). Writes OUT/report.md, report.json, scores.csv and plots.",
-        )
-        where = (
-            f"ZeroSpeech 2021 root, {part}/ or {part}/SPLIT/ (with gold.csv)"
-            if part
-            else "directory of <n>_<uuid>_correct.wav / _incorrect.wav (any depth)"
-        )
-        p.add_argument("data", help=where)
-        p.add_argument("--out", required=True, metavar="DIR", help="report directory")
-        add_model_args(p)
-        if part:
-            p.add_argument("--split", choices=["dev", "test"], default="dev", help="default dev")
-        p.add_argument(
-            "--codebooks",
-            default="0",
-            help="codebooks scored: 0 (semantic, default), 0-7, all, 0,1,2",
-        )
-        p.add_argument(
-            "--reduction",
-            choices=REDUCTIONS,
-            default="mean",
-            help="headline: mean per token or sum (both are reported)",
-        )
-        p.add_argument(
-            "--stream",
-            choices=STREAMS,
-            default="moshi",
-            help="stream carrying the audio (user: needs dep_q = 16)",
-        )
-        p.add_argument(
-            "--other-stream",
-            choices=FILLS,
-            default="zero",
-            help="other audio stream: zero (-1) or Mimi-encoded silence",
-        )
-        p.add_argument(
-            "--text",
-            choices=TEXT_FILLS,
-            default="zero",
-            help="text stream: zero (-1) or pad (PAD 3)",
-        )
-        p.add_argument("--batch-size", type=int, default=16, help="files per forward")
-        p.add_argument(
-            "--max-items",
-            type=int,
-            metavar="N",
-            help="quick run: ~N pairs (whole groups drawn at random, seed 0)",
-        )
-        p.add_argument("--no-progress", action="store_true", help="no progress bars")
-        p.set_defaults(func=run_pairs, benchmark=name)
-        parsers[name] = p
-    return parsers
-
-
-def run_pairs(args: argparse.Namespace) -> dict[str, Any]:
-    """CLI body: read the pairs (user errors first), load the model, score, write the report."""
-    from ..checkpoints.loading import load_codec
-    from ..cli_common import describe_model, load_model_from_args
-
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.max_items is not None and args.max_items < 1:
-        raise ValueError(f"--max-items must be positive, got {args.max_items}")
-    parse_codebooks(args.codebooks, 64)  # syntax, before loading a large model
-    pairs = _readers(args)[args.benchmark]().sample(args.max_items)
-    if not pairs.pairs:
-        raise ValueError(f"{pairs.source}: no complete pair ({len(pairs.problems)} unpaired)")
-    lm, info, device, dtype = load_model_from_args(args)
-    mimi, _ = load_codec(lm, info, device=device)
-    config = ScoringConfig(
-        stream=args.stream,
-        other_stream=args.other_stream,
-        text=args.text,
-        codebooks=parse_codebooks(args.codebooks, stream_size(lm)),
-    )
-    model = describe_model(lm, device, dtype)
-    print(model)
-    data = evaluate_pairs(
-        pairs,
-        lm,
-        mimi,
-        args.out,
-        config,
-        args.reduction,
-        args.batch_size,
-        progress=not args.no_progress,
-        model=model,
-    )
-    print(
-        f"{args.benchmark}: accuracy {100 * data['accuracy']:.2f} % ({args.reduction}) over "
-        f"{data['n_pairs']} pairs; {data['n_bad_files']} bad files; wrote {args.out}/report.md"
-    )
-    return data
-
-
 def evaluate_pairs(
     pairs: PairSet,
     lm: Any,
@@ -209,10 +75,12 @@ def evaluate_pairs(
     batch_size: int = 16,
     progress: bool = True,
     model: str = "",
+    setup: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score every file of ``pairs``, write the report to ``out_dir``, return its JSON data:
     ``accuracy`` (subset "all", ``reduction``), ``subsets`` (per subset: accuracy_mean,
-    accuracy_sum, n_pairs, n_groups), ``alternatives`` (other codebook choices), bad files."""
+    accuracy_sum, n_pairs, n_groups), ``alternatives`` (other codebook choices), bad files;
+    ``setup`` (e.g. the command that made it) is recorded as it is."""
     config = config or ScoringConfig()
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -268,6 +136,7 @@ def evaluate_pairs(
         dropped_pairs=acc["mean"]["dropped_pairs"],
         unpaired=pairs.problems,
         wall_s=wall,
+        setup=dict(setup or {}),
     )
     _write_text(report, pairs, config, reduction, subsets, alternatives, bad, model)
     _plots(report, subsets, acc[reduction]["margins"], reduction)

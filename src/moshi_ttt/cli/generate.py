@@ -4,7 +4,8 @@
     moshi-ttt generate --tiny --input user.wav --output out.wav --text out.txt
     moshi-ttt generate --base kyutai/moshiko-pytorch-bf16 --ttt-config ttt.yaml --input ...
 
-User errors are ``ValueError`` / ``FileNotFoundError`` (``moshi-ttt`` prints them as one line).
+The input is read and the outputs checked before the model loads: an unreadable or non-finite
+input, an output path that cannot be written or (without ``--force``) already exists is refused.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .cli_common import add_model_args, describe_model, load_model_from_args
+from ..outputs import check_output_file
+from .common import add_force_arg, add_model_args, describe_model, load_model_from_args
 
 
 def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -33,20 +35,20 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--temp", type=float, default=0.8, help="audio sampling temperature")
     p.add_argument("--temp-text", type=float, default=0.7, help="text sampling temperature")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_force_arg(p, "replace existing --output / --text files")
     p.set_defaults(func=run_generate)
     return p
 
 
 def run_generate(args: argparse.Namespace) -> dict[str, Any]:
     """Load the model and codec named by ``args``, run ``generate``, print the summary."""
-    from .checkpoints.loading import load_codec
-    from .generate import generate
+    from ..checkpoints.loading import load_codec
+    from ..generate import generate, read_wav
 
-    if not Path(args.input).is_file():  # before loading a 15 GB model
-        raise FileNotFoundError(f"input audio not found: {args.input}")
+    text_path = check_inputs(args)
+    read_wav(args.input)  # decodable, non-empty, finite: before loading a 15 GB model
     lm, info, device, dtype = load_model_from_args(args)
     mimi, tokenizer = load_codec(lm, info, device=device)
-    text_path = args.text or str(Path(args.output).with_suffix(".txt"))
     print(describe_model(lm, device, dtype))
     stats = generate(
         lm,
@@ -67,3 +69,25 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         f"{stats['audio_s']:.2f} s of audio, {stats['ms_per_frame']:.1f} ms per 80 ms frame)"
     )
     return stats
+
+
+def check_inputs(args: argparse.Namespace) -> str:
+    """Numbers, the input file and the output paths, before any loading; returns the text
+    output path (``--text`` or ``OUTPUT.txt``)."""
+    if not Path(args.input).is_file():
+        raise FileNotFoundError(f"input audio not found: {args.input} (--input)")
+    if args.max_seconds is not None and not args.max_seconds > 0:
+        raise ValueError(f"--max-seconds must be > 0, got {args.max_seconds}")
+    for name in ("temp", "temp_text"):
+        value = getattr(args, name)
+        if not value >= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    text_path = args.text or str(Path(args.output).with_suffix(".txt"))
+    outputs = {"--output": Path(args.output), "--text": Path(text_path)}
+    if outputs["--output"].absolute() == outputs["--text"].absolute():
+        raise ValueError(f"--text {text_path}: the same file as --output")
+    for key, path in outputs.items():
+        if path.absolute() == Path(args.input).absolute():
+            raise ValueError(f"{key} {path}: is the input file; choose another path")
+        check_output_file(path, key, args.force)
+    return text_path

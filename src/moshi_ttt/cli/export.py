@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..outputs import check_output_dir
+
 DTYPE_NAMES = ("auto", "float32", "bfloat16")
 
 
@@ -49,8 +51,7 @@ def add_export_parser(subparsers: Any) -> None:
 def check_out_dir(out: Path, run: Path, ckpt: Path, force: bool) -> None:
     """``--out`` must be a new or empty directory (any directory with ``force``), and neither
     the run nor its checkpoint; else a ``ValueError`` naming it."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a directory")
+    check_output_dir(out, "--out")
     if out.resolve() in (run.resolve(), ckpt.resolve(), ckpt.parent.resolve()):
         raise ValueError(f"--out {out}: is the run or its checkpoint; choose another directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -65,9 +66,9 @@ def run_export(args: argparse.Namespace) -> Path:
     """Check the arguments (before any loading), export, print what was written."""
     import torch
 
-    from .checkpoints.export import export_run
-    from .cli_common import resolve_device
-    from .train.checkpoint import find_checkpoint
+    from ..checkpoints.export import export_run
+    from ..train.checkpoint import find_checkpoint
+    from .common import resolve_device
 
     run, out = Path(args.run), Path(args.out)
     if not run.exists():

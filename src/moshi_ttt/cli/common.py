@@ -5,17 +5,23 @@ base), ``--base REPO_OR_DIR`` (a Hugging Face repo, a checkpoint directory with 
 export, or a run / ``step_*`` directory as a frozen base with its LoRA merged),
 ``--run DIR`` (a ``moshi-ttt train`` run directory or one of its checkpoints, rebuilt from its
 config) and ``--tiny`` (the tiny random Moshi-architecture model, for tests and CPU demos), plus
-``--ttt-config YAML`` for ``--base``/``--tiny``, ``--device`` and ``--dtype``.
+``--ttt-config YAML`` for ``--base``/``--tiny``, ``--device`` and ``--dtype``. Also the output
+checks and the skipped-files summary every command prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..outputs import check_no_clobber
+
+REPORT_FILES = ("report.md", "report.json")  # what marks a previous report in --out
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -65,16 +71,16 @@ def load_model_from_args(
     args: argparse.Namespace, tiny_default_ttt: bool = True
 ) -> tuple[Any, Any, torch.device, torch.dtype]:
     """``(lm, checkpoint_info, device, dtype)`` for the model named by ``add_model_args``."""
-    from .checkpoints.adapter import load_adapter
-    from .checkpoints.loading import load_base_lm
-    from .integration import TTTConfig, apply_ttt
+    from ..checkpoints.adapter import load_adapter
+    from ..checkpoints.loading import load_base_lm
+    from ..integration import TTTConfig, apply_ttt
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if (args.adapter or args.run) and args.ttt_config:
         raise ValueError("--ttt-config cannot be combined with --adapter/--run (they record it)")
     if args.run:
-        from .train.checkpoint import load_trained_model
+        from ..train.checkpoint import load_trained_model
 
         lm, cfg = load_trained_model(args.run, device=device)
         return lm.to(dtype=dtype).eval(), None, device, dtype
@@ -82,12 +88,19 @@ def load_model_from_args(
         if not Path(args.adapter).is_dir():
             raise FileNotFoundError(f"--adapter {args.adapter}: no such directory")
         lm, info = load_adapter(args.adapter, device=device, dtype=dtype)
-    else:
-        lm, info = load_base_lm("tiny" if args.tiny else args.base, device=device, dtype=dtype)
-        if args.ttt_config:
-            apply_ttt(lm, TTTConfig.from_yaml(args.ttt_config))
-        elif args.tiny and tiny_default_ttt:
-            apply_ttt(lm, TTTConfig())
+        return lm.eval(), info, device, dtype
+    try:
+        ttt = TTTConfig.from_yaml(args.ttt_config) if args.ttt_config else None
+    except ValueError as e:
+        raise ValueError(f"--ttt-config {args.ttt_config}: {e}") from e
+    if ttt is None and args.tiny and tiny_default_ttt:
+        ttt = TTTConfig()
+    lm, info = load_base_lm("tiny" if args.tiny else args.base, device=device, dtype=dtype)
+    if ttt is not None:
+        try:
+            apply_ttt(lm, ttt)
+        except ValueError as e:
+            raise ValueError(f"--ttt-config {args.ttt_config or '(default)'}: layers: {e}") from e
     return lm.eval(), info, device, dtype
 
 
@@ -99,3 +112,38 @@ def describe_model(lm: Any, device: torch.device, dtype: torch.dtype) -> str:
         f"model: {getattr(lm, 'moshi_ttt_base', '?')} on {device} "
         f"({str(dtype).removeprefix('torch.')}); TTT layers {layers or 'none'} (kind {kind})"
     )
+
+
+# -- outputs and skipped files ------------------------------------------------------------------
+def add_force_arg(p: argparse.ArgumentParser, text: str) -> None:
+    """``--force``: replace what a previous run of the command left at the output path."""
+    p.add_argument("--force", action="store_true", help=text)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command as typed, without ``--force``, ``--debug`` and ``--no-progress`` (recorded
+    in a report: what made it)."""
+    argv = [
+        a for a in getattr(args, "argv", []) if a not in ("--force", "--debug", "--no-progress")
+    ]
+    return shlex.join(["moshi-ttt", *argv])
+
+
+def check_report_dir(out: str | Path, force: bool) -> Path:
+    """``--out`` of a report command: writable, and not holding a report unless ``force``."""
+    return check_no_clobber(out, "--out", REPORT_FILES, force, what="report")
+
+
+def print_bad_files(
+    files: Sequence[dict[str, str]], total: int, full_list: str | Path, limit: int = 10
+) -> None:
+    """A few lines on stdout: how many of ``total`` files were skipped, the first ``limit`` of
+    them with their reasons, and where the full list is."""
+    if not files:
+        return
+    print(f"skipped {len(files)} of {total} files (full list: {full_list}):")
+    for f in files[:limit]:
+        detail = f": {f['detail']}" if f.get("detail") else ""
+        print(f"  {f['name']}: {f['reason']}{detail}")
+    if len(files) > limit:
+        print(f"  ... {len(files) - limit} more")

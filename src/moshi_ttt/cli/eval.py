@@ -6,7 +6,7 @@
 
 ``DATA``: a directory of audio (LibriLight ``<speaker>/<book>/*.flac``), one audio file, a JSONL
 index, or a tokenized shards directory. Each command writes ``DIR/report.md``,
-``DIR/report.json`` and PNG plots. User errors are ``ValueError`` / ``FileNotFoundError``.
+``DIR/report.json`` and PNG plots (a ``DIR`` holding a report is refused without ``--force``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .cli_common import add_model_args, describe_model, load_model_from_args
+from .common import (
+    add_force_arg,
+    add_model_args,
+    check_report_dir,
+    command_line,
+    describe_model,
+    load_model_from_args,
+    print_bad_files,
+)
+from .eval_pairs import add_pair_parsers
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -29,15 +38,8 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     _add_long_context(sub)
     _add_inner_loss(sub)
     _add_gating(sub)
-    add_pair_parsers(sub)  # PAIRS WIRING: sblimp / swuggy / storycloze (eval/cli_pairs.py)
+    add_pair_parsers(sub)  # sblimp / swuggy / storycloze (cli/eval_pairs.py)
     return p
-
-
-def add_pair_parsers(eval_subparsers: Any) -> None:
-    """sBLIMP / sWUGGY / StoryCloze subcommands, defined in ``eval/cli_pairs.py``."""
-    from .eval.cli_pairs import add_pair_parsers as add
-
-    add(eval_subparsers)
 
 
 # -- shared arguments -------------------------------------------------------------------------
@@ -49,6 +51,7 @@ def add_eval_common_args(p: argparse.ArgumentParser) -> None:
         help="audio dir (LibriLight layout) or file, JSONL index, or shards dir",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="report directory")
+    add_force_arg(p, "replace a report already in --out")
     add_model_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -191,17 +194,24 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.speedup_frames < 0:
         raise ValueError("--speedup-frames must be >= 0")
+    for name in ("max_files", "max_frames"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if any(n < 1 for n in getattr(args, "reset_every", None) or ()):
+        raise ValueError(f"--reset-every must be >= 1 frames, got {args.reset_every}")
 
 
 def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
     """Check the arguments, load the model, open the inputs: ``(lm, info, inputs, setup)``."""
-    from .checkpoints.loading import load_codec
-    from .eval.inputs import EvalInputs, StreamPlacement
+    from ..checkpoints.loading import load_codec
+    from ..eval.inputs import EvalInputs, StreamPlacement
 
     _check_numbers(args)
     placement = StreamPlacement(args.audio_stream, args.other_stream, args.text)
     if not Path(args.data).exists():  # before loading a 15 GB model
         raise FileNotFoundError(f"evaluation data not found: {args.data}")
+    check_report_dir(args.out, args.force)
     lm, info, device, dtype = load_model_from_args(args)
     model = describe_model(lm, device, dtype)
     print(model)
@@ -211,6 +221,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
         args.data, mimi, placement, max_files=args.max_files, max_frames=args.max_frames
     )
     setup = {
+        "command": command_line(args),
         "model": model.removeprefix("model: "),
         "data": inputs.describe(),
         "dtype": str(dtype).removeprefix("torch."),
@@ -222,11 +233,12 @@ def _finish(result: Any, args: argparse.Namespace) -> None:
     """Print the summary (``long_context.summary_lines``: per variant the CE beyond and inside
     the attention context on the headline metric, 4 decimals, and the differences against the
     primary); no usable file is an error (after the report is written)."""
-    from .eval.long_context import summary_lines
+    from ..eval.long_context import summary_lines
 
     out = args.out
     bad = result.bad.get("bad_files", [])
     print(f"evaluated {len(result.files)} files ({len(bad)} skipped); wrote {out}/report.md")
+    print_bad_files(bad, len(result.files) + len(bad), f"{out}/report.json")
     if result.files:
         for line in summary_lines(result.summary()):
             print(line)
@@ -246,7 +258,7 @@ def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_long_context(args: argparse.Namespace) -> Any:
-    from .eval.long_context import evaluate_long_context, write_long_context_report
+    from ..eval.long_context import evaluate_long_context, write_long_context_report
 
     lm, _, inputs, setup = _prepare(args)
     controls = _controls(args.controls)
@@ -260,7 +272,7 @@ def run_long_context(args: argparse.Namespace) -> Any:
 
 
 def run_inner_loss(args: argparse.Namespace) -> Any:
-    from .eval.inner_loss import evaluate_inner_loss, write_inner_loss_report
+    from ..eval.inner_loss import evaluate_inner_loss, write_inner_loss_report
 
     lm, _, inputs, setup = _prepare(args)
     controls = _controls(args.controls)
@@ -276,12 +288,14 @@ def run_inner_loss(args: argparse.Namespace) -> Any:
 
 
 def run_gating(args: argparse.Namespace) -> Any:
-    from .checkpoints.loading import load_codec
-    from .eval.gating import evaluate_gating, generate_per_gate, parse_gates, write_gating_report
+    from ..checkpoints.loading import load_codec
+    from ..eval.gating import evaluate_gating, generate_per_gate, parse_gates, write_gating_report
 
     gates = parse_gates(args.gates)
     if args.generate_input and not Path(args.generate_input).is_file():
         raise FileNotFoundError(f"--generate-input not found: {args.generate_input}")
+    if args.generate_seconds <= 0:
+        raise ValueError(f"--generate-seconds must be > 0, got {args.generate_seconds}")
     lm, info, inputs, setup = _prepare(args)
     result = evaluate_gating(lm, inputs, gates, **_run_kwargs(args))
     result.metric = args.metric

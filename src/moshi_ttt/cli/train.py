@@ -3,6 +3,7 @@
 moshi-ttt train configs/tiny.yaml --set max_steps=20 --set lr=3e-4
 torchrun --nproc-per-node 8 -m moshi_ttt.cli train configs/moshi7b_dailytalk.yaml
 moshi-ttt train configs/tiny.yaml --resume
+moshi-ttt train configs/tiny.yaml --resume-from runs/tiny/checkpoints/step_000020
 moshi-ttt tokenize data/train.jsonl data/shards --base kyutai/moshiko-pytorch-bf16
 """
 
@@ -10,6 +11,10 @@ from __future__ import annotations
 
 import argparse
 from typing import Any
+
+from ..outputs import check_no_clobber
+from ..train.data import BAD_FILES
+from .common import print_bad_files, resolve_device
 
 
 def add_train_parsers(subparsers: Any) -> None:
@@ -24,6 +29,15 @@ def add_train_parsers(subparsers: Any) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable), e.g. --set lr=3e-5")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--resume-from", metavar="CHECKPOINT",
+                   help="continue from this checkpoints/step_* directory (e.g. the one before "
+                   "a corrupt newest checkpoint)")  # fmt: skip
+    p.add_argument("--allow-inexact-resume", action="store_true",
+                   help="resume although settings that change the data order or the results "
+                   "differ from the checkpoint's (the resumed run is then not exact)")  # fmt: skip
+    p.add_argument("--force", action="store_true",
+                   help="start afresh in a run_dir that holds a previous run (its checkpoints, "
+                   "metrics, logs and TensorBoard files are deleted)")  # fmt: skip
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)
@@ -48,6 +62,8 @@ def add_train_parsers(subparsers: Any) -> None:
     t.add_argument("--max-bad-fraction", type=float, default=None,
                    help="fail (after writing) if more than this fraction is bad")  # fmt: skip
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--force", action="store_true",
+                   help="write into an OUT_DIR holding shards (they are replaced)")  # fmt: skip
     t.set_defaults(func=run_tokenize)
 
     toy = subparsers.add_parser(
@@ -59,15 +75,27 @@ def add_train_parsers(subparsers: Any) -> None:
     toy.add_argument("out_dir", metavar="OUT_DIR")
     toy.add_argument("--files", type=int, default=8, help="training files (default 8)")
     toy.add_argument("--seconds", type=float, default=7.68, help="seconds per file")
+    toy.add_argument("--force", action="store_true",
+                     help="replace a toy dataset already in OUT_DIR (index.jsonl, eval.jsonl, "
+                     "its wavs)")  # fmt: skip
     toy.set_defaults(func=run_toy_data)
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from .train.config import TrainConfig
-    from .train.trainer import train
+    from ..train.config import TrainConfig
+    from ..train.trainer import train
 
+    if args.resume and args.resume_from:
+        raise ValueError("--resume and --resume-from: give one (--resume = the newest checkpoint)")
+    if args.force and (args.resume or args.resume_from):
+        raise ValueError("--force starts afresh: it cannot be combined with --resume")
     cfg = TrainConfig.load(args.config, args.overrides)
-    result = train(cfg, resume=args.resume, progress=not args.no_progress, device=args.device)
+    resume = args.resume_from or args.resume
+    result = train(cfg, resume=resume, progress=not args.no_progress, device=args.device,
+                   allow_inexact_resume=args.allow_inexact_resume,
+                   overwrite=args.force)  # fmt: skip
+    if result.is_main:
+        print_bad_files(result.bad_files, result.files_total, result.run_dir / BAD_FILES)
     if result.final_metrics and result.is_main:
         m = result.final_metrics
         print(f"done: {result.steps} steps, loss {m['loss']:.4f} (text {m['text_loss']:.4f}, "
@@ -75,11 +103,15 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_tokenize(args: argparse.Namespace) -> None:
-    from .checkpoints.loading import codec_for_source, load_codec
-    from .cli_common import resolve_device
-    from .integration.tiny import build_tiny_lm
-    from .train.data import tokenize_index
+    from ..checkpoints.loading import codec_for_source, load_codec
+    from ..integration.tiny import build_tiny_lm
+    from ..train.data import SHARDS_INDEX, read_index, tokenize_index
 
+    if args.max_bad_fraction is not None and not 0 <= args.max_bad_fraction <= 1:
+        raise ValueError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
+    read_index(args.index)  # a missing or malformed index: before loading Mimi
+    check_no_clobber(args.out_dir, "OUT_DIR", (SHARDS_INDEX, BAD_FILES), args.force,
+                     what="tokenized dataset")  # fmt: skip
     device = resolve_device(args.device)
     if args.tiny:  # the tiny LM is only needed for its sizes
         lm = build_tiny_lm(0)
@@ -96,13 +128,16 @@ def run_tokenize(args: argparse.Namespace) -> None:
         device=device,
     )  # fmt: skip
     print(f"wrote {stats.num_seen - stats.num_bad} shards to {args.out_dir}; {stats.summary()}")
+    print_bad_files(stats.files, stats.num_seen, f"{args.out_dir}/{SHARDS_INDEX}")
 
 
 def run_toy_data(args: argparse.Namespace) -> None:
-    from .train.toy_data import write_toy_dataset
+    from ..train.toy_data import write_toy_dataset
 
-    if args.files < 1 or args.seconds <= 0:
+    if args.files < 1 or not args.seconds > 0:
         raise ValueError("--files must be >= 1 and --seconds > 0")
+    check_no_clobber(args.out_dir, "OUT_DIR", ("index.jsonl", "eval.jsonl"), args.force,
+                     what="dataset")  # fmt: skip
     train = write_toy_dataset(args.out_dir, [args.seconds] * args.files, bad={"broken": "corrupt"})
     evals = write_toy_dataset(args.out_dir, [args.seconds] * 2, index_name="eval.jsonl", seed=100)
     print(f"wrote {train} ({args.files} files + 1 corrupt) and {evals} (2 files)")

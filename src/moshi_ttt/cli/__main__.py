@@ -1,0 +1,7 @@
+"""``python -m moshi_ttt.cli ...`` (also under ``torchrun -m moshi_ttt.cli``)."""
+
+import sys
+
+from .app import main
+
+sys.exit(main())

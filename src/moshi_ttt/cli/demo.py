@@ -1,0 +1,56 @@
+"""``moshi-ttt demo``: a thin shell over ``moshi_ttt.demo.run_demo``.
+
+The demo deletes and rewrites its own subfolders of ``--out``; a ``--out`` holding anything
+else (not empty and not a previous demo output) is refused unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..outputs import check_output_dir
+
+DEMO_MARKERS = ("results.json", "report.json", "report.md")  # a previous demo output
+DEMO_ENTRIES = {"runs", "data", "configs", "base", "eval", *DEMO_MARKERS}
+
+
+def add_demo_parser(subparsers: Any) -> None:
+    """Register ``demo`` on an ``add_subparsers()`` object."""
+    demo = subparsers.add_parser("demo", help="run the built-in end-to-end demo on a tiny model")
+    demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--quick", action="store_true", help="a tiny version (tests, a minute)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.add_argument("--stream", choices=["text", "audio"], default="text",
+                      help="where the task's symbols live: text tokens (default) or Moshi's "
+                      "audio codebook 0 (scored by audio CE)")  # fmt: skip
+    demo.add_argument("--force", action="store_true",
+                      help="use an --out that holds other things than a previous demo output "
+                      "(its runs/data/configs/base/eval folders are replaced)")  # fmt: skip
+    demo.set_defaults(func=_demo)
+
+
+def check_demo_out(out: str | Path, force: bool) -> Path:
+    """``--out`` must be writable and new, empty, or a previous demo output (unless ``force``)."""
+    p = check_output_dir(out, "--out")
+    if force or not p.is_dir():
+        return p
+    entries = {e.name for e in p.iterdir()}
+    if entries and not entries & set(DEMO_MARKERS) and not entries <= DEMO_ENTRIES:
+        shown = ", ".join(sorted(entries)[:5])
+        raise ValueError(
+            f"--out {p}: not empty and not a previous demo output (holds {shown}); the demo "
+            "replaces its runs/, data/, configs/, base/ and eval/ folders there: choose another "
+            "directory or pass --force"
+        )
+    return p
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from ..demo import run_demo
+
+    check_demo_out(args.out, args.force)
+    run_demo(out_dir=args.out, seed=args.seed, quick=args.quick, progress=not args.no_progress,
+             stream=args.stream)  # fmt: skip
