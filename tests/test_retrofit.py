@@ -192,3 +192,15 @@ def test_7b_configs_carry_the_recommended_retrofit(name):
     assert cfg.model.train_context == retrofit_train_context(loaders._lm_kwargs["context"])
     for key in ("layers", "placement", "kind", "gate_init"):
         assert getattr(cfg.ttt, key) == RETROFIT_TTT[key], key
+
+
+def test_trainer_advises_a_shorter_window_for_a_frozen_retrofit(tmp_path, shards):
+    from moshi_ttt.train.trainer import retrofit_advice
+
+    cfg = TrainConfig.from_dict(cfg_dict(tmp_path, shards))  # frozen tiny base, full window
+    lm, _, _ = build_model(cfg, torch.device("cpu"))
+    assert "model.train_context: 2" in retrofit_advice(cfg, lm)  # a quarter of 8 frames
+    shorter = TrainConfig.from_dict(cfg_dict(tmp_path, shards, model={"train_context": 2}))
+    assert retrofit_advice(shorter, lm) is None
+    scratch = TrainConfig.from_dict(cfg_dict(tmp_path, shards, model={"train_base": True}))
+    assert retrofit_advice(scratch, lm) is None

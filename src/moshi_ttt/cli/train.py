@@ -38,9 +38,34 @@ def add_train_parsers(subparsers: Any) -> None:
     p.add_argument("--force", action="store_true",
                    help="start afresh in a run_dir that holds a previous run (its checkpoints, "
                    "metrics, logs and TensorBoard files are deleted)")  # fmt: skip
+    p.add_argument("--requeue", action="store_true",
+                   help="for a requeued job (scripts/slurm_train.sh): continue from the newest "
+                   "checkpoint if run_dir has one, else start afresh (replacing the files of "
+                   "an attempt that wrote no checkpoint)")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (parameters, memory per GPU, FSDP units, tokens per "
+                   "step; meta device, no weights read) and exit (= moshi-ttt plan)")  # fmt: skip
+    p.add_argument("--gpus", default="1,8,16", metavar="N,N,...",
+                   help="with --dry-run: GPU counts to plan for (default 1,8,16)")  # fmt: skip
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train)
+
+    pl = subparsers.add_parser(
+        "plan",
+        help="a training run's size before any load: parameters, GPU memory, FSDP units",
+        description="Build CONFIG's model on the meta device (no weights read, no download) "
+        "and print parameters per group, bytes per GPU for N GPUs (frozen base, fp32 "
+        "trainables, gradients, AdamW states, FSDP working set, activations), the FSDP units "
+        "and tokens per optimizer step. Same as `moshi-ttt train CONFIG --dry-run`.",
+    )
+    pl.add_argument("config", metavar="CONFIG.yaml")
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key (repeatable)")  # fmt: skip
+    pl.add_argument("--gpus", default="1,8,16", metavar="N,N,...",
+                    help="GPU counts to plan for (default 1,8,16)")  # fmt: skip
+    pl.add_argument("--out", metavar="FILE.md", help="also write the plan to FILE.md")
+    pl.set_defaults(func=run_plan)
 
     t = subparsers.add_parser(
         "tokenize",
@@ -89,17 +114,43 @@ def run_train(args: argparse.Namespace) -> None:
         raise ValueError("--resume and --resume-from: give one (--resume = the newest checkpoint)")
     if args.force and (args.resume or args.resume_from):
         raise ValueError("--force starts afresh: it cannot be combined with --resume")
+    if args.requeue and (args.resume or args.resume_from or args.force):
+        raise ValueError("--requeue chooses between resuming and starting afresh by itself: "
+                         "give it alone")  # fmt: skip
+    if args.dry_run:
+        run_plan(argparse.Namespace(config=args.config, overrides=args.overrides,
+                                    gpus=args.gpus, out=None))  # fmt: skip
+        return
     cfg = TrainConfig.load(args.config, args.overrides)
     resume = args.resume_from or args.resume
     result = train(cfg, resume=resume, progress=not args.no_progress, device=args.device,
                    allow_inexact_resume=args.allow_inexact_resume,
-                   overwrite=args.force)  # fmt: skip
+                   overwrite=args.force, requeue=args.requeue)  # fmt: skip
     if result.is_main:
         print_bad_files(result.bad_files, result.files_total, result.run_dir / BAD_FILES)
     if result.final_metrics and result.is_main:
         m = result.final_metrics
         print(f"done: {result.steps} steps, loss {m['loss']:.4f} (text {m['text_loss']:.4f}, "
               f"audio {m['audio_loss']:.4f}); checkpoint {result.last_checkpoint}")  # fmt: skip
+
+
+def run_plan(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from ..train.config import TrainConfig
+    from ..train.plan import make_plan
+
+    try:
+        gpus = [int(n) for n in str(args.gpus).split(",")]
+    except ValueError:
+        gpus = []
+    if not gpus or min(gpus) < 1:
+        raise ValueError(f"--gpus: expected GPU counts such as 1,8,16, got {args.gpus!r}")
+    cfg = TrainConfig.load(args.config, args.overrides)
+    text = make_plan(cfg).report(gpus)
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(text)
 
 
 def run_tokenize(args: argparse.Namespace) -> None:

@@ -36,19 +36,26 @@ class TTTConfig:
 
     Attributes:
         layers: layer spec of the temporal transformer's layers to convert (module docstring).
-            Default ``"middle"``: one layer, the cheapest useful start.
+            Default ``"0"``: the first layer (with ``placement="before_attention"`` the branch
+            reads the token embeddings; docs/retrofit.md).
         kind: ``"linear"`` / ``"mlp"`` (a gated TTT branch, ``moshi_ttt.TTTLayer``) or
             ``"inplace"`` (In-Place TTT on the FFN's output projection).
+
+    The defaults are the branch of the recommended retrofit of a frozen, pretrained model
+    (``moshi_ttt.recipes``); train it with ``model.train_context`` about a quarter of the
+    model's attention context.
         mini_batch_size: TTT tokens (frames) per inner update; 16 = 1.28 s.
         base_lr: TTT inner learning-rate scale; None = the layer's default (1.0 linear, 0.1 mlp).
         gate_init: initial value of the per-channel gate parameter alpha (the branch is scaled by
-            ``tanh(alpha)``). Default 0.0: the converted model starts *exactly* as the base model
-            (no loss jump at the start of fine-tuning); alpha still gets a gradient at 0.
+            ``tanh(alpha)``). Default 1.0: an open gate, so the branch is trained from step 1
+            (at 0 it sits on the zero-gate saddle and, in the retrofit study, ends up hurting);
+            0.0 makes the converted model start *exactly* as the base model, and so does
+            ``output_init="zero"`` with any gate.
         num_heads: TTT heads; None = the transformer's number of attention heads.
         checkpoint_group_size: TTT mini-batches per activation-checkpointing group (0 = off).
-        placement: where the gated branch goes in the layer: ``"after_attention"`` (default, the
-            video-TTT recipe: after self-attention, before the FFN), ``"before_attention"`` or
-            ``"after_ffn"``.
+        placement: where the gated branch goes in the layer: ``"before_attention"`` (default:
+            the frozen attention and FFN read what the memory writes), ``"after_attention"`` (the
+            video-TTT recipe: after self-attention, before the FFN) or ``"after_ffn"``.
         chunk_size: In-Place TTT chunk, in frames (256 = 20.5 s): the fast weight is updated
             once per chunk and used from the next chunk on.
         inplace_lr: In-Place TTT step size eta in ``dW = eta (conv(X) W_target)^T Z``
@@ -70,14 +77,14 @@ class TTTConfig:
             residual stream at ``placement``.
     """
 
-    layers: str | list[int] = "middle"
-    kind: str = "mlp"
+    layers: str | list[int] = "0"
+    kind: str = "linear"
     mini_batch_size: int = 16
     base_lr: float | None = None
-    gate_init: float = 0.0
+    gate_init: float = 1.0
     num_heads: int | None = None
     checkpoint_group_size: int = 4
-    placement: str = "after_attention"
+    placement: str = "before_attention"
     chunk_size: int = 256
     inplace_lr: float = 0.3
     inplace_target: str = "ffn_input"

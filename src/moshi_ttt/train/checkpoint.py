@@ -17,21 +17,25 @@ afterwards (truncated, overwritten) is found by ``checkpoint_problem`` before an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..checkpoints.adapter import adapter_parameters, save_adapter
-from ..checkpoints.loading import load_safetensors, safetensors_problem
-from .parallel import Dist, barrier, copy_full_, full_tensor
+from ..checkpoints.loading import check_safetensors, load_safetensors, safetensors_problem
+from .parallel import Dist, barrier, gather_to_main, local_rows
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 STATE = "state.json"
@@ -141,13 +145,19 @@ def save_checkpoint(
     rank's tensors (RNG, carried TTT state).
     """
     root = Path(root)
-    params = {n: full_tensor(p.detach()).float().cpu().contiguous() for n, p in named}
+    # Gathered to rank 0 only, tensor by tensor: the other ranks never hold whole tensors.
+    params: dict[str, torch.Tensor] = {}
     optim: dict[str, torch.Tensor] = {}
     for name, p in named:
+        whole = gather_to_main(p, d.is_main)
+        if whole is not None:
+            params[name] = whole
         st = optimizer.state.get(p, {})
         for key in ADAM_KEYS:
             if key in st:
-                optim[f"{name}.{key}"] = full_tensor(st[key]).float().cpu().contiguous()
+                whole = gather_to_main(st[key], d.is_main)
+                if whole is not None:
+                    optim[f"{name}.{key}"] = whole
         if "step" in st:
             optim[f"{name}.step"] = torch.as_tensor(st["step"]).float().cpu().reshape(1)
     data_states = _gather(state.get("data"), d)
@@ -193,16 +203,18 @@ def load_checkpoint(
         )
     load_trainable(path, named)
     if optimizer is not None:
-        optim = load_safetensors(path / OPTIMIZER, what="optimizer state")
-        for name, p in named:
-            if f"{name}.step" not in optim:
-                continue
-            st: dict[str, torch.Tensor] = {}
-            for key in ADAM_KEYS:
-                st[key] = torch.zeros_like(p.data)
-                copy_full_(st[key], optim[f"{name}.{key}"])
-            st["step"] = optim[f"{name}.step"].reshape(())
-            optimizer.state[p] = st
+        file = check_safetensors(path / OPTIMIZER, "optimizer state")
+        with _open(file, "optimizer state") as optim:
+            keys = set(optim.keys())
+            for name, p in named:
+                if f"{name}.step" not in keys:
+                    continue
+                st: dict[str, torch.Tensor] = {}
+                for key in ADAM_KEYS:
+                    st[key] = torch.zeros_like(p.data)
+                    _read_local(optim, f"{name}.{key}", st[key])
+                st["step"] = optim.get_tensor(f"{name}.step").reshape(())
+                optimizer.state[p] = st
     rank_file = path / f"rank{d.rank}.safetensors"
     tensors = load_safetensors(rank_file, what="rank state") if rank_file.is_file() else {}
     state["data"] = state["data"][d.rank]
@@ -215,23 +227,51 @@ def load_trainable(path: str | Path, named: list[tuple[str, nn.Parameter]]) -> N
     file = Path(path) / TRAINABLE
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no such file (is {path} a training checkpoint?)")
-    params = load_safetensors(file, what="trainable parameters")
-    expected = dict(named)
-    missing, extra = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
-    if missing or extra:
-        raise ValueError(
-            f"{file}: does not match the model's trainable parameters "
-            f"(missing {missing[:3]}, unexpected {extra[:3]}): was it written with this config?"
-        )
-    for name, p in named:
-        if tuple(params[name].shape) != tuple(p.shape):
+    check_safetensors(file, "trainable parameters")
+    with _open(file, "trainable parameters") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        expected = dict(named)
+        missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+        if missing or extra:
             raise ValueError(
-                f"{file}: {name} has shape {tuple(params[name].shape)}, "
-                f"the model expects {tuple(p.shape)}"
+                f"{file}: does not match the model's trainable parameters "
+                f"(missing {missing[:3]}, unexpected {extra[:3]}): was it written with this "
+                "config?"
             )
-    with torch.no_grad():
         for name, p in named:
-            copy_full_(p.data, params[name])
+            if shapes[name] != tuple(p.shape):
+                raise ValueError(
+                    f"{file}: {name} has shape {shapes[name]}, the model expects {tuple(p.shape)}"
+                )
+        with torch.no_grad():
+            for name, p in named:
+                _read_local(f, name, p.data)
+
+
+@contextlib.contextmanager
+def _open(file: Path, what: str) -> Iterator[Any]:
+    """``safe_open`` (CPU) with its errors as a ``ValueError`` naming the file."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({what}): {e}") from e
+
+
+def _read_local(f: Any, name: str, dst: torch.Tensor) -> None:
+    """Copy tensor ``name`` of the open file ``f`` into ``dst``: only the rows this rank holds
+    when ``dst`` is an FSDP shard (a rank never reads the whole tensor)."""
+    start, end = local_rows(dst)
+    if isinstance(dst, DTensor):
+        local = dst.to_local()
+        if end - start != (local.shape[0] if local.dim() else 0) or local.dim() == 0:
+            local.copy_(distribute_tensor(f.get_tensor(name).to(local.device, local.dtype),
+                                          dst.device_mesh, dst.placements).to_local())  # fmt: skip
+            return
+        if end > start:
+            local.copy_(f.get_slice(name)[start:end].to(device=local.device, dtype=local.dtype))
+        return
+    dst.copy_(f.get_tensor(name).to(device=dst.device, dtype=dst.dtype))
 
 
 def find_checkpoint(run: str | Path, use: str = "name") -> Path:

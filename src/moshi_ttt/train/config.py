@@ -174,6 +174,10 @@ class TrainConfig:
             (``ceil(12.5 * duration_sec)`` frames, the last one padded).
         batch_size: windows per micro-batch per rank.
         grad_accum: micro-batches per optimizer step.
+        global_batch: windows per optimizer step over all ranks; null = ``batch_size x
+            grad_accum x world size``. Set, it fixes the global batch (and so the meaning of
+            the learning rates) whatever the number of GPUs or nodes: ``grad_accum`` is then
+            derived at start (``resolve_grad_accum``) and must divide exactly.
         lr: peak learning rate of the TTT parameters and of anything without its own rate.
         ttt_lr / lora_lr: peak learning rates of the TTT parameters / LoRA; null = ``lr``.
         max_norm: gradient clipping (global norm over all trainable parameters); 0 = off.
@@ -195,6 +199,7 @@ class TrainConfig:
     duration_sec: float = option(10.0, gt=0)
     batch_size: int = option(1, ge=1)
     grad_accum: int = option(1, ge=1)
+    global_batch: int | None = option(None, ge=1)
     lr: float = option(1e-4, gt=0)
     ttt_lr: float | None = option(None, gt=0)
     lora_lr: float | None = option(None, gt=0)
@@ -284,6 +289,27 @@ class TrainConfig:
                 f"gets no training signal; use {key} <= {frames // 2} (several updates per "
                 f"window) or a longer duration_sec"
             )
+
+    def resolve_grad_accum(self, world_size: int) -> None:
+        """With ``global_batch`` set: set ``grad_accum`` so that ``batch_size x grad_accum x
+        world_size == global_batch``; a ``ValueError`` naming the numbers when it cannot."""
+        if self.global_batch is None:
+            return
+        per_step = self.batch_size * world_size
+        if self.global_batch % per_step:
+            raise ValueError(
+                f"global_batch: {self.global_batch} windows per step is not a multiple of "
+                f"batch_size {self.batch_size} x {world_size} process(es) = {per_step}: change "
+                "global_batch or batch_size (grad_accum is derived from them)"
+            )
+        accum = self.global_batch // per_step
+        if self.grad_accum not in (1, accum):
+            raise ValueError(
+                f"grad_accum: {self.grad_accum} with global_batch {self.global_batch} and "
+                f"{per_step} windows per micro-batch step (needs grad_accum {accum}): leave "
+                "grad_accum at 1 when global_batch is set"
+            )
+        self.grad_accum = accum
 
     # -- derived values ---------------------------------------------------------------------
     @property

@@ -94,26 +94,94 @@ def load_base(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> tup
     )  # fmt: skip
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> tuple[LMModel, TrainableGroups, Any]:
+def build_model(
+    cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None = None
+) -> tuple[LMModel, TrainableGroups, Any]:
     """``(lm, trainable groups, checkpoint info)`` for ``cfg``, in train mode on ``device``.
 
     Order: base -> LoRA (base linears only) -> TTT (new parameters initialised from
     ``cfg.seed``) -> freeze all -> unfreeze the configured groups and cast them to float32.
+    ``dtype``: of the frozen base (default: ``model.dtype`` resolved for ``device``).
     """
-    dtype = resolve_dtype(cfg.model.dtype, device)
+    dtype = dtype or resolve_dtype(cfg.model.dtype, device)
     lm, info = load_base(cfg, device, dtype)
+    groups = add_trainables(lm, cfg, device)
+    return lm, groups, info
+
+
+def add_trainables(lm: LMModel, cfg: TrainConfig, device: torch.device) -> TrainableGroups:
+    """LoRA and TTT as ``cfg`` says (seeded), then ``select_trainable``; ``lm`` in train mode.
+    Works on the meta device too (``train.plan``)."""
+    devices = [device] if device.type == "cuda" else []
     if cfg.lora.enable:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed + 1)
             apply_lora(lm, rank=cfg.lora.rank, scaling=cfg.lora.scaling)
     if cfg.ttt is not None and ttt_modules(lm):  # an exported TTT model: train its layers on
         check_same_ttt(lm, cfg.ttt)
     elif cfg.ttt is not None:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(cfg.seed + 2)
             apply_ttt(lm, cfg.ttt)
     groups = select_trainable(lm, cfg)
     lm.train()
+    return groups
+
+
+ORIGIN_ATTRS = ("moshi_ttt_base", "moshi_ttt_codec")  # set by checkpoints.loading.mark_origin
+
+
+def build_sharded_model(
+    cfg: TrainConfig, device: torch.device
+) -> tuple[LMModel, TrainableGroups, Any] | None:
+    """Under ``torchrun``: the model of ``build_model``, sharded with FSDP2, read once.
+
+    Rank 0 builds the model on the CPU (the only rank that reads the weights or asks the Hub;
+    LoRA/TTT initialised from ``cfg.seed`` as in one process); every rank builds the same
+    structure on the meta device, shards it (``parallel.apply_fsdp``), allocates only its
+    shards on ``device`` and receives rank 0's values by broadcast (``set_model_state_dict``
+    with ``broadcast_from_rank0``). No rank holds the whole model on its GPU. Returns None
+    for a base that is a training run (``model.path`` a run directory): the caller then builds
+    on every rank.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from ..checkpoints.loading import MERGED_KEY, is_run_dir, lm_kwargs_of
+    from ..integration.tiny import tiny_lm_kwargs
+    from .parallel import apply_fsdp, broadcast_object
+
+    m = cfg.model
+    if m.source == "local" and is_run_dir(str(m.path)):
+        return None
+    dtype = resolve_dtype(m.dtype, device)
+    src = None
+    if torch.distributed.get_rank() == 0:
+        src, _, info = build_model(cfg, torch.device("cpu"), dtype)
+        if m.source == "tiny":
+            kwargs, merged = tiny_lm_kwargs(**m.tiny_overrides), None
+        else:
+            kwargs = lm_kwargs_of(m.hf_repo if m.source == "hf" else m.path, info)
+            merged = (info.raw_config or {}).get(MERGED_KEY)
+        shared = (kwargs, merged, info, {k: getattr(src, k, None) for k in ORIGIN_ATTRS})
+    else:
+        shared = None
+    kwargs, merged, info, origin = broadcast_object(shared)  # type: ignore[misc]
+    with torch.device("meta"):
+        lm = LMModel(device="meta", dtype=dtype, **kwargs)
+        if isinstance(merged, dict) and merged.get("ttt_config") is not None:
+            apply_ttt(lm, TTTConfig.from_dict({**merged["ttt_config"],
+                                               "layers": list(merged["ttt_layers"])}))  # fmt: skip
+        groups = add_trainables(lm, cfg, torch.device("meta"))
+    for key, value in origin.items():
+        if value is not None:
+            setattr(lm, key, value)
+    apply_fsdp(lm)
+    lm.to_empty(device=device)
+    full = src.state_dict() if src is not None else {}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(lm, full, options=options)
+    del src, full
+    groups.rebind(lm)
     return lm, groups, info
 
 
@@ -137,8 +205,9 @@ def check_same_ttt(lm: LMModel, config: TTTConfig) -> None:
         )
 
 
-def select_trainable(lm: LMModel, cfg: TrainConfig) -> TrainableGroups:
-    """Freeze everything, then unfreeze (in float32) the groups ``cfg`` trains."""
+def parameter_groups(lm: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Every parameter of ``lm`` by the group of the module that owns it (``GROUPS``; each
+    parameter once): TTT branches, LoRA A/B, embedding tables, and the rest (``base``)."""
     owned: dict[str, list[tuple[str, nn.Parameter]]] = {g: [] for g in GROUPS}
     seen: set[int] = set()
 
@@ -158,7 +227,12 @@ def select_trainable(lm: LMModel, cfg: TrainConfig) -> TrainableGroups:
         if owner is not None:
             take("embeddings", attr, owner)
     take("base", "", lm)
+    return owned
 
+
+def select_trainable(lm: LMModel, cfg: TrainConfig) -> TrainableGroups:
+    """Freeze everything, then unfreeze (in float32) the groups ``cfg`` trains."""
+    owned = parameter_groups(lm)
     wanted = {
         "ttt": cfg.ttt is not None,
         "lora": cfg.lora.enable,

@@ -2,9 +2,12 @@
 
 One process needs nothing (no torchrun, no environment variables); under ``torchrun`` the
 process group is NCCL on GPU and gloo on CPU. Sharding (``apply_fsdp``) uses FSDP2's
-``fully_shard`` on every moshi transformer layer (temporal and depformer), with each TTT branch,
-LoRA adapter and trainable embedding its own unit first (FSDP2 needs one dtype per unit: the
-frozen base is bfloat16 on GPU, trainable parameters float32), then the root.
+``fully_shard`` with one unit per moshi transformer layer (temporal and depformer), its LoRA
+adapters and TTT branch inside it, then the root (embeddings, heads, the rest), as torchtitan
+does: 39 units for Moshi 7B (32 + 6 + 1), whatever LoRA/TTT add. A unit mixes a frozen bfloat16
+base with float32 trainables: FSDP2 all-gathers mixed dtypes (as bytes) and only requires the
+*trainable* parameters of a unit to share one dtype (all are float32 here), so nothing is cast
+and gradients are reduced in float32 (see docs/training.md, "Distributed").
 
 Gradients are *summed* over ranks (``set_gradient_divide_factor(1)``): every rank
 backpropagates its share of the global token-weighted mean (``LossTerms.objective`` with global
@@ -20,12 +23,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from moshi.modules.transformer import StreamingTransformerLayer
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
-
-from ..checkpoints.loading import lora_modules
-from ..integration.apply import ttt_modules
-from .model import transformer_layers
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 
 @dataclass(frozen=True)
@@ -104,24 +104,45 @@ def apply_activation_checkpointing(lm: nn.Module) -> None:
         lm.depformer.checkpointing = True
 
 
-def apply_fsdp(lm: nn.Module) -> None:
-    """FSDP2: shard the trainable sub-units, every transformer layer, then the root.
+def fsdp_units(lm: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the FSDP units, innermost first: every moshi transformer layer
+    (temporal and depformer, with the LoRA adapters and TTT branch it holds), then the root
+    (``""``: embeddings, output heads and every parameter no layer holds)."""
+    layers = [(n, m) for n, m in lm.named_modules() if isinstance(m, StreamingTransformerLayer)]
+    return [*layers, ("", lm)]
 
-    Parameters stay in their storage dtype (no ``MixedPrecisionPolicy`` casts); on GPU the
-    forward runs under bfloat16 autocast. Gradient reduction is a plain sum (see module doc).
+
+def check_unit_dtypes(lm: nn.Module) -> None:
+    """FSDP2's rule, checked before sharding with a clear error: within a unit, the parameters
+    that train share one dtype (frozen ones may differ)."""
+    claimed: set[int] = set()
+    for name, unit in fsdp_units(lm):
+        own = [(n, p) for n, p in unit.named_parameters() if id(p) not in claimed]
+        claimed.update(id(p) for _, p in own)
+        dtypes = {p.dtype for _, p in own if p.requires_grad}
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"FSDP unit {name or '<root>'}: trainable parameters of several dtypes "
+                f"{sorted(map(str, dtypes))}; trainable parameters must all be float32"
+            )
+
+
+def apply_fsdp(lm: nn.Module, mesh: object | None = None) -> None:
+    """FSDP2: one unit per transformer layer (its LoRA and TTT included), then the root.
+
+    Parameters keep their storage dtype (frozen base bfloat16 on GPU, trainables float32; no
+    ``MixedPrecisionPolicy`` casts: the forward runs under bfloat16 autocast) and gradients are
+    reduced in float32, as a plain sum (see module doc). ``mesh``: a 1-D device mesh (default:
+    the whole default process group).
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    check_unit_dtypes(lm)
     _register_fsdp_classes(lm)
-    units: list[nn.Module] = [m for _, m in ttt_modules(lm)]
-    for _, lora in lora_modules(lm):
-        units += [lora.lora_A, lora.lora_B]
-    units += [m for m in lm.modules() if isinstance(m, nn.Embedding) and m.weight.requires_grad]
-    for unit in units:
-        fully_shard(unit)
-    for layer in transformer_layers(lm):
-        fully_shard(layer)
-    fully_shard(lm)
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    kwargs = {"mp_policy": policy} if mesh is None else {"mp_policy": policy, "mesh": mesh}
+    for _, unit in fsdp_units(lm):
+        fully_shard(unit, **kwargs)
     for m in lm.modules():
         if hasattr(m, "set_gradient_divide_factor"):
             m.set_gradient_divide_factor(1.0)
@@ -166,3 +187,42 @@ def copy_full_(dst: torch.Tensor, full: torch.Tensor) -> None:
         dst.to_local().copy_(local)
     else:
         dst.copy_(full)
+
+
+def _row_sharded(t: torch.Tensor) -> bool:
+    """A DTensor sharded on dim 0 over a 1-D mesh (FSDP2's layout), torch.chunk rows."""
+    return isinstance(t, DTensor) and t.dim() > 0 and tuple(t.placements) == (Shard(0),)
+
+
+def local_rows(t: torch.Tensor) -> tuple[int, int]:
+    """``(start, end)``: the rows of the whole tensor this rank holds (all of a plain tensor)."""
+    if not _row_sharded(t):
+        return 0, t.shape[0] if t.dim() else 0
+    n, world = t.shape[0], t.device_mesh.size()
+    chunk = -(-n // world)
+    start = min(n, t.device_mesh.get_local_rank() * chunk)
+    return start, min(n, start + chunk)
+
+
+def gather_to_main(t: torch.Tensor, is_main: bool) -> torch.Tensor | None:
+    """The whole tensor, float32 on the CPU, on rank 0 only (None elsewhere; a collective for
+    a DTensor). A dim-0 shard is sent with one ``dist.gather`` (shards padded to equal rows), so
+    no other rank ever holds the whole tensor."""
+    t = t.detach()
+    if not isinstance(t, DTensor):
+        return t.float().cpu().contiguous() if is_main else None
+    if not _row_sharded(t):
+        full = t.full_tensor()
+        return full.float().cpu().contiguous() if is_main else None
+    local = t.to_local()
+    world = t.device_mesh.size()
+    chunk = -(-t.shape[0] // world)
+    padded = local.new_zeros((chunk, *t.shape[1:]))
+    padded[: local.shape[0]].copy_(local)
+    group = t.device_mesh.get_group()
+    if is_main:
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.gather(padded, parts, dst=dist.get_global_rank(group, 0), group=group)
+        return torch.cat(parts)[: t.shape[0]].float().cpu().contiguous()
+    dist.gather(padded, None, dst=dist.get_global_rank(group, 0), group=group)
+    return None

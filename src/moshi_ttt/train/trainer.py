@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ from .data import (
 )
 from .loss import LossTerms, compute_loss_terms, weight_totals
 from .metrics import CollapseGuard, MetricsWriter, gate_values, grad_norms, truncate_metrics
-from .model import build_model
+from .model import build_model, build_sharded_model, resolve_dtype
 from .parallel import (
     Dist,
     all_reduce_sum,
@@ -159,20 +160,42 @@ def _is_shards(path: str) -> bool:
 
 
 # -- one forward ------------------------------------------------------------------------------
+def autocast_for(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward's autocast: bfloat16 on GPU (whatever ``model.dtype``) and wherever the base
+    is bfloat16 (``model.dtype: bfloat16`` on CPU: CPU autocast, the same mixed-precision path
+    as on GPU: frozen bf16 base, float32 trainables cast per op); float32 otherwise."""
+    if device.type == "cuda" or resolve_dtype(cfg.model.dtype, device) == torch.bfloat16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def forward_terms(lm: nn.Module, codes: torch.Tensor, cfg: TrainConfig) -> LossTerms:
-    """``LossTerms`` of ``lm(codes)`` (bfloat16 autocast on GPU, float32 on CPU)."""
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if codes.device.type == "cuda"
-        else contextlib.nullcontext()
-    )
-    with autocast:
+    """``LossTerms`` of ``lm(codes)`` under ``autocast_for`` (the loss itself is float32)."""
+    with autocast_for(cfg, codes.device):
         out = lm(codes)
     return compute_loss_terms(
         out, codes,
         first_codebook_weight=cfg.first_codebook_weight,
         text_padding_weight=cfg.text_padding_weight,
     )  # fmt: skip
+
+
+def retrofit_advice(cfg: TrainConfig, lm: nn.Module) -> str | None:
+    """A note when TTT is retrofitted into a frozen base that trains with its full attention
+    window: in the retrofit study the memory was then not learned (docs/retrofit.md)."""
+    if cfg.ttt is None or cfg.model.train_base or cfg.model.train_context is not None:
+        return None
+    from ..recipes import retrofit_train_context
+
+    context = int(lm.transformer.layers[0].self_attn.context or 0)
+    if not context:
+        return None
+    return (
+        f"note: TTT on a frozen base, trained with the full attention window ({context} "
+        f"frames): the base's attention solves what it sees and the memory may never be "
+        f"learned (docs/retrofit.md: 23 % of the gain instead of 90 %). Consider "
+        f"model.train_context: {retrofit_train_context(context)}."
+    )
 
 
 @torch.no_grad()
@@ -258,7 +281,7 @@ def _empty_batch(cfg: TrainConfig) -> Batch:
 # -- the loop ---------------------------------------------------------------------------------
 def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool = True,
           device: str = "auto", allow_inexact_resume: bool = False,
-          overwrite: bool = False) -> TrainResult:  # fmt: skip
+          overwrite: bool = False, requeue: bool = False) -> TrainResult:  # fmt: skip
     """Run (or ``resume``) the training described by ``cfg``; see the module docstring.
 
     ``resume``: True = the newest checkpoint of ``run_dir``, or a ``checkpoints/step_*``
@@ -267,8 +290,15 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool
     base; a resumed checkpoint is complete and was written with the same settings (any
     difference that changes the data order or the results is refused, or with
     ``allow_inexact_resume`` logged as a warning: the run is then not exact).
+
+    ``requeue`` (a requeued SLURM job): resume if ``run_dir`` has a complete checkpoint, else
+    start afresh, replacing what an earlier attempt that wrote no checkpoint left there.
     """
+    cfg.resolve_grad_accum(int(os.environ.get("WORLD_SIZE", "1")))
     run_dir = check_output_dir(cfg.run_dir, "run_dir")
+    if requeue:
+        resume = bool(list_checkpoints(run_dir / "checkpoints"))
+        overwrite = not resume
     if not resume:
         _check_fresh_run_dir(run_dir, overwrite)
     _check_ttt_layers_against_base(cfg)
@@ -288,12 +318,17 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool
     ckpt_root = run_dir / "checkpoints"
 
     # Model: base (frozen) + LoRA + TTT, trainable groups in float32, then wrappers.
-    lm, groups, info = build_model(cfg, d.device)
+    # Under torchrun: rank 0 reads the weights once, every rank holds only its FSDP shards.
+    built = build_sharded_model(cfg, d.device) if d.distributed else None
+    if built is None:
+        lm, groups, info = build_model(cfg, d.device)
+    else:
+        lm, groups, info = built
     if cfg.model.train_context is not None:  # training only: checkpoints keep the model's own
         set_attention_context(lm.transformer, cfg.model.train_context)
     if cfg.model.gradient_checkpointing:
         apply_activation_checkpointing(lm)
-    if d.distributed:
+    if d.distributed and built is None:
         apply_fsdp(lm)
         groups.rebind(lm)
     named = groups.named()
@@ -348,6 +383,9 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool
             + f"; {cfg.frames_per_window} frames x {cfg.batch_size} x {cfg.grad_accum} x "
             f"{d.world_size} per step" + (f"; resumed from {start}" if start is not None else "")
         )
+        advice = retrofit_advice(cfg, lm)
+        if advice:
+            writer.message(advice)
 
     last_ckpt = start
     final_metrics: dict[str, float] = {}
