@@ -97,8 +97,10 @@ def fast_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
 def test_gate_zero_is_the_base_model(kind, placement):
     base = build_tiny_lm(seed=2)
     lm = build_tiny_lm(seed=2)
-    apply_ttt(lm, TTTConfig(layers="all", kind=kind, placement=placement, mini_batch_size=4,
-                            gate_init=0.0))
+    apply_ttt(
+        lm,
+        TTTConfig(layers="all", kind=kind, placement=placement, mini_batch_size=4, gate_init=0.0),
+    )
     codes = random_codes(lm, 2, 20)
     with torch.no_grad():
         a, b = base(codes), lm(codes)

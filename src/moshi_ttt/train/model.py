@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from moshi.models import loaders
 from moshi.models.lm import LMModel
 from moshi.modules.transformer import StreamingTransformerLayer
 from torch import nn
@@ -155,19 +156,25 @@ def build_sharded_model(
         return None
     dtype = resolve_dtype(m.dtype, device)
     src = None
+    shared: Any = None
     if torch.distributed.get_rank() == 0:
-        src, _, info = build_model(cfg, torch.device("cpu"), dtype)
-        if m.source == "tiny":
-            kwargs, merged = tiny_lm_kwargs(**m.tiny_overrides), None
-        else:
-            kwargs = lm_kwargs_of(m.hf_repo if m.source == "hf" else m.path, info)
-            merged = (info.raw_config or {}).get(MERGED_KEY)
-        shared = (kwargs, merged, info, {k: getattr(src, k, None) for k in ORIGIN_ATTRS})
-    else:
-        shared = None
-    kwargs, merged, info, origin = broadcast_object(shared)  # type: ignore[misc]
+        try:
+            src, _, info = build_model(cfg, torch.device("cpu"), dtype)
+            if m.source == "tiny":
+                kwargs, merged = tiny_lm_kwargs(**m.tiny_overrides), None
+            else:
+                kwargs = lm_kwargs_of(m.hf_repo if m.source == "hf" else m.path, info)
+                merged = (info.raw_config or {}).get(MERGED_KEY)
+            shared = (kwargs, merged, info, {k: getattr(src, k, None) for k in ORIGIN_ATTRS})
+        except Exception as e:  # every rank stops with rank 0's error (none waits for it)
+            broadcast_object(e)
+            raise
+    shared = broadcast_object(shared)
+    if isinstance(shared, BaseException):
+        raise shared
+    kwargs, merged, info, origin = shared
     with torch.device("meta"):
-        lm = LMModel(device="meta", dtype=dtype, **kwargs)
+        lm = loaders.get_moshi_lm(None, kwargs, device="meta", dtype=dtype)
         if isinstance(merged, dict) and merged.get("ttt_config") is not None:
             apply_ttt(lm, TTTConfig.from_dict({**merged["ttt_config"],
                                                "layers": list(merged["ttt_layers"])}))  # fmt: skip

@@ -276,7 +276,7 @@ def build_meta_model(cfg: TrainConfig) -> tuple[LMModel, Any, str]:
     kwargs, source, merged = plan_lm_kwargs(cfg)
     dtype = resolve_dtype(cfg.model.dtype, torch.device("cuda"))
     with torch.device("meta"):  # also what moshi creates without a device argument
-        lm = LMModel(device="meta", dtype=dtype, **kwargs)
+        lm = loaders.get_moshi_lm(None, kwargs, device="meta", dtype=dtype)
         if isinstance(merged, dict) and merged.get("ttt_config") is not None:  # an export's
             ttt = {**merged["ttt_config"], "layers": list(merged["ttt_layers"])}
             apply_ttt(lm, TTTConfig.from_dict(ttt))
