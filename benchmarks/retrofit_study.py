@@ -92,7 +92,17 @@ def gate_trajectory(run: Path) -> list[tuple[int, float]]:
     return traj
 
 
-def summarize(out: Path, plots: Path | None) -> None:
+GATE_PLOT = (
+    "linear0_before",
+    "linear0_before+model.train_context=4",
+    "linear0_before+model.train_context=4+ttt_lr=0.05",
+    "linear0_before+model.train_context=4+ttt.gate_init=0.0",
+    "linear0_before+ttt.output_init=zero+ttt_lr=0.1",
+    "linear1_after_ffn+ttt.input=embeddings+model.train_context=4",
+)
+
+
+def summarize(out: Path, plots: Path | None, gate_variants: tuple[str, ...] = GATE_PLOT) -> None:
     """Print the markdown table (mean and spread over seeds per variant) and draw the plots."""
     recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     groups: dict[str, list[dict]] = {}
@@ -139,11 +149,11 @@ def summarize(out: Path, plots: Path | None) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for n in names:
         for r in groups[n][:1]:
-            if r.get("gate_traj"):
+            if r.get("gate_traj") and r["variant"] in gate_variants and r["steps"] == 300:
                 st, g = zip(*r["gate_traj"], strict=True)
                 ax.plot(st, g, label=n.replace(" (300 steps)", ""), lw=1)
     ax.set(xlabel="optimizer step", ylabel="mean |tanh(alpha)|", title="Gate trajectories (seed 0)")
-    ax.legend(fontsize=5)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(plots / "retrofit_gates.png", dpi=110)
     plt.close(fig)
