@@ -24,6 +24,7 @@ from .common import (
     load_model_from_args,
     print_bad_files,
 )
+from .eval_compare import add_compare_parsers
 from .eval_pairs import add_pair_parsers
 
 
@@ -39,6 +40,7 @@ def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
     _add_inner_loss(sub)
     _add_gating(sub)
     add_pair_parsers(sub)  # sblimp / swuggy / storycloze (cli/eval_pairs.py)
+    add_compare_parsers(sub)  # compare / summary (cli/eval_compare.py)
     return p
 
 
@@ -60,7 +62,24 @@ def _add_control_args(p: argparse.ArgumentParser, controls: str) -> None:
     p.add_argument(
         "--controls",
         default=controls,
-        help=f"comma list of 'reset', 'no_ttt', or 'none' (default: {controls})",
+        help="comma list of 'reset' (TTT state reset), 'no_ttt' (gates 0), 'window' (shorter "
+        "attention window), 'foreign' (another file's distant history), or 'none' "
+        f"(default: {controls})",
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        nargs="+",
+        metavar="W",
+        help="attention window(s) of the window control, frames (default: a quarter of the "
+        "context, 750 for Moshi)",
+    )
+    p.add_argument(
+        "--foreign-history",
+        type=int,
+        metavar="D",
+        help="frames of history replaced by another file's in the foreign control "
+        "(default: the attention context)",
     )
     p.add_argument(
         "--reset-every",
@@ -110,6 +129,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="headline metric (default auto: audio CE when audio tokens are scored beyond "
         "the attention context, else text CE)",
+    )
+    p.add_argument(
+        "--equal-length",
+        nargs="+",
+        default=["auto"],
+        metavar="L",
+        help="equal-length curves: only files of >= L frames, cropped to L (default auto: "
+        "the median file length; 'none' for none)",
     )
     p.add_argument("--max-files", type=int, metavar="N", help="only the first N files")
     p.add_argument("--max-frames", type=int, metavar="N", help="cut files to N frames")
@@ -200,6 +227,25 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if any(n < 1 for n in getattr(args, "reset_every", None) or ()):
         raise ValueError(f"--reset-every must be >= 1 frames, got {args.reset_every}")
+    if any(n < 1 for n in getattr(args, "window", None) or ()):
+        raise ValueError(f"--window must be >= 1 frames, got {args.window}")
+    if (getattr(args, "foreign_history", None) or 1) < 1:
+        raise ValueError(f"--foreign-history must be >= 1 frames, got {args.foreign_history}")
+    _equal_lengths(args)
+
+
+def _equal_lengths(args: argparse.Namespace) -> list[int] | str:
+    """``--equal-length``: ``"auto"``, ``[]`` (none) or frames."""
+    values = list(getattr(args, "equal_length", None) or ["auto"])
+    if values in (["auto"], ["none"]):
+        return "auto" if values == ["auto"] else []
+    try:
+        frames = [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"--equal-length: 'auto', 'none' or frames, got {values}") from None
+    if any(v < 1 for v in frames):
+        raise ValueError(f"--equal-length must be >= 1 frames, got {frames}")
+    return frames
 
 
 def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
@@ -263,8 +309,10 @@ def run_long_context(args: argparse.Namespace) -> Any:
     lm, _, inputs, setup = _prepare(args)
     controls = _controls(args.controls)
     result = evaluate_long_context(
-        lm, inputs, reset_every=args.reset_every, controls=controls, **_run_kwargs(args)
-    )
+        lm, inputs, reset_every=args.reset_every, controls=controls, window=args.window,
+        foreign_history=args.foreign_history, equal_lengths=_equal_lengths(args),
+        **_run_kwargs(args),
+    )  # fmt: skip
     result.metric = args.metric
     write_long_context_report(result, args.out, setup=setup)
     _finish(result, args)

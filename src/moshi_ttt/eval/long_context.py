@@ -24,6 +24,7 @@ text CE (e.g. text-only shards whose audio rows are -1); callers may name one of
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,11 +34,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from moshi.models.lm import LMModel
+from moshi.modules.transformer import set_attention_context
 from moshi.utils.compile import no_compile
 
 from ..integration.apply import set_gates, ttt_modules
 from ..integration.streaming import chunked_streaming, delayed_inputs, reset_ttt_states
 from .report import Report
+from .stats import fmt_interval, ratio_difference, ratio_interval
 
 FRAME_RATE = 12.5  # frames per second
 NUM_AUDIO = 8  # Moshi's codebooks, the scored audio
@@ -171,18 +174,50 @@ class PositionLosses:
     ``text_sum``/``text_count`` ``[P]``, ``audio_sum``/``audio_count`` ``[8, P]``, ``files``
     ``[P]`` (files reaching position p)."""
 
-    def __init__(self, num_codebooks: int = NUM_AUDIO) -> None:
+    def __init__(self, num_codebooks: int = NUM_AUDIO, block_frames: int = 50) -> None:
+        if block_frames < 1:
+            raise ValueError(f"block_frames must be >= 1, got {block_frames}")
         self.text_sum = np.zeros(0)
         self.text_count = np.zeros(0)
         self.audio_sum = np.zeros((num_codebooks, 0))
         self.audio_count = np.zeros((num_codebooks, 0))
         self.files = np.zeros(0)
+        # per file, for intervals and equal-length curves: sums over blocks of
+        # ``block_frames`` frames, rows text_sum, text_count, audio_sum[K], audio_count[K]
+        self.block_frames = block_frames
+        self.file_names: list[str] = []
+        self.file_frames: list[int] = []
+        self.file_blocks: list[np.ndarray] = []
+        self.foreign_history: int | None = None  # set for the foreign-history control
 
     @property
     def length(self) -> int:
         return len(self.files)
 
-    def add(self, f: FileLosses) -> None:
+    def add(self, f: FileLosses, name: str | None = None, start: int = 0) -> None:
+        """Add one file's losses; ``name`` identifies it in the per-file data (default: its
+        index); positions before ``start`` are left out (as if not scored)."""
+        if start > 0:
+            keep = torch.arange(f.text.shape[-1]) >= start
+            f = FileLosses(
+                torch.where(keep, f.text, 0.0), f.text_mask & keep,
+                torch.where(keep, f.audio, 0.0), f.audio_mask & keep,
+            )  # fmt: skip
+        self._add_positions(f)
+        rows = np.concatenate(
+            [
+                f.text.double().numpy()[None],
+                f.text_mask.double().numpy()[None],
+                f.audio.double().numpy(),
+                f.audio_mask.double().numpy(),
+            ]
+        )
+        starts = np.arange(0, rows.shape[1], self.block_frames)
+        self.file_blocks.append(np.add.reduceat(rows, starts, axis=1) if len(starts) else rows)
+        self.file_names.append(str(len(self.file_names)) if name is None else name)
+        self.file_frames.append(int(rows.shape[1]))
+
+    def _add_positions(self, f: FileLosses) -> None:
         n = f.text.shape[-1]
         if self.length < n:
             pad = n - self.length
@@ -245,6 +280,98 @@ class PositionLosses:
             "text_tokens": red(self.text_count).tolist(),
         }
 
+    def file_totals(
+        self, start: int = 0, end: int | None = None
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """Per file (order ``file_names``): ``{metric: {"sum", "count"}}`` of the CE (nats) and
+        token counts over positions ``[start, end)``, rounded down to ``block_frames`` (exact
+        for multiples of it)."""
+        B, K = self.block_frames, (len(self.file_blocks[0]) - 2) // 2 if self.file_blocks else 0
+        a, b = start // B, None if end is None else end // B
+        out: dict[str, dict[str, list[float]]] = {m: {"sum": [], "count": []} for m in METRICS}
+        for blocks in self.file_blocks:
+            x = blocks[:, a:b].sum(1)
+            a_sum, a_cnt = x[2 : 2 + K], x[2 + K :]
+            for m, (num, den) in {
+                "audio_ce": (a_sum.sum(), a_cnt.sum()),
+                "cb0": (a_sum[0], a_cnt[0]),
+                "cb1_7": (a_sum[1:].sum(), a_cnt[1:].sum()),
+                "text_ce": (x[0], x[1]),
+            }.items():
+                out[m]["sum"].append(float(num))
+                out[m]["count"].append(float(den))
+        return {m: {k: np.asarray(v) for k, v in d.items()} for m, d in out.items()}
+
+    def file_bins(self, bin_frames: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(sums, counts)`` ``[files, bins]`` of ``metric`` per position bin (``bin_frames``
+        rounded down to a multiple of ``block_frames``, at least one block)."""
+        per = max(1, bin_frames // self.block_frames)
+        nb = max((x.shape[1] for x in self.file_blocks), default=0)
+        n_bins = -(-nb // per)
+        sums, counts = (
+            np.zeros((len(self.file_blocks), n_bins)),
+            np.zeros((len(self.file_blocks), n_bins)),
+        )
+        K = (len(self.file_blocks[0]) - 2) // 2 if self.file_blocks else 0
+        for i, blocks in enumerate(self.file_blocks):
+            num, den = _metric_rows(blocks, K, metric)
+            starts = np.arange(0, blocks.shape[1], per)
+            sums[i, : len(starts)] = np.add.reduceat(num, starts)
+            counts[i, : len(starts)] = np.add.reduceat(den, starts)
+        return sums, counts
+
+    def equal_length(self, frames: int) -> PositionLosses:
+        """The curve of the files of at least ``frames`` frames, each cropped to ``frames``
+        (rounded down to ``block_frames``), so every bin averages the same files. Positions
+        are resolved to blocks: a block's sums sit at its first position, so bins and
+        boundaries that are multiples of ``block_frames`` are exact."""
+        B = self.block_frames
+        n_blocks = frames // B
+        if n_blocks < 1:
+            raise ValueError(f"equal length {frames} frames is shorter than a block ({B})")
+        K = (len(self.file_blocks[0]) - 2) // 2 if self.file_blocks else self.audio_sum.shape[0]
+        out = PositionLosses(K, B)
+        L = n_blocks * B
+        for name, T, blocks in zip(self.file_names, self.file_frames, self.file_blocks):
+            if T < L:
+                continue
+            kept = blocks[:, :n_blocks]
+            pos = np.zeros((kept.shape[0], L))
+            pos[:, ::B] = kept
+            if out.length == 0:
+                out.text_sum, out.text_count, out.files = np.zeros(L), np.zeros(L), np.zeros(L)
+                out.audio_sum, out.audio_count = np.zeros((K, L)), np.zeros((K, L))
+            out.text_sum += pos[0]
+            out.text_count += pos[1]
+            out.audio_sum += pos[2 : 2 + K]
+            out.audio_count += pos[2 + K :]
+            out.files += 1
+            out.file_names.append(name)
+            out.file_frames.append(L)
+            out.file_blocks.append(kept.copy())
+        return out
+
+
+def _metric_rows(blocks: np.ndarray, K: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(CE sums, token counts) per block of ``metric`` from a file's block rows."""
+    a_sum, a_cnt = blocks[2 : 2 + K], blocks[2 + K :]
+    if metric == "audio_ce":
+        return a_sum.sum(0), a_cnt.sum(0)
+    if metric == "cb0":
+        return a_sum[0], a_cnt[0]
+    if metric == "cb1_7":
+        return a_sum[1:].sum(0), a_cnt[1:].sum(0)
+    if metric == "text_ce":
+        return blocks[0], blocks[1]
+    raise ValueError(f"metric {metric!r}: expected one of {METRICS}")
+
+
+def ppl(ce: Any) -> Any:
+    """Perplexity ``exp(CE)`` of a CE in nats (float or list; NaN stays NaN)."""
+    if isinstance(ce, list):
+        return [ppl(v) for v in ce]
+    return float(np.exp(ce)) if ce is not None and np.isfinite(ce) else float("nan")
+
 
 def _div(num: Any, den: Any) -> Any:
     num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
@@ -305,35 +432,104 @@ def metric_note(
 # -- variants and the run -------------------------------------------------------------------
 @dataclass(frozen=True)
 class Variant:
-    """One pass of the model: ``gate`` forces every TTT gate (None: as learned; 0: the base
-    model), ``reset_every`` restarts the TTT state every that many frames (None: never)."""
+    """One pass of the model: ``gate`` forces every TTT gate (None: as learned; 0: no TTT,
+    i.e. the base model plus whatever else was trained, LoRA or embeddings), ``reset_every``
+    restarts the TTT state every that many frames (None: never), ``context`` shortens the
+    attention window to that many frames for this pass (None: the model's),
+    ``foreign_history`` replaces the file's first that many frames (all 17 rows) with another
+    file's (the previous one; the first file gets the last one) and scores only the positions
+    after them (None: the file as it is)."""
 
     gate: float | None = None
     reset_every: int | None = None
+    context: int | None = None
+    foreign_history: int | None = None
+
+
+CONTROLS = ("reset", "no_ttt", "window", "foreign")
 
 
 def long_context_variants(
-    lm: LMModel, reset_every: int | Sequence[int] | None = None, controls: Sequence[str] = ()
+    lm: LMModel,
+    reset_every: int | Sequence[int] | None = None,
+    controls: Sequence[str] = (),
+    *,
+    window: int | Sequence[int] | None = None,
+    foreign_history: int | None = None,
 ) -> dict[str, Variant]:
-    """``{"ttt": full memory, "reset_every_N": ..., "no_ttt": gates 0}`` for a TTT model
-    (``controls`` among ``"reset"``, ``"no_ttt"``); ``{"no_ttt": ...}`` without TTT layers.
-    ``reset_every`` defaults to the attention context."""
-    unknown = set(controls) - {"reset", "no_ttt"}
+    """The variants of ``controls`` (among ``CONTROLS``) for ``lm``.
+
+    A TTT model: ``ttt`` (full memory), ``reset_every_N`` (``"reset"``; N defaults to the
+    attention context), ``no_ttt`` (``"no_ttt"``: gates 0), ``window_W`` (``"window"``: the
+    attention window cut to W frames, default a quarter of the context, 750 for Moshi; with
+    ``no_ttt`` also ``no_ttt_window_W``: does the memory recover what attention lost?),
+    ``foreign_history_D`` (``"foreign"``: the first D frames, default the context, from another
+    file: does the model use *this* file's past?). A model without TTT layers: ``no_ttt``,
+    ``no_ttt_window_W`` and ``foreign_history_D`` as asked."""
+    unknown = set(controls) - set(CONTROLS)
     if unknown:
-        raise ValueError(f"unknown controls {sorted(unknown)}: use 'reset' and/or 'no_ttt'")
-    if not ttt_modules(lm):
-        return {"no_ttt": Variant()}
-    out = {"ttt": Variant()}
-    if "reset" in controls:
-        if reset_every is None:
-            reset_every = attention_context(lm) or 3000
-        for n in [reset_every] if isinstance(reset_every, int) else reset_every:
-            if int(n) < 1:
-                raise ValueError(f"reset_every must be >= 1 frame, got {n}")
-            out[f"reset_every_{int(n)}"] = Variant(reset_every=int(n))
-    if "no_ttt" in controls:
+        raise ValueError(f"unknown controls {sorted(unknown)}: use any of {', '.join(CONTROLS)}")
+    context = attention_context(lm) or 3000
+    windows = [max(1, context // 4)] if window is None else _ints(window, "window")
+    has_ttt = bool(ttt_modules(lm))
+    out = {"ttt": Variant()} if has_ttt else {"no_ttt": Variant()}
+    if has_ttt and "reset" in controls:
+        for n in _ints(context if reset_every is None else reset_every, "reset_every"):
+            out[f"reset_every_{n}"] = Variant(reset_every=n)
+    if has_ttt and "no_ttt" in controls:
         out["no_ttt"] = Variant(gate=0.0)
+    if "window" in controls:
+        for w in windows:
+            if has_ttt:
+                out[f"window_{w}"] = Variant(context=w)
+            if not has_ttt or "no_ttt" in controls:
+                out[f"no_ttt_window_{w}"] = Variant(gate=0.0 if has_ttt else None, context=w)
+    if "foreign" in controls:
+        d = _ints(context if foreign_history is None else foreign_history, "foreign_history")[0]
+        out[f"foreign_history_{d}"] = Variant(foreign_history=d)
     return out
+
+
+def _ints(value: int | Sequence[int], name: str) -> list[int]:
+    values = [int(value)] if isinstance(value, (int, np.integer)) else [int(v) for v in value]
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"{name} must be >= 1 frame, got {value}")
+    return values
+
+
+@contextlib.contextmanager
+def attention_window(lm: LMModel, context: int | None) -> Any:
+    """Temporarily set the temporal transformer's attention context to ``context`` frames
+    (None: leave it); restored after."""
+    if context is None:
+        yield
+        return
+    old = attention_context(lm)
+    set_attention_context(lm.transformer, int(context))
+    try:
+        yield
+    finally:
+        set_attention_context(lm.transformer, old or None)
+
+
+def splice_history(codes: torch.Tensor, donor: torch.Tensor, frames: int) -> torch.Tensor:
+    """``codes [17, T]`` with its first ``min(frames, T)`` frames replaced by ``donor``'s
+    (repeated if the donor is shorter)."""
+    n = min(frames, codes.shape[-1])
+    if donor.shape[-1] < 1:
+        raise ValueError("foreign history: the donor file is empty")
+    reps = -(-n // donor.shape[-1])
+    out = codes.clone()
+    out[:, :n] = donor.repeat(1, reps)[:, :n].to(codes)
+    return out
+
+
+def is_gate_zero_base(lm: LMModel) -> bool:
+    """Whether gates 0 leave exactly the base model: no LoRA and no trainable non-TTT weight
+    was added (False where the run trained LoRA; then ``no_ttt`` is base + LoRA)."""
+    from ..checkpoints.loading import lora_modules
+
+    return not lora_modules(lm)
 
 
 @dataclass
@@ -352,6 +548,18 @@ class LongContextResult:
     speedup: dict[str, Any] | None = None
     inner: Any = None  # inner_loss.InnerLossCurves when recorded
     metric: str = AUTO  # headline metric: "auto" (``choose_metric``) or one of ``METRICS``
+    equal_lengths: Sequence[int] | str = "auto"  # equal-length curves: frames, "auto" or ()
+    gate_zero_is_base: bool = True  # False: gates 0 leave base + LoRA, not the base model
+
+    def resolved_equal_lengths(self) -> list[int]:
+        """``equal_lengths`` with ``"auto"`` resolved (``auto_equal_length``)."""
+        if isinstance(self.equal_lengths, str):
+            if self.equal_lengths != "auto":
+                raise ValueError(f"equal_lengths: 'auto' or frames, got {self.equal_lengths!r}")
+            block = next(iter(self.variants.values())).block_frames
+            auto = auto_equal_length([f["frames"] for f in self.files], self.bin_frames, block)
+            return [auto] if auto else []
+        return [int(v) for v in self.equal_lengths]
 
     def chosen_metric(self, metric: str | None = None) -> str:
         """``metric`` (default: the result's) with ``"auto"`` resolved (``choose_metric``)."""
@@ -384,6 +592,7 @@ class LongContextResult:
             for name in self.variants
             if name != self.primary
         }
+        out["intervals"] = file_intervals(self.variants, self.primary, self.context, m)
         return out
 
     def gains(self, reference: str | None = None) -> dict[str, dict[str, Any]]:
@@ -411,7 +620,129 @@ class LongContextResult:
             "totals": {k: v.totals() for k, v in self.variants.items()},
             "gains": self.gains(),
             "curves": {k: v.binned(bin_frames) for k, v in self.variants.items()},
+            "curve_intervals": {
+                k: binned_intervals(v, bin_frames, summary["metric"])
+                for k, v in self.variants.items()
+            },
+            "equal_length": {
+                str(L): {k: v.equal_length(L).binned(bin_frames) for k, v in self.variants.items()}
+                for L in self.resolved_equal_lengths()
+            },
+            "per_file": per_file_data(self.variants, self.context),
+            "gate_zero_is_base": self.gate_zero_is_base,
         }
+
+
+def auto_equal_length(frames: Sequence[int], bin_frames: int, block: int = 1) -> int:
+    """The default equal length: the median file length rounded down to a multiple of
+    ``bin_frames`` (of ``block`` when shorter than a bin), so that about half the files
+    enter the equal-length curve; 0 (none) with fewer than 2 files of that length."""
+    if len(frames) < 2:
+        return 0
+    med = int(np.median(np.asarray(frames)))
+    L = med // bin_frames * bin_frames or med // block * block
+    return L if L > 0 and sum(f >= L for f in frames) >= 2 else 0
+
+
+def binned_intervals(curve: PositionLosses, bin_frames: int, metric: str) -> dict[str, Any]:
+    """Per position bin of ``metric``: a 95 % bootstrap interval over files of the
+    token-weighted mean (``lo``, ``hi``), the spread of the per-file means (``file_std``)
+    and the files with a scored token (``n_files``); empty without per-file data."""
+    if not curve.file_blocks:
+        return {"lo": [], "hi": [], "file_std": [], "n_files": []}
+    sums, counts = curve.file_bins(bin_frames, metric)
+    F = sums.shape[0]
+    idx = np.random.default_rng(0).integers(0, F, size=(1000, F))
+    num, den = sums[idx].sum(1), counts[idx].sum(1)  # [boot, bins]
+    boot = np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)
+    means = np.divide(sums, counts, out=np.full(sums.shape, np.nan), where=counts > 0)
+    lo, hi, std = (np.full(sums.shape[1], np.nan) for _ in range(3))
+    for j in range(sums.shape[1]):  # bins without data stay NaN (no warnings)
+        col = boot[:, j][np.isfinite(boot[:, j])]
+        if col.size:
+            lo[j], hi[j] = np.quantile(col, [0.025, 0.975])
+        m = means[:, j][np.isfinite(means[:, j])]
+        if m.size > 1:
+            std[j] = m.std(ddof=1)
+    return {
+        "lo": lo.tolist(),
+        "hi": hi.tolist(),
+        "file_std": std.tolist(),
+        "n_files": (counts > 0).sum(0).tolist(),
+    }
+
+
+def file_intervals(
+    curves: dict[str, PositionLosses], reference: str, context: int, metric: str
+) -> dict[str, Any]:
+    """Bootstrap over files (95 %, seed 0) on ``metric``: per curve the CE beyond and within
+    the context (``ratio_interval``), and per other curve its difference to ``reference``
+    (``ratio_difference``, paired on file names; > 0: the reference is better). Curves
+    without per-file data are left out."""
+    parts = {"beyond_context": (context, None), "within_context": (0, context)}
+    out: dict[str, Any] = {"totals": {}, "difference": {}}
+    ref = curves.get(reference)
+    for name, c in curves.items():
+        if not c.file_blocks:
+            continue
+        out["totals"][name] = {
+            part: ratio_interval(*_sc(c.file_totals(a, b)[metric]))
+            for part, (a, b) in parts.items()
+        }
+        if name == reference or ref is None or not ref.file_blocks:
+            continue
+        entry = {}
+        start = _foreign_start(c, context)
+        parts_c = dict(parts)
+        if start is not None:
+            parts_c["beyond_foreign_history"] = (start, None)
+        for part, (a, b) in parts_c.items():
+            mine, theirs = _aligned(c, ref, a, b, metric)
+            entry[part] = ratio_difference(*mine, *theirs)
+            if part == "beyond_foreign_history":
+                entry[part]["start_frame"] = a
+        out["difference"][name] = entry
+    return out
+
+
+def _foreign_start(c: PositionLosses, context: int) -> int | None:
+    d = getattr(c, "foreign_history", None)
+    return None if d is None else d + context
+
+
+def _sc(d: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    return d["sum"], d["count"]
+
+
+def _aligned(
+    a: PositionLosses, b: PositionLosses, start: int, end: int | None, metric: str
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Per-file (sum, count) of two curves over their common files, in one order."""
+    ta, tb = a.file_totals(start, end)[metric], b.file_totals(start, end)[metric]
+    ia = {n: i for i, n in enumerate(a.file_names)}
+    ib = {n: i for i, n in enumerate(b.file_names)}
+    common = [n for n in a.file_names if n in ib]
+    xa = [np.asarray([t[k][ia[n]] for n in common]) for t, k in ((ta, "sum"), (ta, "count"))]
+    xb = [np.asarray([t[k][ib[n]] for n in common]) for t, k in ((tb, "sum"), (tb, "count"))]
+    return (xa[0], xa[1]), (xb[0], xb[1])
+
+
+def per_file_data(curves: dict[str, PositionLosses], context: int) -> dict[str, Any]:
+    """Per variant and file, the CE sums and token counts of every metric over all
+    positions, beyond and within the context (for ``eval compare``): ``{variant: {"names",
+    "frames", "<part>": {metric: {"sum": [...], "count": [...]}}}}``."""
+    parts = {"all": (0, None), "beyond_context": (context, None), "within_context": (0, context)}
+    out = {}
+    for name, c in curves.items():
+        if not c.file_blocks:
+            continue
+        entry: dict[str, Any] = {"names": list(c.file_names), "frames": list(c.file_frames)}
+        for part, (a, b) in parts.items():
+            entry[part] = {
+                m: {k: v.tolist() for k, v in d.items()} for m, d in c.file_totals(a, b).items()
+            }
+        out[name] = entry
+    return out
 
 
 def memory_gains(
@@ -449,10 +780,18 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"  {label} beyond the context (>= {ctx} frames): {values('beyond_context')}",
         f"  {label} inside the context (< {ctx} frames): {values('within_context')}",
     ]
+    intervals = summary.get("intervals", {}).get("difference", {})
     for name, d in summary["difference"].items():
+        ci = intervals.get(name, {}).get("beyond_context")
+        extra = ""
+        if ci and math.isfinite(ci.get("lo", math.nan)):
+            extra = (
+                f" [95 % CI {ci['lo']:+.4f}, {ci['hi']:+.4f}; p = {ci['p_value']:.3g}; "
+                f"{ci['n']} files]"
+            )
         lines.append(
             f"  {label} beyond the context: {name} - {primary} = "
-            f"{d['beyond_context']:+.4f} nats (inside: {d['within_context']:+.4f})"
+            f"{d['beyond_context']:+.4f} nats (inside: {d['within_context']:+.4f}){extra}"
         )
     return lines
 
@@ -487,15 +826,22 @@ def evaluate_variants(
             f"bin_frames and chunk_frames must be >= 1, got {bin_frames}, {chunk_frames}"
         )
     primary = primary or next(iter(variants))
+    if variants[primary].foreign_history:
+        raise ValueError(f"the primary variant {primary!r} cannot be a foreign-history control")
+    context = attention_context(lm)
+    block = math.gcd(bin_frames, context) if context else bin_frames
     result = LongContextResult(
-        variants={k: PositionLosses(lm.dep_q) for k in variants},
+        variants={k: PositionLosses(lm.dep_q, block) for k in variants},
         specs=dict(variants),
         primary=primary,
         context=attention_context(lm),
         chunk_frames=chunk_frames,
         bin_frames=bin_frames,
         metric=metric,
+        gate_zero_is_base=is_gate_zero_base(lm),
     )
+    for k, v in variants.items():
+        result.variants[k].foreign_history = v.foreign_history
     has_ttt = bool(ttt_modules(lm))
     forced = [k for k, v in variants.items() if v.gate is not None or v.reset_every]
     if forced and not has_ttt:
@@ -508,32 +854,51 @@ def evaluate_variants(
         from tqdm import tqdm
 
         it = tqdm(files, total=total, desc="files", unit="file")
+    foreign = {k: v for k, v in variants.items() if v.foreign_history}
+    history = max((v.foreign_history or 0 for v in variants.values()), default=0)
+    first_file: tuple[str, torch.Tensor] | None = None
+    donor: torch.Tensor | None = None
+
+    def run(vname: str, spec: Variant, name: str, codes: torch.Tensor) -> None:
+        set_gates(lm, spec.gate)
+        watch = observer is not None and vname == primary
+        ctx = observer.watch(lm) if watch else contextlib.nullcontext()  # type: ignore[union-attr]
+        start = _clock(lm)
+        with ctx, attention_window(lm, spec.context):
+            losses = stream_losses(
+                lm,
+                codes,
+                chunk_frames=chunk_frames,
+                reset_every=spec.reset_every,
+                observer=observer if watch else None,
+                progress=progress and codes.shape[-1] > 20 * chunk_frames,
+                desc=vname,
+            )
+        seconds[vname] += _clock(lm) - start
+        if watch:
+            observer.end_file(codes.shape[-1])  # type: ignore[union-attr]
+        result.variants[vname].add(losses, name, start=spec.foreign_history or 0)
+
     try:
         for name, codes in it:
             check_codes(lm, codes, name)
             if first is None and speedup_frames > 0:
                 first = codes[:, :speedup_frames].clone()
-            long_file = codes.shape[-1] > 20 * chunk_frames  # chunk progress bars for these
             for vname, spec in variants.items():
-                set_gates(lm, spec.gate)
-                watch = observer is not None and vname == primary
-                ctx = observer.watch(lm) if watch else contextlib.nullcontext()  # type: ignore[union-attr]
-                start = _clock(lm)
-                with ctx:
-                    losses = stream_losses(
-                        lm,
-                        codes,
-                        chunk_frames=chunk_frames,
-                        reset_every=spec.reset_every,
-                        observer=observer if watch else None,
-                        progress=progress and long_file,
-                        desc=vname,
-                    )
-                seconds[vname] += _clock(lm) - start
-                if watch:
-                    observer.end_file(codes.shape[-1])  # type: ignore[union-attr]
-                result.variants[vname].add(losses)
+                if spec.foreign_history:
+                    if donor is not None:
+                        run(vname, spec, name, splice_history(codes, donor, spec.foreign_history))
+                else:
+                    run(vname, spec, name, codes)
+            if foreign:
+                if first_file is None:
+                    first_file = (name, codes.clone())
+                donor = codes[:, :history].clone()
             result.files.append({"name": name, "frames": int(codes.shape[-1])})
+        if first_file is not None and len(result.files) > 1 and donor is not None:
+            name, codes = first_file  # the first file's foreign history: the last file's
+            for vname, spec in foreign.items():
+                run(vname, spec, name, splice_history(codes, donor, spec.foreign_history or 0))
         if first is not None:
             set_gates(lm, variants[primary].gate)
             result.speedup = measure_speedup(lm, first, chunk_frames)
@@ -562,12 +927,20 @@ def evaluate_long_context(
     bin_frames: int = 250,
     progress: bool = True,
     metric: str = AUTO,
+    window: int | Sequence[int] | None = None,
+    foreign_history: int | None = None,
+    equal_lengths: Sequence[int] | str = "auto",
 ) -> LongContextResult:
     """Loss against position of the full-memory model and its controls (``Variant``s from
-    ``long_context_variants``) over ``files`` (``(name, codes [17, T])``). A model without
-    TTT layers gives the one curve ``no_ttt``. See ``evaluate_variants`` for the rest."""
-    variants = long_context_variants(lm, reset_every, controls)
-    return evaluate_variants(
+    ``long_context_variants``: ``reset``, ``no_ttt``, ``window``, ``foreign``) over ``files``
+    (``(name, codes [17, T])``). A model without TTT layers gives the curve ``no_ttt`` (and
+    its window / foreign-history controls). ``equal_lengths``: frames of the equal-length
+    curves of the report (``"auto"``: ``auto_equal_length``; ``()``: none). See
+    ``evaluate_variants`` for the rest."""
+    variants = long_context_variants(
+        lm, reset_every, controls, window=window, foreign_history=foreign_history
+    )
+    result = evaluate_variants(
         lm,
         files,
         variants,
@@ -578,6 +951,8 @@ def evaluate_long_context(
         progress=progress,
         metric=metric,
     )
+    result.equal_lengths = equal_lengths if isinstance(equal_lengths, str) else list(equal_lengths)
+    return result
 
 
 def _clock(lm: LMModel) -> float:
@@ -616,6 +991,7 @@ def write_long_context_section(
     prefix: str = "",
     title: str = "Loss against position",
     metric: str = AUTO,
+    equal_lengths: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Add the loss-vs-position section (tables, plots) for named curves (any models or
     variants over the same files) to ``report``; the others are compared against
@@ -625,7 +1001,10 @@ def write_long_context_section(
     the audio columns of text-only data) are left out. Returns (and stores under
     ``report.data``) the numbers, ``metric`` resolved.
     Plots: ``{prefix}loss_vs_position.png``, ``{prefix}gain_vs_position.png`` (with two or more
-    curves), ``{prefix}codebooks_vs_position.png`` (when audio is scored)."""
+    curves), ``{prefix}codebooks_vs_position.png`` (when audio is scored). Curves with per-file
+    data get 95 % bootstrap intervals over files (totals, differences, bands on the plot).
+    ``equal_lengths``: for each L, a sub-section of the same over the files of at least L
+    frames cropped to L (``PositionLosses.equal_length``; prefix ``eq<L>_``)."""
     if not curves:
         raise ValueError("no curve to report")
     requested = check_metric(metric)
@@ -638,10 +1017,12 @@ def write_long_context_section(
     beyond = {k: v.totals(context) for k, v in curves.items()}
     within = {k: v.totals(0, context) for k, v in curves.items()}
     window = f"{context} frames = {context / FRAME_RATE:g} s" if context else "unlimited"
+    intervals = file_intervals(curves, reference, context, metric)
     report.add_text(
         f"## {title}\n\nAttention context: {window}. Unweighted CE in nats per "
-        f"token; position bins of {bin_frames} frames ({bin_frames / FRAME_RATE:g} s)"
-        "; means are token-weighted over files. " + metric_note(metric, requested, curves, context)
+        f"token; perplexity = exp(CE) of the same tokens; position bins of {bin_frames} frames "
+        f"({bin_frames / FRAME_RATE:g} s); means are token-weighted over files; intervals are "
+        "95 % bootstrap intervals over files. " + metric_note(metric, requested, curves, context)
     )
     audio = any(t["audio_tokens"] > 0 for t in totals.values())
     text = any(t["text_tokens"] > 0 for t in totals.values())
@@ -654,6 +1035,16 @@ def write_long_context_section(
         (f"{col} >= ctx", [t[metric] for t in beyond.values()]),
     ]
     columns += [
+        (
+            f"{col} >= ctx [95 % CI]",
+            [
+                fmt_interval(intervals["totals"].get(k, {}).get("beyond_context", {}), 1, 4)
+                for k in totals
+            ],
+        ),
+        (f"ppl {col} >= ctx", [ppl(t[metric]) for t in beyond.values()]),
+    ]
+    columns += [
         (f"{COLUMN_LABELS[k]} >= ctx", [t[k] for t in beyond.values()]) for k in beyond_keys
     ]
     if audio:
@@ -664,11 +1055,23 @@ def write_long_context_section(
     tokens = "text_tokens" if metric == "text_ce" else "audio_tokens"
     reaches = max(c.length for c in curves.values()) > context
     report.add_text(
-        _headline_text(gains, reference, context, beyond[reference][tokens], metric, reaches)
-    )
+        _headline_text(
+            gains, reference, context, beyond[reference][tokens], metric, reaches,
+            intervals["difference"],
+        )
+    )  # fmt: skip
     if gains:
+        diff = intervals["difference"]
         g_columns = [
             (f"{col} >= ctx", [g["beyond_context"][metric] for g in gains.values()]),
+            (
+                "95 % CI (files)",
+                [
+                    fmt_interval(diff.get(k, {}).get("beyond_context", {}), 1, 4, "difference")
+                    for k in gains
+                ],
+            ),
+            ("p", [_p(diff.get(k, {}).get("beyond_context", {})) for k in gains]),
             (f"{col} < ctx", [g["within_context"][metric] for g in gains.values()]),
         ]
         g_columns += [
@@ -676,7 +1079,18 @@ def write_long_context_section(
             for k in beyond_keys
         ]
         _add_columns(report, f"curve - {reference}", list(gains), g_columns)
-    _plot_losses(report, binned, context, prefix)
+        foreign = {
+            k: d["beyond_foreign_history"] for k, d in diff.items() if "beyond_foreign_history" in d
+        }
+        for k, d in foreign.items():
+            report.add_text(
+                f"Foreign-history control `{k}`: beyond the replaced history and one attention "
+                f"window (>= {d['start_frame']} frames, where attention sees only this file), "
+                f"{k} - {reference} = {fmt_interval(d, 1, 4, 'difference')} nats, "
+                f"p = {_p(d)} ({d['n']} files; > 0: the model uses this file's past)."
+            )
+    bands = {k: binned_intervals(v, bin_frames, metric) for k, v in curves.items()}
+    _plot_losses(report, binned, context, prefix, bands, metric)
     if gains:
         _plot_gains(report, binned, reference, context, prefix, metric)
     if np.isfinite(np.asarray(binned[reference]["codebooks"], dtype=float)).any():
@@ -690,10 +1104,40 @@ def write_long_context_section(
         "totals_beyond_context": beyond,
         "totals_within_context": within,
         "gains": gains,
+        "intervals": intervals,
+        "perplexity": {
+            k: {"all": ppl(totals[k][metric]), "beyond_context": ppl(beyond[k][metric])}
+            for k in curves
+        },
         "curves": binned,
+        "curve_intervals": bands,
+        "population": "all files reaching each bin (late bins: long files only)"
+        if not prefix.startswith("eq")
+        else "equal length: the same files in every bin",
+        "equal_lengths": [],
     }
     report.data[f"{prefix}long_context"] = data
+    for L in equal_lengths:
+        eq = {k: v.equal_length(L) for k, v in curves.items() if v.file_blocks}
+        eq = {k: v for k, v in eq.items() if v.file_blocks}
+        if not eq or reference not in eq:
+            report.add_text(f"Equal-length curves at {L} frames: no file is that long.")
+            continue
+        n = len(eq[reference].file_blocks)
+        sub = write_long_context_section(
+            report, eq, context=context, bin_frames=bin_frames, reference=reference,
+            prefix=f"{prefix}eq{L}_", metric=metric,
+            title=f"Equal-length curves: {n} files of >= {L} frames ({L / FRAME_RATE:g} s), "
+            f"cropped to {L}; every bin averages the same files",
+        )  # fmt: skip
+        data["equal_lengths"].append({"frames": L, "files": n, "prefix": f"{prefix}eq{L}_"})
+        del sub
     return data
+
+
+def _p(ci: dict[str, Any]) -> str:
+    p = ci.get("p_value")
+    return "-" if p is None or not math.isfinite(p) else f"{p:.3g}"
 
 
 def _add_columns(
@@ -721,6 +1165,7 @@ def write_result_section(
     write_long_context_section(
         report, result.variants, context=result.context, bin_frames=bin_frames,
         reference=result.primary, metric=metric or result.metric,
+        equal_lengths=result.resolved_equal_lengths(),
     )  # fmt: skip
 
 
@@ -731,6 +1176,7 @@ def _headline_text(
     tokens_beyond: float,
     metric: str = "audio_ce",
     reaches: bool = False,
+    intervals: dict[str, Any] | None = None,
 ) -> str:
     if not gains:
         return f"Headline: one curve only ({reference}): nothing to compare."
@@ -749,7 +1195,11 @@ def _headline_text(
     for name, g in gains.items():
         d = g["beyond_context"][metric]
         verdict = "better" if d > 0 else "worse" if d < 0 else "equal" if d == 0 else "n/a"
-        parts.append(f"{name} - {reference} = {d:+.4f} nats ({reference} {verdict})")
+        ci = (intervals or {}).get(name, {}).get("beyond_context", {})
+        extra = ""
+        if math.isfinite(ci.get("lo", math.nan)):
+            extra = f", 95 % CI [{ci['lo']:+.4f}, {ci['hi']:+.4f}], p = {_p(ci)}"
+        parts.append(f"{name} - {reference} = {d:+.4f} nats ({reference} {verdict}{extra})")
     return (
         f"**Headline** ({METRIC_LABELS[metric]} beyond the attention context, >= {context} "
         f"frames, {int(tokens_beyond)} tokens): " + "; ".join(parts) + "."
@@ -765,7 +1215,14 @@ def _mark_context(ax: Any, context: int) -> None:
         ax.axvline(context, color="k", ls="--", lw=1, label=f"attention context ({context})")
 
 
-def _plot_losses(report: Report, binned: dict, context: int, prefix: str) -> None:
+def _plot_losses(
+    report: Report,
+    binned: dict,
+    context: int,
+    prefix: str,
+    bands: dict[str, dict[str, Any]] | None = None,
+    metric: str | None = None,
+) -> None:
     def scored(key: str) -> bool:
         return any(np.isfinite(np.asarray(b[key], dtype=float)).any() for b in binned.values())
 
@@ -779,11 +1236,19 @@ def _plot_losses(report: Report, binned: dict, context: int, prefix: str) -> Non
     fig, axes = report.figure(4.0 * len(panels), 3.6, ncols=len(panels))
     for ax, (key, label) in zip(np.atleast_1d(axes), panels):
         for name, b in binned.items():
-            ax.plot(_centers(b), np.asarray(b[key], dtype=float), marker=".", label=name)
+            (line,) = ax.plot(_centers(b), np.asarray(b[key], dtype=float), marker=".", label=name)
+            band = (bands or {}).get(name, {})
+            if key == metric and len(band.get("lo", [])) == len(b[key]):
+                lo, hi = (np.asarray(band[k], dtype=float) for k in ("lo", "hi"))
+                ax.fill_between(_centers(b), lo, hi, color=line.get_color(), alpha=0.2, lw=0)
         _mark_context(ax, context)
         ax.set(title=label, xlabel="position (frames, 80 ms)", ylabel="CE (nats)")
     np.atleast_1d(axes)[0].legend(fontsize=7)
-    report.add_figure(fig, f"{prefix}loss_vs_position.png", "Loss against position")
+    report.add_figure(
+        fig,
+        f"{prefix}loss_vs_position.png",
+        "Loss against position (shaded: 95 % bootstrap interval over files, headline metric)",
+    )
 
 
 def _plot_gains(
@@ -828,7 +1293,12 @@ def write_run_info(report: Report, result: LongContextResult, setup: dict[str, A
         ["frames", sum(f["frames"] for f in result.files)],
         ["longest file (frames)", max((f["frames"] for f in result.files), default=0)],
         ["chunk (frames)", result.chunk_frames],
-        ["variants", "; ".join(f"{k}: {_describe(v)}" for k, v in result.specs.items())],
+        [
+            "variants",
+            "; ".join(
+                f"{k}: {_describe(v, result.gate_zero_is_base)}" for k, v in result.specs.items()
+            ),
+        ],
     ]
     report.add_text("## Setup")
     report.add_table(["", ""], [[str(k), str(v)] for k, v in rows])
@@ -861,10 +1331,18 @@ def _flat(value: Any) -> str:
     return str(value)
 
 
-def _describe(v: Variant) -> str:
+def _describe(v: Variant, gate_zero_is_base: bool = True) -> str:
     parts = ["gates " + ("learned" if v.gate is None else f"forced to {v.gate:g}")]
+    if v.gate == 0:
+        parts.append(
+            "= the base model" if gate_zero_is_base else "= base + LoRA, NOT the base model"
+        )
     if v.reset_every:
         parts.append(f"TTT reset every {v.reset_every} frames")
+    if v.context:
+        parts.append(f"attention window {v.context} frames")
+    if v.foreign_history:
+        parts.append(f"first {v.foreign_history} frames from another file (not scored)")
     return ", ".join(parts)
 
 

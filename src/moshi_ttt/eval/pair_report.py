@@ -21,8 +21,9 @@ from .likelihood import (
     score_audio,
     stream_size,
 )
-from .pairs import PairSet, pair_accuracy
+from .pairs import Pair, PairSet, pair_accuracy
 from .report import Report
+from .stats import fmt_interval
 
 TITLES = {
     "swuggy": "sWUGGY (ZeroSpeech 2021 lexical)",
@@ -30,25 +31,33 @@ TITLES = {
     "storycloze": "Spoken StoryCloze (sSC / tSC)",
 }
 # Published accuracies (%) from ../shared/reference/evaluation.md; protocols differ (see there).
+# One Moshi variant per table: the text+audio *pretrained* model of Table 7 (the row usually
+# cited), never the released moshiko/moshika weights, which went through further stages.
 THIRD_PARTY = "Moshi stream, -1 elsewhere, ×100-weighted mean"
+MOSHI_T7 = "Moshi text+audio pretrained (2410.00037 T7; not the released weights)"
+MOSHI_LATE = "Moshi after multi-stream / synthetic-voice stages (T7, unverified)"
+MOSHI_PUBLIC = "public moshiko weights, 3rd-party run"
 PUBLISHED: dict[str, list[tuple[str, str, str]]] = {
     "swuggy": [
-        ("Moshi, audio-only cold start (2410.00037 T7)", "74.8", "protocol not public"),
-        ("Moshi public, 3rd-party run (n = 2000)", "63.35", THIRD_PARTY),
+        (MOSHI_T7, "72.6 (unverified)", "protocol not public; 'all'"),
+        (MOSHI_LATE, "≈63.0 / ≈60.9", "protocol not public"),
+        (f"{MOSHI_PUBLIC} (n = 2000)", "63.35", THIRD_PARTY),
         ("TWIST-13B", "74.5 (in-vocab 84.1)", "all vs in-vocab"),
         ("SpiritLM base 7B", "69.0 / 71.4", "mean / sum"),
         ("GSLM", "64.8", "mean"),
     ],
     "sblimp": [
-        ("Moshi text+audio (2410.00037 T7)", "58.8", "protocol not public"),
-        ("Moshi public, 3rd-party run (n = 1000)", "54.5", THIRD_PARTY),
+        (MOSHI_T7, "58.8", "protocol not public"),
+        (MOSHI_LATE, "≈55.2 / ≈54.6", "protocol not public"),
+        (f"{MOSHI_PUBLIC} (n = 1000)", "54.5", THIRD_PARTY),
         ("TWIST-7B / 13B", "59.0 / 59.2", ""),
         ("SpiritLM base 7B", "58.3 / 63.2", "mean / sum"),
         ("GSLM", "54.2", "mean"),
     ],
     "storycloze": [
-        ("Moshi text+audio (2410.00037 T7)", "sSC 60.8, tSC 83.0", "protocol not public"),
-        ("Moshi public, 3rd-party run (n = 1871)", "sSC 60.93, tSC 80.06", THIRD_PARTY),
+        (MOSHI_T7, "sSC 60.8, tSC 83.0", "protocol not public"),
+        (MOSHI_LATE, "sSC ≈62.7 / ≈60.9, tSC ≈83.6 / ≈82.5", "protocol not public"),
+        (f"{MOSHI_PUBLIC} (n = 1871)", "sSC 60.93, tSC 80.06", THIRD_PARTY),
         ("TWIST-7B", "sSC 55.3, tSC 74.1", ""),
         ("SpiritLM base 7B", "sSC 61.0 / 56.2, tSC 82.9 / 69.2", "mean / sum"),
         ("GSLM", "sSC 53.3, tSC 66.6", "mean"),
@@ -87,8 +96,9 @@ def evaluate_pairs(
     start = time.perf_counter()
     scores, bad = score_audio(lm, mimi, pairs.paths(), config, batch_size, progress)
     wall = time.perf_counter() - start
+    tags = story_length_tags(pairs.pairs, scores) if pairs.name == "storycloze" else None
     acc = {
-        r: pair_accuracy(pairs.pairs, scores, r, config.codebooks, pairs.subsets)
+        r: pair_accuracy(pairs.pairs, scores, r, config.codebooks, pairs.subsets, tags)
         for r in REDUCTIONS
     }
     subsets = {
@@ -98,6 +108,9 @@ def evaluate_pairs(
             "accuracy_sum": acc["sum"]["subsets"][name]["accuracy"],
             "n_pairs": row["n_pairs"],
             "n_groups": row["n_groups"],
+            "interval": acc[reduction]["intervals"][name],
+            "interval_mean": acc["mean"]["intervals"][name],
+            "interval_sum": acc["sum"]["intervals"][name],
         }
         for name, row in acc["mean"]["subsets"].items()
     }
@@ -113,13 +126,16 @@ def evaluate_pairs(
     head = subsets["all"]
     report.data.update(
         benchmark=pairs.name,
+        split=pairs.split,
         accuracy=head["accuracy"],
+        accuracy_interval=head["interval"],
         reduction=reduction,
         n_pairs=head["n_pairs"],
         n_groups=head["n_groups"],
         n_ties={r: sum(v == 0.5 for v in acc[r]["outcomes"].values()) for r in REDUCTIONS},
         accuracy_by_reduction={r: head[f"accuracy_{r}"] for r in REDUCTIONS},
         subsets=subsets,
+        breakdown=acc[reduction]["breakdown"],
         alternatives=alternatives,
         protocol={
             **config.to_dict(),
@@ -137,12 +153,46 @@ def evaluate_pairs(
         unpaired=pairs.problems,
         wall_s=wall,
         setup=dict(setup or {}),
+        items=_items(pairs.pairs, acc),
     )
     _write_text(report, pairs, config, reduction, subsets, alternatives, bad, model)
     _plots(report, subsets, acc[reduction]["margins"], reduction)
     _write_scores(Path(out_dir) / "scores.csv", scores, config)
     report.write()
     return report.data
+
+
+def story_length_tags(pairs: list[Pair], scores: dict[str, Score]) -> dict[str, tuple[str, ...]]:
+    """StoryCloze breakdown: each pair tagged with the length quartile of its true story
+    (frames of the positive file, in seconds at 12.5 Hz), e.g. ``"length Q1 (8.0-14.2 s)"``."""
+    frames = {p.key: scores[str(p.positive)].frames for p in pairs if str(p.positive) in scores}
+    if not frames:
+        return {}
+    import numpy as np
+
+    values = np.array(list(frames.values()), dtype=float)
+    edges = np.quantile(values, [0, 0.25, 0.5, 0.75, 1.0])
+    out = {}
+    for key, f in frames.items():
+        q = min(3, int(np.searchsorted(edges[1:-1], f, side="right")))
+        out[key] = (f"length Q{q + 1} ({edges[q] / 12.5:.1f}-{edges[q + 1] / 12.5:.1f} s)",)
+    return out
+
+
+def _items(pairs: list[Pair], acc: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:
+    """Per-pair data as columns (for ``eval compare`` and re-analysis): ``key``, ``group``,
+    ``subsets`` (joined by ``|``), and per reduction ``outcome_<r>`` (1, 0.5, 0) and
+    ``margin_<r>`` (log-likelihood of positive - negative, nats); scored pairs only."""
+    scored = [p for p in pairs if p.key in acc["mean"]["outcomes"]]
+    out: dict[str, list[Any]] = {
+        "key": [p.key for p in scored],
+        "group": [p.group for p in scored],
+        "subsets": ["|".join(p.subsets) for p in scored],
+    }
+    for r, a in acc.items():
+        out[f"outcome_{r}"] = [a["outcomes"].get(p.key) for p in scored]
+        out[f"margin_{r}"] = [a["margins"].get(p.key) for p in scored]
+    return out
 
 
 def _pct(x: float) -> str:
@@ -160,8 +210,11 @@ def _write_text(
     model: str,
 ) -> None:
     d = report.data
+    ci = d["accuracy_interval"]
     report.add_text(
-        f"**Accuracy: {_pct(d['accuracy'])} %** (token {reduction}, chance 50 %) over "
+        f"**Accuracy: {_pct(d['accuracy'])} %** [95 % CI {_pct(ci['lo'])}, {_pct(ci['hi'])}; "
+        f"bootstrap over groups] (token {reduction}, chance 50 %, split "
+        f"{d['split'] or '-'}) over "
         f"{d['n_pairs']} pairs in {d['n_groups']} groups; tied pairs (count 0.5): "
         f"{d['n_ties'][reduction]}.\n\n"
         f"- data: `{pairs.source}`\n- {model or 'model: ?'}\n"
@@ -171,10 +224,25 @@ def _write_text(
     )
     report.add_text("## Accuracy (%)")
     rows = [
-        [name, _pct(s["accuracy_mean"]), _pct(s["accuracy_sum"]), s["n_pairs"], s["n_groups"]]
+        [
+            name,
+            fmt_interval(s["interval_mean"], 100),
+            fmt_interval(s["interval_sum"], 100),
+            s["n_pairs"],
+            s["n_groups"],
+        ]
         for name, s in subsets.items()
     ]
-    report.add_table(["subset", "mean", "sum", "n pairs", "n groups"], rows)
+    report.add_table(["subset", "mean [95 % CI]", "sum [95 % CI]", "n pairs", "n groups"], rows)
+    if d.get("breakdown"):
+        report.add_text(f"## Breakdown (%, token {reduction})")
+        report.add_table(
+            ["cell", "accuracy [95 % CI]", "n pairs", "n groups"],
+            [
+                [k, fmt_interval({"mean": v["accuracy"], **v}, 100), v["n_pairs"], v["n_groups"]]
+                for k, v in d["breakdown"].items()
+            ],
+        )
     report.add_text(
         "Other codebook choices, same forward pass (subset all, %): "
         + "; ".join(
@@ -185,7 +253,8 @@ def _write_text(
     report.add_text(
         "## Published numbers (%)\n\nComparable only under the same protocol: "
         "published Moshi numbers range from 45 to 83 with the protocol "
-        "(`../shared/reference/evaluation.md`)."
+        "(`../shared/reference/evaluation.md`). The Moshi rows are one model variant, the "
+        "text+audio pretrained model of Table 7, not the released moshiko/moshika weights."
     )
     report.add_table(["model", "accuracy", "protocol"], [list(r) for r in PUBLISHED[pairs.name]])
     if bad or pairs.problems:
@@ -225,7 +294,19 @@ def _plots(
     xs = range(len(names))
     for shift, r in ((-0.2, "mean"), (0.2, "sum")):
         vals = [100 * subsets[n][f"accuracy_{r}"] for n in names]
-        ax.bar([x + shift for x in xs], [v if math.isfinite(v) else 0 for v in vals], 0.4, label=r)
+        cis = [subsets[n][f"interval_{r}"] for n in names]
+        err = [
+            [
+                max(0.0, v - 100 * c["lo"]) if math.isfinite(c["lo"]) else 0
+                for v, c in zip(vals, cis)
+            ],
+            [
+                max(0.0, 100 * c["hi"] - v) if math.isfinite(c["hi"]) else 0
+                for v, c in zip(vals, cis)
+            ],
+        ]
+        heights = [v if math.isfinite(v) else 0 for v in vals]
+        ax.bar([x + shift for x in xs], heights, 0.4, yerr=err, capsize=2, label=r)
     ax.axhline(50, color="k", lw=0.8, ls="--", label="chance")
     ax.set_xticks(
         list(xs),
@@ -237,7 +318,9 @@ def _plots(
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7)
-    report.add_figure(fig, "accuracy.png", "Pairwise accuracy per subset (token mean and sum)")
+    report.add_figure(
+        fig, "accuracy.png", "Pairwise accuracy per subset (token mean and sum; 95 % bootstrap CI)"
+    )
     if margins:
         fig, ax = report.figure()
         ax.hist(list(margins.values()), bins=min(50, max(5, len(margins) // 5)))

@@ -52,7 +52,8 @@ class Pair:
     """One comparison: ``positive`` should be more likely than ``negative``.
 
     ``key`` is unique in its set (e.g. ``"voice/id"``); pairs with the same ``group`` are
-    averaged before the accuracy; ``subsets`` are the subsets it counts in ("all" first).
+    averaged before the accuracy; ``subsets`` are the subsets it counts in ("all" first);
+    ``tags`` the cells of the finer breakdown tables (``"subtype agreement/a1"``, ...).
     """
 
     key: str
@@ -60,6 +61,7 @@ class Pair:
     negative: Path
     group: str
     subsets: tuple[str, ...] = ("all",)
+    tags: tuple[str, ...] = ()  # breakdown cells (sBLIMP subtype, sWUGGY length, ...)
 
 
 @dataclass
@@ -72,6 +74,7 @@ class PairSet:
     pairs: list[Pair]
     problems: list[str] = field(default_factory=list)
     subsets: list[str] = field(default_factory=list)  # report order, "all" first
+    split: str = ""  # ZeroSpeech split ("dev", "test"); "" where the benchmark has none
 
     def paths(self) -> list[Path]:
         """Every audio file of the pairs, once, in pair order."""
@@ -93,7 +96,7 @@ class PairSet:
             if len(chosen) >= max_pairs:
                 break
             chosen.extend(groups[g])
-        return PairSet(self.name, self.source, chosen, self.problems, self.subsets)
+        return PairSet(self.name, self.source, chosen, self.problems, self.subsets, self.split)
 
 
 # -- ZeroSpeech 2021 --------------------------------------------------------------------------
@@ -189,6 +192,8 @@ def read_zerospeech_lexical(data: str | Path, split: str = "dev") -> PairSet:
     for (voice, id_), (word, nonword) in sorted(joined.items()):
         band = frequency_band(word.get("frequency", ""))
         extra = () if band is None else ((band,) if band == "oov" else ("in-vocab", band))
+        length = word.get("length", "").strip()
+        tags = (f"length {int(float(length))} phones",) if _is_number(length) else ()
         pairs.append(
             Pair(
                 f"{voice}/{id_}",
@@ -196,10 +201,11 @@ def read_zerospeech_lexical(data: str | Path, split: str = "dev") -> PairSet:
                 audio_path(gold.parent, nonword["filename"]),
                 id_,
                 ("all", *extra),
+                tags,
             )
         )
     subsets = ["all", "in-vocab", *(name for _, _, name in FREQUENCY_BANDS)]
-    return PairSet("swuggy", gold, pairs, problems, _present(subsets, pairs))
+    return PairSet("swuggy", gold, pairs, problems, _present(subsets, pairs), split)
 
 
 def read_zerospeech_syntactic(data: str | Path, split: str = "dev") -> PairSet:
@@ -215,11 +221,12 @@ def read_zerospeech_syntactic(data: str | Path, split: str = "dev") -> PairSet:
             audio_path(gold.parent, bad["filename"]),
             f"{type_}/{sub}/{id_}",
             ("all", type_),
+            (f"subtype {type_}/{sub}",),
         )
         for (voice, type_, sub, id_), (good, bad) in sorted(joined.items())
     ]
     types = sorted({p.subsets[1] for p in pairs})
-    return PairSet("sblimp", gold, pairs, problems, ["all", *types])
+    return PairSet("sblimp", gold, pairs, problems, ["all", *types], split)
 
 
 # -- Spoken StoryCloze --------------------------------------------------------------------------
@@ -266,16 +273,23 @@ def pair_accuracy(
     reduction: str = "mean",
     codebooks: Sequence[int] = (0,),
     subsets: Sequence[str] | None = None,
+    tags: dict[str, tuple[str, ...]] | None = None,
 ) -> dict[str, Any]:
     """Accuracy per subset from per-file ``scores`` (``str(path) -> Score``).
 
     A pair whose file has no score (bad file) or a non-finite value (no scored token) is
     dropped and counted. Returns ``{"subsets": {name: {"accuracy", "n_pairs", "n_groups"}},
-    "dropped_pairs": int, "outcomes": {pair key: 0 | 0.5 | 1}, "margins": {pair key:
-    positive - negative}}``; an empty subset has accuracy NaN.
+    "intervals": {name: mean_interval of its group means (bootstrap over groups)},
+    "breakdown": {tag: {"accuracy", "n_pairs", "n_groups", "lo", "hi"}} (``Pair.tags``, or
+    ``tags[pair key]`` where given), "dropped_pairs": int, "outcomes": {pair key: 0 | 0.5 |
+    1}, "margins": {pair key: positive - negative}, "group_means": {group: mean outcome}}``;
+    an empty subset has accuracy NaN.
     """
+    from .stats import mean_interval
+
     group_scores: dict[str, list[float]] = defaultdict(list)
     group_subsets: dict[str, tuple[str, ...]] = {}
+    group_tags: dict[str, set[str]] = defaultdict(set)
     outcomes, margins, dropped = {}, {}, 0
     for pair in pairs:
         sp, sn = scores.get(str(pair.positive)), scores.get(str(pair.negative))
@@ -290,19 +304,51 @@ def pair_accuracy(
         margins[pair.key] = vp - vn
         group_scores[pair.group].append(outcomes[pair.key])
         group_subsets[pair.group] = pair.subsets
+        group_tags[pair.group].update(pair.tags if tags is None else tags.get(pair.key, ()))
+    means = {g: sum(v) / len(v) for g, v in group_scores.items()}
     names = list(subsets) if subsets is not None else ["all"]
     for subs in group_subsets.values():
         names.extend(s for s in subs if s not in names)
-    table = {}
-    for name in names:
-        groups = [g for g, subs in group_subsets.items() if name in subs]
-        means = [sum(group_scores[g]) / len(group_scores[g]) for g in groups]
-        table[name] = {
-            "accuracy": sum(means) / len(means) if means else float("nan"),
+
+    def cell(groups: list[str]) -> dict[str, Any]:
+        vals = [means[g] for g in groups]
+        return {
+            "accuracy": sum(vals) / len(vals) if vals else float("nan"),
             "n_pairs": sum(len(group_scores[g]) for g in groups),
             "n_groups": len(groups),
         }
-    return {"subsets": table, "dropped_pairs": dropped, "outcomes": outcomes, "margins": margins}
+
+    table, intervals = {}, {}
+    for name in names:
+        groups = [g for g, subs in group_subsets.items() if name in subs]
+        table[name] = cell(groups)
+        intervals[name] = mean_interval([means[g] for g in groups])
+    breakdown = {}
+    for tag in sorted({t for ts in group_tags.values() for t in ts}, key=_natural):
+        groups = [g for g, ts in group_tags.items() if tag in ts]
+        ci = mean_interval([means[g] for g in groups])
+        breakdown[tag] = cell(groups) | {"lo": ci["lo"], "hi": ci["hi"]}
+    return {
+        "subsets": table,
+        "intervals": intervals,
+        "breakdown": breakdown,
+        "dropped_pairs": dropped,
+        "outcomes": outcomes,
+        "margins": margins,
+        "group_means": means,
+    }
+
+
+def _natural(text: str) -> list[Any]:
+    """Sort key with numbers compared as numbers (``length 10`` after ``length 9``)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def _present(names: list[str], pairs: list[Pair]) -> list[str]:

@@ -1,0 +1,190 @@
+"""Uncertainty for the evaluation reports: intervals and paired tests (numpy only, seeded).
+
+- ``mean_interval(values)``: the mean with a percentile bootstrap interval (and the normal one
+  from the standard error), e.g. the accuracy over the groups of a benchmark;
+- ``ratio_interval(sums, counts)``: a token-weighted mean (sum of CE / tokens, nats) with a
+  bootstrap over the units (files), e.g. the loss beyond the context;
+- ``paired_difference(a, b)``: the mean of ``a - b`` over paired units, its bootstrap interval
+  and a two-sided bootstrap p-value; identical inputs give difference 0 and p = 1;
+- ``ratio_difference``: the same for two token-weighted means over the same files;
+- ``mcnemar_exact(b, c)``: McNemar's exact test (two-sided binomial on the discordant pairs).
+
+Bootstraps resample units with replacement ``n_boot`` times with ``numpy.random.default_rng
+(seed)``; intervals are percentile intervals at ``level`` (default 0.95).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+N_BOOT = 2000
+LEVEL = 0.95
+SEED = 0
+
+
+def _indices(n: int, n_boot: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def _percentiles(samples: np.ndarray, level: float) -> tuple[float, float]:
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    finite = samples[np.isfinite(samples)]
+    if finite.size == 0:
+        return float("nan"), float("nan")
+    a = (1 - level) / 2
+    lo, hi = np.quantile(finite, [a, 1 - a], axis=0)
+    return float(lo), float(hi)
+
+
+def _p_value(samples: np.ndarray, observed: float) -> float:
+    """Two-sided bootstrap p-value of "no difference": twice the smaller share of the
+    bootstrap differences on either side of 0 (1 when all are 0)."""
+    finite = samples[np.isfinite(samples)]
+    if finite.size == 0 or not math.isfinite(observed):
+        return float("nan")
+    return float(min(1.0, 2 * min(np.mean(finite <= 0), np.mean(finite >= 0))))
+
+
+def mean_interval(
+    values: Sequence[float] | np.ndarray,
+    *,
+    level: float = LEVEL,
+    n_boot: int = N_BOOT,
+    seed: int = SEED,
+) -> dict[str, Any]:
+    """``{"mean", "lo", "hi", "se", "n", "level", "method"}`` of ``values`` (NaN dropped):
+    percentile bootstrap over the values; ``se`` = sample std / sqrt(n). NaN with no value."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    n = int(x.size)
+    out: dict[str, Any] = {"n": n, "level": level, "method": f"bootstrap ({n_boot}, seed {seed})"}
+    if n == 0:
+        return out | {"mean": math.nan, "lo": math.nan, "hi": math.nan, "se": math.nan}
+    boot = x[_indices(n, n_boot, seed)].mean(1)
+    lo, hi = _percentiles(boot, level)
+    se = float(x.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return out | {"mean": float(x.mean()), "lo": lo, "hi": hi, "se": se}
+
+
+def _ratio(sums: np.ndarray, counts: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    num, den = sums[idx].sum(-1), counts[idx].sum(-1)
+    return np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)
+
+
+def ratio_interval(
+    sums: Sequence[float] | np.ndarray,
+    counts: Sequence[float] | np.ndarray,
+    *,
+    level: float = LEVEL,
+    n_boot: int = N_BOOT,
+    seed: int = SEED,
+) -> dict[str, Any]:
+    """Token-weighted mean ``sum(sums) / sum(counts)`` over units (files) with a bootstrap
+    interval over the units: ``{"mean", "lo", "hi", "n", "level", "method"}``."""
+    s, c = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    if s.shape != c.shape or s.ndim != 1:
+        raise ValueError(f"sums and counts must be 1-d of one length, got {s.shape}, {c.shape}")
+    n = int((c > 0).sum())
+    out: dict[str, Any] = {"n": n, "level": level, "method": f"bootstrap ({n_boot}, seed {seed})"}
+    mean = float(s.sum() / c.sum()) if c.sum() > 0 else math.nan
+    if len(s) == 0 or n == 0:
+        return out | {"mean": mean, "lo": math.nan, "hi": math.nan}
+    lo, hi = _percentiles(_ratio(s, c, _indices(len(s), n_boot, seed)), level)
+    return out | {"mean": mean, "lo": lo, "hi": hi}
+
+
+def paired_difference(
+    a: Sequence[float] | np.ndarray,
+    b: Sequence[float] | np.ndarray,
+    *,
+    level: float = LEVEL,
+    n_boot: int = N_BOOT,
+    seed: int = SEED,
+) -> dict[str, Any]:
+    """Mean of ``a - b`` over paired units (NaN pairs dropped) with a bootstrap interval and
+    p-value: ``{"difference", "lo", "hi", "p_value", "n", "level", "method"}``."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"paired values must have one shape, got {x.shape} and {y.shape}")
+    d = (x - y)[np.isfinite(x) & np.isfinite(y)]
+    n = int(d.size)
+    out: dict[str, Any] = {
+        "n": n,
+        "level": level,
+        "method": f"paired bootstrap ({n_boot}, seed {seed})",
+    }
+    if n == 0:
+        return out | {"difference": math.nan, "lo": math.nan, "hi": math.nan, "p_value": math.nan}
+    boot = d[_indices(n, n_boot, seed)].mean(1)
+    lo, hi = _percentiles(boot, level)
+    mean = float(d.mean())
+    return out | {"difference": mean, "lo": lo, "hi": hi, "p_value": _p_value(boot, mean)}
+
+
+def ratio_difference(
+    sums_a: np.ndarray,
+    counts_a: np.ndarray,
+    sums_b: np.ndarray,
+    counts_b: np.ndarray,
+    *,
+    level: float = LEVEL,
+    n_boot: int = N_BOOT,
+    seed: int = SEED,
+) -> dict[str, Any]:
+    """``sum(a)/count(a) - sum(b)/count(b)`` over the same files (arrays aligned by file) with
+    a paired bootstrap over files: ``{"difference", "lo", "hi", "p_value", "n", ...}``
+    (for losses in nats: > 0 means b is better)."""
+    arrays = [np.asarray(v, dtype=np.float64) for v in (sums_a, counts_a, sums_b, counts_b)]
+    if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 1:
+        raise ValueError(
+            f"per-file arrays must be 1-d of one length, got {[a.shape for a in arrays]}"
+        )
+    sa, ca, sb, cb = arrays
+    n = len(sa)
+    out: dict[str, Any] = {
+        "n": n,
+        "level": level,
+        "method": f"paired bootstrap over files ({n_boot}, seed {seed})",
+    }
+    if n == 0 or ca.sum() == 0 or cb.sum() == 0:
+        return out | {"difference": math.nan, "lo": math.nan, "hi": math.nan, "p_value": math.nan}
+    diff = float(sa.sum() / ca.sum() - sb.sum() / cb.sum())
+    idx = _indices(n, n_boot, seed)
+    boot = _ratio(sa, ca, idx) - _ratio(sb, cb, idx)
+    lo, hi = _percentiles(boot, level)
+    return out | {"difference": diff, "lo": lo, "hi": hi, "p_value": _p_value(boot, diff)}
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for ``b`` pairs right only under A and ``c`` right only
+    under B: ``min(1, 2 P[X <= min(b, c)])``, X ~ Binomial(b + c, 1/2); 1 when b + c = 0."""
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be >= 0, got {b}, {c}")
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    logs = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2)
+        for i in range(k + 1)
+    ]
+    top = max(logs)
+    tail = math.exp(top) * sum(math.exp(v - top) for v in logs)
+    return float(min(1.0, 2 * tail))
+
+
+def fmt_interval(ci: dict[str, Any], scale: float = 1.0, digits: int = 2, key: str = "mean") -> str:
+    """``"58.21 [56.10, 60.30]"``: ``ci[key]`` and its interval times ``scale`` (signed for
+    ``key="difference"``); ``-`` if NaN."""
+    v = ci.get(key, math.nan)
+    if v is None or not math.isfinite(v):
+        return "-"
+    f = f"{'+' if key == 'difference' else ''}.{digits}f"
+    lo, hi = ci.get("lo"), ci.get("hi")
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{scale * v:{f}}"
+    return f"{scale * v:{f}} [{scale * lo:{f}}, {scale * hi:{f}}]"
