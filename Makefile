@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH_VERSION := 2.13.0
 MOSHI_VERSION := 0.2.13
 MOSHI_RUNTIME := "numpy>=1.26,<2.3" "safetensors>=0.4,<0.8" "huggingface_hub>=0.24,<1.0" \
-                 "einops>=0.7,<0.9" "sentencepiece>=0.2,<0.3" "sphn>=0.2,<0.3" "tqdm>=4.48"
+                 "einops>=0.7,<0.9" "sentencepiece>=0.2,<0.3" "sphn>=0.2,<0.3" "tqdm>=4.48" \
+                 "aiohttp>=3.10.5,<3.12"
 
 .PHONY: install demo test lint bench clean
 

@@ -17,6 +17,7 @@ from .demo import add_demo_parser
 from .eval import add_eval_parser
 from .export import add_export_parser
 from .generate import add_generate_parser
+from .serve import add_serve_parser
 from .train import add_train_parsers
 
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_train_parsers(sub)
     add_export_parser(sub)
+    add_serve_parser(sub)
     _add_debug_everywhere(parser)
     return parser
 

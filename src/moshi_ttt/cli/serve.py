@@ -1,0 +1,167 @@
+"""``moshi-ttt serve``: talk to Moshi (with its TTT memory) through moshi's websocket protocol.
+
+    moshi-ttt serve --adapter DIR                   # web UI at http://localhost:8998
+    moshi-ttt serve --tiny --static none --port 8998 --max-sessions 4
+    python -m moshi.client --host localhost --port 8998
+
+See docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .common import add_model_args, describe_model, load_model_from_args
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``serve`` subcommand on an ``add_subparsers()`` object."""
+    p = subparsers.add_parser(
+        "serve",
+        help="serve Moshi (with TTT layers) over moshi's websocket protocol (web UI, client)",
+        description="Serve /api/chat exactly as `python -m moshi.server` does (the moshi web UI "
+        "and moshi.client connect unchanged), with up to --max-sessions conversations in one "
+        "batched step, each with its own TTT memory; /api/stats; resumable sessions "
+        "(POST /api/sessions, then /api/chat?session=TOKEN).",
+    )
+    add_model_args(p)
+    p.add_argument("--host", default="localhost", help="address to listen on (default localhost)")
+    p.add_argument("--port", type=int, default=8998, help="port (default 8998, as moshi)")
+    p.add_argument(
+        "--static",
+        metavar="DIR|none",
+        help="web UI directory; 'none': no UI; default: moshi's UI from the Hub "
+        "(kyutai/moshi-artifacts dist.tgz, as moshi.server)",
+    )
+    p.add_argument(
+        "--max-sessions",
+        type=int,
+        default=4,
+        help="conversations served at once, in one batch (default 4)",
+    )
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where resumable sessions' TTT states are saved (default: a temporary "
+        "directory removed on exit)",
+    )
+    p.add_argument(
+        "--session-ttl",
+        type=float,
+        default=24 * 3600,
+        metavar="SECONDS",
+        help="a saved session expires this long after it was saved (default 1 day)",
+    )
+    p.add_argument(
+        "--session-store-mb",
+        type=float,
+        default=1024,
+        metavar="MB",
+        help="size limit of --state-dir; oldest sessions deleted first (default 1024)",
+    )
+    p.add_argument(
+        "--max-backlog",
+        type=int,
+        default=25,
+        metavar="FRAMES",
+        help="input frames waiting per session before the oldest are dropped",
+    )
+    p.add_argument(
+        "--max-send-backlog",
+        type=int,
+        default=50,
+        metavar="FRAMES",
+        help="output frames a client may leave unread before it is disconnected",
+    )
+    p.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=1 << 18,
+        help="largest websocket message accepted (default 256 KiB)",
+    )
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (no sampling)")
+    p.add_argument("--temp", type=float, default=0.8, help="audio sampling temperature")
+    p.add_argument("--temp-text", type=float, default=0.7, help="text sampling temperature")
+    p.add_argument("--seed", type=int, default=42424242, help="sampling seed (as moshi.server)")
+    p.add_argument("--verbose", action="store_true", help="log every frame's processing time")
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def _static_dir(static: str | None) -> str | None:
+    if static == "none":
+        return None
+    if static is not None:
+        if not (Path(static) / "index.html").is_file():
+            raise FileNotFoundError(f"--static {static}: no index.html in it")
+        return static
+    import tarfile
+
+    from huggingface_hub import hf_hub_download
+
+    dist_tgz = Path(hf_hub_download("kyutai/moshi-artifacts", "dist.tgz"))
+    dist = dist_tgz.parent / "dist"
+    if not dist.exists():
+        with tarfile.open(dist_tgz, "r:gz") as tar:
+            tar.extractall(path=dist_tgz.parent, filter="data")
+    return str(dist)
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    from ..serve import ServeConfig
+
+    config = ServeConfig(
+        max_sessions=args.max_sessions,
+        max_message_bytes=args.max_message_bytes,
+        max_backlog_frames=args.max_backlog,
+        max_send_backlog=args.max_send_backlog,
+        greedy=args.greedy,
+        temp=args.temp,
+        temp_text=args.temp_text,
+        seed=args.seed,
+    )
+    config.check()
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if not args.session_store_mb > 0:
+        raise ValueError(f"--session-store-mb must be > 0, got {args.session_store_mb}")
+    if not args.session_ttl > 0:
+        raise ValueError(f"--session-ttl must be > 0, got {args.session_ttl}")
+    return config
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    """Check the flags, load the model and codec, serve until interrupted."""
+    import torch
+    from aiohttp import web
+
+    from ..checkpoints.loading import load_codec
+    from ..serve import ChatServer, SessionStore
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = build_config(args)
+    static = _static_dir(args.static)
+    lm, info, device, dtype = load_model_from_args(args)
+    mimi, tokenizer = load_codec(lm, info, device=device)
+    print(describe_model(lm, device, dtype))
+    with tempfile.TemporaryDirectory(prefix="moshi-ttt-sessions-") as tmp:
+        store = SessionStore(
+            args.state_dir or tmp,
+            ttl_s=args.session_ttl,
+            max_bytes=int(args.session_store_mb * 2**20),
+        )
+        with torch.no_grad():
+            server = ChatServer(lm, mimi, tokenizer, config, store, static=static)
+            print(
+                f"serving /api/chat at http://{args.host}:{args.port} "
+                f"({config.max_sessions} sessions at most)",
+                flush=True,
+            )
+            web.run_app(server.app(), host=args.host, port=args.port, print=None)

@@ -1,0 +1,400 @@
+"""``moshi-ttt serve`` on the tiny model over loopback: moshi's protocol, isolation, resume,
+refusal and bad clients. Clients are protocol-level (aiohttp websocket + sphn Opus)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import struct
+import time
+
+import aiohttp
+import numpy as np
+import pytest
+import sphn
+import torch
+from moshi.utils.compile import no_compile
+from safetensors.torch import load_file
+
+from moshi_ttt.checkpoints.loading import load_base_lm, load_codec
+from moshi_ttt.integration import TTTConfig, apply_ttt
+from moshi_ttt.serve import ChatServer, ServeConfig, ServerThread, SessionStore, ttt_state
+from moshi_ttt.serve.engine import load_ttt_state
+from moshi_ttt.serve.server import SESSION_ID_HEADER
+
+FRAME, RATE = 1920, 24000
+DEADLINE_S = 30.0  # every wait in these tests is bounded
+
+
+def load_tiny():
+    """The tiny Moshi with the default TTT layer, its Mimi and tokenizer."""
+    lm, info = load_base_lm("tiny", dtype=torch.float32)
+    apply_ttt(lm, TTTConfig())
+    lm.eval()
+    mimi, tokenizer = load_codec(lm, info)
+    return lm, mimi, tokenizer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 OpenMP threads stall on a busy 2-core VM
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_tiny()  # streaming in the module's shared server
+
+
+def make_server(model, tmp_path, **kw):
+    lm, mimi, tok = model
+    cfg = ServeConfig(
+        greedy=True, max_backlog_frames=1000, send_buffer_bytes=4096, send_timeout_s=1.0, **kw
+    )
+    return ServerThread(ChatServer(lm, mimi, tok, cfg, SessionStore(tmp_path / "states")))
+
+
+def audio(seed: int, frames: int) -> np.ndarray:
+    """Synthetic speech-like audio: a few seeded tones with an envelope, and noise."""
+    g = np.random.default_rng(seed)
+    t = np.arange(frames * FRAME) / RATE
+    x = sum(0.1 * np.sin(2 * np.pi * f * t) for f in g.uniform(120, 900, 3))
+    x = x * (0.5 + 0.5 * np.sin(2 * np.pi * g.uniform(1, 3) * t)) + 0.01 * g.normal(size=t.size)
+    return x.astype(np.float32)
+
+
+def opus_pages(pcm: np.ndarray) -> list[bytes]:
+    """The pcm as a client sends it: one Ogg/Opus chunk per 80 ms frame."""
+    w = sphn.OpusStreamWriter(RATE)
+    pages = [w.append_pcm(pcm[i : i + FRAME]) for i in range(0, len(pcm), FRAME)]
+    return [p for p in pages if len(p)]
+
+
+def opus_roundtrip(pcm: np.ndarray) -> np.ndarray:
+    """What the server decodes from ``opus_pages(pcm)``."""
+    r = sphn.OpusStreamReader(RATE)
+    return np.concatenate([r.append_bytes(p) for p in opus_pages(pcm)])
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, DEADLINE_S))
+
+
+async def stats(session: aiohttp.ClientSession, url: str) -> dict:
+    async with session.get(f"{url}/api/stats") as r:
+        return await r.json()
+
+
+async def wait_for(pred, what: str, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if await pred():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def converse(url: str, pcm: np.ndarray, query: str = "", hold: asyncio.Event | None = None):
+    """Connect, stream ``pcm`` through Opus, collect everything until the server has answered
+    every frame. Returns ``{"audio": bytes, "text": [str], "frames": n, "kinds": set}``."""
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(f"{url}/api/chat{query}") as ws:
+            first = await ws.receive_bytes()
+            assert first == b"\x00"  # moshi's handshake
+            sid = int(ws._response.headers[SESSION_ID_HEADER])
+            if hold is not None:
+                await hold.wait()
+            for page in opus_pages(pcm):
+                await ws.send_bytes(b"\x01" + page)
+            frames = len(opus_roundtrip(pcm)) // FRAME
+            audio_out, text, kinds = b"", [], set()
+
+            async def answered() -> bool:
+                mine = [s for s in (await stats(http, url))["per_session"] if s["id"] == sid]
+                return bool(mine) and mine[0]["frames_out"] >= frames - 1  # LMGen's delay: 1
+
+            receiving = asyncio.ensure_future(wait_for(answered, "all frames answered"))
+            while True:
+                try:
+                    msg = await asyncio.wait_for(ws.receive(), 0.3 if receiving.done() else 5)
+                except asyncio.TimeoutError:
+                    if receiving.done():
+                        break
+                    continue
+                assert msg.type == aiohttp.WSMsgType.BINARY, msg
+                kinds.add(msg.data[0])
+                if msg.data[0] == 1:
+                    audio_out += msg.data[1:]
+                elif msg.data[0] == 2:
+                    text.append(msg.data[1:].decode())
+            receiving.result()
+        return {"audio": audio_out, "text": text, "frames": frames, "kinds": kinds, "id": sid}
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    with make_server(
+        model,
+        tmp_path_factory.mktemp("serve"),
+        max_sessions=3,
+        max_message_bytes=1 << 16,
+        max_send_backlog=8,
+    ) as t:
+        yield t
+
+
+@pytest.fixture(scope="module")
+def alone(server):
+    """Each test voice, streamed alone (greedy), on the shared server."""
+    return {seed: run(converse(server.url, audio(seed, 25))) for seed in (1, 2)}
+
+
+def test_streams_audio_and_text_with_moshis_protocol(server, alone):
+    out = alone[1]
+    assert out["kinds"] == {1, 2} and out["text"]  # Opus audio and text pieces
+    pcm = sphn.OpusStreamReader(RATE).append_bytes(out["audio"])
+    assert pcm.size > 10 * FRAME and np.isfinite(pcm).all()
+
+    async def check():
+        async with aiohttp.ClientSession() as http:
+            return await stats(http, server.url)
+
+    s = run(check())
+    assert s["budget_ms"] == 80 and s["frame_ms"]["p50"] > 0 and s["frame_ms"]["p99"] > 0
+    assert s["frames"] >= 24 and s["frames_dropped"] == 0 and s["max_sessions"] == 3
+
+
+def test_two_simultaneous_clients_each_get_what_they_get_alone(server, alone):
+    async def both():
+        go = asyncio.Event()
+        tasks = [
+            asyncio.ensure_future(converse(server.url, audio(seed, 25), hold=go)) for seed in (1, 2)
+        ]
+        await asyncio.sleep(0.3)  # both connected, then both stream at once
+        go.set()
+        return await asyncio.gather(*tasks)
+
+    a, b = run(both())
+    assert a["text"] == alone[1]["text"] and a["audio"] == alone[1]["audio"]
+    assert b["text"] == alone[2]["text"] and b["audio"] == alone[2]["audio"]
+    assert alone[1]["text"] != alone[2]["text"] or alone[1]["audio"] != alone[2]["audio"]
+
+
+# -- bad clients --------------------------------------------------------------------------------
+def ws_frame(payload: bytes, opcode: int = 2) -> bytes:
+    """A masked client websocket frame."""
+    head = bytes([0x80 | opcode])
+    n = len(payload)
+    head += bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack(">H", n)
+    mask = os.urandom(4)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def raw_client(url: str, rcvbuf: int = 4096) -> socket.socket:
+    """A websocket client on a plain socket with a tiny receive buffer; handshake read."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(10)
+    sock.connect((host, int(port)))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /api/chat HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(1)
+    assert b" 101 " in data.split(b"\r\n")[0]
+    assert sock.recv(3) == b"\x82\x01\x00"  # the handshake message 0x00
+    return sock
+
+
+async def bad_ws(url: str, send) -> int | None:
+    """Connect with aiohttp, wait for the handshake, ``send(ws)``; the server's close code."""
+    async with aiohttp.ClientSession() as http, http.ws_connect(f"{url}/api/chat") as ws:
+        assert await ws.receive_bytes() == b"\x00"
+        await send(ws)
+        for _ in range(1000):
+            msg = await ws.receive()
+            if msg.type in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSED,
+                aiohttp.WSMsgType.ERROR,
+            ):
+                return ws.close_code
+        return None
+
+
+def test_bad_clients_are_closed_and_others_go_on_unchanged(server, alone):
+    async def not_reading() -> str:
+        def go():
+            sock = raw_client(server.url)
+            end = time.monotonic() + 10
+            try:  # stream, never read, until the server gives up on us (bounded)
+                for page in opus_pages(audio(5, 400)):
+                    sock.sendall(ws_frame(b"\x01" + page))
+                    time.sleep(0.01)
+                    if time.monotonic() > end:
+                        break
+            except OSError as e:  # closed by the server: what we want
+                return type(e).__name__
+            finally:
+                sock.close()
+            return "sent"
+
+        return await asyncio.to_thread(go)
+
+    async def gone_mid_frame() -> None:
+        def go():
+            sock = raw_client(server.url)
+            pages = opus_pages(audio(6, 10))
+            for page in pages[:4]:
+                sock.sendall(ws_frame(b"\x01" + page))
+            sock.sendall(ws_frame(b"\x01" + pages[4])[:20])  # half a message, then RST
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+
+        await asyncio.to_thread(go)
+
+    async def text(ws):
+        await ws.send_str("hello")
+
+    async def garbage(ws):
+        await ws.send_bytes(os.urandom(64))
+
+    async def unknown_kind(ws):
+        await ws.send_bytes(b"\x05" + opus_pages(audio(3, 2))[0])
+
+    async def oversized(ws):
+        await ws.send_bytes(b"\x01" + b"OggS" + bytes(100_000))
+
+    async def not_opus(ws):
+        await ws.send_bytes(b"\x01" + b"RIFF" + os.urandom(200))
+
+    async def ogg_garbage(ws):
+        await ws.send_bytes(b"\x01" + b"OggS" + os.urandom(300))
+
+    async def everything():
+        good = asyncio.ensure_future(converse(server.url, audio(1, 25)))
+        await asyncio.sleep(0.2)
+        codes = []
+        for send in (text, garbage, unknown_kind, oversized, not_opus, ogg_garbage):
+            codes.append(await bad_ws(server.url, send))
+        stalled = asyncio.ensure_future(not_reading())
+        await gone_mid_frame()
+        out = await good
+        return out, codes, await stalled
+
+    out, codes, stalled = run(everything())
+    assert codes[:3] == [1003, 1003, 1003] and codes[3] == 1009 and codes[4:] == [1003, 1003]
+    assert stalled != "sent"  # the server closed the client that stopped reading
+
+    async def final():
+        async with aiohttp.ClientSession() as http:
+
+            async def settled():
+                return (await stats(http, server.url))["sessions"] == 0
+
+            await wait_for(settled, "every bad session closed")
+            return await stats(http, server.url)
+
+    s = run(final())
+    assert s["not_reading"] >= 1 and s["bad_clients"] >= 7
+    assert out["text"] == alone[1]["text"] and out["audio"] == alone[1]["audio"]
+
+
+# -- refusal and resume (one session at a time: the offline reference has batch 1) --------------
+def offline(lm, mimi, parts, ttt=None):
+    """Reference: ``LMGen`` + Mimi at batch 1 as in ``generate``, greedy. ``parts``: pcm per
+    connection; between them everything streaming is reset except the TTT state (kept). Returns
+    per part the text tokens, the Opus bytes (fresh writer per part) and the TTT states."""
+    from moshi.models.lm import LMGen
+
+    gen = LMGen(lm, use_sampling=False)
+    results = []
+    with torch.no_grad(), no_compile(), mimi.streaming(1), gen.streaming(1):
+        for k, pcm in enumerate(parts):
+            if k:
+                kept = ttt_state(lm, 0)
+                mimi.reset_streaming()
+                gen.reset_streaming()
+                load_ttt_state(lm, 0, kept)
+            writer, tokens, opus = sphn.OpusStreamWriter(RATE), [], b""
+            for i in range(len(pcm) // FRAME):
+                codes = mimi.encode(torch.from_numpy(pcm[i * FRAME : (i + 1) * FRAME])[None, None])
+                if i == 0:
+                    mimi.reset_streaming()  # as moshi.server: the first frame is in the past
+                out = gen.step(codes[:, : lm.n_q - lm.dep_q])
+                if out is None:
+                    continue
+                tokens.append(int(out[0, 0, 0]))
+                opus += writer.append_pcm(mimi.decode(out[:, 1:])[0, 0].numpy())
+            results.append({"tokens": tokens, "audio": opus, "ttt": ttt_state(lm, 0)})
+    return results
+
+
+def test_refusal_beyond_max_sessions_and_resume_with_memory(tmp_path):
+    model = load_tiny()  # its own: the shared server's model is streaming
+    lm, mimi, tok = model
+    a, b = audio(7, 25), audio(8, 20)
+
+    async def scenario(url: str, t: ServerThread):
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{url}/api/sessions") as r:
+                token = (await r.json())["session"]
+            first = await converse(url, a, f"?session={token}")
+            # the state is saved when the client leaves
+            path = t.server.store.path(token)
+            await wait_for(lambda: asyncio.sleep(0, path.is_file()), "the saved state")
+            # refusal: one session is connected, a second is refused at once with a reason
+            async with http.ws_connect(f"{url}/api/chat") as busy:
+                assert await busy.receive_bytes() == b"\x00"
+                start = time.monotonic()
+                async with http.ws_connect(f"{url}/api/chat") as refused:
+                    msg = await refused.receive()
+                assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1013
+                assert "server full" in msg.extra and time.monotonic() - start < 5
+            # an unknown token is refused; a new token starts from the initial state
+            async with http.ws_connect(f"{url}/api/chat?session=guess") as ws:
+                msg = await ws.receive()
+                assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1008
+            # resume: the TTT state is restored bit for bit before the handshake
+            async with http.ws_connect(f"{url}/api/chat?session={token}") as ws:
+                assert await ws.receive_bytes() == b"\x00"
+                restored = t.server.pool.submit(t.server.engine.ttt_state, 0).result()
+            second = await converse(url, b, f"?session={token}")
+            return first, second, restored, path
+
+    with make_server(model, tmp_path, max_sessions=1) as t:
+        first, second, restored, path = run(scenario(t.url, t))
+        saved = load_file(str(path))
+    # reference: the TTT state kept, everything else reset, at the same frame
+    pa, pb = opus_roundtrip(a), opus_roundtrip(b)
+    ref = offline(lm, mimi, [pa, pa[:0], pb])  # connection 2 (no audio) changes nothing
+    assert saved.keys() == restored.keys() == ref[2]["ttt"].keys()
+    # restored == saved after the first connection == offline state after ``a``, bit for bit
+    assert all(torch.equal(restored[k], ref[0]["ttt"][k]) for k in restored)
+    assert all(torch.equal(saved[k], ref[2]["ttt"][k]) for k in saved)  # after ``b``
+    pieces = [
+        p
+        for p in (tok.id_to_piece(x).replace("▁", " ") for x in ref[2]["tokens"] if x not in (0, 3))
+    ]
+    assert second["text"] == pieces and second["audio"] == ref[2]["audio"]
+    assert first["audio"] == ref[0]["audio"]
+    # without the memory (a fresh state), the answer to ``b`` differs
+    fresh = offline(lm, mimi, [pb])[0]
+    assert fresh["tokens"] != ref[2]["tokens"] or fresh["audio"] != ref[2]["audio"]
+
+
+def test_cli_serve_checks_flags_before_loading(capsys):
+    from moshi_ttt.cli import main
+
+    assert main(["serve", "--tiny", "--static", "none", "--max-sessions", "0"]) == 2
+    assert "--max-sessions must be >= 1" in capsys.readouterr().err
+    assert main(["serve", "--tiny", "--static", "/nonexistent-ui"]) == 2
