@@ -97,8 +97,10 @@ def load_model_from_args(
         ttt = TTTConfig()
     lm, info = load_base_lm("tiny" if args.tiny else args.base, device=device, dtype=dtype)
     if ttt is not None:
-        try:
-            apply_ttt(lm, ttt)
+        try:  # the new TTT weights from a fixed seed: the same command gives the same numbers
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(0)
+                apply_ttt(lm, ttt)
         except ValueError as e:
             raise ValueError(f"--ttt-config {args.ttt_config or '(default)'}: layers: {e}") from e
     return lm.eval(), info, device, dtype

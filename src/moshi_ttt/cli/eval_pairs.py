@@ -3,6 +3,8 @@
     moshi-ttt eval swuggy DATA/lexical --split dev --adapter runs/x/adapter --out eval/swuggy
     moshi-ttt eval sblimp DATA --base kyutai/moshiko-pytorch-bf16 --out eval/sblimp
     moshi-ttt eval storycloze DATA/sSC --tiny --out /tmp/sc --max-items 20
+    moshi-ttt eval sblimp DATA --text-fill greedy --score text+audio --out eval/sblimp_im
+    moshi-ttt eval sblimp DATA --protocol-sweep --out eval/sblimp_sweep
 
 ``add_pair_parsers(eval_subparsers)`` registers the three commands on ``moshi-ttt eval``.
 """
@@ -13,7 +15,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from ..eval.likelihood import FILLS, REDUCTIONS, STREAMS, TEXT_FILLS
+from ..eval.likelihood import FILLS, REDUCTIONS, SCORED, STREAMS, TEXT_FILLS
 from ..eval.pair_report import TITLES
 from ..eval.pairs import (
     PairSet,
@@ -82,10 +84,26 @@ def add_pair_parsers(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
             help="other audio stream: zero (-1) or Mimi-encoded silence",
         )
         p.add_argument(
+            "--text-fill",
             "--text",
+            dest="text",
             choices=TEXT_FILLS,
             default="zero",
-            help="text stream: zero (-1) or pad (PAD 3)",
+            help="text stream: zero (-1, default), pad (PAD 3 every frame) or greedy (the "
+            "model's own greedy text fed back causally: Inner Monologue)",
+        )
+        p.add_argument(
+            "--score",
+            choices=SCORED,
+            default="audio",
+            help="streams scored: audio (default) or text+audio (plus the log-likelihood of "
+            "the filled text; needs --text-fill pad or greedy)",
+        )
+        p.add_argument(
+            "--protocol-sweep",
+            action="store_true",
+            help="also score under every text fill x codebooks (0, all) x reduction x scored "
+            "streams and tabulate how far the accuracy moves (one forward per text fill)",
         )
         p.add_argument("--batch-size", type=int, default=16, help="files per forward")
         p.add_argument(
@@ -113,6 +131,7 @@ def run_pairs(args: argparse.Namespace) -> dict[str, Any]:
     if args.max_items is not None and args.max_items < 1:
         raise ValueError(f"--max-items must be positive, got {args.max_items}")
     parse_codebooks(args.codebooks, 64)  # syntax, before loading a large model
+    ScoringConfig(text=args.text, score=args.score)  # text+audio needs text: before loading
     pairs = _readers(args)[args.benchmark]().sample(args.max_items)
     if not pairs.pairs:
         raise ValueError(f"{pairs.source}: no complete pair ({len(pairs.problems)} unpaired)")
@@ -124,6 +143,7 @@ def run_pairs(args: argparse.Namespace) -> dict[str, Any]:
         other_stream=args.other_stream,
         text=args.text,
         codebooks=parse_codebooks(args.codebooks, stream_size(lm)),
+        score=args.score,
     )
     model = describe_model(lm, device, dtype)
     print(model)
@@ -138,6 +158,7 @@ def run_pairs(args: argparse.Namespace) -> dict[str, Any]:
         progress=not args.no_progress,
         model=model,
         setup={"command": command_line(args)},
+        sweep=args.protocol_sweep,
     )
     bad = [{"name": k, "reason": v} for k, v in data["bad_files"].items()]
     print_bad_files(bad, len(pairs.paths()), f"{args.out}/report.json")
@@ -150,4 +171,10 @@ def run_pairs(args: argparse.Namespace) -> dict[str, Any]:
         f"{args.benchmark}: accuracy {100 * data['accuracy']:.2f} % ({args.reduction}) over "
         f"{data['n_pairs']} pairs; {data['n_bad_files']} bad files; wrote {args.out}/report.md"
     )
+    if "sweep" in data:
+        sw = data["sweep"]
+        print(
+            f"protocol sweep: {len(sw['rows'])} protocols, accuracy spread (max - min) "
+            f"{100 * sw['spread']:.2f} points; max {sw['max']}; min {sw['min']}"
+        )
     return data

@@ -7,6 +7,9 @@ batched, right-padded teacher-forced forward under ``no_grad`` gives, per file a
 ``k``, ``sum_t log p(c_{k,t} | past)`` (nats) over the tokens that ``LMOutput.mask`` scores
 (not -1, not lost to the codebook's delay). The last ``delay`` frames are dropped per file, so a
 score does not depend on what else is in the batch (causal model, padding after the end).
+The text row holds -1 (fill ``zero``), PAD 3 (``pad``) or the model's own greedy text
+(``greedy``, Inner Monologue: ``greedy_text``, a first causal streaming pass); the text tokens'
+log-likelihood is computed too (``Score.text_ll``), for score ``text+audio``.
 
 A file that is missing, unreadable or shorter than one frame is never fatal: it is reported in
 the second result of ``score_audio`` with the reason.
@@ -32,8 +35,9 @@ TEXT_PAD = 3  # Moshi's text padding id
 ZERO = -1  # moshi's zero_token_id: zero embedding, never scored
 STREAMS = ("moshi", "user")
 FILLS = ("zero", "silence")
-TEXT_FILLS = ("zero", "pad")
+TEXT_FILLS = ("zero", "pad", "greedy")
 REDUCTIONS = ("mean", "sum")
+SCORED = ("audio", "text+audio")
 
 
 @dataclass(frozen=True)
@@ -45,23 +49,36 @@ class ScoringConfig:
       predicts that stream too (``dep_q == n_q``) can score.
     - ``other_stream``: ``"zero"`` (-1, the zero embedding) or ``"silence"`` (Mimi codes of
       digital silence as long as the audio).
-    - ``text``: ``"zero"`` (-1) or ``"pad"`` (text PAD 3 on every frame of the audio).
+    - ``text``: the text fill: ``"zero"`` (-1, no text token), ``"pad"`` (text PAD 3 on every
+      frame of the audio) or ``"greedy"`` (Inner Monologue: the model's own greedy text, fed
+      back causally frame by frame in a first streaming pass, ``greedy_text``).
     - ``codebooks``: the codebooks of the audio stream in the score (0 = semantic).
+    - ``score``: ``"audio"`` (the audio tokens of ``codebooks``) or ``"text+audio"`` (plus the
+      log-likelihood of the text tokens that fill the text stream: log p(audio, text), the
+      joint of the audio with that text; meaningless, so refused, with ``text="zero"``).
     """
 
     stream: str = "moshi"
     other_stream: str = "zero"
     text: str = "zero"
     codebooks: tuple[int, ...] = (0,)
+    score: str = "audio"
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
             ("stream", self.stream, STREAMS),
             ("other_stream", self.other_stream, FILLS),
             ("text", self.text, TEXT_FILLS),
+            ("score", self.score, SCORED),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.score == "text+audio" and self.text == "zero":
+            raise ValueError(
+                "score 'text+audio' needs text tokens to score, but text fill 'zero' puts none "
+                "(-1 is the zero embedding, never scored): use text fill 'pad' or 'greedy', or "
+                "score 'audio'"
+            )
         cbs = tuple(self.codebooks)
         if not cbs or any(not isinstance(k, int) or k < 0 for k in cbs) or len(set(cbs)) < len(cbs):
             raise ValueError(
@@ -71,6 +88,11 @@ class ScoringConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def forward_key(self) -> tuple[str, str, str]:
+        """What the forward pass depends on (stream, other stream, text fill): configs with the
+        same key share one pass (codebooks, score and reduction are read out of it)."""
+        return (self.stream, self.other_stream, self.text)
 
 
 def parse_codebooks(text: str, num_codebooks: int = 8) -> tuple[int, ...]:
@@ -101,20 +123,27 @@ def codebooks_label(codebooks: Sequence[int]) -> str:
 @dataclass(frozen=True, eq=False)
 class Score:
     """Log-likelihood of one file: ``ll[k]`` = sum of log p (nats) over the ``n[k]`` scored
-    tokens of codebook ``k`` of the audio stream (``[S]`` each); ``frames`` = T."""
+    tokens of codebook ``k`` of the audio stream (``[S]`` each); ``frames`` = T;
+    ``text_ll`` / ``text_n``: the same for the text tokens that filled the text stream (0 and
+    0 with text fill ``zero``); ``text``: those tokens (empty with ``zero``)."""
 
     frames: int
     ll: np.ndarray = field(repr=False)
     n: np.ndarray = field(repr=False)
+    text_ll: float = 0.0
+    text_n: int = 0
+    text: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), repr=False)
 
-    def total(self, codebooks: Sequence[int]) -> tuple[float, int]:
-        """(sum of log p, token count) over ``codebooks``."""
+    def total(self, codebooks: Sequence[int], text: bool = False) -> tuple[float, int]:
+        """(sum of log p, token count) over ``codebooks`` (and the text tokens if ``text``)."""
         idx = list(codebooks)
-        return float(self.ll[idx].sum()), int(self.n[idx].sum())
+        s, n = float(self.ll[idx].sum()), int(self.n[idx].sum())
+        return (s + self.text_ll, n + self.text_n) if text else (s, n)
 
-    def value(self, reduction: str, codebooks: Sequence[int]) -> float:
-        """``"sum"``: total log p; ``"mean"``: per scored token (NaN with no token)."""
-        s, n = self.total(codebooks)
+    def value(self, reduction: str, codebooks: Sequence[int], text: bool = False) -> float:
+        """``"sum"``: total log p; ``"mean"``: per scored token (NaN with no token); ``text``:
+        the text tokens count too (``score="text+audio"``)."""
+        s, n = self.total(codebooks, text)
         if reduction == "sum":
             return s
         if reduction == "mean":
@@ -211,13 +240,20 @@ class _Silence:
 
 # -- scoring ----------------------------------------------------------------------------------
 def build_codes(
-    lm: Any, items: Sequence[torch.Tensor], config: ScoringConfig, silence: Any = None
+    lm: Any,
+    items: Sequence[torch.Tensor],
+    config: ScoringConfig,
+    silence: Any = None,
+    texts: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``codes [B, 17, T_max]`` (int64, CPU) of items ``[S, T_i]``: the audio on the configured
-    stream, the other stream and the text filled per ``config``, -1 after each item's end."""
+    stream, the other stream and the text filled per ``config``, -1 after each item's end.
+    Text fill ``greedy`` needs ``texts`` (``[T_i]`` per item, from ``greedy_text``)."""
     size, off = stream_size(lm), int(lm.audio_offset)
     audio_row = off + (size if config.stream == "user" else 0)
     other_row = off + (0 if config.stream == "user" else size)
+    if config.text == "greedy" and (texts is None or len(texts) != len(items)):
+        raise ValueError("text fill 'greedy' needs the greedy text of every item (greedy_text)")
     codes = torch.full((len(items), int(lm.num_codebooks), max(x.shape[-1] for x in items)), ZERO)
     for i, x in enumerate(items):
         t = x.shape[-1]
@@ -226,18 +262,56 @@ def build_codes(
             codes[i, other_row : other_row + size, :t] = silence(t)
         if config.text == "pad":
             codes[i, 0, :t] = TEXT_PAD
+        elif config.text == "greedy":
+            codes[i, 0, :t] = texts[i][:t].long().cpu()
     return codes
+
+
+@torch.no_grad()
+def greedy_text(
+    lm: Any, items: Sequence[torch.Tensor], config: ScoringConfig, silence: Any = None
+) -> list[torch.Tensor]:
+    """Inner Monologue text of each item: ``[T_i]`` int64 on CPU, where frame ``t`` holds the
+    argmax of the model's text logits at ``t`` given the audio of frames < t (as placed by
+    ``config``) and its own greedy text of frames < t.
+
+    One causal streaming pass (``lm.streaming``, one frame per ``forward_text`` call, TTT
+    layers and KV caches fresh for the batch): the text predicted at a frame is fed back as the
+    text input of the next, exactly as in generation, where the audio is given here instead of
+    sampled. Equals ``t`` teacher-forced forwards over growing prefixes (a test checks it).
+    Needs a text delay of 0 (Moshi's)."""
+    from ..integration.streaming import delayed_inputs
+
+    if int(lm.delays[0]) != 0:
+        raise ValueError(f"text fill 'greedy' needs a text delay of 0, got {lm.delays[0]}")
+    base = ScoringConfig(config.stream, config.other_stream, "zero", config.codebooks)
+    codes = build_codes(lm, items, base, silence).to(lm.device)
+    B, _, T = codes.shape
+    inputs, _ = delayed_inputs(lm, codes)
+    text = torch.full((B, T), ZERO, dtype=torch.long, device=lm.device)
+    with lm.streaming(B):
+        for s in range(T):
+            column = inputs[:, :, s : s + 1].clone()
+            if s > 0:  # the text input of frame s is the text of frame s - 1 (delay 0)
+                column[:, 0, 0] = text[:, s - 1]
+            _, text_logits = lm.forward_text(column)
+            text[:, s] = text_logits[:, 0, -1].float().argmax(-1)
+    return [text[i, : x.shape[-1]].cpu() for i, x in enumerate(items)]
 
 
 @torch.no_grad()
 def loglik_batch(
     lm: Any, items: Sequence[torch.Tensor], config: ScoringConfig, silence: Any = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(ll [B, S], n [B, S])``: per item and codebook of the audio stream, the sum of
-    log p (nats, float64) and the count of the scored tokens, in one ``lm.forward``."""
+) -> dict[str, Any]:
+    """Per item of the batch, in one ``lm.forward`` (after ``greedy_text`` for that fill):
+    ``ll [B, S]`` / ``n [B, S]``: per codebook of the audio stream the sum of log p (nats,
+    float64) and the count of the scored tokens; ``text_ll [B]`` / ``text_n [B]``: the same for
+    the text tokens that fill the text stream (0 with fill ``zero``); ``texts``: those tokens
+    (``[T_i]`` each, empty with ``zero``)."""
     size, off = stream_size(lm), int(lm.audio_offset)
     first = size if config.stream == "user" else 0
-    codes = build_codes(lm, items, config, silence)
+    texts = greedy_text(lm, items, config, silence) if config.text == "greedy" else None
+    codes = build_codes(lm, items, config, silence, texts)
     out = lm(codes.to(lm.device))
     B, T = codes.shape[0], codes.shape[-1]
     lengths = torch.tensor([x.shape[-1] for x in items], device=lm.device)
@@ -252,7 +326,26 @@ def loglik_batch(
         logits.flatten(0, 2), torch.where(mask, target, 0).flatten(), reduction="none"
     ).view(B, size, T)
     ll = -(nll * mask).double().sum(-1)
-    return ll.cpu().numpy(), mask.sum(-1).cpu().numpy()
+    text_ll, text_n = np.zeros(B), np.zeros(B, dtype=np.int64)
+    if config.text != "zero":
+        tkeep = torch.arange(T, device=lm.device)[None] < (lengths - int(lm.delays[0]))[:, None]
+        tmask = out.text_mask[:, 0].bool() & tkeep  # [B, T]
+        ttarget = codes[:, 0].to(lm.device)
+        tlogits = torch.where(tmask[..., None], out.text_logits[:, 0].float(), 0.0)
+        tnll = F.cross_entropy(
+            tlogits.flatten(0, 1), torch.where(tmask, ttarget, 0).flatten(), reduction="none"
+        ).view(B, T)
+        text_ll = -(tnll * tmask).double().sum(-1).cpu().numpy()
+        text_n = tmask.sum(-1).cpu().numpy()
+    return {
+        "ll": ll.cpu().numpy(),
+        "n": mask.sum(-1).cpu().numpy(),
+        "text_ll": text_ll,
+        "text_n": text_n,
+        "texts": [codes[i, 0, : x.shape[-1]].clone() for i, x in enumerate(items)]
+        if config.text != "zero"
+        else [torch.zeros(0, dtype=torch.long)] * B,
+    }
 
 
 def score_audio(
@@ -289,9 +382,16 @@ def score_audio(
         bar = _progress(len(good), "score", progress)
         for start in range(0, len(good), max(1, batch_size)):
             chunk = good[start : start + max(1, batch_size)]
-            ll, n = loglik_batch(lm, [cache[p] for p in chunk], config, silence)
+            r = loglik_batch(lm, [cache[p] for p in chunk], config, silence)
             for i, path in enumerate(chunk):
-                scores[path] = Score(int(cache[path].shape[-1]), ll[i], n[i].astype(np.int64))
+                scores[path] = Score(
+                    int(cache[path].shape[-1]),
+                    r["ll"][i],
+                    r["n"][i].astype(np.int64),
+                    float(r["text_ll"][i]),
+                    int(r["text_n"][i]),
+                    r["texts"][i].numpy().astype(np.int64),
+                )
             bar.update(len(chunk))
         bar.close()
     return {p: scores[p] for p in keys if p in scores}, bad

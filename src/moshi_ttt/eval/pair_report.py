@@ -3,6 +3,10 @@
 ``evaluate_pairs`` (the library entry point of ``moshi-ttt eval sblimp | swuggy | storycloze``,
 whose shell is ``cli/eval_pairs.py``) writes ``OUT/report.md``, ``OUT/report.json``
 (``accuracy``: the headline), per-file ``OUT/scores.csv`` and the plots.
+
+``protocol_sweep`` (``--protocol-sweep``) scores the same pairs under every valid protocol of
+``protocol_grid`` (text fill x codebook set x reduction x scored streams): one forward pass per
+text fill, the rest read out of its per-file, per-codebook scores.
 """
 
 from __future__ import annotations
@@ -15,6 +19,10 @@ from typing import Any
 
 from .likelihood import (
     REDUCTIONS,
+    SCORED,
+    TEXT_FILLS,
+    TEXT_PAD,
+    CodeCache,
     Score,
     ScoringConfig,
     codebooks_label,
@@ -85,20 +93,24 @@ def evaluate_pairs(
     progress: bool = True,
     model: str = "",
     setup: dict[str, Any] | None = None,
+    sweep: bool = False,
 ) -> dict[str, Any]:
     """Score every file of ``pairs``, write the report to ``out_dir``, return its JSON data:
     ``accuracy`` (subset "all", ``reduction``), ``subsets`` (per subset: accuracy_mean,
     accuracy_sum, n_pairs, n_groups), ``alternatives`` (other codebook choices), bad files;
-    ``setup`` (e.g. the command that made it) is recorded as it is."""
+    ``setup`` (e.g. the command that made it) is recorded as it is. ``sweep``: also
+    ``protocol_sweep`` (report.json ``sweep``, a "Protocol sweep" section)."""
     config = config or ScoringConfig()
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     start = time.perf_counter()
-    scores, bad = score_audio(lm, mimi, pairs.paths(), config, batch_size, progress)
+    cache: CodeCache = {}
+    scores, bad = score_audio(lm, mimi, pairs.paths(), config, batch_size, progress, cache)
     wall = time.perf_counter() - start
+    text = config.score == "text+audio"
     tags = story_length_tags(pairs.pairs, scores) if pairs.name == "storycloze" else None
     acc = {
-        r: pair_accuracy(pairs.pairs, scores, r, config.codebooks, pairs.subsets, tags)
+        r: pair_accuracy(pairs.pairs, scores, r, config.codebooks, pairs.subsets, tags, text)
         for r in REDUCTIONS
     }
     subsets = {
@@ -119,9 +131,14 @@ def evaluate_pairs(
     for cbs in ((0,), tuple(range(size))):
         label = f"codebooks {codebooks_label(cbs)}"
         alternatives[label] = {
-            r: pair_accuracy(pairs.pairs, scores, r, cbs)["subsets"]["all"]["accuracy"]
+            r: pair_accuracy(pairs.pairs, scores, r, cbs, text=text)["subsets"]["all"]["accuracy"]
             for r in REDUCTIONS
         }
+    swept = None
+    if sweep:
+        swept = protocol_sweep(
+            pairs, lm, mimi, config, reduction, batch_size, progress, {config.text: scores}, cache
+        )
     report = Report(TITLES[pairs.name], out_dir)
     head = subsets["all"]
     report.data.update(
@@ -155,11 +172,133 @@ def evaluate_pairs(
         setup=dict(setup or {}),
         items=_items(pairs.pairs, acc),
     )
+    if config.text == "greedy":
+        report.data["greedy_text"] = greedy_text_stats(scores)
+    if swept is not None:
+        report.data["sweep"] = swept
     _write_text(report, pairs, config, reduction, subsets, alternatives, bad, model)
+    if swept is not None:
+        _write_sweep(report, swept, pairs.subsets)
     _plots(report, subsets, acc[reduction]["margins"], reduction)
     _write_scores(Path(out_dir) / "scores.csv", scores, config)
     report.write()
     return report.data
+
+
+def protocol_grid(
+    config: ScoringConfig, reduction: str, num_codebooks: int
+) -> list[dict[str, Any]]:
+    """The protocols of ``--protocol-sweep``: text fill (zero, pad, greedy) x codebook set
+    (0, all, and ``config.codebooks``) x reduction (mean, sum) x scored streams (audio,
+    text+audio), without text+audio under fill zero (no text token to score). The stream and
+    the other-stream fill are ``config``'s. ``reference`` marks the run's own protocol."""
+    sets = list(dict.fromkeys([(0,), tuple(range(num_codebooks)), tuple(config.codebooks)]))
+    own = (config.text, tuple(config.codebooks), reduction, config.score)
+    rows = []
+    for fill in TEXT_FILLS:
+        for scored in SCORED:
+            if scored == "text+audio" and fill == "zero":
+                continue
+            for cbs in sets:
+                for r in REDUCTIONS:
+                    rows.append(
+                        {
+                            "label": protocol_label(fill, cbs, r, scored),
+                            "text": fill,
+                            "codebooks": list(cbs),
+                            "reduction": r,
+                            "score": scored,
+                            "reference": (fill, cbs, r, scored) == own,
+                        }
+                    )
+    return rows
+
+
+def protocol_label(text: str, codebooks: Any, reduction: str, score: str) -> str:
+    """``"text zero, cb 0, mean, audio"``."""
+    return f"text {text}, cb {codebooks_label(codebooks)}, {reduction}, {score}"
+
+
+def protocol_sweep(
+    pairs: PairSet,
+    lm: Any,
+    mimi: Any,
+    config: ScoringConfig,
+    reduction: str = "mean",
+    batch_size: int = 16,
+    progress: bool = True,
+    scores_by_fill: dict[str, dict[str, Score]] | None = None,
+    cache: CodeCache | None = None,
+) -> dict[str, Any]:
+    """Accuracy of ``pairs`` under every protocol of ``protocol_grid``: one ``score_audio``
+    per text fill (those in ``scores_by_fill`` are reused; Mimi codes are shared through
+    ``cache``), every other choice read out of its scores.
+
+    Returns ``{"reference": label of the run's protocol, "stream", "other_stream", "rows":
+    [{label, text, codebooks, reduction, score, reference, accuracy, interval, delta (accuracy
+    - the reference's, fraction), subsets {name: accuracy}, n_pairs, dropped_pairs}], "spread"
+    (max - min accuracy of subset all over the rows), "spread_by_subset", "max", "min"
+    (labels), "wall_s" {fill: seconds}, "greedy_text" (``greedy_text_stats``)}``."""
+    scores_by_fill = dict(scores_by_fill or {})
+    cache = {} if cache is None else cache
+    wall: dict[str, float] = {}
+    for fill in TEXT_FILLS:
+        if fill not in scores_by_fill:
+            start = time.perf_counter()
+            fill_config = ScoringConfig(config.stream, config.other_stream, fill, config.codebooks)
+            scores_by_fill[fill], _ = score_audio(
+                lm, mimi, pairs.paths(), fill_config, batch_size, progress, cache
+            )
+            wall[fill] = time.perf_counter() - start
+    rows = protocol_grid(config, reduction, stream_size(lm))
+    for row in rows:
+        a = pair_accuracy(
+            pairs.pairs,
+            scores_by_fill[row["text"]],
+            row["reduction"],
+            row["codebooks"],
+            pairs.subsets,
+            text=row["score"] == "text+audio",
+        )
+        row.update(
+            accuracy=a["subsets"]["all"]["accuracy"],
+            interval=a["intervals"]["all"],
+            subsets={k: v["accuracy"] for k, v in a["subsets"].items()},
+            n_pairs=a["subsets"]["all"]["n_pairs"],
+            dropped_pairs=a["dropped_pairs"],
+        )
+    ref = next(r for r in rows if r["reference"])
+    for row in rows:
+        row["delta"] = row["accuracy"] - ref["accuracy"]
+    finite = [r for r in rows if math.isfinite(r["accuracy"])]
+    spread_by_subset = {}
+    for name in ref["subsets"]:
+        vals = [r["subsets"].get(name, math.nan) for r in rows]
+        vals = [v for v in vals if math.isfinite(v)]
+        spread_by_subset[name] = max(vals) - min(vals) if vals else math.nan
+    return {
+        "reference": ref["label"],
+        "stream": config.stream,
+        "other_stream": config.other_stream,
+        "rows": rows,
+        "spread": spread_by_subset.get("all", math.nan),
+        "spread_by_subset": spread_by_subset,
+        "max": max(finite, key=lambda r: r["accuracy"])["label"] if finite else None,
+        "min": min(finite, key=lambda r: r["accuracy"])["label"] if finite else None,
+        "wall_s": wall,
+        "greedy_text": greedy_text_stats(scores_by_fill["greedy"]),
+    }
+
+
+def greedy_text_stats(scores: dict[str, Score]) -> dict[str, Any]:
+    """What the greedy (Inner Monologue) text looks like: token count, share of PAD (3), the
+    number of distinct tokens."""
+    tokens = [t for s in scores.values() for t in s.text.tolist()]
+    return {
+        "tokens": len(tokens),
+        "pad_fraction": sum(t == TEXT_PAD for t in tokens) / len(tokens) if tokens else math.nan,
+        "distinct": len(set(tokens)),
+    }
 
 
 def story_length_tags(pairs: list[Pair], scores: dict[str, Score]) -> dict[str, tuple[str, ...]]:
@@ -213,8 +352,9 @@ def _write_text(
     ci = d["accuracy_interval"]
     report.add_text(
         f"**Accuracy: {_pct(d['accuracy'])} %** [95 % CI {_pct(ci['lo'])}, {_pct(ci['hi'])}; "
-        f"bootstrap over groups] (token {reduction}, chance 50 %, split "
-        f"{d['split'] or '-'}) over "
+        f"bootstrap over groups] (token {reduction}, codebooks "
+        f"{codebooks_label(config.codebooks)}, text fill {config.text}, scored {config.score}; "
+        f"chance 50 %, split {d['split'] or '-'}) over "
         f"{d['n_pairs']} pairs in {d['n_groups']} groups; tied pairs (count 0.5): "
         f"{d['n_ties'][reduction]}.\n\n"
         f"- data: `{pairs.source}`\n- {model or 'model: ?'}\n"
@@ -266,11 +406,60 @@ def _write_text(
             report.add_text(f"## Unpaired entries ({len(pairs.problems)})\n\n{shown}")
 
 
+def _write_sweep(report: Report, sweep: dict[str, Any], subsets: list[str]) -> None:
+    extra = [s for s in subsets if s != "all"] if len(subsets) <= 4 else []
+    report.add_text(
+        "## Protocol sweep (%)\n\n"
+        f"The same pairs under every protocol (stream {sweep['stream']}, other stream "
+        f"{sweep['other_stream']}): one forward pass per text fill. Δ = accuracy minus this "
+        f"run's protocol (**{sweep['reference']}**), in points. Spread (max - min, subset all): "
+        f"**{_pct(sweep['spread'])} points** (max: {sweep['max']}; min: {sweep['min']})."
+        + "".join(
+            f" Spread {name}: {_pct(sweep['spread_by_subset'].get(name, math.nan))} points."
+            for name in extra
+        )
+    )
+    rows = [
+        [
+            r["text"] + (" (this run)" if r["reference"] else ""),
+            codebooks_label(r["codebooks"]),
+            r["reduction"],
+            r["score"],
+            fmt_interval(r["interval"], 100),
+            "-" if not math.isfinite(r["delta"]) else f"{100 * r['delta']:+.2f}",
+            *(_pct(r["subsets"].get(name, math.nan)) for name in extra),
+            r["n_pairs"],
+        ]
+        for r in sweep["rows"]
+    ]
+    report.add_table(
+        ["text fill", "codebooks", "reduction", "scored", "accuracy [95 % CI]", "Δ", *extra]
+        + ["n pairs"],
+        rows,
+    )
+    g = sweep["greedy_text"]
+    report.add_text(
+        f"Greedy text (Inner Monologue): {g['tokens']} tokens, {_pct(g['pad_fraction'])} % PAD, "
+        f"{g['distinct']} distinct."
+    )
+
+
 def _protocol_text(pairs: PairSet, config: ScoringConfig, reduction: str) -> str:
     audio_rows = "9-16 (user)" if config.stream == "user" else "1-8 (Moshi)"
     other = "-1 (zero embedding)" if config.other_stream == "zero" else "Mimi codes of silence"
-    text = "-1 (zero embedding)" if config.text == "zero" else "PAD 3 on every frame"
+    text = {
+        "zero": "fill zero: -1 (zero embedding)",
+        "pad": "fill pad: PAD 3 on every frame",
+        "greedy": "fill greedy: the model's own greedy text (Inner Monologue), fed back "
+        "frame by frame in a first causal streaming pass",
+    }[config.text]
     cbs = codebooks_label(config.codebooks)
+    scored = (
+        f"the audio tokens of codebook(s) {cbs} (0 = semantic)"
+        if config.score == "audio"
+        else f"the text tokens that fill the text stream plus the audio tokens of codebook(s) "
+        f"{cbs} (score text+audio: log p(audio, text))"
+    )
     return f"""## Protocol
 
 - Audio: mono, resampled to 24 kHz (ZeroSpeech is 16 kHz), Mimi-encoded (12.5 Hz, 8 codebooks
@@ -279,7 +468,7 @@ def _protocol_text(pairs: PairSet, config: ScoringConfig, reduction: str) -> str
 - Input codes `[B, 17, T]`: audio on rows {audio_rows}; other stream: {other}; text: {text}.
   One teacher-forced `LMModel.forward` per batch (right-padded with -1; scores do not depend on
   the batch); TTT layers start from their initial state for every file.
-- Score: log-likelihood (nats) of the audio tokens of codebook(s) {cbs} (0 = semantic)
+- Score: log-likelihood (nats) of {scored}
   where `LMOutput.mask` scores them (acoustic codebooks lose their last frame to
   the 1-frame delay). **mean** = per scored token (headline: {reduction}), **sum** = total.
   Not the training loss (no ×100 codebook-0 weight).
@@ -331,8 +520,10 @@ def _plots(
 
 
 def _write_scores(path: Path, scores: dict[str, Score], config: ScoringConfig) -> None:
-    """One row per scored file: the chosen codebooks' sum / count / mean, then per codebook."""
+    """One row per scored file: the protocol's sum / count / mean (text tokens included under
+    score text+audio), then per codebook, then the text tokens' log p and count."""
     k = len(next(iter(scores.values())).ll) if scores else 0
+    text = config.score == "text+audio"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
@@ -344,18 +535,22 @@ def _write_scores(path: Path, scores: dict[str, Score], config: ScoringConfig) -
                 "ll_mean",
                 *(f"ll_cb{i}" for i in range(k)),
                 *(f"n_cb{i}" for i in range(k)),
+                "ll_text",
+                "n_text",
             ]
         )
         for p, s in scores.items():
-            total, n = s.total(config.codebooks)
+            total, n = s.total(config.codebooks, text)
             w.writerow(
                 [
                     p,
                     s.frames,
                     f"{total:.6f}",
                     n,
-                    f"{s.value('mean', config.codebooks):.6f}",
+                    f"{s.value('mean', config.codebooks, text):.6f}",
                     *(f"{v:.6f}" for v in s.ll),
                     *(int(v) for v in s.n),
+                    f"{s.text_ll:.6f}",
+                    s.text_n,
                 ]
             )

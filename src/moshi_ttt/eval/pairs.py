@@ -274,8 +274,10 @@ def pair_accuracy(
     codebooks: Sequence[int] = (0,),
     subsets: Sequence[str] | None = None,
     tags: dict[str, tuple[str, ...]] | None = None,
+    text: bool = False,
 ) -> dict[str, Any]:
-    """Accuracy per subset from per-file ``scores`` (``str(path) -> Score``).
+    """Accuracy per subset from per-file ``scores`` (``str(path) -> Score``) of ``codebooks``
+    (plus the text tokens where ``text``: score ``text+audio``), reduced by ``reduction``.
 
     A pair whose file has no score (bad file) or a non-finite value (no scored token) is
     dropped and counted. Returns ``{"subsets": {name: {"accuracy", "n_pairs", "n_groups"}},
@@ -296,7 +298,7 @@ def pair_accuracy(
         if sp is None or sn is None:
             dropped += 1
             continue
-        vp, vn = sp.value(reduction, codebooks), sn.value(reduction, codebooks)
+        vp, vn = sp.value(reduction, codebooks, text), sn.value(reduction, codebooks, text)
         if not (math.isfinite(vp) and math.isfinite(vn)):
             dropped += 1
             continue
