@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 
-from .ttt import KINDS, FastState, InnerLoss, apply_rope, ttt_dual, ttt_primal_step, weight_shapes
+from .ttt import KINDS, FastState, InnerLoss, ttt_dual, ttt_primal_step, weight_shapes
+from .ttt.rope import rope_rotation, rope_time_major
 
 DEFAULT_BASE_LR = {"linear": 1.0, "mlp": 0.1}
 INNER_WEIGHT_NAMES = {"linear": ("W1", "b1"), "mlp": ("W1", "b1", "W2", "b2")}
@@ -192,19 +193,19 @@ class TTTLayer(StreamingModule[TTTState]):
         H, d, n = self.num_heads, self.head_dim, self.mini_batch_size
         cdt = torch.float64 if torch.float64 in (x.dtype, self.W1.dtype) else torch.float32
 
-        def heads(t: torch.Tensor) -> torch.Tensor:  # [B, T, dim] -> [B, H, T, d]
-            return t.reshape(B, T, H, d).transpose(1, 2).to(cdt)
-
-        q, k, v = (heads(t) for t in self.qkv_proj(x).chunk(3, dim=-1))
+        qkv = self.qkv_proj(x)
         with torch.autocast(x.device.type, enabled=False):
-            xc = x.to(cdt)
+            qkv, xc = qkv.to(cdt), x.to(cdt)
             gate = torch.sigmoid(
                 F.linear(xc, self.lr_gate.weight.to(cdt), self.lr_gate.bias.to(cdt))
             )
             lr = (self.base_lr / d) * gate.transpose(1, 2)  # [B, H, T]
             positions = (state.pos.view(B, 1) + torch.arange(T, device=x.device)) % n
-            q = apply_rope(q, positions, self.rope_theta)
-            k = apply_rope(k, positions, self.rope_theta)
+            # RoPE on q and k at once, time-major (one complex multiply), then head views.
+            rot = rope_rotation(positions, d, cdt, self.rope_theta)
+            qk = rope_time_major(qkv[..., : 2 * self.dim].unflatten(-1, (2 * H, d)), rot)
+            q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # [B, H, T, d]
+            v = qkv[..., 2 * self.dim :].unflatten(-1, (H, d)).transpose(1, 2)
             args = (
                 self.inner_init_weights(cdt),
                 self.ttt_norm_weight.to(cdt),
@@ -214,7 +215,9 @@ class TTTLayer(StreamingModule[TTTState]):
             probe = self.probe is not None
             tok_bias = self.tok_bias.to(cdt)
             state = state.to(cdt)
-            if T > 1 and bool((state.pos == state.pos[0]).all()):
+            # Same position in every sequence? Known on the host for a fresh state and for the
+            # output of the parallel scan (no sync); read back only for a streaming state.
+            if T > 1 and (state.offset is not None or bool((state.pos == state.pos[0]).all())):
                 z, state, inner_loss = ttt_dual(
                     self.kind, q, k, v, lr, tok_bias, *args, state=state,
                     checkpoint_group_size=self.checkpoint_group_size, probe=probe,

@@ -26,7 +26,6 @@ from torch.utils.checkpoint import checkpoint
 from .inner import (
     FastState,
     InnerLoss,
-    augment,
     gelu,
     gelu_backward,
     inner_residual,
@@ -66,9 +65,11 @@ def _rows_at_token_weights(kind, x_aug, z_base, m1, W, acc, eta, tok, x2, Gs):
     return z2
 
 
-def _mini_batch(kind, n, W, acc, commit, tok, tok_last, lnw, shift, kq, lr, eta, m1, probe):
+def _mini_batch(kind, n, W, acc, commit, tok, tok_last, lnw, shift, kq, lr, lrt, klr, eta, m1,
+                probe):  # fmt: skip
     """One mini-batch on ``[BH, ...]`` tensors: kq ``[BH, 2n, d+1]`` (augmented keys then
-    queries), lr ``[BH, n, 1]``, eta/m1 ``[BH, n, n]``. Returns (zbar, W, acc, lprev, lafter).
+    queries), lr ``[BH, n, 1]``, lrt ``= lr * tok_n``, klr ``= (k~ * lrt)^T [BH, d+1, n]``,
+    eta/m1 ``[BH, n, n]``. Returns (zbar, W, acc, lprev, lafter).
     Without autograd the weights are updated in place (they are this scan's own tensors)."""
     zkq = kq @ W[0]
     k_aug, z1 = kq[:, :n], zkq[:, :n]
@@ -103,10 +104,14 @@ def _mini_batch(kind, n, W, acc, commit, tok, tok_last, lnw, shift, kq, lr, eta,
         new = [total(x, g) for x, g in sums(lr)]
         acc = tuple(new if acc is None else (a + s for a, s in zip(acc, new, strict=True)))
         return zbar, W, acc, lprev, lafter
-    # Commit: W <- W - tok_n * (A + sum_j lr_j x_j^T G_j).
+    # Commit: W <- W - tok_n * (A + sum_j lr_j x_j^T G_j); the keys' scale is precomputed.
     inplace = not torch.is_grad_enabled()
+    terms = [(klr, Gs[0])]
+    if kind == "mlp":
+        g2 = Gs[1] * lrt
+        terms += [(x2.transpose(-1, -2), g2), (None, g2)]
     new_W = []
-    for i, (x, g) in enumerate(sums(lr * tok_last)):
+    for i, (x, g) in enumerate(terms):
         w = W[i]
         if acc is not None:
             w = w.sub_(acc[i], alpha=tok_last) if inplace else w - tok_last * acc[i]
@@ -141,32 +146,47 @@ def ttt_dual(
     BH, n = B * H, mini_batch_size
     if state is None:
         state = FastState.zeros(kind, B, H, d, q.device, q.dtype)
-    pos = int(state.pos[0])
-    if bool((state.pos != pos).any()):
-        raise ValueError(
-            "ttt_dual needs every sequence at the same mini-batch position, "
-            f"got {state.pos.tolist()}"
-        )
+    pos = state.offset
+    if pos is None:  # not known on the host: read it back (a sync) and check it
+        pos = int(state.pos[0])
+        if bool((state.pos != pos).any()):
+            raise ValueError(
+                "ttt_dual needs every sequence at the same mini-batch position, "
+                f"got {state.pos.tolist()}"
+            )
     total = pos + T
     pad_right = (-total) % n
     nmb = (total + pad_right) // n
     commit_last = pad_right == 0
 
-    def mb_major(t: torch.Tensor) -> torch.Tensor:  # [B, H, T, c] -> [nmb, BH, n, c], padded
-        t = F.pad(t, (0, 0, pos, pad_right))
-        return t.reshape(BH, nmb, n, t.shape[-1]).transpose(0, 1).contiguous()
+    def mb_major(t: torch.Tensor) -> torch.Tensor:  # [B, H, T, c] -> view [nmb, B, H, n, c]
+        if pos or pad_right:  # padded tokens: zeros, and lr = 0 (they learn nothing)
+            t = F.pad(t, (0, 0, pos, pad_right))
+        return t.unflatten(2, (nmb, n)).permute(2, 0, 1, 3, 4)
 
-    q_, k_ = augment(mb_major(q)), augment(mb_major(k))
-    lr_ = mb_major(lr.unsqueeze(-1))  # padded tokens have lr = 0: they learn nothing
+    # One buffer of augmented keys then queries per mini-batch, [nmb, BH, 2n, d+1], written by
+    # two strided copies (no pad/contiguous/cat chain).
+    kq = q.new_empty(nmb, B, H, 2 * n, d + 1)
+    kq[..., d].fill_(1.0)
+    kq[..., :n, :d].copy_(mb_major(k))
+    kq[..., n:, :d].copy_(mb_major(q))
+    kq = kq.view(nmb, BH, 2 * n, d + 1)
+    k_, q_ = kq[:, :, :n], kq[:, :, n:]
+    lr_ = mb_major(lr.unsqueeze(-1)).reshape(nmb, BH, n, 1)
     lnw = ln_w.repeat(B, 1).view(BH, 1, d)
-    shift = ln_b.repeat(B, 1).view(BH, 1, d) - mb_major(v - k)  # LN(z) - target = lnw*zhat + shift
-    kq = torch.cat((k_, q_), dim=2)  # [nmb, BH, 2n, d+1]
+    # LN(z) - target = lnw * zhat + shift, with shift = ln_b - (v - k)
+    shift = q.new_empty(nmb, B, H, n, d)
+    shift.copy_(mb_major(k))
+    shift.sub_(mb_major(v)).add_(ln_b.view(1, 1, H, 1, d))
+    shift = shift.view(nmb, BH, n, d)
 
     tok_vec = token_lr_scale(tok_bias).to(q.dtype)
     tok, tok_last = tok_vec.view(n, 1), tok_vec[n - 1]
     tril = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
     eta = (tok * lr_.transpose(-1, -2)).masked_fill(~tril, 0.0)  # [nmb, BH, n, n]
     m1 = eta * (q_ @ k_.transpose(-1, -2))  # state-free: batched over all mini-batches
+    lrt = lr_ * tok_last
+    klr = (k_ * lrt).transpose(-1, -2)  # the keys as the commit uses them
 
     def flat(w: torch.Tensor) -> torch.Tensor:  # [B, H, ...] -> [BH, ...]
         return w.reshape((BH,) + w.shape[2:])
@@ -176,17 +196,15 @@ def ttt_dual(
 
     # Per-mini-batch views made by one unbind each: indexing t[i] in the loop would make every
     # backward step allocate and zero a gradient of the whole sequence (quadratic cost).
-    per_mb = list(zip(*(t.unbind(0) for t in (shift, kq, lr_, eta, m1)), strict=True))
+    per_mb = list(zip(*(t.unbind(0) for t in (shift, kq, lr_, lrt, klr, eta, m1)), strict=True))
 
     def run(start: int, stop: int, W: Weights, acc: Weights | None):
         zs, lps, las = [], [], []
         for i in range(start, stop):
             commit = i < nmb - 1 or commit_last
-            shift_i, kq_i, lr_i, eta_i, m1_i = per_mb[i]
             zbar, W, acc, lp, la = _mini_batch(
-                kind, n, W, acc, commit, tok, tok_last, lnw, shift_i, kq_i, lr_i, eta_i, m1_i,
-                probe,
-            )  # fmt: skip
+                kind, n, W, acc, commit, tok, tok_last, lnw, *per_mb[i], probe
+            )
             zs.append(zbar)
             lps.append(lp)
             las.append(la)
@@ -221,6 +239,7 @@ def ttt_dual(
         delta=tuple(unflat(w) - w0 for w, w0 in zip(W, init_weights, strict=True)),
         grad_sum=tuple(unflat(a) for a in acc) if acc is not None else state.zeros_like().grad_sum,
         pos=torch.full_like(state.pos, total % n),
+        offset=total % n,
     )
     inner_loss = None
     if probe:

@@ -71,14 +71,13 @@ def ln_l2_grad(
     z ``[..., D]``; ln_w and shift broadcastable to z. Returns ``(grad, residual)`` with
     ``residual = LN(z) - target`` (what the probe needs, for free).
     """
-    centered = z - z.mean(-1, keepdim=True)
-    rstd = torch.rsqrt((centered * centered).mean(-1, keepdim=True) + LN_EPS)
-    xhat = centered * rstd
+    shape = z.shape[-1:]
+    xhat, mean, rstd = torch.native_layer_norm(z, shape, None, None, LN_EPS)
     residual = torch.addcmul(shift, xhat, ln_w)
-    g = residual * ln_w
-    mean_g = g.mean(-1, keepdim=True)
-    mean_gx = (g * xhat).mean(-1, keepdim=True)
-    return (g - mean_g - xhat * mean_gx) * rstd, residual
+    grad = torch.ops.aten.native_layer_norm_backward(
+        residual * ln_w, z, shape, mean, rstd, None, None, (True, False, False)
+    )[0]  # LayerNorm's own fused backward: (g - mean(g) - xhat * mean(g * xhat)) * rstd
+    return grad, residual
 
 
 def f_res(kind: str, x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -118,11 +117,16 @@ class FastState:
     - ``grad_sum``: the sum over the tokens already seen in the current mini-batch of
       ``lr_j * grad l(W; j)`` (W = committed weights), same shapes. Zero at a mini-batch start.
     - ``pos``: ``[B]`` int64, tokens already seen in the current mini-batch (0 .. n-1).
+    - ``offset``: the same position as a Python int when it is known on the host and equal for
+      every sequence (a fresh state, the output of ``ttt_dual``), else None. The parallel scan
+      needs it as a shape: with it, it never reads ``pos`` back from the device (no host sync,
+      ``torch.compile(fullgraph=True)``). Writing ``pos`` in place makes it stale: don't.
     """
 
     delta: tuple[torch.Tensor, ...]
     grad_sum: tuple[torch.Tensor, ...]
     pos: torch.Tensor
+    offset: int | None = None
 
     @staticmethod
     def zeros(
@@ -139,6 +143,7 @@ class FastState:
             delta=tuple(mk),
             grad_sum=tuple(torch.zeros_like(t) for t in mk),
             pos=torch.zeros(batch_size, device=device, dtype=torch.long),
+            offset=0,
         )
 
     @property
@@ -151,6 +156,7 @@ class FastState:
             tuple(t.detach() for t in self.delta),
             tuple(t.detach() for t in self.grad_sum),
             self.pos.clone(),
+            self.offset,
         )
 
     def zeros_like(self) -> FastState:
@@ -159,6 +165,7 @@ class FastState:
             tuple(torch.zeros_like(t) for t in self.delta),
             tuple(torch.zeros_like(t) for t in self.grad_sum),
             torch.zeros_like(self.pos),
+            0,
         )
 
     def to(self, dtype: torch.dtype) -> FastState:
@@ -169,12 +176,14 @@ class FastState:
             tuple(t.to(dtype) for t in self.delta),
             tuple(t.to(dtype) for t in self.grad_sum),
             self.pos,
+            self.offset,
         )
 
     def copy_(self, other: FastState) -> None:
         """Write ``other`` into this state's tensors in place (keeps addresses: CUDA-graph safe)."""
         for dst, src in zip(self.tensors(), other.tensors(), strict=True):
             dst.copy_(src)
+        self.offset = other.offset
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (*self.delta, *self.grad_sum, self.pos)
@@ -189,6 +198,7 @@ class FastState:
             tuple(pick(a, b) for a, b in zip(self.delta, other.delta, strict=True)),
             tuple(pick(a, b) for a, b in zip(self.grad_sum, other.grad_sum, strict=True)),
             torch.where(keep, self.pos, other.pos),
+            self.offset if self.offset == other.offset else None,
         )
 
 

@@ -69,6 +69,7 @@ def ttt_primal_step(
         ),
         grad_sum=tuple(torch.where(keep, torch.zeros_like(a), a) for a in acc),
         pos=torch.where(commit, torch.zeros_like(state.pos), state.pos + 1),
+        offset=None if state.offset is None else (state.offset + 1) % mini_batch_size,
     )
     inner_loss = None
     if probe:

@@ -5,14 +5,35 @@ from __future__ import annotations
 import torch
 
 
+def rope_rotation(
+    positions: torch.Tensor, head_dim: int, dtype: torch.dtype, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` of the angles ``positions * theta^(-2j/d)`` (computed in float64):
+    positions ``[B, T]`` (integers) -> two ``[B, T, 1, d/2]`` tensors in ``dtype``."""
+    d = head_dim
+    freqs = theta ** (-torch.arange(0, d, 2, device=positions.device, dtype=torch.float64) / d)
+    angles = (positions.to(torch.float64).unsqueeze(-1) * freqs).unsqueeze(2)  # [B, T, 1, d/2]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rope_time_major(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate pairs ``(x[..., 2i], x[..., 2i+1])`` of x ``[B, T, G, d]`` (time before heads)
+    by ``rotation`` (from ``rope_rotation``). Eager: one complex multiply; compiled: the same
+    in real arithmetic (fused by the compiler). Contiguous output."""
+    cos, sin = rotation
+    if torch.compiler.is_compiling():
+        xr, xi = x[..., 0::2], x[..., 1::2]
+        return torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1).flatten(-2)
+    if x.stride(-1) != 1 or any(s % 2 for s in x.stride()[:-1]) or x.storage_offset() % 2:
+        x = x.contiguous()
+    xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2)
+
+
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
     """Rotate pairs ``(x[..., 2i], x[..., 2i+1])`` by ``positions * theta^(-2i/d)``.
 
     x ``[B, H, T, d]`` (d even); positions ``[B, T]`` (integers, any dtype). Same dtype out.
     """
-    d = x.shape[-1]
-    freqs = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float64) / d)
-    angles = (positions.to(torch.float64).unsqueeze(-1) * freqs).unsqueeze(1)  # [B, 1, T, d/2]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    xr, xi = x[..., 0::2], x[..., 1::2]
-    return torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1).flatten(-2)
+    rot = rope_rotation(positions, x.shape[-1], x.dtype, theta)
+    return rope_time_major(x.transpose(1, 2), rot).transpose(1, 2)
