@@ -2,11 +2,19 @@
 
     .venv/bin/python benchmarks/ttt_layer.py                  # dim 512, 8 heads, b 16, T 2048
     .venv/bin/python benchmarks/ttt_layer.py --kinds mlp --repeats 3
+    .venv/bin/python benchmarks/ttt_layer.py --stream-only     # in-place vs functional step
+    .venv/bin/python benchmarks/ttt_layer.py --compile inductor --seq 512   # compiled vs eager
 
 Columns: forward tokens/s (no autograd), forward+backward tokens/s with the default
 checkpointing (group of 4 mini-batches) and without, streaming ms/token at two positions (the
 prefix is fed in chunked mode first), and the peak resident memory added by one forward+backward
 at several lengths, each measured in a fresh process. Medians over ``--repeats``.
+``--stream-only``: only the streaming ms/token (median of a ``--stream-steps`` window), for the
+in-place step (``TTTLayer.inplace_streaming``, the default) and the functional step it replaced,
+the two interleaved, median over ``--repeats``.
+``--compile BACKEND``: only forward and forward+backward tokens/s of the chunked call
+``layer(x, state=s, return_state=True)``, eager vs ``torch.compile(fullgraph=True)`` (compile
+time reported; ``inductor`` needs a C++ compiler, ``aot_eager`` does not); interleaved repeats.
 """
 
 from __future__ import annotations
@@ -53,8 +61,9 @@ def throughput(args, kind: str) -> dict[str, float]:
     return out
 
 
-def streaming_ms(args, kind: str, position: int, steps: int = 50) -> float:
+def streaming_ms(args, kind: str, position: int, steps: int = 50, inplace: bool = True) -> float:
     layer = make(args, kind)
+    layer.inplace_streaming = inplace
     x = torch.randn(1, position + steps + 1, args.dim)
     with torch.no_grad(), layer.streaming(1):
         for start in range(0, position, 4096):  # chunked prefill with carried state
@@ -101,6 +110,76 @@ def peak_memory(args, kind: str, seq: int) -> float:
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
+def stream_table(args) -> None:
+    times = {}  # (kind, position, inplace) -> [ms]
+    for _ in range(args.repeats):
+        for kind in args.kinds:
+            for pos in args.positions:
+                for inplace in (False, True):
+                    ms = streaming_ms(args, kind, pos, args.stream_steps, inplace)
+                    times.setdefault((kind, pos, inplace), []).append(ms)
+    head = ["kind"] + [f"{v} ms/token @{p}" for p in args.positions for v in ("before", "after")]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for kind in args.kinds:
+        row = [kind] + [
+            f"{statistics.median(times[(kind, p, inplace)]):.3f}"
+            for p in args.positions
+            for inplace in (False, True)
+        ]
+        print("| " + " | ".join(row) + " |")
+
+
+def compile_table(args) -> None:
+    """Eager vs compiled, per kind and pass; a pass whose compilation fails is reported so."""
+    rows = []
+    for kind in args.kinds:
+        x = torch.randn(1, args.seq, args.dim)
+        for name, group in (("fwd", 4), ("fwd+bwd, no ckpt", 0), ("fwd+bwd, ckpt 4", 4)):
+            if args.compile_passes and name not in args.compile_passes:
+                continue
+            torch._dynamo.reset()
+            layer = make(args, kind, group)
+
+            def eager(x, s, layer=layer):
+                return layer(x, state=s, return_state=True)
+
+            def run(fn, layer=layer, x=x, grad=name != "fwd"):
+                with torch.set_grad_enabled(grad):
+                    y = fn(x, layer.initial_state(1))[0]
+                if grad:
+                    y.sum().backward()
+                    layer.zero_grad(set_to_none=True)
+
+            comp = torch.compile(eager, fullgraph=True, backend=args.compile)
+            t0 = time.perf_counter()
+            try:
+                run(comp)  # compiles
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                print(f"{kind} {name}: compile failed: {str(e).splitlines()[0][:200]}",
+                      file=sys.stderr)  # fmt: skip
+                rows.append([kind, name, "", "fails", "", ""])
+                continue
+            first = time.perf_counter() - t0
+            run(eager)
+            times = {"eager": [], "compiled": []}
+            for _ in range(args.repeats):
+                for v, fn in (("eager", eager), ("compiled", comp)):
+                    t0 = time.perf_counter()
+                    run(fn)
+                    times[v].append(time.perf_counter() - t0)
+            e, c = (statistics.median(times[v]) for v in ("eager", "compiled"))
+            rows.append([kind, name, f"{args.seq / e:,.0f}", f"{args.seq / c:,.0f}",
+                         f"x{e / c:.2f}", f"{first:.0f}"])  # fmt: skip
+            print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    head = ["kind", "pass", "eager tok/s", f"compiled ({args.compile}) tok/s", "speed-up",
+            "first call s"]  # fmt: skip
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--kinds", nargs="+", default=["mlp", "linear"])
@@ -111,6 +190,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--positions", type=int, nargs="+", default=[100, 10_000])
     p.add_argument("--memory-lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    p.add_argument("--stream-only", action="store_true")
+    p.add_argument("--compile", metavar="BACKEND")
+    p.add_argument("--compile-passes", nargs="+", help="subset of: fwd, 'fwd+bwd, no ckpt', ...")
+    p.add_argument("--stream-steps", type=int, default=200)
     p.add_argument("--memory-child", nargs=2, metavar=("KIND", "SEQ"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
@@ -122,6 +205,12 @@ def main() -> None:
         f" float32, torch {torch.__version__}, {torch.get_num_threads()} threads",
         flush=True,
     )
+    if args.compile:
+        compile_table(args)
+        return
+    if args.stream_only:
+        stream_table(args)
+        return
     head = ["kind", f"fwd tok/s (T={args.seq})", "fwd+bwd tok/s, ckpt 4", "fwd+bwd tok/s, no ckpt"]
     head += [f"stream ms/token @{p}" for p in args.positions]
     head += [f"peak MiB fwd+bwd T={t}" for t in args.memory_lengths]

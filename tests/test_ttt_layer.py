@@ -87,6 +87,26 @@ def test_exec_mask_freezes_an_element():
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_streaming_step_writes_the_state_in_place(kind):
+    """One-token streaming steps allocate no new fast-weight tensor (same storage each step) and
+    give the same outputs as the functional step (``inplace_streaming = False``)."""
+    layer = make_layer(kind)
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    ref = []
+    with torch.no_grad(), layer.streaming(2):
+        state = layer._streaming_state.fast
+        ptrs = [t.data_ptr() for t in state.tensors()]
+        outs = []
+        for t in range(11):
+            outs.append(layer(x[:, t : t + 1]))
+            assert layer._streaming_state.fast is state
+            assert [t.data_ptr() for t in state.tensors()] == ptrs
+    layer.inplace_streaming = False
+    ref = stream(layer, x, [1] * 11)
+    torch.testing.assert_close(torch.cat(outs, 1), ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_gradcheck(kind):
     layer = make_layer(kind, dim=8, heads=2, n=3)
     names = [n for n, _ in layer.named_parameters()]
@@ -221,3 +241,9 @@ def test_chunked_layer_compiles_fullgraph(kind):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     for a, b in zip(g, g_ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # Without autograd (in-place weight commits), carried state included.
+    with torch.no_grad():
+        comp = torch.compile(eager, fullgraph=True, backend="aot_eager")
+        y1, s1 = comp(x[:, :5], layer.initial_state(2))
+        y2, _ = comp(x[:, 5:], s1)
+        torch.testing.assert_close(torch.cat((y1, y2), 1), y_ref, atol=1e-5, rtol=1e-5)

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from moshi_ttt.ttt import FastState, ttt_dual, ttt_naive, ttt_primal_step, weight_shapes
+from moshi_ttt.ttt import (
+    FastState,
+    ttt_dual,
+    ttt_naive,
+    ttt_primal_step,
+    ttt_primal_step_,
+    weight_shapes,
+)
 from moshi_ttt.ttt.inner import gelu, gelu_backward, head_view, layer_norm, ln_l2_grad
 
 KINDS = ["linear", "mlp"]
@@ -67,6 +74,44 @@ def test_primal_steps_match_definition(kind):
         lafter.append(p.lafter)
     torch.testing.assert_close(torch.cat(zs, 2), z_ref, atol=1e-12, rtol=0)
     torch.testing.assert_close(torch.cat(lafter, 2), p_ref.lafter, atol=1e-12, rtol=0)
+    assert_states_close(state, s_ref)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inplace_primal_steps_match_definition_without_allocating_weights(kind):
+    """The in-place streaming step: same outputs, probe and state as the definition, and the
+    state's tensors are the same storage after every step (no new fast-weight tensor)."""
+    inp = make_inputs(kind, T=13)
+    z_ref, s_ref, p_ref = call(ttt_naive, kind, inp, 4)
+    state = FastState.zeros(kind, 2, 3, 8, dtype=F64)
+    ptrs = [t.data_ptr() for t in state.tensors()]
+    zs, lafter, lprev = [], [], []
+    for t in range(13):
+        z, p = call(ttt_primal_step_, kind, inp, 4, slice(t, t + 1), state=state, probe=True)
+        assert [t.data_ptr() for t in state.tensors()] == ptrs
+        zs.append(z)
+        lafter.append(p.lafter)
+        lprev.append(p.lprev)
+    torch.testing.assert_close(torch.cat(zs, 2), z_ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.cat(lafter, 2), p_ref.lafter, atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.cat(lprev, 2), p_ref.lprev, atol=1e-12, rtol=0)
+    assert_states_close(state, s_ref)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cuts", [[], [2], [3, 37], [1, 66, 69]])
+def test_forward_only_dual_matches_definition(kind, cuts):
+    """Without autograd the dual form commits the weights in place: 70 tokens = 18 mini-batches
+    of 4, in chunks that start and end inside mini-batches (carried ``grad_sum``)."""
+    T = 70
+    inp = make_inputs(kind, T=T)
+    z_ref, s_ref, _ = call(ttt_naive, kind, inp, 4)
+    state, zs = None, []
+    with torch.no_grad():
+        for a, b in zip([0, *cuts], [*cuts, T], strict=True):
+            z, state, _ = call(ttt_dual, kind, inp, 4, slice(a, b), state=state)
+            zs.append(z)
+    torch.testing.assert_close(torch.cat(zs, 2), z_ref, atol=1e-12, rtol=0)
     assert_states_close(state, s_ref)
 
 

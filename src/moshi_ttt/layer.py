@@ -28,7 +28,15 @@ import torch.nn.functional as F
 from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 
-from .ttt import KINDS, FastState, InnerLoss, ttt_dual, ttt_primal_step, weight_shapes
+from .ttt import (
+    KINDS,
+    FastState,
+    InnerLoss,
+    ttt_dual,
+    ttt_primal_step,
+    ttt_primal_step_,
+    weight_shapes,
+)
 from .ttt.rope import rope_rotation, rope_time_major
 
 DEFAULT_BASE_LR = {"linear": 1.0, "mlp": 0.1}
@@ -58,7 +66,13 @@ class TTTLayer(StreamingModule[TTTState]):
         checkpoint_group_size: mini-batches per activation-checkpointing group when training
             (0 disables).
         rope_theta: RoPE base for q/k positions inside the mini-batch.
+
+    ``inplace_streaming`` (default True): token-by-token streaming without autograd advances the
+    streaming state in place (``ttt_primal_step_``: no full-size tensor per token); False selects
+    the functional step followed by a copy (the previous path, kept for comparisons).
     """
+
+    inplace_streaming: bool = True
 
     def __init__(
         self,
@@ -179,16 +193,26 @@ class TTTLayer(StreamingModule[TTTState]):
         if state.batch_size != B:
             raise ValueError(f"TTT state is for batch size {state.batch_size}, input has {B}")
 
-        z, new_state, inner_loss = self._scan(x, state)
+        # Streaming, no autograd, no state handed out: the state is advanced in place.
+        inplace = (
+            stream is not None
+            and self.inplace_streaming
+            and not return_state
+            and not torch.is_grad_enabled()
+        )
+        z, new_state, inner_loss = self._scan(x, state, stream.exec_mask if inplace else None)
         out = self.o_proj(z.to(x.dtype))
-        if stream is not None:
+        if stream is not None and new_state is not stream.fast:
             stream.fast.copy_(new_state.select(stream.exec_mask, stream.fast))
         if self.probe is not None and inner_loss is not None:
             self.probe.record(self, inner_loss)
         return (out, new_state) if return_state else out
 
-    def _scan(self, x: torch.Tensor, state: FastState):
-        """Projections, inner lr, RoPE, the scan and the post-norm; returns z ``[B, T, dim]``."""
+    def _scan(self, x: torch.Tensor, state: FastState, exec_mask: torch.Tensor | None = None):
+        """Projections, inner lr, RoPE, the scan and the post-norm; returns z ``[B, T, dim]``.
+
+        ``exec_mask`` given: ``state`` is the streaming state, to be advanced in place where the
+        token-by-token path runs (the returned state is then ``state`` itself)."""
         B, T, _ = x.shape
         H, d, n = self.num_heads, self.head_dim, self.mini_batch_size
         cdt = torch.float64 if torch.float64 in (x.dtype, self.W1.dtype) else torch.float32
@@ -214,7 +238,9 @@ class TTTLayer(StreamingModule[TTTState]):
             )
             probe = self.probe is not None
             tok_bias = self.tok_bias.to(cdt)
+            live = state
             state = state.to(cdt)
+            inplace = exec_mask is not None and state is live
             # Same position in every sequence? Known on the host for a fresh state and for the
             # output of the parallel scan (no sync); read back only for a streaming state.
             if T > 1 and (state.offset is not None or bool((state.pos == state.pos[0]).all())):
@@ -226,10 +252,15 @@ class TTTLayer(StreamingModule[TTTState]):
                 zs, losses = [], []
                 for t in range(T):
                     sl = slice(t, t + 1)
-                    z_t, state, loss_t = ttt_primal_step(
-                        self.kind, q[:, :, sl], k[:, :, sl], v[:, :, sl], lr[:, :, sl], tok_bias,
-                        *args, state=state, probe=probe,
-                    )  # fmt: skip
+                    qkvl = (q[:, :, sl], k[:, :, sl], v[:, :, sl], lr[:, :, sl], tok_bias)
+                    if inplace:
+                        z_t, loss_t = ttt_primal_step_(
+                            self.kind, *qkvl, *args, state=state, exec_mask=exec_mask, probe=probe
+                        )
+                    else:
+                        z_t, state, loss_t = ttt_primal_step(
+                            self.kind, *qkvl, *args, state=state, probe=probe
+                        )
                     zs.append(z_t)
                     losses.append(loss_t)
                 z = torch.cat(zs, dim=2)

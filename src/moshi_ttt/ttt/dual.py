@@ -107,18 +107,14 @@ def _mini_batch(kind, n, W, acc, commit, tok, tok_last, lnw, shift, kq, lr, lrt,
     # Commit: W <- W - tok_n * (A + sum_j lr_j x_j^T G_j); the keys' scale is precomputed.
     inplace = not torch.is_grad_enabled()
     terms = [(klr, Gs[0])]
-    if kind == "mlp":
-        g2 = Gs[1] * lrt
-        terms += [(x2.transpose(-1, -2), g2), (None, g2)]
+    if kind == "mlp":  # the bias row: sum_j lrt_j g2_j = lrt^T g2, one product
+        terms += [(x2.transpose(-1, -2), Gs[1] * lrt), (lrt.transpose(-1, -2), Gs[1])]
     new_W = []
     for i, (x, g) in enumerate(terms):
         w = W[i]
         if acc is not None:
-            w = w.sub_(acc[i], alpha=tok_last) if inplace else w - tok_last * acc[i]
-        if x is None:
-            w = w.sub_(g.sum(1, keepdim=True)) if inplace else w - g.sum(1, keepdim=True)
-        else:
-            w = w.baddbmm_(x, g, alpha=-1) if inplace else torch.baddbmm(w, x, g, alpha=-1)
+            w = w.sub_(tok_last * acc[i]) if inplace else w - tok_last * acc[i]  # (alpha: no sync)
+        w = w.baddbmm_(x, g, alpha=-1) if inplace else torch.baddbmm(w, x, g, alpha=-1)
         new_W.append(w)
     return zbar, tuple(new_W), None, lprev, lafter
 
@@ -196,7 +192,13 @@ def ttt_dual(
 
     # Per-mini-batch views made by one unbind each: indexing t[i] in the loop would make every
     # backward step allocate and zero a gradient of the whole sequence (quadratic cost).
-    per_mb = list(zip(*(t.unbind(0) for t in (shift, kq, lr_, lrt, klr, eta, m1)), strict=True))
+    # Compiled, the views are taken one by one: the inductor partitioner cannot save the
+    # (multi-output) unbind node for a checkpointed group's recomputation.
+    per_mb_src = (shift, kq, lr_, lrt, klr, eta, m1)
+    if torch.compiler.is_compiling():
+        per_mb = [tuple(t[i] for t in per_mb_src) for i in range(nmb)]
+    else:
+        per_mb = list(zip(*(t.unbind(0) for t in per_mb_src), strict=True))
 
     def run(start: int, stop: int, W: Weights, acc: Weights | None):
         zs, lps, las = [], [], []

@@ -72,6 +72,7 @@ def ln_l2_grad(
     ``residual = LN(z) - target`` (what the probe needs, for free).
     """
     shape = z.shape[-1:]
+    z = z.contiguous()  # once: both kernels below would copy a strided z each
     xhat, mean, rstd = torch.native_layer_norm(z, shape, None, None, LN_EPS)
     residual = torch.addcmul(shift, xhat, ln_w)
     grad = torch.ops.aten.native_layer_norm_backward(
