@@ -6,25 +6,12 @@ import numpy as np
 import pytest
 import sphn
 import torch
-from moshi.utils.compile import no_compile
 
 from moshi_ttt.checkpoints.adapter import save_adapter
 from moshi_ttt.checkpoints.loading import build_tiny_mimi, load_base_lm, load_codec
 from moshi_ttt.cli import main
 from moshi_ttt.generate import generate, read_wav, resample
 from moshi_ttt.integration import TTTConfig, apply_ttt
-
-
-@pytest.fixture(autouse=True)
-def _eager_one_thread():
-    """Eager (moshi compiles lazily); one thread (2 OpenMP threads stall on a busy 2-core VM)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with no_compile():
-            yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -33,17 +33,6 @@ from moshi_ttt.train.toy_data import write_toy_dataset
 TTT = {"layers": "1", "kind": "linear", "mini_batch_size": 4}
 
 
-@pytest.fixture(autouse=True)
-def _eager_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with no_compile():
-            yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def one_error(capsys, *names: str) -> str:
     """The stderr of a refused command: one line, no traceback, naming ``names``."""
     err = capsys.readouterr().err.strip()
