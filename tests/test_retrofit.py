@@ -204,3 +204,20 @@ def test_trainer_advises_a_shorter_window_for_a_frozen_retrofit(tmp_path, shards
     assert retrofit_advice(shorter, lm) is None
     scratch = TrainConfig.from_dict(cfg_dict(tmp_path, shards, model={"train_base": True}))
     assert retrofit_advice(scratch, lm) is None
+
+
+def test_embeddings_input_with_activation_checkpointing_gives_the_same_gradients():
+    from moshi_ttt.train.parallel import apply_activation_checkpointing
+
+    grads = []
+    for checkpointing in (False, True):
+        lm = hybrid(input="embeddings", placement="after_ffn")
+        lm.train()
+        if checkpointing:
+            apply_activation_checkpointing(lm)
+        lm(random_codes(lm, 2, 16)).text_logits.nan_to_num().square().mean().backward()
+        named = [(n, p.grad) for n, p in lm.named_parameters() if ".ttt." in n]
+        assert all(g is not None for _, g in named)
+        grads.append(torch.cat([g.flatten() for _, g in named]))
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6)
