@@ -14,6 +14,7 @@ import pytest
 import torch
 from moshi.utils.compile import no_compile
 from safetensors.torch import load_file, save_file
+from test_adapters import codes, outputs  # noqa: E402  (tests/ is on sys.path)
 
 from moshi_ttt.checkpoints.adapter import load_adapter
 from moshi_ttt.checkpoints.export import export_run
@@ -86,19 +87,6 @@ def base_export(tmp_path_factory, base_run) -> Path:
     return export_run(base_run, tmp_path_factory.mktemp("exports") / "base")
 
 
-def codes(lm, T: int = 12) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    c = torch.randint(0, lm.card, (2, lm.num_codebooks, T), generator=g)
-    c[:, 0] = torch.randint(0, lm.text_card, (2, T), generator=g)
-    return c
-
-
-@torch.no_grad()
-def outputs(lm, c: torch.Tensor) -> torch.Tensor:
-    out = lm(c)
-    return torch.cat([out.logits.nan_to_num().flatten(), out.text_logits.flatten()])
-
-
 def base_weights(lm) -> dict[str, torch.Tensor]:
     """Every weight outside the TTT branches, by name."""
     ttt = {f"{n}.{k}" for n, m in ttt_modules(lm) for k in m.state_dict()}
@@ -109,7 +97,7 @@ def base_weights(lm) -> dict[str, torch.Tensor]:
 def test_train_base_run_exports_to_the_same_model(base_run, base_export):
     run_lm, _ = load_trained_model(base_run)
     lm, info = load_base_lm(base_export, dtype=F32)
-    c = codes(lm)
+    c = codes(lm, T=12)
     torch.testing.assert_close(outputs(lm, c), outputs(run_lm, c), rtol=0, atol=1e-6)
     config = json.loads((base_export / "config.json").read_text())
     entry = config["moshi_ttt"]
@@ -134,7 +122,7 @@ def test_ttt_lora_run_exports_with_its_layers_and_merged_lora(adapter_run, tmp_p
     assert entry["lora_merged"] == {"rank": 4, "scaling": 2.0}
     lm, _ = load_base_lm(out, dtype=F32)
     assert lm.ttt_layers == [1] and not lora_modules(lm)
-    c = codes(lm)
+    c = codes(lm, T=12)
     torch.testing.assert_close(outputs(lm, c), outputs(run_lm, c), rtol=0, atol=1e-5)
 
 
@@ -156,7 +144,7 @@ def test_new_run_on_the_export_or_the_run_keeps_the_base_frozen(
         want = base_export if name == "on_export" else base_run / "checkpoints" / "step_000002"
         assert base == str(want.resolve())
         again, _ = load_adapter(ckpt, dtype=F32)
-        c = codes(lm)
+        c = codes(lm, T=12)
         torch.testing.assert_close(outputs(again, c), outputs(lm, c), rtol=0, atol=1e-6)
 
 
@@ -179,7 +167,7 @@ def test_run_on_a_ttt_export_trains_its_layers_and_exports_again(adapter_run, sh
     assert entry["base"] == str(first.resolve()) and entry["codec"] == "tiny:0"
     assert entry["lora_merged"] == {"rank": 2, "scaling": 2.0}
     lm, info = load_base_lm(second, dtype=F32)
-    c = codes(lm)
+    c = codes(lm, T=12)
     torch.testing.assert_close(outputs(lm, c), outputs(run_lm, c), rtol=0, atol=1e-5)
     assert load_codec(lm, info)[0] is not None  # tiny codec through two exports
 
@@ -190,7 +178,7 @@ def test_base_argument_takes_a_run_directory(adapter_run):
     lm, info, _, _ = load_model_from_args(args)
     run_lm, _ = load_trained_model(adapter_run)
     assert info is None and lm.ttt_layers == [1] and not lora_modules(lm)  # LoRA merged
-    c = codes(lm)
+    c = codes(lm, T=12)
     torch.testing.assert_close(outputs(lm, c), outputs(run_lm, c), rtol=0, atol=1e-5)
     assert lm.moshi_ttt_codec == "tiny:0"
 

@@ -257,13 +257,7 @@ class ChatServer:
                 try:
                     s.out.put_nowait(out)
                 except asyncio.QueueFull:
-                    self.counters["not_reading"] += 1
-                    self._fail(
-                        s,
-                        f"client is not reading: {s.out.qsize()} frames unsent",
-                        CLOSE_POLICY,
-                        abort=True,
-                    )
+                    self._not_reading(s, f"{s.out.qsize()} frames unsent")
             if any(s is not None and s.ready and s.frames for s in self.rows):
                 self._wake.set()
 
@@ -294,6 +288,11 @@ class ChatServer:
         return web.json_response({"session": self.store.issue()})
 
     # -- a conversation ------------------------------------------------------------------------
+    def _not_reading(self, s: Session, why: str) -> None:
+        """Cut ``s`` (no close handshake): its client stopped reading what we send."""
+        self.counters["not_reading"] += 1
+        self._fail(s, f"client is not reading: {why}", CLOSE_POLICY, abort=True)
+
     def _fail(
         self, s: Session, reason: str, code: int, bad: bool = True, abort: bool = False
     ) -> None:
@@ -518,13 +517,7 @@ class ChatServer:
                     piece = token_text(self.tokenizer, out.text_token)
                     await asyncio.wait_for(s.ws.send_bytes(b"\x02" + piece.encode()), timeout)
             except asyncio.TimeoutError:
-                self.counters["not_reading"] += 1
-                self._fail(
-                    s,
-                    f"client is not reading: a send blocked {timeout:g} s",
-                    CLOSE_POLICY,
-                    abort=True,
-                )
+                self._not_reading(s, f"a send blocked {timeout:g} s")
                 return
             except (ConnectionResetError, aiohttp.ClientConnectionResetError, RuntimeError) as e:
                 self._fail(s, f"connection lost while sending: {e}", CLOSE_POLICY, bad=False)
