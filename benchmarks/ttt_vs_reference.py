@@ -146,6 +146,17 @@ def main() -> None:
                     m(x, position_ids=pos).sum().backward()
 
             runs[kind, mode, "ours"], runs[kind, mode, "ref"] = f_ours, f_ref
+            if mode == "fwd":  # the dense projections alone (the same GEMMs in both)
+
+                def p_ours(m=ours):
+                    with torch.no_grad():
+                        m.o_proj(m.qkv_proj(x)[..., : args.dim])
+
+                def p_ref(m=theirs):
+                    with torch.no_grad():
+                        m.q_proj(x), m.k_proj(x), m.o_proj(m.v_proj(x))
+
+                runs[kind, "proj", "ours"], runs[kind, "proj", "ref"] = p_ours, p_ref
     for fn in runs.values():  # warm-up
         fn()
     times = {key: [] for key in runs}
@@ -157,6 +168,7 @@ def main() -> None:
             times[key].append(time.perf_counter() - t0)
 
     label = {"fwd": "fwd", "fwdbwd": "fwd+bwd, no ckpt", "fwdbwd_ckpt4": "fwd+bwd, ckpt 4"}
+    med = {key: statistics.median(t) for key, t in times.items()}
     print("| kind | pass | reference tok/s | ours tok/s | ours / reference | max rel. diff |")
     print("|---|---|---|---|---|---|")
     for kind in args.kinds:
@@ -166,6 +178,20 @@ def main() -> None:
             print(
                 f"| {kind} | {label[mode]} | {args.seq / t_ref:,.0f} | {args.seq / t_ours:,.0f} |"
                 f" x{t_ref / t_ours:.2f} | {agree[kind]:.1e} |"
+            )
+    if "fwd" in args.modes:
+        print(
+            "\nForward split (medians): the q/k/v/o projections, timed alone in the same rounds,"
+            " and the rest of the layer (forward minus projections)."
+        )
+        print("| kind | projections ref / ours ms | rest ref / ours ms | rest: ours / reference |")
+        print("|---|---|---|---|")
+        for kind in args.kinds:
+            p_ref, p_ours = med[kind, "proj", "ref"], med[kind, "proj", "ours"]
+            r_ref, r_ours = med[kind, "fwd", "ref"] - p_ref, med[kind, "fwd", "ours"] - p_ours
+            print(
+                f"| {kind} | {p_ref * 1e3:.1f} / {p_ours * 1e3:.1f} |"
+                f" {r_ref * 1e3:.1f} / {r_ours * 1e3:.1f} | x{r_ref / r_ours:.2f} |"
             )
 
 

@@ -247,3 +247,25 @@ def test_chunked_layer_compiles_fullgraph(kind):
         y1, s1 = comp(x[:, :5], layer.initial_state(2))
         y2, _ = comp(x[:, 5:], s1)
         torch.testing.assert_close(torch.cat((y1, y2), 1), y_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_scan_ab_script_runs_against_a_revision():
+    """``benchmarks/ttt_ab.py`` (the A/B timing of ``ttt_dual`` against a git revision) loads
+    HEAD's scan, checks it agrees with the working tree's and prints one row per kind and pass;
+    an unknown revision is one clear line, exit 1."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("needs a git checkout")
+    script = [sys.executable, str(root / "benchmarks/ttt_ab.py")]
+    small = ["--seq", "40", "--dim", "16", "--heads", "2", "--rounds", "1"]
+    proc = subprocess.run([*script, "--rev", "HEAD", *small], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| linear", "| mlp"))]
+    assert len(rows) == 4 and all(row.split("|")[-2].strip().startswith("x") for row in rows)
+    bad = subprocess.run([*script, "--rev", "no-such-rev", *small], capture_output=True, text=True)
+    assert bad.returncode == 1 and "no-such-rev" in bad.stderr and "Traceback" not in bad.stderr

@@ -39,8 +39,14 @@ Weights = tuple[torch.Tensor, ...]
 
 
 def _split(w: Weights) -> Weights:
-    """Bias-folded weights -> the loop's layout: ``(W1~,)`` or ``(W1~, W2, b2)`` (views)."""
-    return w if len(w) == 1 else (w[0], w[1][:, :-1], w[1][:, -1:])
+    """Bias-folded weights -> the loop's layout: ``(W1~,)`` or ``(W1~, W2, b2)``. Without
+    autograd W2 and b2 are contiguous copies (the scan updates them in place, and an in-place
+    ``baddbmm_`` into a strided view falls back to one product per head on CPU: 3-4 % of a
+    TTT-MLP forward); with autograd, views."""
+    if len(w) == 1:
+        return w
+    W2, b2 = w[1][:, :-1], w[1][:, -1:]
+    return (w[0], W2, b2) if torch.is_grad_enabled() else (w[0], W2.contiguous(), b2.contiguous())
 
 
 def _join(w: Weights) -> Weights:
@@ -107,14 +113,18 @@ def _mini_batch(kind, n, W, acc, commit, tok, tok_last, lnw, shift, kq, lr, lrt,
     # Commit: W <- W - tok_n * (A + sum_j lr_j x_j^T G_j); the keys' scale is precomputed.
     inplace = not torch.is_grad_enabled()
     terms = [(klr, Gs[0])]
-    if kind == "mlp":  # the bias row: sum_j lrt_j g2_j = lrt^T g2, one product
-        terms += [(x2.transpose(-1, -2), Gs[1] * lrt), (lrt.transpose(-1, -2), Gs[1])]
+    if kind == "mlp":  # the bias row: sum_j lrt_j g2_j
+        g2 = Gs[1] * lrt
+        terms += [(x2.transpose(-1, -2), g2), (None, g2)]
     new_W = []
     for i, (x, g) in enumerate(terms):
         w = W[i]
         if acc is not None:
             w = w.sub_(tok_last * acc[i]) if inplace else w - tok_last * acc[i]  # (alpha: no sync)
-        w = w.baddbmm_(x, g, alpha=-1) if inplace else torch.baddbmm(w, x, g, alpha=-1)
+        if x is None:
+            w = w.sub_(g.sum(1, keepdim=True)) if inplace else w - g.sum(1, keepdim=True)
+        else:
+            w = w.baddbmm_(x, g, alpha=-1) if inplace else torch.baddbmm(w, x, g, alpha=-1)
         new_W.append(w)
     return zbar, tuple(new_W), None, lprev, lafter
 
