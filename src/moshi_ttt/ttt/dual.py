@@ -95,9 +95,11 @@ def _mini_batch(kind, n, W, acc, commit, tok, tok_last, lnw, shift, kq, lr, lrt,
         z_after = _rows_at_token_weights(kind, k_aug, z1, m1k, W, acc, eta, tok, x2, Gs)
         lafter = mse(torch.addcmul(shift, F.layer_norm(z_after, z_after.shape[-1:], eps=1e-6), lnw))
 
-    # This mini-batch's lr-weighted gradient sums, per tensor of W: sum_j lr_j x_j^T G_j.
-    def sums(scale: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out = [(k_aug.transpose(-1, -2), Gs[0] * scale)]
+    # This mini-batch's scaled gradient sums, per tensor of W, as (x^T, s * G) pairs whose
+    # product is sum_j s_j x_j^T G_j (x = None: the bias row of W2, sum_j s_j G2_j). ``w1``: the
+    # pair for W1~ (the commit passes its precomputed scaled keys).
+    def sums(scale: torch.Tensor, w1: tuple | None = None) -> list[tuple]:
+        out = [w1 or (k_aug.transpose(-1, -2), Gs[0] * scale)]
         if kind == "mlp":
             g2 = Gs[1] * scale
             out += [(x2.transpose(-1, -2), g2), (None, g2)]
@@ -112,12 +114,8 @@ def _mini_batch(kind, n, W, acc, commit, tok, tok_last, lnw, shift, kq, lr, lrt,
         return zbar, W, acc, lprev, lafter
     # Commit: W <- W - tok_n * (A + sum_j lr_j x_j^T G_j); the keys' scale is precomputed.
     inplace = not torch.is_grad_enabled()
-    terms = [(klr, Gs[0])]
-    if kind == "mlp":  # the bias row: sum_j lrt_j g2_j
-        g2 = Gs[1] * lrt
-        terms += [(x2.transpose(-1, -2), g2), (None, g2)]
     new_W = []
-    for i, (x, g) in enumerate(terms):
+    for i, (x, g) in enumerate(sums(lrt, (klr, Gs[0]))):
         w = W[i]
         if acc is not None:
             w = w.sub_(tok_last * acc[i]) if inplace else w - tok_last * acc[i]  # (alpha: no sync)
