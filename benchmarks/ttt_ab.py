@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import statistics
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import torch
 import moshi_ttt.layer as layer_module
 from moshi_ttt import TTTLayer
 from moshi_ttt.ttt import dual as dual_new
+from moshi_ttt.ttt.rope import rope_rotation, rope_time_major
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +52,29 @@ def load_revision(rev: str):
     return module
 
 
+def with_rope(ttt_dual):
+    """A revision's ``ttt_dual`` as the layer calls it now: one from before the scan took
+    ``rope_theta`` gets q and k rotated first (q and k at once, as the layer then did)."""
+    if "rope_theta" in inspect.signature(ttt_dual).parameters:
+        return ttt_dual
+
+    def call(kind, q, k, v, *args, rope_theta=None, state=None, **kwargs):
+        if rope_theta is not None:
+            B, H, T, d = q.shape
+            n = args[-1]  # mini_batch_size
+            pos = state.offset if state is not None and state.offset is not None else 0
+            positions = ((pos + torch.arange(T)) % n).expand(B, T)
+            if k.data_ptr() == q.data_ptr() + H * d * q.element_size():  # the layer's qkv
+                qk = q.as_strided((B, T, 2 * H, d), (q.stride(0), q.stride(2), q.stride(1), 1))
+            else:
+                qk = torch.stack((q, k), 2).transpose(1, 3).flatten(2, 3)  # [B, T, 2H, d]
+            qk = rope_time_major(qk, rope_rotation(positions, d, q.dtype, rope_theta))
+            q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
+        return ttt_dual(kind, q, k, v, *args, state=state, **kwargs)
+
+    return call
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rev", default="HEAD", help="git revision to compare against")
@@ -62,7 +87,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     old = load_revision(args.rev)
-    impls = {"rev": old.ttt_dual, "tree": dual_new.ttt_dual}
+    impls = {"rev": with_rope(old.ttt_dual), "tree": dual_new.ttt_dual}
     x = torch.randn(1, args.seq, args.dim, generator=torch.Generator().manual_seed(0))
     print(
         f"# ttt_dual at {args.rev} (rev) vs the working tree (tree): dim {args.dim}, "

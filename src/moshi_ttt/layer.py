@@ -224,12 +224,7 @@ class TTTLayer(StreamingModule[TTTState]):
                 F.linear(xc, self.lr_gate.weight.to(cdt), self.lr_gate.bias.to(cdt))
             )
             lr = (self.base_lr / d) * gate.transpose(1, 2)  # [B, H, T]
-            positions = (state.pos.view(B, 1) + torch.arange(T, device=x.device)) % n
-            # RoPE on q and k at once, time-major (one complex multiply), then head views.
-            rot = rope_rotation(positions, d, cdt, self.rope_theta)
-            qk = rope_time_major(qkv[..., : 2 * self.dim].unflatten(-1, (2 * H, d)), rot)
-            q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)  # [B, H, T, d]
-            v = qkv[..., 2 * self.dim :].unflatten(-1, (H, d)).transpose(1, 2)
+            q, k, v = qkv.unflatten(-1, (3, H, d)).permute(2, 0, 3, 1, 4)  # [B, H, T, d] each
             args = (
                 self.inner_init_weights(cdt),
                 self.ttt_norm_weight.to(cdt),
@@ -247,8 +242,14 @@ class TTTLayer(StreamingModule[TTTState]):
                 z, state, inner_loss = ttt_dual(
                     self.kind, q, k, v, lr, tok_bias, *args, state=state,
                     checkpoint_group_size=self.checkpoint_group_size, probe=probe,
+                    rope_theta=self.rope_theta,  # RoPE written straight into the scan's buffer
                 )  # fmt: skip
             else:  # one token, or sequences at different mini-batch positions: token by token
+                # RoPE on q and k at once, time-major (one complex multiply), then head views.
+                positions = (state.pos.view(B, 1) + torch.arange(T, device=x.device)) % n
+                rot = rope_rotation(positions, d, cdt, self.rope_theta)
+                qk = rope_time_major(qkv[..., : 2 * self.dim].unflatten(-1, (2 * H, d)), rot)
+                q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
                 zs, losses = [], []
                 for t in range(T):
                     sl = slice(t, t + 1)

@@ -29,11 +29,12 @@ from .inner import (
     gelu,
     gelu_backward,
     inner_residual,
-    layer_norm,
     ln_l2_grad,
     mse,
+    normalize_rows,
     token_lr_scale,
 )
+from .rope import mini_batch_rotation, rope_into
 
 Weights = tuple[torch.Tensor, ...]
 
@@ -54,18 +55,19 @@ def _join(w: Weights) -> Weights:
     return w if len(w) == 1 else (w[0], torch.cat((w[1], w[2]), dim=1))
 
 
-def _rows_at_token_weights(kind, x_aug, z_base, m1, W, acc, eta, tok, x2, Gs):
+def _rows_at_token_weights(kind, x_aug, m1, W, acc, eta, tok, x2, Gs):
     """``f_res(x_i; W_i)`` for the rows of one mini-batch, in dual form. x_aug ``[BH, n, d+1]``;
-    z_base ``= x_aug @ W1~``; m1 ``= eta * (x_aug @ k~^T)``; x2: the keys' hidden activations
-    (MLP); acc: carried gradient sums or None. Weights in the loop layout (``_split``)."""
-    z = torch.baddbmm(z_base, m1, Gs[0], alpha=-1)
+    m1 ``= eta * (x_aug @ k~^T)``; x2: the keys' hidden activations (MLP); acc: carried gradient
+    sums or None. Weights in the loop layout (``_split``). Each product's base is a fresh tensor,
+    so the correction is added in place (no copy)."""
+    z = torch.bmm(x_aug, W[0]).baddbmm_(m1, Gs[0], alpha=-1)
     if acc is not None:
         z = z - tok * (x_aug @ acc[0])
     if kind == "linear":
         return z
     h = gelu(z)
     m2 = eta * torch.baddbmm(eta.new_ones(()), h, x2.transpose(-1, -2))
-    z2 = torch.baddbmm(torch.baddbmm(W[2], h, W[1]), m2, Gs[1], alpha=-1)
+    z2 = torch.baddbmm(W[2], h, W[1]).baddbmm_(m2, Gs[1], alpha=-1)
     if acc is not None:
         z2 = z2 - tok * torch.baddbmm(acc[2], h, acc[1])
     return z2
@@ -75,24 +77,25 @@ def _mini_batch(kind, n, W, acc, commit, tok, tok_last, lnw, shift, kq, lr, lrt,
                 probe):  # fmt: skip
     """One mini-batch on ``[BH, ...]`` tensors: kq ``[BH, 2n, d+1]`` (augmented keys then
     queries), lr ``[BH, n, 1]``, lrt ``= lr * tok_n``, klr ``= (k~ * lrt)^T [BH, d+1, n]``,
-    eta/m1 ``[BH, n, n]``. Returns (zbar, W, acc, lprev, lafter).
+    eta/m1 ``[BH, n, n]``. Without ``probe``, lnw and shift come premultiplied (``ln_l2_grad``
+    with ``scaled``). Returns (zbar, W, acc, lprev, lafter).
     Without autograd the weights are updated in place (they are this scan's own tensors)."""
-    zkq = kq @ W[0]
-    k_aug, z1 = kq[:, :n], zkq[:, :n]
+    k_aug, q_aug = kq[:, :n], kq[:, n:]
+    z1 = torch.bmm(k_aug, W[0])  # keys and queries apart: a slice of one product would be copied
     x2 = None
     if kind == "linear":
-        g1, residual = ln_l2_grad(z1, lnw, shift)
+        g1, residual = ln_l2_grad(z1, lnw, shift, scaled=not probe)
         Gs = (g1,)
     else:  # forward at W, then the hand-derived backward
         x2 = gelu(z1)
-        g2, residual = ln_l2_grad(torch.baddbmm(W[2], x2, W[1]), lnw, shift)
+        g2, residual = ln_l2_grad(torch.baddbmm(W[2], x2, W[1]), lnw, shift, scaled=not probe)
         Gs = (gelu_backward(g2 @ W[1].transpose(-1, -2), z1), g2)
-    zbar = _rows_at_token_weights(kind, kq[:, n:], zkq[:, n:], m1, W, acc, eta, tok, x2, Gs)
+    zbar = _rows_at_token_weights(kind, q_aug, m1, W, acc, eta, tok, x2, Gs)
     lprev = lafter = None
     if probe:
         lprev = mse(residual)
         m1k = eta * (k_aug @ k_aug.transpose(-1, -2))
-        z_after = _rows_at_token_weights(kind, k_aug, z1, m1k, W, acc, eta, tok, x2, Gs)
+        z_after = _rows_at_token_weights(kind, k_aug, m1k, W, acc, eta, tok, x2, Gs)
         lafter = mse(torch.addcmul(shift, F.layer_norm(z_after, z_after.shape[-1:], eps=1e-6), lnw))
 
     # This mini-batch's scaled gradient sums, per tensor of W, as (x^T, s * G) pairs whose
@@ -141,11 +144,14 @@ def ttt_dual(
     state: FastState | None = None,
     checkpoint_group_size: int = 0,
     probe: bool = False,
+    rope_theta: float | None = None,
 ) -> tuple[torch.Tensor, FastState, InnerLoss | None]:
     """Parallel scan. q, k, v ``[B, H, T, d]``; lr ``[B, H, T]``; tok_bias ``[n]``; init_weights
     ``[H, ...]`` (bias-folded). ``state.pos`` must be the same for every sequence. Returns
     ``z [B, H, T, d]`` (``q + LN(f_res(q; W_t))``), the final state and, if ``probe``, the inner
-    losses ``[B, H, T]``."""
+    losses ``[B, H, T]``. ``rope_theta``: q and k come unrotated and the scan applies RoPE by
+    position inside the mini-batch itself (written straight into its buffer; the same as passing
+    ``apply_rope(x, (pos + t) % n, rope_theta)``; q in z is then the rotated q)."""
     B, H, T, d = q.shape
     BH, n = B * H, mini_batch_size
     if state is None:
@@ -168,26 +174,42 @@ def ttt_dual(
             t = F.pad(t, (0, 0, pos, pad_right))
         return t.unflatten(2, (nmb, n)).permute(2, 0, 1, 3, 4)
 
-    # One buffer of augmented keys then queries per mini-batch, [nmb, BH, 2n, d+1], written by
-    # two strided copies (no pad/contiguous/cat chain).
-    kq = q.new_empty(nmb, B, H, 2 * n, d + 1)
+    # One buffer of augmented keys then queries per mini-batch, [nmb, BH, 2n, d+2]: columns d
+    # (ones: the bias) and d+1 (zeros, matched by a zero row of W1~: rows an even number of
+    # floats, so that RoPE writes its complex pairs straight in). Strided writes, no cat chain.
+    A = d + 2
+    kq = q.new_empty(nmb, B, H, 2 * n, A)
     kq[..., d].fill_(1.0)
-    kq[..., :n, :d].copy_(mb_major(k))
-    kq[..., n:, :d].copy_(mb_major(q))
-    kq = kq.view(nmb, BH, 2 * n, d + 1)
+    kq[..., d + 1].fill_(0.0)
+    if rope_theta is None:
+        kq[..., :n, :d].copy_(mb_major(k))
+        kq[..., n:, :d].copy_(mb_major(q))
+    else:  # row r of a mini-batch sits at position r inside it
+        rot = mini_batch_rotation(n, d, q.dtype, q.device, rope_theta).view(n, d // 2)
+        rope_into(kq[..., :n, :d], mb_major(k), rot)
+        rope_into(kq[..., n:, :d], mb_major(q), rot)
+    q_rot = kq[..., n:, :d].permute(1, 0, 3, 2, 4)  # [B, nmb, n, H, d]: the output's residual
+    k_rot = kq[..., :n, :d]
+    kq = kq.view(nmb, BH, 2 * n, A)
     k_, q_ = kq[:, :, :n], kq[:, :, n:]
-    lr_ = mb_major(lr.unsqueeze(-1)).reshape(nmb, BH, n, 1)
+    # contiguous: products derived from it (eta, m1) must be too, or the in-place baddbmm_ in
+    # the loop falls back to one addmm_ per head
+    lr_ = mb_major(lr.unsqueeze(-1)).reshape(nmb, BH, n, 1).contiguous()
     lnw = ln_w.repeat(B, 1).view(BH, 1, d)
-    # LN(z) - target = lnw * zhat + shift, with shift = ln_b - (v - k)
-    shift = q.new_empty(nmb, B, H, n, d)
-    shift.copy_(mb_major(k))
-    shift.sub_(mb_major(v)).add_(ln_b.view(1, 1, H, 1, d))
+    # LN(z) - target = lnw * zhat + shift, with shift = ln_b - (v - k); without the probe the
+    # loop takes both premultiplied by lnw (``ln_l2_grad(scaled=True)``: one op fewer per step)
+    shift = k_rot - mb_major(v)  # the layout of the first operand: mini-batch major
+    if probe:
+        shift = shift.add_(ln_b.view(1, 1, H, 1, d))
+    else:
+        w5 = ln_w.view(1, 1, H, 1, d)
+        shift, lnw = torch.addcmul(ln_b.view(1, 1, H, 1, d) * w5, shift, w5), lnw * lnw
     shift = shift.view(nmb, BH, n, d)
 
     tok_vec = token_lr_scale(tok_bias).to(q.dtype)
     tok, tok_last = tok_vec.view(n, 1), tok_vec[n - 1]
-    tril = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-    eta = (tok * lr_.transpose(-1, -2)).masked_fill(~tril, 0.0)  # [nmb, BH, n, n]
+    tok_tril = torch.ones(n, n, dtype=q.dtype, device=q.device).tril_().mul_(tok)
+    eta = tok_tril * lr_.transpose(-1, -2)  # [nmb, BH, n, n], zero above the diagonal
     m1 = eta * (q_ @ k_.transpose(-1, -2))  # state-free: batched over all mini-batches
     lrt = lr_ * tok_last
     klr = (k_ * lrt).transpose(-1, -2)  # the keys as the commit uses them
@@ -195,8 +217,11 @@ def ttt_dual(
     def flat(w: torch.Tensor) -> torch.Tensor:  # [B, H, ...] -> [BH, ...]
         return w.reshape((BH,) + w.shape[2:])
 
-    W = _split(tuple(flat(w0 + dw) for w0, dw in zip(init_weights, state.delta, strict=True)))
-    acc = _split(tuple(flat(a) for a in state.grad_sum)) if pos > 0 else None
+    def to_loop(ws: Weights) -> Weights:  # [B, H, ...] -> [BH, ...], W1~ with its zero row
+        return _split((F.pad(flat(ws[0]), (0, 0, 0, 1)),) + tuple(flat(w) for w in ws[1:]))
+
+    W = to_loop(tuple(w0 + dw for w0, dw in zip(init_weights, state.delta, strict=True)))
+    acc = to_loop(state.grad_sum) if pos > 0 else None
 
     # Per-mini-batch views made by one unbind each: indexing t[i] in the loop would make every
     # backward step allocate and zero a gradient of the whole sequence (quadratic cost).
@@ -239,12 +264,20 @@ def ttt_dual(
         t = torch.stack(ts, 1).view((B, H, nmb * n) + ts[0].shape[2:])
         return t[:, :, pos : pos + T]
 
-    z = q + layer_norm(seq_major(zs), ln_w, ln_b)
+    # z = q + LN(zbar), formed time-major ([B, T, H, d]: what the layer reads next, and the
+    # layout where the per-head LayerNorm is one fast row normalisation), returned as a view.
+    zbar = torch.stack([t.view(B, H, n, d).transpose(1, 2) for t in zs], 1)  # [B, nmb, n, H, d]
+    z = torch.addcmul(ln_b, normalize_rows(zbar), ln_w).add_(q_rot)  # zhat's layout: time major
+    z = z.view(B, nmb * n, H, d)[:, pos : pos + T].transpose(1, 2)
 
     def unflat(w: torch.Tensor) -> torch.Tensor:
         return w.view((B, H) + w.shape[1:])
 
-    W, acc = _join(W), _join(acc) if acc is not None else None
+    def from_loop(ws: Weights) -> Weights:  # inverse of to_loop (drops W1~'s zero row)
+        ws = _join(ws)
+        return (ws[0][:, : d + 1],) + ws[1:]
+
+    W, acc = from_loop(W), from_loop(acc) if acc is not None else None
     new_state = FastState(
         delta=tuple(unflat(w) - w0 for w, w0 in zip(W, init_weights, strict=True)),
         grad_sum=tuple(unflat(a) for a in acc) if acc is not None else state.zeros_like().grad_sum,
@@ -253,6 +286,7 @@ def ttt_dual(
     )
     inner_loss = None
     if probe:
+        k = k_rot.permute(1, 2, 0, 3, 4).reshape(B, H, nmb * n, d)[:, :, pos : pos + T]
         l0 = mse(inner_residual(kind, k, v - k, init_weights, ln_w, ln_b))
         inner_loss = InnerLoss(l0=l0, lprev=seq_major(lps), lafter=seq_major(las))
     return z, new_state, inner_loss
