@@ -10,13 +10,22 @@ import torch
 
 from moshi_ttt.ttt import (
     FastState,
+    apply_rope,
     ttt_dual,
     ttt_naive,
     ttt_primal_step,
     ttt_primal_step_,
     weight_shapes,
 )
-from moshi_ttt.ttt.inner import gelu, gelu_backward, head_view, layer_norm, ln_l2_grad
+from moshi_ttt.ttt.inner import (
+    gelu,
+    gelu_backward,
+    head_view,
+    layer_norm,
+    ln_l2_grad,
+    normalize_rows,
+)
+from moshi_ttt.ttt.rope import mini_batch_rotation, rope_into
 
 KINDS = ["linear", "mlp"]
 F64 = torch.float64
@@ -166,6 +175,81 @@ def test_ln_l2_grad_matches_autograd():
     got, residual = ln_l2_grad(z.detach(), head_view(ln_w, 4), head_view(ln_b, 4) - tgt)
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(residual, layer_norm(z, ln_w, ln_b) - tgt)
+
+
+def test_ln_l2_grad_scaled_form_matches():
+    """``scaled``: ln_w and shift premultiplied (ln_w**2, ln_w * shift) give the same gradient."""
+    z = torch.randn(2, 3, 5, 8, dtype=F64)
+    ln_w, shift = head_view(torch.randn(3, 8, dtype=F64), 4), torch.randn(2, 3, 5, 8, dtype=F64)
+    ref, _ = ln_l2_grad(z, ln_w, shift)
+    got, residual = ln_l2_grad(z, ln_w * ln_w, ln_w * shift, scaled=True)
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    assert residual is None
+
+
+def test_normalize_rows_is_layer_norm():
+    x = torch.randn(3, 7, 5, 64, dtype=F64) * 3 + 1
+    ref = torch.nn.functional.layer_norm(x, (64,), eps=1e-6)
+    torch.testing.assert_close(normalize_rows(x), ref, atol=1e-12, rtol=0)
+    xr = x.requires_grad_()
+    w = torch.randn_like(x)
+    (g,) = torch.autograd.grad((normalize_rows(xr) * w).sum(), xr)
+    (g_ref,) = torch.autograd.grad(
+        (torch.nn.functional.layer_norm(xr, (64,), eps=1e-6) * w).sum(), xr
+    )
+    torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_rope_into_buffer_matches_apply_rope(grad):
+    """RoPE written into a strided buffer (rows d+2 wide) == ``apply_rope`` by position."""
+    B, H, T, n, d = 2, 3, 8, 4, 6
+    x = torch.randn(B, H, T, d, dtype=F64, requires_grad=grad)
+    buf = torch.zeros(B, H, T // n, n, d + 2, dtype=F64)  # [.., mini-batch, row, d+2]
+    rot = mini_batch_rotation(n, d, F64)
+    with torch.set_grad_enabled(grad):
+        rope_into(buf[..., :d], x.unflatten(2, (T // n, n)), rot)
+    ref = apply_rope(x, torch.arange(T).remainder(n).expand(B, T))
+    torch.testing.assert_close(buf[..., :d].flatten(2, 3), ref, atol=1e-12, rtol=0)
+    assert buf[..., d:].abs().max() == 0  # the columns past d untouched
+    if grad:
+        w = torch.randn_like(ref)
+        (g,) = torch.autograd.grad((buf[..., :d].flatten(2, 3) * w).sum(), x)
+        (g_ref,) = torch.autograd.grad((ref * w).sum(), x)
+        torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("grad", [False, True])
+def test_dual_with_rope_theta_equals_rotating_first(kind, grad):
+    """``rope_theta``: the scan rotates q and k by (pos + t) % n itself, also for a state that
+    arrives inside a mini-batch and with the probe on."""
+    inp = make_inputs(kind, T=11, requires_grad=grad)
+    n, theta = 4, 500.0
+    with torch.set_grad_enabled(grad):
+        _, s, _ = call(ttt_dual, kind, inp, n, slice(0, 3))  # 3 tokens: ends inside a mini-batch
+        outs = {}
+        for rope in (False, True):
+            q, k = inp["q"][:, :, 3:], inp["k"][:, :, 3:]
+            if not rope:
+                pos = (3 + torch.arange(8)).remainder(n).expand(2, 8)
+                q, k = apply_rope(q, pos, theta), apply_rope(k, pos, theta)
+            outs[rope] = ttt_dual(
+                kind, q, k, inp["v"][:, :, 3:], inp["lr"][:, :, 3:], inp["tok_bias"],
+                inp["init_weights"], inp["ln_w"], inp["ln_b"], n, state=s, probe=True,
+                rope_theta=theta if rope else None,
+            )  # fmt: skip
+    (z0, s0, p0), (z1, s1, p1) = outs[False], outs[True]
+    torch.testing.assert_close(z1, z0, atol=1e-12, rtol=0)
+    assert_states_close(s1, s0)
+    for name in ("l0", "lprev", "lafter"):
+        torch.testing.assert_close(getattr(p1, name), getattr(p0, name), atol=1e-12, rtol=0)
+    if grad:
+        leaves = [inp["q"], inp["k"], inp["v"], inp["lr"]]
+        g0 = torch.autograd.grad(z0.sum(), leaves, retain_graph=True)
+        g1 = torch.autograd.grad(z1.sum(), leaves)
+        for a, b in zip(g1, g0, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
 
 
 def test_gelu_grad_matches_autograd():
