@@ -43,7 +43,7 @@ def load_revision(rev: str):
         ).stdout  # fmt: skip
     except subprocess.CalledProcessError as e:
         sys.exit(f"cannot read dual.py at revision {rev!r}: {e.stderr.strip()}")
-    src = src.replace("from .inner import", "from moshi_ttt.ttt.inner import")
+    src = src.replace("from .", "from moshi_ttt.ttt.")  # its relative imports (.inner, .rope)
     path = Path(tempfile.mkdtemp()) / "dual_rev.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("dual_rev", path)

@@ -55,12 +55,15 @@ def _join(w: Weights) -> Weights:
     return w if len(w) == 1 else (w[0], torch.cat((w[1], w[2]), dim=1))
 
 
-def _rows_at_token_weights(kind, x_aug, m1, W, acc, eta, tok, x2, Gs):
+def _rows_at_token_weights(kind, x_aug, m1, W, acc, eta, tok, x2, Gs, z_base=None):
     """``f_res(x_i; W_i)`` for the rows of one mini-batch, in dual form. x_aug ``[BH, n, d+1]``;
     m1 ``= eta * (x_aug @ k~^T)``; x2: the keys' hidden activations (MLP); acc: carried gradient
     sums or None. Weights in the loop layout (``_split``). Each product's base is a fresh tensor,
     so the correction is added in place (no copy)."""
-    z = torch.bmm(x_aug, W[0]).baddbmm_(m1, Gs[0], alpha=-1)
+    if z_base is None:
+        z = torch.bmm(x_aug, W[0]).baddbmm_(m1, Gs[0], alpha=-1)
+    else:
+        z = torch.baddbmm(z_base, m1, Gs[0], alpha=-1)
     if acc is not None:
         z = z - tok * (x_aug @ acc[0])
     if kind == "linear":
@@ -81,7 +84,12 @@ def _mini_batch(kind, n, W, acc, commit, tok, tok_last, lnw, shift, kq, lr, lrt,
     with ``scaled``). Returns (zbar, W, acc, lprev, lafter).
     Without autograd the weights are updated in place (they are this scan's own tensors)."""
     k_aug, q_aug = kq[:, :n], kq[:, n:]
-    z1 = torch.bmm(k_aug, W[0])  # keys and queries apart: a slice of one product would be copied
+    zq = None
+    if kind == "linear":
+        z1 = torch.bmm(k_aug, W[0])  # keys and queries apart: a slice of one product would be copied
+    else:
+        zkq = torch.bmm(kq, W[0])
+        z1, zq = zkq[:, :n], zkq[:, n:]
     x2 = None
     if kind == "linear":
         g1, residual = ln_l2_grad(z1, lnw, shift, scaled=not probe)
@@ -90,7 +98,7 @@ def _mini_batch(kind, n, W, acc, commit, tok, tok_last, lnw, shift, kq, lr, lrt,
         x2 = gelu(z1)
         g2, residual = ln_l2_grad(torch.baddbmm(W[2], x2, W[1]), lnw, shift, scaled=not probe)
         Gs = (gelu_backward(g2 @ W[1].transpose(-1, -2), z1), g2)
-    zbar = _rows_at_token_weights(kind, q_aug, m1, W, acc, eta, tok, x2, Gs)
+    zbar = _rows_at_token_weights(kind, q_aug, m1, W, acc, eta, tok, x2, Gs, zq)
     lprev = lafter = None
     if probe:
         lprev = mse(residual)
