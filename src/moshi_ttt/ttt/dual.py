@@ -106,21 +106,17 @@ def _mini_batch(kind, n, W, acc, commit, tok, tok_last, lnw, shift, kq, lr, lrt,
         z_after = _rows_at_token_weights(kind, k_aug, m1k, W, acc, eta, tok, x2, Gs)
         lafter = mse(torch.addcmul(shift, F.layer_norm(z_after, z_after.shape[-1:], eps=1e-6), lnw))
 
-    # This mini-batch's scaled gradient sums, per tensor of W, as (x^T, s * G) pairs whose
-    # product is sum_j s_j x_j^T G_j (x = None: the bias row of W2, sum_j s_j G2_j). ``w1``: the
-    # pair for W1~ (the commit passes its precomputed scaled keys).
+    # This mini-batch's scaled gradient sums, per tensor of W, as (x^T, G) pairs whose product
+    # is sum_j s_j x_j^T G_j (the scale s folded into the narrower side; for the bias row of W2,
+    # x^T = s^T). ``w1``: the pair for W1~ (the commit passes its precomputed scaled keys).
     def sums(scale: torch.Tensor, w1: tuple | None = None) -> list[tuple]:
         out = [w1 or (k_aug.transpose(-1, -2), Gs[0] * scale)]
         if kind == "mlp":
-            g2 = Gs[1] * scale
-            out += [(x2.transpose(-1, -2), g2), (None, g2)]
+            out += [(x2.transpose(-1, -2), Gs[1] * scale), (scale.transpose(-1, -2), Gs[1])]
         return out
 
-    def total(x: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
-        return g.sum(1, keepdim=True) if x is None else x @ g
-
     if not commit:
-        new = [total(x, g) for x, g in sums(lr)]
+        new = [x @ g for x, g in sums(lr)]
         acc = tuple(new if acc is None else (a + s for a, s in zip(acc, new, strict=True)))
         return zbar, W, acc, lprev, lafter
     # Commit: W <- W - tok_n * (A + sum_j lr_j x_j^T G_j); the keys' scale is precomputed.
@@ -130,10 +126,7 @@ def _mini_batch(kind, n, W, acc, commit, tok, tok_last, lnw, shift, kq, lr, lrt,
         w = W[i]
         if acc is not None:
             w = w.sub_(tok_last * acc[i]) if inplace else w - tok_last * acc[i]  # (alpha: no sync)
-        if x is None:
-            w = w.sub_(g.sum(1, keepdim=True)) if inplace else w - g.sum(1, keepdim=True)
-        else:
-            w = w.baddbmm_(x, g, alpha=-1) if inplace else torch.baddbmm(w, x, g, alpha=-1)
+        w = w.baddbmm_(x, g, alpha=-1) if inplace else torch.baddbmm(w, x, g, alpha=-1)
         new_W.append(w)
     return zbar, tuple(new_W), None, lprev, lafter
 
