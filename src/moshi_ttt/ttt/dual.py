@@ -13,6 +13,10 @@ A state that arrives in the middle of a mini-batch (``pos`` tokens already seen,
 right-padded the same way and returns an uncommitted state. This is exactly the streaming
 recurrence (``primal.py``) and the definition (``naive.py``); tests compare all three.
 
+Layout: the keys and queries of each mini-batch share one buffer ``[nmb, BH, 2n, d+2]`` (column
+d holds the ones of ``x~``, column d+1 zeros, matched by a zero row appended to W1~), so that
+RoPE writes its complex pairs straight into it; the output LayerNorm runs time-major.
+
 Checkpointing: with ``checkpoint_group_size = g > 0`` (and autograd on), each group of g
 mini-batches is recomputed in the backward pass, so only the states at group boundaries are kept.
 """
@@ -56,7 +60,7 @@ def _join(w: Weights) -> Weights:
 
 
 def _rows_at_token_weights(kind, x_aug, m1, W, acc, eta, tok, x2, Gs, z_base=None):
-    """``f_res(x_i; W_i)`` for the rows of one mini-batch, in dual form. x_aug ``[BH, n, d+1]``;
+    """``f_res(x_i; W_i)`` for the rows of one mini-batch, in dual form. x_aug ``[BH, n, d+2]``;
     m1 ``= eta * (x_aug @ k~^T)``; x2: the keys' hidden activations (MLP); acc: carried gradient
     sums or None. Weights in the loop layout (``_split``). Each product's base is a fresh tensor,
     so the correction is added in place (no copy)."""
@@ -78,16 +82,17 @@ def _rows_at_token_weights(kind, x_aug, m1, W, acc, eta, tok, x2, Gs, z_base=Non
 
 def _mini_batch(kind, n, W, acc, commit, tok, tok_last, lnw, shift, kq, lr, lrt, klr, eta, m1,
                 probe):  # fmt: skip
-    """One mini-batch on ``[BH, ...]`` tensors: kq ``[BH, 2n, d+1]`` (augmented keys then
-    queries), lr ``[BH, n, 1]``, lrt ``= lr * tok_n``, klr ``= (k~ * lrt)^T [BH, d+1, n]``,
-    eta/m1 ``[BH, n, n]``. Without ``probe``, lnw and shift come premultiplied (``ln_l2_grad``
-    with ``scaled``). Returns (zbar, W, acc, lprev, lafter).
+    """One mini-batch on ``[BH, ...]`` tensors: kq ``[BH, 2n, d+2]`` (augmented keys then
+    queries), lr ``[BH, n, 1]``, lrt ``= lr * tok_n``, klr ``= (k~ * lrt)^T [BH, d+2, n]`` (MLP;
+    None: the commit scales G1 instead), eta/m1 ``[BH, n, n]``. Without ``probe``, lnw and
+    shift come premultiplied (``ln_l2_grad`` with ``scaled``).
+    Returns (zbar, W, acc, lprev, lafter).
     Without autograd the weights are updated in place (they are this scan's own tensors)."""
     k_aug, q_aug = kq[:, :n], kq[:, n:]
     zq = None
-    if kind == "linear":
-        z1 = torch.bmm(k_aug, W[0])  # keys and queries apart: a slice of one product would be copied
-    else:
+    if kind == "linear":  # keys and queries apart: LayerNorm would copy a slice of one product
+        z1 = torch.bmm(k_aug, W[0])
+    else:  # one product; GELU reads the strided slices as they are
         zkq = torch.bmm(kq, W[0])
         z1, zq = zkq[:, :n], zkq[:, n:]
     x2 = None
@@ -122,7 +127,7 @@ def _mini_batch(kind, n, W, acc, commit, tok, tok_last, lnw, shift, kq, lr, lrt,
     # Commit: W <- W - tok_n * (A + sum_j lr_j x_j^T G_j); the keys' scale is precomputed.
     inplace = not torch.is_grad_enabled()
     new_W = []
-    for i, (x, g) in enumerate(sums(lrt, (klr, Gs[0]))):
+    for i, (x, g) in enumerate(sums(lrt, None if klr is None else (klr, Gs[0]))):
         w = W[i]
         if acc is not None:
             w = w.sub_(tok_last * acc[i]) if inplace else w - tok_last * acc[i]  # (alpha: no sync)
@@ -213,7 +218,8 @@ def ttt_dual(
     eta = tok_tril * lr_.transpose(-1, -2)  # [nmb, BH, n, n], zero above the diagonal
     m1 = eta * (q_ @ k_.transpose(-1, -2))  # state-free: batched over all mini-batches
     lrt = lr_ * tok_last
-    klr = (k_ * lrt).transpose(-1, -2)  # the keys as the commit uses them
+    # the keys as the MLP's commit uses them (TTT-Linear scales its narrower gradient instead)
+    klr = (k_ * lrt).transpose(-1, -2) if kind == "mlp" else None
 
     def flat(w: torch.Tensor) -> torch.Tensor:  # [B, H, ...] -> [BH, ...]
         return w.reshape((BH,) + w.shape[2:])
@@ -230,9 +236,9 @@ def ttt_dual(
     # (multi-output) unbind node for a checkpointed group's recomputation.
     per_mb_src = (shift, kq, lr_, lrt, klr, eta, m1)
     if torch.compiler.is_compiling():
-        per_mb = [tuple(t[i] for t in per_mb_src) for i in range(nmb)]
+        per_mb = [tuple(t if t is None else t[i] for t in per_mb_src) for i in range(nmb)]
     else:
-        per_mb = list(zip(*(t.unbind(0) for t in per_mb_src), strict=True))
+        per_mb = list(zip(*(t.unbind(0) if t is not None else [None] * nmb for t in per_mb_src)))
 
     def run(start: int, stop: int, W: Weights, acc: Weights | None):
         zs, lps, las = [], [], []
