@@ -59,29 +59,30 @@ def _join(w: Weights) -> Weights:
     return w if len(w) == 1 else (w[0], torch.cat((w[1], w[2]), dim=1))
 
 
-def _rows_at_token_weights(kind, x_aug, m1, W, acc, eta, tok, x2, Gs, z_base=None):
+def _rows_at_token_weights(kind, x_aug, m1, W, acc, eta, tok, x2, Gs, z_base=None, out=None):
     """``f_res(x_i; W_i)`` for the rows of one mini-batch, in dual form. x_aug ``[BH, n, d+2]``;
     m1 ``= eta * (x_aug @ k~^T)``; x2: the keys' hidden activations (MLP); acc: carried gradient
-    sums or None. Weights in the loop layout (``_split``). Each product's base is a fresh tensor,
-    so the correction is added in place (no copy)."""
+    sums or None. Weights in the loop layout (``_split``). Each product's base is a fresh tensor
+    (or ``out``, where the result goes without autograd), so corrections are added in place."""
+    lin_out = out if kind == "linear" else None
     if z_base is None:
-        z = torch.bmm(x_aug, W[0]).baddbmm_(m1, Gs[0], alpha=-1)
+        z = torch.bmm(x_aug, W[0], out=lin_out).baddbmm_(m1, Gs[0], alpha=-1)
     else:
-        z = torch.baddbmm(z_base, m1, Gs[0], alpha=-1)
+        z = torch.baddbmm(z_base, m1, Gs[0], alpha=-1, out=lin_out)
     if acc is not None:
-        z = z - tok * (x_aug @ acc[0])
+        z.sub_(tok * (x_aug @ acc[0]))
     if kind == "linear":
         return z
     h = gelu(z)
     m2 = eta * torch.baddbmm(eta.new_ones(()), h, x2.transpose(-1, -2))
-    z2 = torch.baddbmm(W[2], h, W[1]).baddbmm_(m2, Gs[1], alpha=-1)
+    z2 = torch.baddbmm(W[2], h, W[1], out=out).baddbmm_(m2, Gs[1], alpha=-1)
     if acc is not None:
-        z2 = z2 - tok * torch.baddbmm(acc[2], h, acc[1])
+        z2.sub_(tok * torch.baddbmm(acc[2], h, acc[1]))
     return z2
 
 
 def _mini_batch(kind, n, W, acc, commit, tok, tok_last, lnw, shift, kq, lr, lrt, klr, eta, m1,
-                probe):  # fmt: skip
+                probe, out=None):  # fmt: skip
     """One mini-batch on ``[BH, ...]`` tensors: kq ``[BH, 2n, d+2]`` (augmented keys then
     queries), lr ``[BH, n, 1]``, lrt ``= lr * tok_n``, klr ``= (k~ * lrt)^T [BH, d+2, n]`` (MLP;
     None: the commit scales G1 instead), eta/m1 ``[BH, n, n]``. Without ``probe``, lnw and
@@ -103,7 +104,7 @@ def _mini_batch(kind, n, W, acc, commit, tok, tok_last, lnw, shift, kq, lr, lrt,
         x2 = gelu(z1)
         g2, residual = ln_l2_grad(torch.baddbmm(W[2], x2, W[1]), lnw, shift, scaled=not probe)
         Gs = (gelu_backward(g2 @ W[1].transpose(-1, -2), z1), g2)
-    zbar = _rows_at_token_weights(kind, q_aug, m1, W, acc, eta, tok, x2, Gs, zq)
+    zbar = _rows_at_token_weights(kind, q_aug, m1, W, acc, eta, tok, x2, Gs, zq, out)
     lprev = lafter = None
     if probe:
         lprev = mse(residual)
@@ -240,13 +241,17 @@ def ttt_dual(
     else:
         per_mb = list(zip(*(t.unbind(0) if t is not None else [None] * nmb for t in per_mb_src)))
 
+    # Without autograd each mini-batch's output is written straight into one buffer (no stack).
+    zbuf = None if torch.is_grad_enabled() else q.new_empty(nmb, BH, n, d)
+
     def run(start: int, stop: int, W: Weights, acc: Weights | None):
         zs, lps, las = [], [], []
         for i in range(start, stop):
             commit = i < nmb - 1 or commit_last
             zbar, W, acc, lp, la = _mini_batch(
-                kind, n, W, acc, commit, tok, tok_last, lnw, *per_mb[i], probe
-            )
+                kind, n, W, acc, commit, tok, tok_last, lnw, *per_mb[i], probe,
+                None if zbuf is None else zbuf[i],
+            )  # fmt: skip
             zs.append(zbar)
             lps.append(lp)
             las.append(la)
@@ -273,8 +278,13 @@ def ttt_dual(
 
     # z = q + LN(zbar), formed time-major ([B, T, H, d]: what the layer reads next, and the
     # layout where the per-head LayerNorm is one fast row normalisation), returned as a view.
-    zbar = torch.stack([t.view(B, H, n, d).transpose(1, 2) for t in zs], 1)  # [B, nmb, n, H, d]
-    z = torch.addcmul(ln_b, normalize_rows(zbar), ln_w).add_(q_rot)  # zhat's layout: time major
+    if zbuf is None:  # [B, nmb, n, H, d]; the output takes zhat's layout: time major
+        zbar = torch.stack([t.view(B, H, n, d).transpose(1, 2) for t in zs], 1)
+        z = torch.addcmul(ln_b, normalize_rows(zbar), ln_w)
+    else:  # zhat mini-batch major, the output written time major
+        zhat = normalize_rows(zbuf).view(nmb, B, H, n, d).permute(1, 0, 3, 2, 4)
+        z = torch.addcmul(ln_b, zhat, ln_w, out=q.new_empty(zhat.shape))
+    z = z.add_(q_rot)
     z = z.view(B, nmb * n, H, d)[:, pos : pos + T].transpose(1, 2)
 
     def unflat(w: torch.Tensor) -> torch.Tensor:
