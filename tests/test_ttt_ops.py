@@ -11,6 +11,7 @@ import torch
 from moshi_ttt.ttt import (
     FastState,
     apply_rope,
+    plain_scan,
     ttt_dual,
     ttt_naive,
     ttt_primal_step,
@@ -109,9 +110,16 @@ def test_inplace_primal_steps_match_definition_without_allocating_weights(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("cuts", [[], [2], [3, 37], [1, 66, 69]])
-def test_forward_only_dual_matches_definition(kind, cuts):
+@pytest.mark.parametrize("loop", ["scripted", "python"])
+def test_forward_only_dual_matches_definition(kind, cuts, loop, monkeypatch):
     """Without autograd the dual form commits the weights in place: 70 tokens = 18 mini-batches
-    of 4, in chunks that start and end inside mini-batches (carried ``grad_sum``)."""
+    of 4, in chunks that start and end inside mini-batches (carried ``grad_sum``). The committed
+    mini-batches run in ``plain_scan``'s loop, scripted or as plain Python."""
+    fn = plain_scan.plain_loop(kind)
+    assert isinstance(fn, torch.jit.ScriptFunction)  # the fast path is in use
+    if loop == "python":
+        python_fn = {"linear": plain_scan.linear_plain, "mlp": plain_scan.mlp_plain}[kind]
+        monkeypatch.setitem(plain_scan._SCRIPTED, kind, python_fn)
     T = 70
     inp = make_inputs(kind, T=T)
     z_ref, s_ref, _ = call(ttt_naive, kind, inp, 4)

@@ -38,6 +38,7 @@ from .inner import (
     normalize_rows,
     token_lr_scale,
 )
+from .plain_scan import plain_loop
 from .rope import mini_batch_rotation, rope_into
 
 Weights = tuple[torch.Tensor, ...]
@@ -231,25 +232,31 @@ def ttt_dual(
     W = to_loop(tuple(w0 + dw for w0, dw in zip(init_weights, state.delta, strict=True)))
     acc = to_loop(state.grad_sum) if pos > 0 else None
 
-    # Per-mini-batch views made by one unbind each: indexing t[i] in the loop would make every
-    # backward step allocate and zero a gradient of the whole sequence (quadratic cost).
-    # Compiled, the views are taken one by one: the inductor partitioner cannot save the
-    # (multi-output) unbind node for a checkpointed group's recomputation.
+    # Per-mini-batch views. With autograd, made by one unbind each: indexing t[i] in the loop
+    # would make every backward step allocate and zero a gradient of the whole sequence
+    # (quadratic cost). Compiled, or without autograd, taken one by one when needed (compiled:
+    # the inductor partitioner cannot save the multi-output unbind node for a checkpointed
+    # group's recomputation).
     per_mb_src = (shift, kq, lr_, lrt, klr, eta, m1)
-    if torch.compiler.is_compiling():
-        per_mb = [tuple(t if t is None else t[i] for t in per_mb_src) for i in range(nmb)]
+    compiling = torch.compiler.is_compiling()
+    if torch.is_grad_enabled() and not compiling:
+        views = list(zip(*(t.unbind(0) if t is not None else [None] * nmb for t in per_mb_src)))
+        mb_args = views.__getitem__
     else:
-        per_mb = list(zip(*(t.unbind(0) if t is not None else [None] * nmb for t in per_mb_src)))
 
-    # Without autograd each mini-batch's output is written straight into one buffer (no stack).
-    zbuf = None if torch.is_grad_enabled() else q.new_empty(nmb, BH, n, d)
+        def mb_args(i: int) -> tuple:
+            return tuple(t if t is None else t[i] for t in per_mb_src)
+
+    # Without autograd each mini-batch's output is written straight into one buffer (no stack;
+    # eager only: compiled, out= arguments do not fix the layout of what they trace).
+    zbuf = None if torch.is_grad_enabled() or compiling else q.new_empty(nmb, BH, n, d)
 
     def run(start: int, stop: int, W: Weights, acc: Weights | None):
         zs, lps, las = [], [], []
         for i in range(start, stop):
             commit = i < nmb - 1 or commit_last
             zbar, W, acc, lp, la = _mini_batch(
-                kind, n, W, acc, commit, tok, tok_last, lnw, *per_mb[i], probe,
+                kind, n, W, acc, commit, tok, tok_last, lnw, *mb_args(i), probe,
                 None if zbuf is None else zbuf[i],
             )  # fmt: skip
             zs.append(zbar)
@@ -260,7 +267,19 @@ def ttt_dual(
     use_ckpt = checkpoint_group_size > 0 and torch.is_grad_enabled()
     group = checkpoint_group_size if use_ckpt else nmb
     zs, lps, las = [], [], []
-    for start in range(0, nmb, group):
+    # Forward only: the committed mini-batches that carry no gradient sums (all but perhaps the
+    # first and the last) run in the scripted loop of ``plain_scan``; the rest one by one here.
+    first, last = int(acc is not None), nmb if commit_last else nmb - 1
+    if zbuf is not None and not probe and first < last:
+        z_g, _, _, W, acc = run(0, first, W, acc)
+        plain = (kq, shift, lrt) + ((klr, eta) if kind == "mlp" else ()) + (m1, lnw, zbuf)
+        plain_loop(kind)(*W, *plain, n, first, last)
+        zs += z_g + list(zbuf[first:last].unbind(0))
+        lps, las = [None] * last, [None] * last
+        group, first = nmb, last  # what is left (the last, uncommitted mini-batch) below
+    else:
+        first = 0
+    for start in range(first, nmb, group):
         stop = min(start + group, nmb)
         if use_ckpt:
             z_g, lp_g, la_g, W, acc = checkpoint(
