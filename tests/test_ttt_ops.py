@@ -115,7 +115,7 @@ def test_forward_only_dual_matches_definition(kind, cuts, loop, monkeypatch):
     """Without autograd the dual form commits the weights in place: 70 tokens = 18 mini-batches
     of 4, in chunks that start and end inside mini-batches (carried ``grad_sum``). The committed
     mini-batches run in ``plain_scan``'s loop, scripted or as plain Python."""
-    fn = plain_scan.plain_loop(kind)
+    fn = plain_scan.plain_loop(kind, torch.device("cpu"))
     assert isinstance(fn, torch.jit.ScriptFunction)  # the fast path is in use
     if loop == "python":
         python_fn = {"linear": plain_scan.linear_plain, "mlp": plain_scan.mlp_plain}[kind]

@@ -193,7 +193,7 @@ def ttt_dual(
         kq[..., :n, :d].copy_(mb_major(k))
         kq[..., n:, :d].copy_(mb_major(q))
     else:  # row r of a mini-batch sits at position r inside it
-        rot = mini_batch_rotation(n, d, q.dtype, q.device, rope_theta).view(n, d // 2)
+        rot = mini_batch_rotation(n, d, q.dtype, q.device, rope_theta)
         rope_into(kq[..., :n, :d], mb_major(k), rot)
         rope_into(kq[..., n:, :d], mb_major(q), rot)
     q_rot = kq[..., n:, :d].permute(1, 0, 3, 2, 4)  # [B, nmb, n, H, d]: the output's residual
@@ -273,7 +273,7 @@ def ttt_dual(
     if zbuf is not None and not probe and first < last:
         z_g, _, _, W, acc = run(0, first, W, acc)
         plain = (kq, shift, lrt) + ((klr, eta) if kind == "mlp" else ()) + (m1, lnw, zbuf)
-        plain_loop(kind)(*W, *plain, n, first, last)
+        plain_loop(kind, q.device)(*W, *plain, n, first, last)
         zs += z_g + list(zbuf[first:last].unbind(0))
         lps, las = [None] * last, [None] * last
         group, first = nmb, last  # what is left (the last, uncommitted mini-batch) below
