@@ -92,11 +92,11 @@ def _mini_batch(kind, n, W, acc, commit, tok, tok_last, lnw, shift, kq, lr, lrt,
     Without autograd the weights are updated in place (they are this scan's own tensors)."""
     k_aug, q_aug = kq[:, :n], kq[:, n:]
     zq = None
-    if kind == "linear":  # keys and queries apart: LayerNorm would copy a slice of one product
-        z1 = torch.bmm(k_aug, W[0])
-    else:  # one product; GELU reads the strided slices as they are
+    if kind == "mlp" and not torch.is_grad_enabled():  # one product; GELU reads strided halves
         zkq = torch.bmm(kq, W[0])
         z1, zq = zkq[:, :n], zkq[:, n:]
+    else:  # keys and queries apart: LayerNorm would copy a slice of one product, and the
+        z1 = torch.bmm(k_aug, W[0])  # backward would zero-fill a gradient per slice
     x2 = None
     if kind == "linear":
         g1, residual = ln_l2_grad(z1, lnw, shift, scaled=not probe)
