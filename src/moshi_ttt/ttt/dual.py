@@ -187,8 +187,9 @@ def ttt_dual(
     # floats, so that RoPE writes its complex pairs straight in). Strided writes, no cat chain.
     A = d + 2
     kq = q.new_empty(nmb, B, H, 2 * n, A)
-    kq[..., d].fill_(1.0)
-    kq[..., d + 1].fill_(0.0)
+    with torch.no_grad():  # constants: not recorded (each recorded write into a view of the
+        kq[..., d].fill_(1.0)  # buffer costs a clone of its whole gradient in the backward)
+        kq[..., d + 1].fill_(0.0)
     if rope_theta is None:
         kq[..., :n, :d].copy_(mb_major(k))
         kq[..., n:, :d].copy_(mb_major(q))
