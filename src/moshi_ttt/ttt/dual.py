@@ -138,6 +138,47 @@ def _mini_batch(kind, n, W, acc, commit, tok, tok_last, lnw, shift, kq, lr, lrt,
     return zbar, tuple(new_W), None, lprev, lafter
 
 
+class _KeyQueryBuffer(torch.autograd.Function):
+    """Keys then queries ``[nmb, B, H, n, d]`` (rotated by ``rot = (cos, sin)`` if given) ->
+    the scan's buffer ``[nmb, B, H, 2n, d+2]``: column d holds ones (the bias of ``x~``), column
+    d+1 zeros (matched by a zero row of W1~: rows an even number of floats, so that RoPE writes
+    its complex pairs straight in). Strided writes, no cat chain. Its backward slices the
+    buffer's gradient and rotates it back (as recorded writes into views of a buffer, autograd
+    cloned the whole gradient once per write)."""
+
+    @staticmethod
+    def forward(k: torch.Tensor, q: torch.Tensor, rot) -> torch.Tensor:
+        n, d = k.shape[-2:]
+        kq = k.new_empty(k.shape[:-2] + (2 * n, d + 2))
+        kq[..., d].fill_(1.0)
+        kq[..., d + 1].fill_(0.0)
+        for rows, x in ((slice(0, n), k), (slice(n, 2 * n), q)):
+            if rot is None:
+                kq[..., rows, :d].copy_(x)
+            else:
+                rope_into(kq[..., rows, :d], x, rot)
+        return kq
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.rot = inputs[2]
+        ctx.n, ctx.d = inputs[0].shape[-2:]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        n, d, rot = ctx.n, ctx.d, ctx.rot
+        grads = []
+        for rows in (slice(0, n), slice(n, 2 * n)):
+            g = grad[..., rows, :d]
+            if rot is None:
+                grads.append(g)
+            else:  # the transposed rotation: by -angle
+                out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+                rope_into(out, g, (rot[0], -rot[1]))
+                grads.append(out)
+        return grads[0], grads[1], None
+
+
 def ttt_dual(
     kind: str,
     q: torch.Tensor,
@@ -182,21 +223,11 @@ def ttt_dual(
             t = F.pad(t, (0, 0, pos, pad_right))
         return t.unflatten(2, (nmb, n)).permute(2, 0, 1, 3, 4)
 
-    # One buffer of augmented keys then queries per mini-batch, [nmb, BH, 2n, d+2]: columns d
-    # (ones: the bias) and d+1 (zeros, matched by a zero row of W1~: rows an even number of
-    # floats, so that RoPE writes its complex pairs straight in). Strided writes, no cat chain.
+    # One buffer of augmented keys then queries per mini-batch, [nmb, BH, 2n, d+2] (row r of a
+    # mini-batch sits at position r inside it: its RoPE rotation).
+    rot = None if rope_theta is None else mini_batch_rotation(n, d, q.dtype, q.device, rope_theta)
+    kq = _KeyQueryBuffer.apply(mb_major(k), mb_major(q), rot)
     A = d + 2
-    kq = q.new_empty(nmb, B, H, 2 * n, A)
-    with torch.no_grad():  # constants: not recorded (each recorded write into a view of the
-        kq[..., d].fill_(1.0)  # buffer costs a clone of its whole gradient in the backward)
-        kq[..., d + 1].fill_(0.0)
-    if rope_theta is None:
-        kq[..., :n, :d].copy_(mb_major(k))
-        kq[..., n:, :d].copy_(mb_major(q))
-    else:  # row r of a mini-batch sits at position r inside it
-        rot = mini_batch_rotation(n, d, q.dtype, q.device, rope_theta)
-        rope_into(kq[..., :n, :d], mb_major(k), rot)
-        rope_into(kq[..., n:, :d], mb_major(q), rot)
     q_rot = kq[..., n:, :d].permute(1, 0, 3, 2, 4)  # [B, nmb, n, H, d]: the output's residual
     k_rot = kq[..., :n, :d]
     kq = kq.view(nmb, BH, 2 * n, A)
