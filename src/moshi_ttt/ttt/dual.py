@@ -39,7 +39,7 @@ from .inner import (
     token_lr_scale,
 )
 from .plain_scan import plain_loop
-from .rope import mini_batch_rotation, rope_into
+from .rope import mini_batch_rotation, rope_into, rope_time_major
 
 Weights = tuple[torch.Tensor, ...]
 
@@ -167,16 +167,10 @@ class _KeyQueryBuffer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         n, d, rot = ctx.n, ctx.d, ctx.rot
-        grads = []
-        for rows in (slice(0, n), slice(n, 2 * n)):
-            g = grad[..., rows, :d]
-            if rot is None:
-                grads.append(g)
-            else:  # the transposed rotation: by -angle
-                out = torch.empty(g.shape, dtype=g.dtype, device=g.device)
-                rope_into(out, g, (rot[0], -rot[1]))
-                grads.append(out)
-        return grads[0], grads[1], None
+        gk, gq = grad[..., :n, :d], grad[..., n:, :d]
+        if rot is not None:  # the transposed rotation: by -angle
+            gk, gq = (rope_time_major(g, (rot[0], -rot[1])) for g in (gk, gq))
+        return gk, gq, None
 
 
 def ttt_dual(
@@ -303,11 +297,9 @@ def ttt_dual(
     # first and the last) run in the scripted loop of ``plain_scan``; the rest one by one here.
     first, last = int(acc is not None), nmb if commit_last else nmb - 1
     if zbuf is not None and not probe and first < last:
-        z_g, _, _, W, acc = run(0, first, W, acc)
+        _, _, _, W, acc = run(0, first, W, acc)  # (outputs: in zbuf; no probe here)
         plain = (kq, shift, lrt) + ((klr, eta) if kind == "mlp" else ()) + (m1, lnw, zbuf)
         plain_loop(kind, q.device)(*W, *plain, n, first, last)
-        zs += z_g + list(zbuf[first:last].unbind(0))
-        lps, las = [None] * last, [None] * last
         group, first = nmb, last  # what is left (the last, uncommitted mini-batch) below
     else:
         first = 0

@@ -26,10 +26,14 @@ def rope_time_major(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]
     if torch.compiler.is_compiling():
         xr, xi = x[..., 0::2], x[..., 1::2]
         return torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1).flatten(-2)
+    return torch.view_as_real(_complex_pairs(x) * torch.complex(cos, sin)).flatten(-2)
+
+
+def _complex_pairs(x: torch.Tensor) -> torch.Tensor:
+    """x ``[..., d]`` as complex ``[..., d/2]`` (a view; a copy first if its strides forbid)."""
     if x.stride(-1) != 1 or any(s % 2 for s in x.stride()[:-1]) or x.storage_offset() % 2:
         x = x.contiguous()
-    xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2)
+    return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
 
 
 def mini_batch_rotation(
@@ -64,10 +68,7 @@ def rope_into(
         dst[..., 0::2].copy_(xr * cos - xi * sin)
         dst[..., 1::2].copy_(xr * sin + xi * cos)
         return
-    if x.stride(-1) != 1 or any(st % 2 for st in x.stride()[:-1]) or x.storage_offset() % 2:
-        x = x.contiguous()
-    xc = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
-    out = torch.view_as_complex(dst.unflatten(-1, (-1, 2)))
+    xc, out = _complex_pairs(x), torch.view_as_complex(dst.unflatten(-1, (-1, 2)))
     if torch.is_grad_enabled() and (x.requires_grad or dst.requires_grad):
         out.copy_(xc * torch.complex(cos, sin))  # out= does not record autograd
     else:
