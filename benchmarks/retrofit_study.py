@@ -27,8 +27,8 @@ import torch
 from moshi.utils.compile import no_compile
 
 from moshi_ttt.checkpoints.export import export_run
-from moshi_ttt.demo import DemoSettings, train_config
-from moshi_ttt.demo_task import MarkovTask, write_shards
+from moshi_ttt.demo.markov import DemoSettings, train_config
+from moshi_ttt.demo.markov_task import MarkovTask, write_shards
 from moshi_ttt.eval.long_context import evaluate_long_context
 from moshi_ttt.integration.apply import ttt_modules
 from moshi_ttt.train.checkpoint import load_trained_model

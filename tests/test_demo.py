@@ -16,7 +16,7 @@ from moshi_ttt.cli import main
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--task", "markov", "--quick", "--out", str(out), "--no-progress"]) == 0
     return out
 
 
@@ -65,7 +65,8 @@ def test_results_commands_reproduce_the_rows(quick, row, capsys, monkeypatch):
 
 
 def test_quick_demo_is_deterministic(quick, tmp_path):
-    assert main(["demo", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    argv = ["demo", "--task", "markov", "--quick", "--out", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
     a = json.loads((quick / "results.json").read_text())["rows"]
     b = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert {k: v["ce_beyond"] for k, v in a.items()} == {k: v["ce_beyond"] for k, v in b.items()}
@@ -73,7 +74,7 @@ def test_quick_demo_is_deterministic(quick, tmp_path):
 
 
 def test_quick_demo_audio_stream(tmp_path):
-    assert main(["demo", "--quick", "--stream", "audio", "--out", str(tmp_path),
+    assert main(["demo", "--task", "markov", "--quick", "--stream", "audio", "--out", str(tmp_path),
                  "--no-progress"]) == 0  # fmt: skip
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["metric"] == "cb0"

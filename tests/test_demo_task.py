@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from moshi_ttt.demo_task import MarkovTask, write_shards
+from moshi_ttt.demo.markov_task import MarkovTask, write_shards
 from moshi_ttt.train.data import ShardSource, WindowLoader
 
 

@@ -15,7 +15,7 @@ import torch
 from moshi.utils.compile import no_compile
 
 from moshi_ttt.cli import build_parser
-from moshi_ttt.demo_task import MarkovTask, write_shards
+from moshi_ttt.demo.markov_task import MarkovTask, write_shards
 from moshi_ttt.eval.inner_loss import evaluate_inner_loss, write_inner_loss_section
 from moshi_ttt.eval.long_context import (
     FileLosses,
@@ -169,6 +169,8 @@ def test_report_tables_and_plots_text_only(shards, tmp_path):
     for header, rows in found:
         assert not any("audio" in h or "cb" in h for h in header), header
         for j, h in enumerate(header[1:], 1):
+            if h == "p" and all("no interval" in row[j - 1] for row in rows):
+                continue  # fewer than 5 files: no p-value, and the CI column says so
             assert any(row[j] != "-" for row in rows), f"column {h!r} has no value"
     assert found[0][0][-1] == "text tokens" and "text CE >= ctx" in found[0][0]
     # the gain plot: each control minus ttt, finite beyond the context

@@ -26,7 +26,7 @@ from moshi_ttt.checkpoints.loading import (
 )
 from moshi_ttt.cli import main
 from moshi_ttt.cli.common import load_model_from_args
-from moshi_ttt.demo_task import MarkovTask, write_shards
+from moshi_ttt.demo.markov_task import MarkovTask, write_shards
 from moshi_ttt.integration.apply import named_ttt_parameters, ttt_modules
 from moshi_ttt.train.checkpoint import load_trained_model
 from moshi_ttt.train.config import TrainConfig

@@ -419,6 +419,8 @@ def test_apply_ttt_errors_and_meta_device():
 def test_parse_layer_spec():
     assert parse_layer_spec("all", 4) == [0, 1, 2, 3]
     assert parse_layer_spec("middle", 32) == [16]
+    assert parse_layer_spec("upper", 32) == list(range(16, 32))
+    assert parse_layer_spec("upper", 4) == [2, 3] and parse_layer_spec("upper", 1) == [0]
     assert parse_layer_spec("top:3", 32) == [29, 30, 31]
     assert parse_layer_spec("bottom:2", 32) == [0, 1]
     assert parse_layer_spec("every:8", 32) == [0, 8, 16, 24]

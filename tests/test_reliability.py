@@ -368,7 +368,8 @@ def test_a_base_whose_config_or_weights_do_not_fit_moshi_is_one_error(tmp_path, 
         base.mkdir()
         (base / "config.json").write_text(json.dumps(config))
         save_file({"x": torch.zeros(1)}, base / "model.safetensors")
-        argv = ["generate", "--base", str(base), "--input", inp, "--output", str(tmp_path / "o")]
+        out = str(tmp_path / "o.wav")
+        argv = ["generate", "--base", str(base), "--input", inp, "--output", out]
         assert main(argv) == 2
         one_error(capsys, base, "do not make a moshi LMModel")
 

@@ -12,7 +12,7 @@ import torch
 from moshi.utils.compile import no_compile
 from test_integration import random_codes, stream  # noqa: E402  (tests/ is on sys.path)
 
-from moshi_ttt.demo_task import MarkovTask, write_shards
+from moshi_ttt.demo.markov_task import MarkovTask, write_shards
 from moshi_ttt.integration import TTTConfig, apply_ttt, build_tiny_lm, ttt_modules
 from moshi_ttt.train import metrics as metrics_mod
 from moshi_ttt.train.checkpoint import load_trained_model
@@ -186,22 +186,31 @@ def test_trainer_warns_on_collapse(tmp_path, shards, monkeypatch):
 def test_7b_configs_carry_the_recommended_retrofit(name):
     from moshi.models import loaders
 
-    from moshi_ttt.recipes import RETROFIT_TTT, retrofit_train_context
+    from moshi_ttt.integration.config import parse_layer_spec
+    from moshi_ttt.recipes import RETROFIT_TTT, retrofit_training
 
     cfg = TrainConfig.load(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
-    assert cfg.model.train_context == retrofit_train_context(loaders._lm_kwargs["context"])
-    for key in ("layers", "placement", "kind", "gate_init"):
+    recipe = retrofit_training(loaders._lm_kwargs["context"])
+    assert cfg.model.train_context_min == recipe["model"]["train_context_min"] == 375
+    assert cfg.model.train_context is None and cfg.kl_to_base == recipe["kl_to_base"] == 1.0
+    for key in ("placement", "kind", "gate_init", "output_init"):
         assert getattr(cfg.ttt, key) == RETROFIT_TTT[key], key
+    upper = parse_layer_spec(RETROFIT_TTT["layers"], 32)  # 7B: within the recipe's layers
+    assert set(parse_layer_spec(cfg.ttt.layers, 32)) <= set(upper)
 
 
-def test_trainer_advises_a_shorter_window_for_a_frozen_retrofit(tmp_path, shards):
+def test_trainer_advises_the_recipe_for_a_frozen_retrofit(tmp_path, shards):
     from moshi_ttt.train.trainer import retrofit_advice
 
     cfg = TrainConfig.from_dict(cfg_dict(tmp_path, shards))  # frozen tiny base, full window
     lm, _, _ = build_model(cfg, torch.device("cpu"))
-    assert "model.train_context: 2" in retrofit_advice(cfg, lm)  # a quarter of 8 frames
-    shorter = TrainConfig.from_dict(cfg_dict(tmp_path, shards, model={"train_context": 2}))
-    assert retrofit_advice(shorter, lm) is None
+    advice = retrofit_advice(cfg, lm)
+    assert "full attention window (8 frames)" in advice
+    assert "model.train_context_min: 1, kl_to_base: 1.0" in advice  # an eighth of 8 frames
+    one = TrainConfig.from_dict(cfg_dict(tmp_path, shards, model={"train_context": 2}))
+    assert "one training window of 2 frames" in retrofit_advice(one, lm)
+    rand = TrainConfig.from_dict(cfg_dict(tmp_path, shards, model={"train_context_min": 2}))
+    assert retrofit_advice(rand, lm) is None
     scratch = TrainConfig.from_dict(cfg_dict(tmp_path, shards, model={"train_base": True}))
     assert retrofit_advice(scratch, lm) is None
 

@@ -148,6 +148,29 @@ def test_resume_continues_exactly(dataset, tmp_path):
     wa = load_file(str(full / "checkpoints/step_000006/trainable.safetensors"))
     wb = load_file(str(part / "checkpoints/step_000006/trainable.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # resuming a finished run says so and trains nothing
+    done = train(cfg_part, resume=True, progress=False)
+    assert done.steps == 6 and [r["step"] for r in metrics(part)] == list(range(1, 7))
+    assert "already at step 6 of 6" in (part / "train.log").read_text()
+
+
+def test_interrupt_names_the_last_checkpoint(dataset, tmp_path, monkeypatch):
+    cfg = config(tmp_path / "r", [dataset["train"]], max_steps=6, ckpt_every=2,
+                 data={"max_bad_fraction": 0.2})  # fmt: skip
+    real = trainer_mod.forward_output_terms
+    calls = {"n": 0}
+
+    def stop_at_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "forward_output_terms", stop_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False)
+    log = (tmp_path / "r" / "train.log").read_text()
+    assert "interrupted at step 3 of 6" in log and "step_000002" in log and "--resume" in log
 
 
 # -- one process == two processes -------------------------------------------------------------
@@ -187,17 +210,17 @@ def test_two_processes_match_one(dataset, tmp_path):
 
 # -- guards -----------------------------------------------------------------------------------
 def test_non_finite_steps_are_skipped_then_stop_the_run(dataset, tmp_path, monkeypatch):
-    real = trainer_mod.forward_terms
+    real = trainer_mod.forward_output_terms
     calls = {"n": 0}
 
     def poisoned(lm, codes, cfg):  # steps 3 and 5..: NaN loss
         calls["n"] += 1
-        terms = real(lm, codes, cfg)
+        out, terms = real(lm, codes, cfg)
         if calls["n"] == 3 or calls["n"] >= 5:
             terms.text_sum = terms.text_sum * float("nan")
-        return terms
+        return out, terms
 
-    monkeypatch.setattr(trainer_mod, "forward_terms", poisoned)
+    monkeypatch.setattr(trainer_mod, "forward_output_terms", poisoned)
     cfg = config(tmp_path / "run", [dataset["clean"]], max_steps=20, ckpt_every=2, max_bad_steps=3)
     with pytest.raises(TrainingStopped, match="3 non-finite steps in a row"):
         train(cfg, progress=False)

@@ -25,12 +25,29 @@ FRAME_SIZE = 1920  # samples per 80 ms frame at 24 kHz
 TEXT_PAD, TEXT_EPAD = 3, 0  # Moshi's text padding ids (never written to the text)
 
 
-def read_wav(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Mono float32 samples ``[S]`` at ``sample_rate`` (channels averaged, resampled if needed).
+CHANNELS = ("left", "right", "mix")
+DEFAULT_CHANNEL = "right"  # moshi-finetune's stereo layout: left = Moshi, right = the user
+CHANNEL_TEXT = {
+    "mono": "mono",
+    "left": "stereo, used the left channel (Moshi's in moshi-finetune's layout)",
+    "right": "stereo, used the right channel (the user's in moshi-finetune's layout)",
+    "mix": "stereo, used both channels averaged",
+}
+
+
+def read_audio(
+    path: str | Path, sample_rate: int = SAMPLE_RATE, channel: str = DEFAULT_CHANNEL
+) -> tuple[np.ndarray, str]:
+    """Mono float32 samples ``[S]`` at ``sample_rate`` (resampled if needed) and which input
+    channel they are: ``"mono"``, or for a stereo file ``channel`` (``"left"``, ``"right"``:
+    that channel; ``"mix"``: both averaged). ``CHANNEL_TEXT[used]`` says it in words.
 
     A missing file is a ``FileNotFoundError``; an unreadable, empty or non-finite (NaN/Inf
-    samples) one a ``ValueError`` naming it.
+    samples) one, or one of more than 2 channels with ``left``/``right``, a ``ValueError``
+    naming it.
     """
+    if channel not in CHANNELS:
+        raise ValueError(f"channel must be one of {', '.join(CHANNELS)}, got {channel!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input audio not found: {path}")
@@ -40,11 +57,44 @@ def read_wav(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         raise ValueError(f"{path}: cannot read as audio ({e})") from e
     if data.size == 0:
         raise ValueError(f"{path}: no audio samples")
-    mono = np.asarray(data, dtype=np.float32).mean(axis=0)
+    data = np.asarray(data, dtype=np.float32).reshape(-1, data.shape[-1])
+    if data.shape[0] == 1:
+        used, mono = "mono", data[0]
+    elif channel == "mix":
+        used, mono = "mix", data.mean(axis=0)
+    elif data.shape[0] == 2:
+        used, mono = channel, data[0 if channel == "left" else 1]
+    else:
+        raise ValueError(
+            f"{path}: {data.shape[0]} channels; --channel {channel} expects mono or stereo "
+            "audio (use --channel mix to average the channels)"
+        )
     if not np.isfinite(mono).all():
         bad = int((~np.isfinite(mono)).sum())
         raise ValueError(f"{path}: {bad} non-finite (NaN/Inf) samples; expected finite audio")
-    return resample(mono, int(sr), sample_rate) if sr != sample_rate else mono
+    out = resample(mono, int(sr), sample_rate) if sr != sample_rate else mono
+    return np.ascontiguousarray(out, dtype=np.float32), used
+
+
+def read_wav(
+    path: str | Path, sample_rate: int = SAMPLE_RATE, channel: str = DEFAULT_CHANNEL
+) -> np.ndarray:
+    """The samples of ``read_audio`` (mono ``[S]`` at ``sample_rate``; of a stereo file the
+    ``channel``, default right = the user's)."""
+    return read_audio(path, sample_rate, channel)[0]
+
+
+def check_wav_suffix(path: str | Path, option: str = "--output") -> None:
+    """Refuse an output name not ending in ``.wav`` (the audio written is WAV, whatever the
+    name says): a ``ValueError`` naming ``option``, the path and its suffix."""
+    suffix = Path(path).suffix
+    if suffix.lower() != ".wav":
+        what = f"has the suffix {suffix!r}" if suffix else "has no suffix"
+        raise ValueError(
+            f"{option} {path}: {what}, expected .wav; the audio is written as WAV (mono, "
+            "24 kHz) only, and nothing is converted: name it .wav and convert afterwards if "
+            "needed (e.g. ffmpeg -i out.wav out.mp3)"
+        )
 
 
 def resample(x: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
@@ -91,21 +141,25 @@ def generate(
     top_k: int = 250,
     top_k_text: int = 25,
     progress: bool = True,
+    channel: str = DEFAULT_CHANNEL,
 ) -> dict[str, Any]:
     """Run Moshi (``lm``, eval mode, TTT layers or not) on a user recording, frame by frame.
 
     The input is cut to ``max_seconds`` and padded to whole frames, plus one frame of silence
     (the first ``LMGen`` step only fills the delays), so the output has as many frames as the
-    input. Writes ``output_wav`` (mono, 24 kHz) and, if given, ``text_path`` (Moshi's text
-    stream: pieces, or ``<id>`` without a tokenizer). Sampling is seeded by ``seed``.
+    input. A stereo input gives its ``channel`` (``read_audio``; default right = the user).
+    Writes ``output_wav`` (mono, 24 kHz; a name not ending in ``.wav`` is refused) and, if
+    given, ``text_path`` (Moshi's text stream: pieces, or ``<id>`` without a tokenizer).
+    Sampling is seeded by ``seed``.
 
     Returns stats: ``frames``, ``audio_s`` (input length), ``wall_s``, ``rtf`` (wall / audio,
     < 1 = faster than real time), ``ms_per_frame``, ``text``, ``text_tokens`` (ids per frame),
-    ``output_wav``, ``text_path``.
+    ``output_wav``, ``text_path``, ``input_channel`` (``read_audio``'s: mono, left, right, mix).
     """
     if lm.training:
         raise ValueError("generate needs the model in eval mode (lm.eval())")
-    audio = read_wav(input_wav, int(mimi.sample_rate))
+    check_wav_suffix(output_wav, "output_wav")
+    audio, used = read_audio(input_wav, int(mimi.sample_rate), channel)
     if max_seconds is not None:
         if not max_seconds > 0:
             raise ValueError(f"max_seconds must be positive, got {max_seconds}")
@@ -167,4 +221,5 @@ def generate(
         "text_tokens": tokens,
         "output_wav": str(output_wav),
         "text_path": None if text_path is None else str(text_path),
+        "input_channel": used,
     }

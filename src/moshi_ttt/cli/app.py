@@ -29,12 +29,29 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (OSError, ValueError, KeyError, SafetensorError, yaml.YAMLError)
 
 
+def package_version() -> str:
+    """The installed version of the ``moshi-ttt`` package (``importlib.metadata``), else the
+    source tree's ``moshi_ttt.__version__``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moshi-ttt")
+    except PackageNotFoundError:
+        from .. import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``moshi-ttt`` parser with every command; ``--debug`` is accepted everywhere."""
     parser = argparse.ArgumentParser(
         prog="moshi-ttt", description="Test-Time-Training layers for Kyutai's Moshi."
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {package_version()}",
+        help="print the version of moshi-ttt and exit",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo_parser(sub)
     add_generate_parser(sub)

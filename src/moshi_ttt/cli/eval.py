@@ -5,8 +5,10 @@
     moshi-ttt eval gating       DATA --out DIR --adapter DIR --gates 0,1e-3,learned,1 [--generate]
 
 ``DATA``: a directory of audio (LibriLight ``<speaker>/<book>/*.flac``), one audio file, a JSONL
-index, or a tokenized shards directory. Each command writes ``DIR/report.md``,
-``DIR/report.json`` and PNG plots (a ``DIR`` holding a report is refused without ``--force``).
+index, or a tokenized shards directory; of stereo audio one channel is used, ``--channel``
+(default right: the user's in moshi-finetune's layout), and the command says which. Each
+command writes ``DIR/report.md``, ``DIR/report.json`` and PNG plots (a ``DIR`` holding a report
+is refused without ``--force``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .common import (
 )
 from .eval_compare import add_compare_parsers
 from .eval_pairs import add_pair_parsers
+from .generate import add_channel_arg
 
 
 def add_eval_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -91,6 +94,7 @@ def _add_control_args(p: argparse.ArgumentParser, controls: str) -> None:
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
+    add_channel_arg(p)
     p.add_argument(
         "--chunk-frames",
         type=int,
@@ -264,34 +268,52 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
     shards = (Path(args.data) / "shards.json").is_file() or Path(args.data).name == "shards.json"
     mimi = None if shards else load_codec(lm, info, device=device)[0]
     inputs = EvalInputs(
-        args.data, mimi, placement, max_files=args.max_files, max_frames=args.max_frames
-    )
+        args.data, mimi, placement, max_files=args.max_files, max_frames=args.max_frames,
+        channel=args.channel,
+    )  # fmt: skip
     setup = {
         "command": command_line(args),
         "model": model.removeprefix("model: "),
-        "data": inputs.describe(),
+        # channels_used: the live counter, filled as the files are read (before the report)
+        "data": inputs.describe() | {"channels_used": inputs.channels_used},
         "dtype": str(dtype).removeprefix("torch."),
     }
     return lm, info, inputs, setup
 
 
-def _finish(result: Any, args: argparse.Namespace) -> None:
-    """Print the summary (``long_context.summary_lines``: per variant the CE beyond and inside
-    the attention context on the headline metric, 4 decimals, and the differences against the
-    primary); no usable file is an error (after the report is written)."""
+def _finish(result: Any, args: argparse.Namespace, inputs: Any = None) -> None:
+    """Print the summary (the channel used of stereo ``inputs``; ``long_context.summary_lines``:
+    per variant the CE beyond and inside the attention context on the headline metric,
+    4 decimals, and the differences against the primary); no usable file is an error (after
+    the report is written)."""
     from ..eval.long_context import summary_lines
 
     out = args.out
     bad = result.bad.get("bad_files", [])
+    if inputs is not None and (line := inputs.channel_line()):
+        print(line)
     print(f"evaluated {len(result.files)} files ({len(bad)} skipped); wrote {out}/report.md")
     print_bad_files(bad, len(result.files) + len(bad), f"{out}/report.json")
     if result.files:
-        for line in summary_lines(result.summary()):
+        summary = result.summary()
+        for line in summary_lines(summary):
             print(line)
+        if note := _interval_note(summary):
+            print(f"  {note}: the differences above have no 95 % CI or p-value")
     if result.speedup:
         print(f"  chunked vs token-by-token streaming: x{result.speedup['speedup']:.1f}")
     if not result.files:
         raise ValueError(f"no usable file in {args.data} (see {out}/report.md)")
+
+
+def _interval_note(summary: dict[str, Any]) -> str | None:
+    """The ``note`` of the file intervals (``"n = 1: no interval (fewer than 5 files)"``)
+    when there are too few files for them, else None."""
+    for entry in summary.get("intervals", {}).get("difference", {}).values():
+        for ci in entry.values():
+            if isinstance(ci, dict) and ci.get("note"):
+                return str(ci["note"])
+    return None
 
 
 def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -315,7 +337,7 @@ def run_long_context(args: argparse.Namespace) -> Any:
     )  # fmt: skip
     result.metric = args.metric
     write_long_context_report(result, args.out, setup=setup)
-    _finish(result, args)
+    _finish(result, args, inputs)
     return result
 
 
@@ -331,7 +353,7 @@ def run_inner_loss(args: argparse.Namespace) -> Any:
     report = write_inner_loss_report(result, args.out, setup=setup)
     for layer, v in report.data.get("inner_loss", {}).get("verdicts", {}).items():
         print(f"  {layer}: {v['text']}")
-    _finish(result, args)
+    _finish(result, args, inputs)
     return result
 
 
@@ -355,11 +377,12 @@ def run_gating(args: argparse.Namespace) -> Any:
             raise ValueError("--generate needs --generate-input WAV (no usable audio in DATA)")
         mimi, tokenizer = load_codec(lm, info, device=next(lm.parameters()).device)
         samples = generate_per_gate(
-            lm, mimi, tokenizer, wav, gates, args.out, seconds=args.generate_seconds, seed=args.seed
-        )
+            lm, mimi, tokenizer, wav, gates, args.out, seconds=args.generate_seconds,
+            seed=args.seed, channel=args.channel,
+        )  # fmt: skip
         setup["generate_input"] = str(wav)
     write_gating_report(result, args.out, setup=setup, samples=samples)
     for label, s in (samples or {}).items():
         print(f"  {label}: {s['text'] or '(silence)'}")
-    _finish(result, args)
+    _finish(result, args, inputs)
     return result

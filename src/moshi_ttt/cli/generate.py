@@ -5,7 +5,10 @@
     moshi-ttt generate --base kyutai/moshiko-pytorch-bf16 --ttt-config ttt.yaml --input ...
 
 The input is read and the outputs checked before the model loads: an unreadable or non-finite
-input, an output path that cannot be written or (without ``--force``) already exists is refused.
+input, an output path that cannot be written, does not end in ``.wav`` or (without ``--force``)
+already exists is refused. A stereo input gives one channel, ``--channel`` (default right: the
+user's in moshi-finetune's layout, left = Moshi), or both averaged (``mix``); the command says
+which it used.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..generate import CHANNELS, DEFAULT_CHANNEL, check_wav_suffix
 from ..outputs import check_output_file
 from .common import add_force_arg, add_model_args, describe_model, load_model_from_args
 
@@ -27,8 +31,11 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
         "Writes the output wav and Moshi's text stream and prints the real-time factor.",
     )
     add_model_args(p)
-    p.add_argument("--input", required=True, metavar="WAV", help="user audio (any rate, mono)")
-    p.add_argument("--output", required=True, metavar="WAV", help="Moshi's audio (24 kHz)")
+    p.add_argument("--input", required=True, metavar="WAV", help="user audio (any rate)")
+    add_channel_arg(p)
+    p.add_argument(
+        "--output", required=True, metavar="WAV", help="Moshi's audio (24 kHz mono, .wav only)"
+    )
     p.add_argument("--text", metavar="TXT", help="Moshi's text stream (default: OUTPUT.txt)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--max-seconds", type=float, help="only the first seconds of the input")
@@ -43,10 +50,13 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_generate(args: argparse.Namespace) -> dict[str, Any]:
     """Load the model and codec named by ``args``, run ``generate``, print the summary."""
     from ..checkpoints.loading import load_codec
-    from ..generate import generate, read_wav
+    from ..generate import CHANNEL_TEXT, generate, read_audio
 
     text_path = check_inputs(args)
-    read_wav(args.input)  # decodable, non-empty, finite: before loading a 15 GB model
+    # decodable, non-empty, finite: before loading a 15 GB model
+    _, used = read_audio(args.input, channel=args.channel)
+    option = "" if used == "mono" else f" (--channel {args.channel})"
+    print(f"input: {args.input}, {CHANNEL_TEXT[used]}{option}")
     lm, info, device, dtype = load_model_from_args(args)
     mimi, tokenizer = load_codec(lm, info, device=device)
     print(describe_model(lm, device, dtype))
@@ -62,6 +72,7 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         temp=args.temp,
         temp_text=args.temp_text,
         progress=not args.no_progress,
+        channel=args.channel,
     )
     print(f"wrote {stats['output_wav']} and {stats['text_path']}")
     print(
@@ -69,6 +80,17 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         f"{stats['audio_s']:.2f} s of audio, {stats['ms_per_frame']:.1f} ms per 80 ms frame)"
     )
     return stats
+
+
+def add_channel_arg(p: argparse.ArgumentParser) -> None:
+    """``--channel left|right|mix``: which channel of a stereo input is the user's."""
+    p.add_argument(
+        "--channel",
+        choices=CHANNELS,
+        default=DEFAULT_CHANNEL,
+        help="channel of a stereo input to use: left, right or mix (both averaged); default "
+        f"{DEFAULT_CHANNEL}, the user's in moshi-finetune's layout (left = Moshi, right = user)",
+    )
 
 
 def check_inputs(args: argparse.Namespace) -> str:
@@ -83,6 +105,7 @@ def check_inputs(args: argparse.Namespace) -> str:
         if not value >= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     text_path = args.text or str(Path(args.output).with_suffix(".txt"))
+    check_wav_suffix(args.output, "--output")
     outputs = {"--output": Path(args.output), "--text": Path(text_path)}
     if outputs["--output"].absolute() == outputs["--text"].absolute():
         raise ValueError(f"--text {text_path}: the same file as --output")

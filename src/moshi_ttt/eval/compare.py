@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .report import Report
-from .stats import fmt_interval, mcnemar_exact, paired_difference, ratio_difference
+from .stats import fmt_interval, mcnemar_exact, no_interval, paired_difference, ratio_difference
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
@@ -119,7 +119,7 @@ def _compare_pairs(a: dict[str, Any], b: dict[str, Any], reduction: str | None) 
         table[name] = {
             "accuracy_a": float(np.mean(ga)),
             "accuracy_b": float(np.mean(gb)),
-            **paired_difference(ga, gb),
+            **paired_difference(ga, gb, unit="groups"),
             "n_pairs": sum(len(v) for v in groups.values()),
         }
     only_a = sum(ia[k][1] == 1.0 and ib[k][1] == 0.0 for k in common)
@@ -225,8 +225,7 @@ def compare_lines(c: dict[str, Any]) -> list[str]:
         for name, s in c["subsets"].items():
             lines.append(
                 f"  {name}: {100 * s['accuracy_a']:.2f} - {100 * s['accuracy_b']:.2f} = "
-                f"{fmt_interval(s, 100, 2, 'difference')} points, p = {_p(s['p_value'])} "
-                f"({s['n']} groups)"
+                f"{_difference(s, 100, 2, 'points')} ({s['n']} groups)"
             )
         mc = c["mcnemar"]
         lines.append(
@@ -242,10 +241,20 @@ def compare_lines(c: dict[str, Any]) -> list[str]:
     ]
     for part, d in c["parts"].items():
         lines.append(
-            f"  {part}: {d['ce_a']:.4f} - {d['ce_b']:.4f} = "
-            f"{fmt_interval(d, 1, 4, 'difference')} nats, p = {_p(d['p_value'])}"
+            f"  {part}: {d['ce_a']:.4f} - {d['ce_b']:.4f} = {_difference(d, 1, 4, 'nats')}"
         )
     return lines
+
+
+def _difference(d: dict[str, Any], scale: float, digits: int, unit: str) -> str:
+    """``"+0.0123 [+0.0050, +0.0200] nats, p = 0.002"``, or ``"+0.0123 nats (n = 3: no
+    interval)"`` below the minimum of units."""
+    few = no_interval(d)
+    if few is not None:
+        v = d.get("difference")
+        value = "-" if v is None or not math.isfinite(v) else f"{scale * v:+.{digits}f}"
+        return f"{value} {unit} ({few})"
+    return f"{fmt_interval(d, scale, digits, 'difference')} {unit}, p = {_p(d['p_value'])}"
 
 
 def _p(p: Any) -> str:
@@ -426,6 +435,10 @@ def summarize(paths: list[str | Path], out_dir: str | Path) -> Report:
     return report
 
 
+def _finite(x: Any) -> bool:
+    return x is not None and math.isfinite(x)
+
+
 def _plot_accuracy(report: Report, rows: list[dict[str, Any]]) -> None:
     cells = list(dict.fromkeys(f"{r['benchmark']} {r['subset']}" for r in rows))
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -446,8 +459,8 @@ def _plot_accuracy(report: Report, rows: list[dict[str, Any]]) -> None:
                 continue
             xs.append(j + (i - (len(models) - 1) / 2) * w)
             ys.append(100 * r["accuracy"])
-            err[0].append(100 * (r["accuracy"] - r["lo"]) if r["lo"] is not None else 0)
-            err[1].append(100 * (r["hi"] - r["accuracy"]) if r["hi"] is not None else 0)
+            err[0].append(100 * (r["accuracy"] - r["lo"]) if _finite(r["lo"]) else 0)
+            err[1].append(100 * (r["hi"] - r["accuracy"]) if _finite(r["hi"]) else 0)
         ax.bar(xs, ys, w, yerr=err, capsize=2, label=model[:40])
     ax.axhline(50, color="k", lw=0.8, ls="--")
     ax.set_xticks(range(len(cells)), cells, rotation=20, ha="right", fontsize=7)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from moshi.models.lm import LMModel
 
+from ..generate import DEFAULT_CHANNEL
 from ..integration.apply import set_gates, ttt_modules
 from .long_context import (
     LongContextResult,
@@ -94,9 +95,11 @@ def generate_per_gate(
     seconds: float = 10.0,
     seed: int = 0,
     progress: bool = False,
+    channel: str = DEFAULT_CHANNEL,
 ) -> dict[str, dict[str, Any]]:
     """For each gate value, ``generate`` Moshi's answer to the first ``seconds`` of
-    ``input_wav`` (same seed): ``{label: {"text", "wav", "rtf"}}``; wavs in ``out_dir``."""
+    ``input_wav`` (same seed; of a stereo input its ``channel``): ``{label: {"text", "wav",
+    "rtf"}}``; wavs in ``out_dir``."""
     from ..generate import generate
 
     out: dict[str, dict[str, Any]] = {}
@@ -115,6 +118,7 @@ def generate_per_gate(
                 seed=seed,
                 max_seconds=seconds,
                 progress=progress,
+                channel=channel,
             )
             out[label] = {
                 "text": stats["text"],

@@ -8,9 +8,11 @@ Sources (``EvalInputs(path, ...)``):
 - a directory of tokenized shards (``shards.json``, from ``moshi-ttt tokenize``): its codes are
   used as they are (the placement options below do not apply).
 
-Audio is read as mono (channels averaged), resampled to 24 kHz and encoded by Mimi over the
-whole file (in streaming pieces for long files); the 8 codes go into one stream and the rest is
-filled as configured (``StreamPlacement``). Rows of ``codes``: 0 text, 1-8 Moshi, 9-16 user;
+Audio is read as mono, resampled to 24 kHz and encoded by Mimi over the whole file (in
+streaming pieces for long files); of a stereo file one channel is used, ``channel`` (default
+right: the user's in moshi-finetune's layout, left = Moshi), or both averaged (``mix``), and
+``channels_used`` counts which. The 8 codes go into one stream and the rest is filled as
+configured (``StreamPlacement``). Rows of ``codes``: 0 text, 1-8 Moshi, 9-16 user;
 -1 is moshi's zero token (no embedding, no loss).
 
 A missing file, an unreadable or empty one, one shorter than a frame (80 ms) is skipped,
@@ -28,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..generate import read_wav
+from ..generate import CHANNELS, DEFAULT_CHANNEL, read_audio
 from ..train.data import (
     FRAME_SIZE,
     NUM_CODEBOOKS,
@@ -121,8 +123,11 @@ class EvalInputs:
         max_files: only the first files (sorted by path; index order for JSONL).
         max_frames: cut every file to its first frames (None: whole files).
         encode_chunk_frames: Mimi streaming piece for long files, frames.
+        channel: the channel of a stereo file, ``left``, ``right`` (default) or ``mix``.
 
-    ``bad`` (``BadFiles``) lists the skipped files after (or during) iteration.
+    ``bad`` (``BadFiles``) lists the skipped files after (or during) iteration;
+    ``channels_used`` counts the files read per channel (``mono``, ``left``, ``right``,
+    ``mix``).
     """
 
     def __init__(
@@ -134,7 +139,12 @@ class EvalInputs:
         max_files: int | None = None,
         max_frames: int | None = None,
         encode_chunk_frames: int = 1500,
+        channel: str = DEFAULT_CHANNEL,
     ) -> None:
+        if channel not in CHANNELS:
+            raise ValueError(f"channel must be one of {', '.join(CHANNELS)}, got {channel!r}")
+        self.channel = channel
+        self.channels_used: dict[str, int] = {}
         self.path = Path(path)
         self.mimi, self.placement = mimi, placement or StreamPlacement()
         self.max_frames, self.encode_chunk_frames = max_frames, encode_chunk_frames
@@ -185,7 +195,22 @@ class EvalInputs:
             "files": self.count,
             "placement": self.placement.to_dict() if self.kind != "shards" else "as tokenized",
             "max_frames": self.max_frames,
+            "channel": self.channel if self.kind != "shards" else "as tokenized",
         }
+
+    def channel_line(self) -> str | None:
+        """``"stereo input: used the right channel (...) of 3 files (--channel right)"``, or
+        None when no stereo file was read."""
+        from ..generate import CHANNEL_TEXT
+
+        stereo = {k: v for k, v in self.channels_used.items() if k != "mono"}
+        if not stereo:
+            return None
+        used = "; ".join(
+            f"{CHANNEL_TEXT[k].removeprefix('stereo, ')} of {v} file{'s' * (v != 1)}"
+            for k, v in stereo.items()
+        )
+        return f"stereo input: {used} (--channel {self.channel})"
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for i in range(self.count):
@@ -211,7 +236,8 @@ class EvalInputs:
         return codes[:, : self.max_frames] if self.max_frames else codes
 
     def _audio(self, path: Path) -> torch.Tensor:
-        wav = load_mono(path)
+        wav, used = load_mono(path, self.channel)
+        self.channels_used[used] = self.channels_used.get(used, 0) + 1
         if self.max_frames:
             wav = wav[: self.max_frames * FRAME_SIZE]
         audio = encode_mono(self.mimi, wav, self.encode_chunk_frames)
@@ -240,15 +266,16 @@ class EvalInputs:
         return self._silence[:, :frames]
 
 
-def load_mono(path: Path) -> np.ndarray:
-    """Mono float32 samples at 24 kHz; raises ``BadFile`` (missing, empty, unreadable, too
-    short: under one 1920-sample frame)."""
+def load_mono(path: Path, channel: str = DEFAULT_CHANNEL) -> tuple[np.ndarray, str]:
+    """Mono float32 samples at 24 kHz (of a stereo file its ``channel``) and the channel used
+    (``read_audio``); raises ``BadFile`` (missing, empty, unreadable, too short: under one
+    1920-sample frame)."""
     if not path.is_file():
         raise BadFile("missing", "no such file")
     if path.stat().st_size == 0:
         raise BadFile("empty", "0 bytes")
     try:
-        wav = read_wav(path, SAMPLE_RATE)
+        wav, used = read_audio(path, SAMPLE_RATE, channel)
     except FileNotFoundError:
         raise BadFile("missing", "no such file") from None
     except (ValueError, OSError, RuntimeError) as e:
@@ -258,4 +285,4 @@ def load_mono(path: Path) -> np.ndarray:
         raise BadFile("unreadable", "non-finite samples")
     if len(wav) < FRAME_SIZE:
         raise BadFile("too_short", f"{len(wav) / SAMPLE_RATE:.3f} s < one 80 ms frame")
-    return wav
+    return wav, used

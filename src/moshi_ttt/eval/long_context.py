@@ -24,6 +24,7 @@ text CE (e.g. text-only shards whose audio rows are -1); callers may name one of
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -39,6 +40,7 @@ from moshi.utils.compile import no_compile
 
 from ..integration.apply import set_gates, ttt_modules
 from ..integration.streaming import chunked_streaming, delayed_inputs, reset_ttt_states
+from ..recipes import HARM_TOLERANCE
 from .report import Report
 from .stats import fmt_interval, ratio_difference, ratio_interval
 
@@ -319,6 +321,31 @@ class PositionLosses:
             sums[i, : len(starts)] = np.add.reduceat(num, starts)
             counts[i, : len(starts)] = np.add.reduceat(den, starts)
         return sums, counts
+
+    def grouped(self, unit: Callable[[str], str]) -> PositionLosses:
+        """The same curve with the per-file data summed into units ``unit(name)`` (e.g.
+        several sequences of one source file): intervals then resample whole units. Positions
+        and totals are unchanged."""
+        out = copy.copy(self)
+        out.file_names, out.file_frames, out.file_blocks = [], [], []
+        index: dict[str, int] = {}
+        for name, T, blocks in zip(self.file_names, self.file_frames, self.file_blocks):
+            key = unit(name)
+            if key not in index:
+                index[key] = len(out.file_names)
+                out.file_names.append(key)
+                out.file_frames.append(T)
+                out.file_blocks.append(blocks.copy())
+                continue
+            i = index[key]
+            have = out.file_blocks[i]
+            width = max(have.shape[1], blocks.shape[1])
+            merged = np.zeros((have.shape[0], width))
+            merged[:, : have.shape[1]] += have
+            merged[:, : blocks.shape[1]] += blocks
+            out.file_blocks[i] = merged
+            out.file_frames[i] = max(out.file_frames[i], T)
+        return out
 
     def equal_length(self, frames: int) -> PositionLosses:
         """The curve of the files of at least ``frames`` frames, each cropped to ``frames``
@@ -793,7 +820,25 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             f"  {label} beyond the context: {name} - {primary} = "
             f"{d['beyond_context']:+.4f} nats (inside: {d['within_context']:+.4f}){extra}"
         )
+    if "no_ttt" in summary["difference"] and primary != "no_ttt":
+        within = summary["difference"]["no_ttt"]["within_context"]
+        ci = intervals.get("no_ttt", {}).get("within_context")
+        lines.append(harm_line(within, ci, label))
     return lines
+
+
+def harm_line(base_minus_memory: float, ci: dict[str, Any] | None, label: str) -> str:
+    """ "Inside the window: vs the base" for a memory, from ``base - memory`` inside the
+    context (and its interval, also ``base - memory``), with a warning past
+    ``HARM_TOLERANCE``."""
+    harm = -base_minus_memory
+    text = f"  {label} inside the window: memory - base (gate 0) = {harm:+.4f} nats"
+    if ci and math.isfinite(ci.get("lo", math.nan)):
+        text += f" [95 % CI {-ci['hi']:+.4f}, {-ci['lo']:+.4f}; {ci['n']} files]"
+    if harm > HARM_TOLERANCE:
+        text += (f"  WARNING: the memory makes the model worse where the attention sees "
+                 f"everything (tolerance {HARM_TOLERANCE})")  # fmt: skip
+    return text
 
 
 def evaluate_variants(

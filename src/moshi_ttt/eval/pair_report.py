@@ -31,7 +31,7 @@ from .likelihood import (
 )
 from .pairs import Pair, PairSet, pair_accuracy
 from .report import Report
-from .stats import fmt_interval
+from .stats import fmt_interval, no_interval
 
 TITLES = {
     "swuggy": "sWUGGY (ZeroSpeech 2021 lexical)",
@@ -350,9 +350,10 @@ def _write_text(
 ) -> None:
     d = report.data
     ci = d["accuracy_interval"]
+    few = no_interval(ci)
+    interval = few or f"95 % CI {_pct(ci['lo'])}, {_pct(ci['hi'])}; bootstrap over groups"
     report.add_text(
-        f"**Accuracy: {_pct(d['accuracy'])} %** [95 % CI {_pct(ci['lo'])}, {_pct(ci['hi'])}; "
-        f"bootstrap over groups] (token {reduction}, codebooks "
+        f"**Accuracy: {_pct(d['accuracy'])} %** [{interval}] (token {reduction}, codebooks "
         f"{codebooks_label(config.codebooks)}, text fill {config.text}, scored {config.score}; "
         f"chance 50 %, split {d['split'] or '-'}) over "
         f"{d['n_pairs']} pairs in {d['n_groups']} groups; tied pairs (count 0.5): "

@@ -282,9 +282,10 @@ def pair_accuracy(
     A pair whose file has no score (bad file) or a non-finite value (no scored token) is
     dropped and counted. Returns ``{"subsets": {name: {"accuracy", "n_pairs", "n_groups"}},
     "intervals": {name: mean_interval of its group means (bootstrap over groups)},
-    "breakdown": {tag: {"accuracy", "n_pairs", "n_groups", "lo", "hi"}} (``Pair.tags``, or
-    ``tags[pair key]`` where given), "dropped_pairs": int, "outcomes": {pair key: 0 | 0.5 |
-    1}, "margins": {pair key: positive - negative}, "group_means": {group: mean outcome}}``;
+    "breakdown": {tag: {"accuracy", "n_pairs", "n_groups", "lo", "hi", "n"}} (``Pair.tags``,
+    or ``tags[pair key]`` where given; a "note" under 5 groups), "dropped_pairs": int,
+    "outcomes": {pair key: 0 | 0.5 | 1}, "margins": {pair key: positive - negative},
+    "group_means": {group: mean outcome}}``;
     an empty subset has accuracy NaN.
     """
     from .stats import mean_interval
@@ -324,12 +325,12 @@ def pair_accuracy(
     for name in names:
         groups = [g for g, subs in group_subsets.items() if name in subs]
         table[name] = cell(groups)
-        intervals[name] = mean_interval([means[g] for g in groups])
+        intervals[name] = mean_interval([means[g] for g in groups], unit="groups")
     breakdown = {}
     for tag in sorted({t for ts in group_tags.values() for t in ts}, key=_natural):
         groups = [g for g, ts in group_tags.items() if tag in ts]
-        ci = mean_interval([means[g] for g in groups])
-        breakdown[tag] = cell(groups) | {"lo": ci["lo"], "hi": ci["hi"]}
+        ci = mean_interval([means[g] for g in groups], unit="groups")
+        breakdown[tag] = cell(groups) | {k: ci[k] for k in ("lo", "hi", "n", "note") if k in ci}
     return {
         "subsets": table,
         "intervals": intervals,

@@ -10,7 +10,13 @@
 - ``mcnemar_exact(b, c)``: McNemar's exact test (two-sided binomial on the discordant pairs).
 
 Bootstraps resample units with replacement ``n_boot`` times with ``numpy.random.default_rng
-(seed)``; intervals are percentile intervals at ``level`` (default 0.95).
+(seed)``; intervals are percentile intervals at ``level`` (default 0.95); ``method`` names the
+unit resampled ("bootstrap over files", "... over groups").
+
+No interval or p-value from fewer than ``MIN_UNITS`` (5) units: a bootstrap over 1 unit gives
+a zero-width interval and p = 0, over 2 units p is 0 or about 0.5. Below it ``lo``, ``hi``
+(and ``p_value``, ``se``) are NaN and ``note`` says ``"n = 1: no interval (fewer than 5
+files)"``; ``fmt_interval`` then prints ``"n = 1: no interval"``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,23 @@ import numpy as np
 N_BOOT = 2000
 LEVEL = 0.95
 SEED = 0
+MIN_UNITS = 5  # fewer units (files, groups): no interval, no p-value
+
+
+def too_few(n: int, unit: str, min_units: int = MIN_UNITS) -> dict[str, Any] | None:
+    """``{"note": "n = N: no interval (fewer than 5 files)"}`` when ``n < min_units``, else
+    None."""
+    if n >= min_units:
+        return None
+    return {"note": f"n = {n}: no interval (fewer than {min_units} {unit})"}
+
+
+def no_interval(ci: dict[str, Any]) -> str | None:
+    """``"n = N: no interval"`` for a result below the minimum (one with a ``note``), else
+    None."""
+    if not ci.get("note"):
+        return None
+    return f"n = {ci.get('n', '?')}: no interval"
 
 
 def _indices(n: int, n_boot: int, seed: int) -> np.ndarray:
@@ -56,15 +79,22 @@ def mean_interval(
     level: float = LEVEL,
     n_boot: int = N_BOOT,
     seed: int = SEED,
+    unit: str = "values",
+    min_units: int = MIN_UNITS,
 ) -> dict[str, Any]:
     """``{"mean", "lo", "hi", "se", "n", "level", "method"}`` of ``values`` (NaN dropped):
-    percentile bootstrap over the values; ``se`` = sample std / sqrt(n). NaN with no value."""
+    percentile bootstrap over the values (``unit``: what they are, e.g. "groups");
+    ``se`` = sample std / sqrt(n). Under ``min_units`` values: ``lo``, ``hi``, ``se`` NaN
+    and a ``note``."""
     x = np.asarray(values, dtype=np.float64)
     x = x[np.isfinite(x)]
     n = int(x.size)
-    out: dict[str, Any] = {"n": n, "level": level, "method": f"bootstrap ({n_boot}, seed {seed})"}
-    if n == 0:
-        return out | {"mean": math.nan, "lo": math.nan, "hi": math.nan, "se": math.nan}
+    method = f"bootstrap over {unit} ({n_boot}, seed {seed})"
+    out: dict[str, Any] = {"n": n, "level": level, "method": method}
+    mean = float(x.mean()) if n else math.nan
+    few = too_few(n, unit, min_units)
+    if few is not None:
+        return out | few | {"mean": mean, "lo": math.nan, "hi": math.nan, "se": math.nan}
     boot = x[_indices(n, n_boot, seed)].mean(1)
     lo, hi = _percentiles(boot, level)
     se = float(x.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
@@ -83,17 +113,21 @@ def ratio_interval(
     level: float = LEVEL,
     n_boot: int = N_BOOT,
     seed: int = SEED,
+    min_units: int = MIN_UNITS,
 ) -> dict[str, Any]:
     """Token-weighted mean ``sum(sums) / sum(counts)`` over units (files) with a bootstrap
-    interval over the units: ``{"mean", "lo", "hi", "n", "level", "method"}``."""
+    interval over the files: ``{"mean", "lo", "hi", "n", "level", "method"}``; ``n`` = files
+    with a token. Under ``min_units`` such files: ``lo``, ``hi`` NaN and a ``note``."""
     s, c = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
     if s.shape != c.shape or s.ndim != 1:
         raise ValueError(f"sums and counts must be 1-d of one length, got {s.shape}, {c.shape}")
     n = int((c > 0).sum())
-    out: dict[str, Any] = {"n": n, "level": level, "method": f"bootstrap ({n_boot}, seed {seed})"}
+    method = f"bootstrap over files ({n_boot}, seed {seed})"
+    out: dict[str, Any] = {"n": n, "level": level, "method": method}
     mean = float(s.sum() / c.sum()) if c.sum() > 0 else math.nan
-    if len(s) == 0 or n == 0:
-        return out | {"mean": mean, "lo": math.nan, "hi": math.nan}
+    few = too_few(n, "files", min_units)
+    if few is not None:
+        return out | few | {"mean": mean, "lo": math.nan, "hi": math.nan}
     lo, hi = _percentiles(_ratio(s, c, _indices(len(s), n_boot, seed)), level)
     return out | {"mean": mean, "lo": lo, "hi": hi}
 
@@ -105,9 +139,13 @@ def paired_difference(
     level: float = LEVEL,
     n_boot: int = N_BOOT,
     seed: int = SEED,
+    unit: str = "units",
+    min_units: int = MIN_UNITS,
 ) -> dict[str, Any]:
-    """Mean of ``a - b`` over paired units (NaN pairs dropped) with a bootstrap interval and
-    p-value: ``{"difference", "lo", "hi", "p_value", "n", "level", "method"}``."""
+    """Mean of ``a - b`` over paired units (NaN pairs dropped; ``unit``: what they are, e.g.
+    "groups") with a bootstrap interval and p-value: ``{"difference", "lo", "hi", "p_value",
+    "n", "level", "method"}``. Under ``min_units`` pairs: ``lo``, ``hi``, ``p_value`` NaN and
+    a ``note``."""
     x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if x.shape != y.shape:
         raise ValueError(f"paired values must have one shape, got {x.shape} and {y.shape}")
@@ -116,10 +154,12 @@ def paired_difference(
     out: dict[str, Any] = {
         "n": n,
         "level": level,
-        "method": f"paired bootstrap ({n_boot}, seed {seed})",
+        "method": f"paired bootstrap over {unit} ({n_boot}, seed {seed})",
     }
-    if n == 0:
-        return out | {"difference": math.nan, "lo": math.nan, "hi": math.nan, "p_value": math.nan}
+    few = too_few(n, unit, min_units)
+    if few is not None:
+        nan = {"lo": math.nan, "hi": math.nan, "p_value": math.nan}
+        return out | few | nan | {"difference": float(d.mean()) if n else math.nan}
     boot = d[_indices(n, n_boot, seed)].mean(1)
     lo, hi = _percentiles(boot, level)
     mean = float(d.mean())
@@ -135,26 +175,32 @@ def ratio_difference(
     level: float = LEVEL,
     n_boot: int = N_BOOT,
     seed: int = SEED,
+    min_units: int = MIN_UNITS,
 ) -> dict[str, Any]:
     """``sum(a)/count(a) - sum(b)/count(b)`` over the same files (arrays aligned by file) with
     a paired bootstrap over files: ``{"difference", "lo", "hi", "p_value", "n", ...}``
-    (for losses in nats: > 0 means b is better)."""
+    (for losses in nats: > 0 means b is better); ``n`` = files with a token in a or b. Under
+    ``min_units`` such files: ``lo``, ``hi``, ``p_value`` NaN and a ``note``."""
     arrays = [np.asarray(v, dtype=np.float64) for v in (sums_a, counts_a, sums_b, counts_b)]
     if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 1:
         raise ValueError(
             f"per-file arrays must be 1-d of one length, got {[a.shape for a in arrays]}"
         )
     sa, ca, sb, cb = arrays
-    n = len(sa)
+    n = int(((ca > 0) | (cb > 0)).sum())
     out: dict[str, Any] = {
         "n": n,
         "level": level,
         "method": f"paired bootstrap over files ({n_boot}, seed {seed})",
     }
-    if n == 0 or ca.sum() == 0 or cb.sum() == 0:
-        return out | {"difference": math.nan, "lo": math.nan, "hi": math.nan, "p_value": math.nan}
+    nan = {"lo": math.nan, "hi": math.nan, "p_value": math.nan}
+    if ca.sum() == 0 or cb.sum() == 0:
+        return out | nan | {"difference": math.nan} | (too_few(n, "files", min_units) or {})
     diff = float(sa.sum() / ca.sum() - sb.sum() / cb.sum())
-    idx = _indices(n, n_boot, seed)
+    few = too_few(n, "files", min_units)
+    if few is not None:
+        return out | few | nan | {"difference": diff}
+    idx = _indices(len(sa), n_boot, seed)
     boot = _ratio(sa, ca, idx) - _ratio(sb, cb, idx)
     lo, hi = _percentiles(boot, level)
     return out | {"difference": diff, "lo": lo, "hi": hi, "p_value": _p_value(boot, diff)}
@@ -179,11 +225,14 @@ def mcnemar_exact(b: int, c: int) -> float:
 
 def fmt_interval(ci: dict[str, Any], scale: float = 1.0, digits: int = 2, key: str = "mean") -> str:
     """``"58.21 [56.10, 60.30]"``: ``ci[key]`` and its interval times ``scale`` (signed for
-    ``key="difference"``); ``-`` if NaN."""
+    ``key="difference"``); ``"58.21 (n = 3: no interval)"`` below the minimum of units;
+    ``-`` if NaN."""
     v = ci.get(key, math.nan)
     if v is None or not math.isfinite(v):
         return "-"
     f = f"{'+' if key == 'difference' else ''}.{digits}f"
+    if (few := no_interval(ci)) is not None:
+        return f"{scale * v:{f}} ({few})"
     lo, hi = ci.get("lo"), ci.get("hi")
     if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
         return f"{scale * v:{f}}"

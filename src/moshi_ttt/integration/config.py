@@ -4,6 +4,7 @@ Layer specs (``parse_layer_spec``), for a transformer of L layers (indices 0 .. 
 
 - ``"all"``: every layer;
 - ``"middle"``: the single layer ``L // 2`` (16 of Moshi's 32);
+- ``"upper"``: the last half, layers ``L // 2 .. L - 1`` (16-31 of Moshi's 32; the retrofit's);
 - ``"top:N"`` / ``"bottom:N"``: the last / first N layers;
 - ``"every:K"``: layers 0, K, 2K, ... (the In-Place TTT paper's pattern);
 - explicit lists ``[3, 5]`` and strings of indices and inclusive ranges ``"10,20,29-31"``.
@@ -27,7 +28,7 @@ INPLACE_TARGETS = ("ffn_input", "embeddings")
 OUTPUT_INITS = ("normal", "zero")
 OUTPUT_SCALES = ("fixed", "residual_rms")
 INPUTS = ("residual", "embeddings")
-_NAMED_SPECS = ("all", "middle", "top:N", "bottom:N", "every:K", "'3,5,10-12'", "[3, 5]")
+_NAMED_SPECS = ("all", "middle", "upper", "top:N", "bottom:N", "every:K", "'3,5,10-12'", "[3, 5]")
 
 
 @dataclass
@@ -173,7 +174,7 @@ _LIST_SPEC = re.compile(r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*$")
 
 def _check_spec_syntax(spec: str) -> None:
     s = spec.strip().lower()
-    if s in ("all", "middle") or _PREFIX_SPEC.match(s) or _LIST_SPEC.match(s):
+    if s in ("all", "middle", "upper") or _PREFIX_SPEC.match(s) or _LIST_SPEC.match(s):
         return
     raise ValueError(f"TTTConfig.layers: bad layer spec {spec!r}; expected one of {_NAMED_SPECS}")
 
@@ -196,6 +197,8 @@ def parse_layer_spec(spec: str | list[int] | tuple[int, ...], num_layers: int) -
             indices = list(range(num_layers))
         elif s == "middle":
             indices = [num_layers // 2] if num_layers > 0 else []
+        elif s == "upper":
+            indices = list(range(num_layers // 2, num_layers))
         elif m:
             kind, n = m.group(1), int(m.group(2))
             if n < 1 or (kind != "every" and n > num_layers):

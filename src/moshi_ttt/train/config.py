@@ -78,6 +78,10 @@ class ModelConfig:
             training*; null = the model's own. A shorter one than at inference makes the TTT
             memory carry what attention can no longer see (evaluation and export keep the
             model's own context).
+        train_context_min: with it, every optimizer step draws its attention context uniformly
+            from ``[train_context_min, train_context or the model's own]`` (a fixed draw per
+            run seed and step, so resumes stay exact): a memory trained this way cannot stand
+            in for attention of one fixed span (docs/retrofit.md).
     """
 
     source: Literal["tiny", "hf", "local"] = "tiny"
@@ -93,6 +97,7 @@ class ModelConfig:
     train_embeddings: bool = False
     train_base: bool = False
     train_context: int | None = option(None, ge=1)
+    train_context_min: int | None = option(None, ge=1)
 
 
 @dataclass
@@ -191,6 +196,13 @@ class TrainConfig:
         eval_max_batches: cap on batches per evaluation per rank; null = the whole eval set.
         keep_last: checkpoints kept (older ones are deleted).
         max_bad_steps: consecutive non-finite steps (skipped) that stop the run.
+        kl_to_base: weight of a KL term ``KL(gate-0 model || model)`` on the frames that the
+            step's attention window covers entirely (frame index < the window): there the
+            memory knows nothing attention does not, so any change it makes to the
+            predictions is harm. Summed over those tokens and divided by the step's total
+            loss weight (exact over micro-batches and ranks); 0 = off. Needs TTT layers.
+            With ``state_carry: detached`` only the windows that start a file count (in the
+            others the carried memory knows earlier windows that the attention does not).
     """
 
     run_dir: str = option("runs/moshi_ttt", nonempty=True)
@@ -212,6 +224,7 @@ class TrainConfig:
     ckpt_every: int = option(0, ge=0)
     keep_last: int = option(3, ge=1)
     max_bad_steps: int = option(5, ge=1)
+    kl_to_base: float = option(0.0, ge=0)
     model: ModelConfig = field(default_factory=ModelConfig)
     ttt: TTTConfig | None = field(default_factory=TTTConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -240,6 +253,17 @@ class TrainConfig:
         if self.ttt is None and not self.lora.enable and not (m.train_embeddings or m.train_base):
             raise ValueError(
                 "ttt: null with lora.enable false and no train_embeddings: nothing to train"
+            )
+        lo, hi = m.train_context_min, m.train_context
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(
+                f"model.train_context_min: {lo} > model.train_context {hi}: the range of "
+                "training windows is empty"
+            )
+        if self.kl_to_base > 0 and (self.ttt is None or self.ttt.kind == "inplace"):
+            raise ValueError(
+                "kl_to_base: the KL to the gate-0 model needs gated TTT layers (ttt.kind "
+                "linear or mlp)"
             )
         if self.data.state_carry == "detached":
             self._check_state_carry()

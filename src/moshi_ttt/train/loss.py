@@ -218,3 +218,42 @@ def compute_loss_terms(
         audio_ce_sum=audio_ce.detach().sum(dim=(0, 2)),
         audio_count=mask.sum(dim=(0, 2)).float(),
     )
+
+
+def covered_kl_sum(
+    student: LMOutputLike,
+    teacher: LMOutputLike,
+    frames: int,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``KL(teacher || student)`` summed over the scored text and audio tokens of frames
+    ``< frames`` (float32 scalar, differentiable in ``student``): the harm term of
+    ``TrainConfig.kl_to_base``; ``teacher`` is the gate-0 model's output on the same codes.
+    ``rows [B]`` bool, if given: only those batch rows count (with a carried TTT state, the
+    rows that start a file: elsewhere the memory knows earlier windows the attention does not).
+    """
+    total = torch.zeros((), dtype=torch.float32, device=student.logits.device)
+    for s_logits, t_logits, mask in (
+        (student.text_logits, teacher.text_logits, student.text_mask),
+        (student.logits, teacher.logits, student.mask),
+    ):
+        m = mask.bool().clone()
+        m[..., frames:] = False
+        if rows is not None:
+            m[~rows.to(device=m.device, dtype=torch.bool)] = False
+        if not bool(m.any()):
+            continue
+        s = F.log_softmax(s_logits[m].float(), dim=-1)
+        t = F.log_softmax(t_logits[m].float(), dim=-1)
+        total = total + (t.exp() * (t - s)).sum()
+    return total
+
+
+def covered_ce_sums(output: LMOutputLike, codes: torch.Tensor, frames: int) -> torch.Tensor:
+    """``[CE sum, token count]`` (float32, detached) over the scored text and audio tokens of
+    frames ``< frames``: where the attention sees the whole prefix (the harm check)."""
+    text = _masked_ce(output.text_logits, codes[:, :1], output.text_mask.bool())
+    audio = _masked_ce(output.logits, codes[:, 1 : 1 + NUM_CODEBOOKS], output.mask.bool())
+    tm, am = output.text_mask.bool()[..., :frames], output.mask.bool()[..., :frames]
+    total = text[..., :frames].sum() + audio[..., :frames].sum()
+    return torch.stack([total.detach().float(), (tm.sum() + am.sum()).float()])

@@ -32,7 +32,9 @@ from ..checkpoints.loading import load_codec
 from ..errors import TrainingStopped
 from ..integration.apply import set_gates
 from ..integration.carry import StateCarry
+from ..integration.hybrid import GatedTTT
 from ..outputs import check_output_dir, existing
+from ..recipes import HARM_TOLERANCE, retrofit_window
 from .checkpoint import (
     CorruptCheckpoint,
     checkpoint_config,
@@ -52,7 +54,7 @@ from .data import (
     WindowLoader,
     open_source,
 )
-from .loss import LossTerms, compute_loss_terms, weight_totals
+from .loss import LossTerms, compute_loss_terms, covered_ce_sums, covered_kl_sum, weight_totals
 from .metrics import CollapseGuard, MetricsWriter, gate_values, grad_norms, truncate_metrics
 from .model import build_model, build_sharded_model, resolve_dtype
 from .parallel import (
@@ -171,30 +173,74 @@ def autocast_for(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractC
 
 def forward_terms(lm: nn.Module, codes: torch.Tensor, cfg: TrainConfig) -> LossTerms:
     """``LossTerms`` of ``lm(codes)`` under ``autocast_for`` (the loss itself is float32)."""
+    return forward_output_terms(lm, codes, cfg)[1]
+
+
+def forward_output_terms(
+    lm: nn.Module, codes: torch.Tensor, cfg: TrainConfig
+) -> tuple[Any, LossTerms]:
+    """``lm(codes)`` under ``autocast_for`` and its ``LossTerms`` (float32)."""
     with autocast_for(cfg, codes.device):
         out = lm(codes)
-    return compute_loss_terms(
+    return out, compute_loss_terms(
         out, codes,
         first_codebook_weight=cfg.first_codebook_weight,
         text_padding_weight=cfg.text_padding_weight,
     )  # fmt: skip
 
 
-def retrofit_advice(cfg: TrainConfig, lm: nn.Module) -> str | None:
-    """A note when TTT is retrofitted into a frozen base that trains with its full attention
-    window: in the retrofit study the memory was then not learned (docs/retrofit.md)."""
-    if cfg.ttt is None or cfg.model.train_base or cfg.model.train_context is not None:
-        return None
-    from ..recipes import retrofit_train_context
+def step_context(cfg: TrainConfig, step: int, full: int) -> int | None:
+    """The attention context of optimizer step ``step`` while training: ``train_context``, or
+    with ``train_context_min`` a uniform draw from ``[train_context_min, train_context or
+    full]`` that depends on the run's seed and the step only (resumes stay exact)."""
+    m = cfg.model
+    if m.train_context_min is None:
+        return m.train_context
+    hi = m.train_context or full
+    lo = min(m.train_context_min, hi)
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    return int(torch.randint(lo, hi + 1, (1,), generator=g))
 
+
+@torch.no_grad()
+def gate0_output(lm: nn.Module, codes: torch.Tensor, cfg: TrainConfig) -> Any:
+    """The output of ``lm`` with every TTT gate forced to 0 (the teacher of ``kl_to_base``).
+
+    The branches add nothing then, so they run from their initial state and a ``StateCarry``
+    attached to them is neither read nor written: the carried state stays the training pass's.
+    """
+    carries = [(m, m.carry) for m in lm.modules() if isinstance(m, GatedTTT)]
+    set_gates(lm, 0.0)
+    for m, _ in carries:
+        m.carry = None
+    try:
+        with autocast_for(cfg, codes.device):
+            return lm(codes)
+    finally:
+        set_gates(lm, None)
+        for m, carry in carries:
+            m.carry = carry
+
+
+def retrofit_advice(cfg: TrainConfig, lm: nn.Module) -> str | None:
+    """A note when TTT is retrofitted into a frozen base without the shipped recipe's training
+    (a random window per step and the KL-to-gate-0 term): with the full window the memory was
+    not learned, with one short window it learned to stand in for the attention and did harm on
+    real text (docs/retrofit.md)."""
+    m = cfg.model
+    if cfg.ttt is None or m.train_base or m.train_context_min or cfg.kl_to_base > 0:
+        return None
     context = int(lm.transformer.layers[0].self_attn.context or 0)
     if not context:
         return None
+    keys = ", ".join(f"model.{k}: {v}" for k, v in retrofit_window(context).items())
+    how = (f"one training window of {m.train_context} frames" if m.train_context
+           else f"the full attention window ({context} frames)")  # fmt: skip
     return (
-        f"note: TTT on a frozen base, trained with the full attention window ({context} "
-        f"frames): the base's attention solves what it sees and the memory may never be "
-        f"learned (docs/retrofit.md: 23 % of the gain instead of 90 %). Consider "
-        f"model.train_context: {retrofit_train_context(context)}."
+        f"note: TTT on a frozen base, trained with {how} and no harm term: in the retrofit "
+        f"study this either left the memory unlearned or made the model worse on real text "
+        f"inside its window (docs/retrofit.md). The shipped recipe (moshi_ttt.recipes) uses "
+        f"{keys}, kl_to_base: 1.0."
     )
 
 
@@ -235,6 +281,10 @@ def evaluate(lm: nn.Module, cfg: TrainConfig, d: Dist, codec: Any,
     Every rank runs the same number of forwards (FSDP gathers parameters collectively): a rank
     out of data runs an empty batch (all -1, weight 0). With ``state_carry`` the TTT state is
     carried over the windows of each eval file as in training.
+
+    With gated TTT branches and no carried state it also logs ``within_window_vs_gate0``: the CE
+    change the memory makes (model - gate 0, nats per token) on the frames that the attention
+    window in effect covers entirely, where a memory can only do harm.
     """
     was_training = lm.training
     lm.eval()
@@ -242,6 +292,9 @@ def evaluate(lm: nn.Module, cfg: TrainConfig, d: Dist, codec: Any,
     loader = make_loader(cfg, cfg.data.eval, d, codec, train=False, stats=stats)
     eval_carry = StateCarry(lm) if carry is not None else None
     total: LossTerms | None = None
+    harm = torch.zeros(2, 2, device=d.device)  # rows: model, gate 0; columns: CE sum, count
+    check_harm = carry is None and bool(gate_values(lm))
+    window = int(lm.transformer.layers[0].self_attn.context or cfg.frames_per_window)
     it = iter(loader)
     batches = 0
     try:
@@ -254,7 +307,11 @@ def evaluate(lm: nn.Module, cfg: TrainConfig, d: Dist, codec: Any,
             codes = batch.codes.to(d.device)
             if eval_carry is not None:
                 eval_carry.begin(batch.reset, batch.lanes)
-            terms = forward_terms(lm, codes, cfg).detach()
+            out, terms = forward_output_terms(lm, codes, cfg)
+            terms = terms.detach()
+            if check_harm:
+                harm[0] += covered_ce_sums(out, codes, window)
+                harm[1] += covered_ce_sums(gate0_output(lm, codes, cfg), codes, window)
             if eval_carry is not None:
                 eval_carry.commit()
             total = terms if total is None else total + terms
@@ -270,7 +327,22 @@ def evaluate(lm: nn.Module, cfg: TrainConfig, d: Dist, codec: Any,
         raise DataError(f"no usable evaluation data in {cfg.data.eval}: {stats.summary()}")
     metrics = total.all_reduce().metrics()
     metrics["bad_files"] = float(stats.num_bad)
+    if check_harm:
+        h = all_reduce_sum(harm).cpu()
+        if h[0, 1] > 0:
+            metrics["within_window_vs_gate0"] = float(h[0, 0] / h[0, 1] - h[1, 0] / h[1, 1])
     return metrics
+
+
+def _harm_note(metrics: dict[str, float]) -> str:
+    """The eval log's note on ``within_window_vs_gate0`` (a warning past the tolerance)."""
+    harm = metrics.get("within_window_vs_gate0")
+    if harm is None:
+        return ""
+    note = f"; inside the window the memory changes the CE by {harm:+.4f} nats vs gate 0"
+    if harm > HARM_TOLERANCE:
+        note += " (WARNING: harm where the attention sees everything)"
+    return note
 
 
 def _empty_batch(cfg: TrainConfig) -> Batch:
@@ -324,6 +396,7 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool
         lm, groups, info = build_model(cfg, d.device)
     else:
         lm, groups, info = built
+    full_context = int(lm.transformer.layers[0].self_attn.context or cfg.frames_per_window)
     if cfg.model.train_context is not None:  # training only: checkpoints keep the model's own
         set_attention_context(lm.transformer, cfg.model.train_context)
     if cfg.model.gradient_checkpointing:
@@ -388,6 +461,16 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool
             writer.message(advice)
 
     last_ckpt = start
+    if start is not None and step >= cfg.max_steps:
+        if writer is not None:
+            writer.message(
+                f"--resume: {run_dir} is already at step {step} of {cfg.max_steps}: nothing to "
+                f"train (its last checkpoint: {start})"
+            )
+            writer.close()
+        loader.close()
+        barrier()
+        return TrainResult(run_dir, step, start, {}, {}, skipped, d.is_main, [], loader.total)
     final_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     guard = CollapseGuard(gate_values(lm))
@@ -405,19 +488,36 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool
             # Forward/backward over the micro-batches, each weighted by the global totals.
             batches = [next(it) for _ in range(cfg.grad_accum)]
             text_total, audio_total = _totals(batches, lm, cfg, d).tolist()
+            window = step_context(cfg, step, full_context)
+            if cfg.model.train_context_min is not None:
+                set_attention_context(lm.transformer, window)
             step_terms: LossTerms | None = None
+            kl_total = torch.zeros((), device=d.device)
             for batch in batches:
                 codes = batch.codes.to(d.device)
                 if carry is not None:
                     carry.begin(batch.reset.to(d.device), batch.lanes)
-                terms = forward_terms(lm, codes, cfg)
-                terms.objective(text_total, audio_total).backward()
+                out, terms = forward_output_terms(lm, codes, cfg)
+                objective = terms.objective(text_total, audio_total)
+                if cfg.kl_to_base > 0:
+                    kl = covered_kl_sum(out, gate0_output(lm, codes, cfg), window or full_context,
+                                        rows=None if carry is None else batch.reset)  # fmt: skip
+                    objective = objective + cfg.kl_to_base * kl / max(
+                        text_total + audio_total, 1e-9
+                    )
+                    kl_total += kl.detach()
+                objective.backward()
                 if carry is not None:
                     carry.commit()
                 step_terms = terms.detach() if step_terms is None else step_terms + terms.detach()
                 tokens_since += codes.shape[0] * codes.shape[-1] * TOKENS_PER_FRAME * d.world_size
             assert step_terms is not None
             metrics = step_terms.all_reduce().metrics()
+            if cfg.kl_to_base > 0:  # nats per scored token weight, over all ranks
+                kl_all = float(all_reduce_sum(kl_total.reshape(1)).cpu())
+                metrics["kl_to_base"] = kl_all / max(text_total + audio_total, 1e-9)
+            if cfg.model.train_context_min is not None:
+                metrics["train_context"] = float(window)
 
             # Guards, clipping, step.
             sq = grad_norms(groups.params)
@@ -476,10 +576,19 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool
                 eval_metrics = evaluate(lm, cfg, d, codec, carry)
                 if writer is not None:
                     writer.log_metrics({"step": step, "split": "eval", **eval_metrics})
-                    writer.message(f"step {step}: eval loss {eval_metrics['loss']:.4f}")
+                    writer.message(f"step {step}: eval loss {eval_metrics['loss']:.4f}"
+                                   + _harm_note(eval_metrics))  # fmt: skip
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps:
                 last_ckpt = _save(ckpt_root, step, named, optimizer, loader, carry, skipped,
                                   optimizer.param_groups, d, lm, cfg)  # fmt: skip
+    except KeyboardInterrupt:
+        if writer is not None:
+            writer.message(
+                f"interrupted at step {step} of {cfg.max_steps}; last complete checkpoint: "
+                f"{last_ckpt or 'none (nothing to resume: start again)'}"
+                + ("; continue it with the same command and --resume" if last_ckpt else "")
+            )
+        raise
     except DataError as e:
         raise TrainingStopped(
             f"data: {e}; skipped files listed in {bad_path}; last good checkpoint: "

@@ -1,14 +1,18 @@
-"""``moshi-ttt demo`` (``make demo``): the retrofit workflow end to end, on a 2-core CPU.
+"""``moshi-ttt demo --task markov``: the memory's mechanism check, end to end on a 2-core CPU.
 
-Our users take a *pretrained* Moshi, keep it frozen and add TTT layers. The demo does exactly
-that with a tiny Moshi-architecture model on a synthetic long-context task:
+A synthetic task whose memory is exactly what a linear associative memory over layer-0
+embeddings stores (a per-sequence bigram table): it shows that the memory *can* be written,
+kept beyond the attention window and read by a frozen model -- never whether it helps on real
+data (``demo.realdata``, the default ``moshi-ttt demo``). The steps:
 
-1. **Data** (``demo_task.MarkovTask``): every sequence follows its own random transition table,
+1. **Data** (``markov_task.MarkovTask``): every sequence follows its own random transition table,
    so the next symbol is predictable only from what this sequence did before; written as shards.
 2. **The pretrained base**: an attention-only model (attention context ``C`` frames) trained from
    scratch with ``moshi-ttt train``, then exported with ``moshi-ttt export`` (``OUT/base``).
-3. **The retrofit**: ``OUT/base``, frozen, plus TTT with the recommended retrofit settings
-   (``moshi_ttt.recipes``), fine-tuned with ``moshi-ttt train`` (``model.source: local``).
+3. **The retrofit**: ``OUT/base``, frozen, plus TTT with the mechanism recipe
+   (``recipes.FORCED_TTT``: layer 0 before attention, trained with a quarter of the window;
+   the shipped real-data recipe gets a few % here, docs/retrofit.md), fine-tuned with
+   ``moshi-ttt train`` (``model.source: local``).
    Optionally the upper bound: the same TTT model trained from scratch (``scratch``).
 4. **Evaluation** with the ``eval long-context`` code (controls: the TTT state reset every ``C``
    frames, the gate forced to 0; the inner-loss probe) beside the task's Bayes-optimal predictors.
@@ -35,17 +39,17 @@ import numpy as np
 import torch
 from moshi.utils.compile import no_compile
 
-from .checkpoints.export import export_run
-from .demo_task import MarkovTask, write_shards
-from .eval.inner_loss import evaluate_inner_loss, write_inner_loss_section
-from .eval.long_context import PositionLosses, evaluate_long_context, write_long_context_section
-from .eval.report import Report
-from .integration.apply import ttt_modules
-from .recipes import RETROFIT_TTT, retrofit_train_context
-from .train.checkpoint import load_trained_model
-from .train.config import TrainConfig
-from .train.data import FRAME_RATE, ShardSource
-from .train.trainer import train
+from ..checkpoints.export import export_run
+from ..eval.inner_loss import evaluate_inner_loss, write_inner_loss_section
+from ..eval.long_context import PositionLosses, evaluate_long_context, write_long_context_section
+from ..eval.report import Report
+from ..integration.apply import ttt_modules
+from ..recipes import FORCED_TRAIN, FORCED_TTT, retrofit_training
+from ..train.checkpoint import load_trained_model
+from ..train.config import TrainConfig
+from ..train.data import FRAME_RATE, ShardSource
+from ..train.trainer import train
+from .markov_task import MarkovTask, write_shards
 
 TARGET_SHARE = 0.5  # the retrofit must capture at least half of the available gain
 
@@ -71,7 +75,8 @@ class DemoSettings:
             "depformer_num_heads": 1,
         }
     )
-    ttt: dict[str, Any] = field(default_factory=lambda: dict(RETROFIT_TTT))
+    ttt: dict[str, Any] = field(default_factory=lambda: dict(FORCED_TTT))
+    retrofit: dict[str, Any] = field(default_factory=lambda: dict(FORCED_TRAIN))
     scratch: bool = True  # also train the from-scratch TTT model (the upper bound)
     chunk_frames: int = 64
     bin_frames: int = 16
@@ -81,8 +86,17 @@ class DemoSettings:
         return int(self.model["context"])
 
     @property
-    def train_context(self) -> int:
-        return retrofit_train_context(self.context)
+    def training(self) -> dict[str, Any]:
+        """The retrofit's training keys (``recipes.retrofit_training``)."""
+        return retrofit_training(self.context, self.retrofit)
+
+    @property
+    def train_context(self) -> str:
+        """The retrofit's training window(s), in words."""
+        m = self.training["model"]
+        if "train_context_min" in m:
+            return f"{m['train_context_min']}-{m.get('train_context', self.context)}"
+        return str(m.get("train_context", self.context))
 
 
 QUICK = DemoSettings(
@@ -109,7 +123,7 @@ def train_config(s: DemoSettings, name: str, data: Path, out: Path, seed: int) -
         "train_base": True,
     }
     frozen = {"source": "local", "path": str(out / "base"), "train_base": False,
-              "train_context": s.train_context}  # fmt: skip
+              **s.training["model"]}  # fmt: skip
     return TrainConfig.from_dict(
         {
             "run_dir": str(out / "runs" / name),
@@ -124,6 +138,7 @@ def train_config(s: DemoSettings, name: str, data: Path, out: Path, seed: int) -
             "log_every": 1,
             "ckpt_every": 0,
             "keep_last": 1,
+            "kl_to_base": s.training["kl_to_base"] if name == "retrofit" else 0.0,
             "model": {
                 **(frozen if name == "retrofit" else tiny),
                 "dtype": "float32",
@@ -162,6 +177,7 @@ def run_demo(
     quick: bool = False,
     progress: bool = True,
     stream: str = "text",
+    settings: DemoSettings | None = None,
 ) -> dict[str, Any]:
     """Run the whole demo (``quick``: a tiny version for tests); returns ``results.json``.
     ``stream``: where the task's symbols live, ``"text"`` or ``"audio"`` (Moshi's codebook 0).
@@ -173,7 +189,7 @@ def run_demo(
     torch.set_num_threads(1)
     try:
         with no_compile():
-            s = QUICK if quick else DemoSettings()
+            s = settings or (QUICK if quick else DemoSettings())
             s = dataclasses.replace(s, task=dataclasses.replace(s.task, stream=stream))
             return _run(out_dir, seed, s, quick, progress)
     finally:

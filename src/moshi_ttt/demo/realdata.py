@@ -1,0 +1,591 @@
+"""``moshi-ttt demo [--data DIR]``: does a memory help on real data? Every row a user would
+compare, on the same held-out files, scored the same way.
+
+1. **Corpus** (``corpus``): text files read recursively as bytes in Moshi's text stream (the
+   default: this interpreter's standard library, present on every machine), or a moshi-ttt
+   shards directory; files split by a hash of their path into train / val / test.
+2. **The pretrained base**: a tiny Moshi (attention context ``C`` frames) trained on the train
+   split with ``moshi-ttt train``, exported, then frozen. Cached under ``OUT/cache`` by its
+   settings, so a rerun is cheap.
+3. **Rows** (``ROWS``), each a model or a way of running one:
+   - ``base``: the frozen base, window ``C``;
+   - ``window_plain`` / ``window_ntk`` / ``window_yarn``: the frozen base with its window
+     extended to the whole file at inference (RoPE unchanged, NTK-aware, YaRN);
+   - ``dyneval``: the frozen base under dynamic evaluation (``eval.dyneval``), its lr and
+     layers chosen on the **validation** split;
+   - ``retrofit``: the frozen base + TTT with the shipped defaults (``moshi_ttt.recipes``), and
+     its controls ``retrofit_reset`` (state reset every ``C`` frames) and ``retrofit_gate0``;
+     ``retrofit_forced``: the mechanism recipe of the Markov demo (``recipes.FORCED_TTT``);
+   - ``lora_long``: the frozen base + LoRA trained with the window of the whole file (the
+     retrofit's step budget), evaluated with that window;
+   - ``full_attention`` / ``full_attention_4x``: a base trained with attention over the whole
+     file (the base's budget, and 4x), ``scratch``: TTT trained with the base from scratch.
+4. **Results**: ``OUT/results.json`` (per row ``ce_within`` / ``ce_beyond`` with 95 % intervals
+   over files, the paired difference to ``base``, ``train_seconds``, the inference costs and the
+   command that recomputes the row) and ``OUT/report.md`` with plots.
+
+Deterministic given the seed (CPU, float32, one thread).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shlex
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from moshi.models import loaders
+from moshi.models.lm import LMModel
+from moshi.utils.compile import no_compile
+
+from ..checkpoints.export import export_run
+from ..eval.dyneval import DynEvalConfig, evaluate_dyneval, sweep_dyneval
+from ..eval.long_context import (
+    PositionLosses,
+    evaluate_long_context,
+    file_intervals,
+    write_long_context_section,
+)
+from ..eval.report import Report
+from ..eval.window import extended_window
+from ..integration.apply import ttt_modules
+from ..integration.config import parse_layer_spec
+from ..recipes import (
+    FORCED_TRAIN,
+    FORCED_TTT,
+    HARM_TOLERANCE,
+    RETROFIT_TRAIN,
+    RETROFIT_TTT,
+    retrofit_training,
+)
+from ..train.checkpoint import load_trained_model
+from ..train.config import TrainConfig
+from ..train.data import FRAME_RATE, DataError, ShardSource
+from ..train.trainer import train
+from .corpus import TEXT_CARD, CorpusSpec, CorpusSummary, default_corpus, read_corpus
+from .markov import cli_prefix
+
+ESSENTIAL = ("base", "dyneval", "retrofit", "retrofit_reset", "retrofit_gate0")
+ROWS = (
+    "base", "window_plain", "window_ntk", "window_yarn", "dyneval", "retrofit",
+    "retrofit_reset", "retrofit_gate0", "retrofit_forced", "lora_long", "full_attention",
+    "full_attention_4x", "scratch",
+)  # fmt: skip
+TRAINED = ("base", "retrofit", "retrofit_forced", "lora_long", "full_attention",
+           "full_attention_4x", "scratch")  # fmt: skip
+ROW_TEXT = {
+    "base": "frozen base, attention window C",
+    "window_plain": "frozen base, window extended to the file at inference",
+    "window_ntk": "frozen base, window extended, NTK-aware RoPE",
+    "window_yarn": "frozen base, window extended, YaRN RoPE",
+    "dyneval": "frozen base + dynamic evaluation (no training; lr, layers from validation)",
+    "retrofit": "**retrofit**: frozen base + TTT, shipped defaults",
+    "retrofit_reset": "retrofit, TTT state reset every C frames (control)",
+    "retrofit_gate0": "retrofit, gate forced to 0 (control)",
+    "retrofit_forced": "frozen base + TTT, the mechanism recipe (layer 0, quarter window)",
+    "lora_long": "frozen base + LoRA trained at the file's window (retrofit budget)",
+    "full_attention": "base trained with attention over the whole file (same budget)",
+    "full_attention_4x": "base trained with attention over the whole file (4x budget)",
+    "scratch": "TTT + base trained together from scratch (full window)",
+}
+
+
+@dataclass(frozen=True)
+class RealDataSettings:
+    """Everything the benchmark does; ``DEFAULT`` fits ``make demo`` (<= 12 min, 2 cores)."""
+
+    frames: int = 512  # frames (bytes) per sequence
+    context: int = 64  # the base's attention window C
+    model: dict[str, Any] = field(default_factory=lambda: {
+        "num_layers": 4, "depformer_num_layers": 1, "depformer_dim": 16,
+        "depformer_dim_feedforward": 64, "depformer_num_heads": 1,
+    })  # fmt: skip
+    base_steps: int = 300
+    retrofit_steps: int = 150
+    batch_size: int = 8
+    lr: float = 3e-3
+    ttt_lr: float = 1e-2
+    lora_lr: float = 1e-3
+    eval_files: int = 48  # held-out sequences scored, round robin over the held-out files
+    val_files: int = 16  # validation sequences for the dyneval sweep
+    dyneval_lrs: tuple[float, ...] = (0.03, 0.1, 0.3)
+    dyneval_layers: tuple[str, ...] = ("top:1", "top:2", "all")
+    chunk_frames: int = 64  # streaming chunk of the evaluation
+    bin_frames: int = 32
+    max_files: int = 5000
+    max_bytes: int = 64 * 2**20
+    ttt: dict[str, Any] = field(default_factory=lambda: dict(RETROFIT_TTT))
+    retrofit: dict[str, Any] = field(default_factory=lambda: dict(RETROFIT_TRAIN))
+
+    def corpus_spec(self) -> CorpusSpec:
+        return CorpusSpec(frames=self.frames, max_files=self.max_files, max_bytes=self.max_bytes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+DEFAULT = RealDataSettings()
+QUICK = RealDataSettings(
+    frames=64, context=16, model={"num_layers": 2, "depformer_num_layers": 1,
+                                  "depformer_dim": 16, "depformer_dim_feedforward": 32,
+                                  "depformer_num_heads": 1},
+    base_steps=4, retrofit_steps=3, batch_size=4, eval_files=8, val_files=3,
+    dyneval_lrs=(0.1,), dyneval_layers=("top:1",), chunk_frames=16, bin_frames=16,
+    max_files=400,
+)  # fmt: skip
+
+
+def parse_rows(rows: str) -> tuple[str, ...]:
+    """``--rows``: ``essential`` (default), ``all`` or a comma list of ``ROWS``."""
+    if rows == "essential":
+        return ESSENTIAL
+    if rows == "all":
+        return ROWS
+    chosen = [r.strip() for r in rows.split(",") if r.strip()]
+    unknown = [r for r in chosen if r not in ROWS]
+    if unknown or not chosen:
+        raise ValueError(f"--rows: unknown row(s) {unknown or rows!r}; expected 'essential', "
+                         f"'all' or a comma list of {', '.join(ROWS)}")  # fmt: skip
+    if "base" not in chosen:
+        chosen.insert(0, "base")  # every row is compared with the base
+    return tuple(r for r in ROWS if r in chosen)
+
+
+# -- training -----------------------------------------------------------------------------
+def _tiny(s: RealDataSettings, context: int, text_card: int, card: int) -> dict[str, Any]:
+    return {"source": "tiny", "train_base": True,
+            "tiny_overrides": {**s.model, "context": context, "text_card": text_card,
+                               "card": card}}  # fmt: skip
+
+
+def train_config(s: RealDataSettings, name: str, data: Path, out: Path, seed: int,
+                 vocab: tuple[int, int]) -> TrainConfig:  # fmt: skip
+    """The ``moshi-ttt train`` config of run ``name`` (``base``, ``retrofit``, ``lora_long``,
+    ``full_attention``, ``full_attention_4x``, ``scratch``)."""
+    text_card, card = vocab
+    base_dir = str(out / "base")
+    frozen = {"source": "local", "path": base_dir, "train_base": False}
+    model, ttt, lora, steps, kl = None, None, {"enable": False}, s.base_steps, 0.0
+    if name == "base":
+        model = _tiny(s, s.context, text_card, card)
+    elif name in ("full_attention", "full_attention_4x"):
+        model = _tiny(s, s.frames, text_card, card)
+        steps = s.base_steps * (4 if name.endswith("4x") else 1)
+    elif name == "scratch":
+        model, ttt = _tiny(s, s.frames, text_card, card), dict(s.ttt)
+    elif name == "retrofit":
+        extra = retrofit_training(s.context, s.retrofit)
+        model, ttt, steps = {**frozen, **extra["model"]}, dict(s.ttt), s.retrofit_steps
+        kl = extra["kl_to_base"]
+    elif name == "retrofit_forced":
+        extra = retrofit_training(s.context, FORCED_TRAIN)
+        model, ttt, steps = {**frozen, **extra["model"]}, dict(FORCED_TTT), s.retrofit_steps
+    elif name == "lora_long":
+        model, steps = {**frozen, "train_context": s.frames}, s.retrofit_steps
+        lora = {"enable": True, "rank": 8}
+    else:
+        raise ValueError(f"unknown benchmark run {name!r}")
+    return TrainConfig.from_dict({
+        "run_dir": str(out / "runs" / name), "seed": seed, "max_steps": steps,
+        "duration_sec": s.frames / FRAME_RATE, "batch_size": s.batch_size, "lr": s.lr,
+        "ttt_lr": s.ttt_lr, "lora_lr": s.lora_lr, "max_norm": 1.0,
+        "first_codebook_weight": 1.0, "log_every": 10, "ckpt_every": 0, "keep_last": 1,
+        "kl_to_base": kl,
+        "model": {**model, "dtype": "float32", "gradient_checkpointing": False},
+        "ttt": ttt, "lora": lora,
+        "data": {"train": [str(data)], "num_workers": 0, "state_carry": "none"},
+        "optim": {"schedule": "cosine", "pct_start": 0.1, "weight_decay": 0.0},
+    })  # fmt: skip
+
+
+def _base_key(s: RealDataSettings, seed: int, corpus: CorpusSummary, vocab: tuple) -> str:
+    what = {"model": s.model, "context": s.context, "frames": s.frames, "steps": s.base_steps,
+            "batch": s.batch_size, "lr": s.lr, "seed": seed, "vocab": list(vocab),
+            "corpus": {k: corpus.to_dict()[k] for k in ("root", "files", "sequences")}}  # fmt: skip
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- inference costs ----------------------------------------------------------------------
+def moshi7b_costs(
+    dyneval_layers: str | int,
+    ttt_layers: str | int,
+    forced_layers: str | int = FORCED_TTT["layers"],
+) -> dict[str, dict[str, float]]:
+    """Bytes of per-conversation state for Moshi 7B (moshi's own config, built on the meta
+    device), at 3,000 and 45,000 frames: KV cache of the temporal transformer (bf16; the window
+    caps it at 3,000 frames), a TTT-Linear state per converted layer (float32 W and b per
+    head), and dynamic evaluation's copy of the updated layers' weights (bf16). Layers are
+    counts or layer specs, read against Moshi 7B's 32 layers."""
+    kw = dict(loaders._lm_kwargs)
+    dim, layers, heads, ctx = kw["dim"], kw["num_layers"], kw["num_heads"], kw["context"]
+
+    def count(spec: str | int) -> int:
+        return spec if isinstance(spec, int) else len(parse_layer_spec(spec, layers))
+
+    with torch.device("meta"):
+        lm = LMModel(**kw)
+    layer_params = sum(p.numel() for p in lm.transformer.layers[0].parameters())
+    hd = dim // heads
+    per_layer = heads * (hd * hd + hd) * 4
+    ttt_state, forced_state = count(ttt_layers) * per_layer, count(forced_layers) * per_layer
+    out = {}
+    for frames in (3000, 45000):
+        kv = layers * 2 * dim * 2 * min(frames, ctx)
+        kv_full = layers * 2 * dim * 2 * frames
+        out[str(frames)] = {
+            "kv_window": float(kv),
+            "kv_full_attention": float(kv_full),
+            "kv_window_plus_ttt": float(kv + ttt_state),
+            "kv_window_plus_forced_ttt": float(kv + forced_state),
+            "kv_window_plus_dyneval": float(kv + count(dyneval_layers) * layer_params * 2),
+        }
+    return out
+
+
+ROW_COST = {"base": "kv_window", "window_plain": "kv_full_attention",
+            "window_ntk": "kv_full_attention", "window_yarn": "kv_full_attention",
+            "dyneval": "kv_window_plus_dyneval", "retrofit": "kv_window_plus_ttt",
+            "retrofit_reset": "kv_window_plus_ttt", "retrofit_gate0": "kv_window",
+            "retrofit_forced": "kv_window_plus_forced_ttt",
+            "lora_long": "kv_full_attention", "full_attention": "kv_full_attention",
+            "full_attention_4x": "kv_full_attention", "scratch": "kv_full_attention"}  # fmt: skip
+
+
+# -- the benchmark ------------------------------------------------------------------------
+def run_realdata(out_dir: str | Path = "demo_out", data: str | Path | None = None, seed: int = 0,
+                 rows: str = "essential", quick: bool = False, progress: bool = True,
+                 settings: RealDataSettings | None = None,
+                 cache_dir: str | Path | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run the real-data benchmark (module docstring); returns ``results.json``.
+    ``cache_dir``: where trained bases are kept by their settings (default ``OUT/cache``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with no_compile():
+            s = settings or (QUICK if quick else DEFAULT)
+            out = Path(out_dir)
+            cache = Path(cache_dir) if cache_dir is not None else out / "cache"
+            return _run(out, data, seed, parse_rows(rows), s, quick, progress, cache)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _vocab(data: Path) -> tuple[int, int]:
+    """(text_card, card) for the tiny model: bytes, or the largest ids in a shards corpus."""
+    src = ShardSource(data)
+    text, audio = TEXT_CARD, 32
+    for i in range(len(src)):
+        codes = src.codes(i)
+        text = max(text, int(codes[0].max()) + 1)
+        audio = max(audio, int(codes[1:].max()) + 1)
+    return text, audio
+
+
+def _run(out: Path, data: str | Path | None, seed: int, rows: tuple[str, ...],
+         s: RealDataSettings, quick: bool, progress: bool,
+         cache_root: Path) -> dict[str, Any]:  # fmt: skip
+    for sub in ("runs", "data", "configs", "eval"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    say = print if progress else (lambda *a, **k: None)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    root = Path(data) if data is not None else default_corpus()
+    trains = [r for r in TRAINED if r in rows or (r == "retrofit" and any(
+        x.startswith("retrofit") for x in rows))]  # fmt: skip
+    n_steps = 3 + len(trains)
+    k = 1
+
+    # 1. Corpus.
+    say(f"[{k}/{n_steps}] corpus: {root}")
+    corpus = read_corpus(root, s.corpus_spec(), out / "data", progress=progress)
+    say("      " + corpus.text())
+    train_dir, val_dir, test_dir = (out / "data" / x for x in ("train", "val", "test"))
+    vocab = _vocab(train_dir) if corpus.kind == "shards" else (TEXT_CARD, 32)
+
+    # 2. Training runs; the base is cached by its settings.
+    runs: dict[str, Path] = {}
+    train_seconds: dict[str, float] = {}
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    for name in trains:
+        k += 1
+        cfg = train_config(s, name, train_dir, out, seed, vocab)
+        cfg.to_yaml(out / "configs" / f"{name}.yaml")
+        if name == "base":
+            key = _base_key(s, seed, corpus, vocab)
+            cache = cache_root / f"base-{key}"
+            if (cache / "base" / "config.json").is_file() and (cache / "run").is_dir():
+                say(f"[{k}/{n_steps}] base: cached ({cache})")
+                _copy_tree(cache / "run", Path(cfg.run_dir))
+                _copy_tree(cache / "base", out / "base")
+                runs[name] = Path(cfg.run_dir)
+                train_seconds[name] = json.loads((cache / "seconds.json").read_text())["seconds"]
+                continue
+        say(f"[{k}/{n_steps}] training {name}: {cfg.max_steps} steps of {s.batch_size} x "
+            f"{cfg.frames_per_window} frames")  # fmt: skip
+        start = time.perf_counter()
+        train(cfg, progress=progress, device="cpu", overwrite=True)
+        train_seconds[name] = time.perf_counter() - start
+        runs[name] = Path(cfg.run_dir)
+        if name == "base":
+            shutil.rmtree(out / "base", ignore_errors=True)
+            export_run(runs["base"], out / "base")
+            cache.mkdir(parents=True, exist_ok=True)
+            _copy_tree(runs["base"], cache / "run")
+            _copy_tree(out / "base", cache / "base")
+            (cache / "seconds.json").write_text(json.dumps({"seconds": train_seconds[name]}))
+    timings["training (s)"] = sum(train_seconds.values())
+
+    # 3. Evaluation on the held-out files.
+    k += 1
+    test = _files(test_dir, s.eval_files)
+    val = _files(val_dir, s.val_files)
+    say(f"[{k}/{n_steps}] evaluating {len(rows)} rows on {len(test)} held-out files "
+        f"({s.frames} frames each)")  # fmt: skip
+    start = time.perf_counter()
+    curves, extra, ms_per_frame = _evaluate_rows(rows, runs, s, test, val, progress)
+    timings["evaluation (s)"] = time.perf_counter() - start
+
+    # 4. Results and report.
+    k += 1
+    say(f"[{k}/{n_steps}] writing the report")
+    timings["total (s)"] = time.perf_counter() - t0
+    results = _results(s, rows, curves, extra, runs, train_seconds, ms_per_frame, corpus, seed,
+                       out, root)  # fmt: skip
+    results["timings"] = timings
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json) + "\n")
+    path = _write_report(out, s, results, curves, runs)
+    r = results["rows"]
+    say(f"done in {timings['total (s)']:.0f} s; beyond the window (frames >= {s.context}): "
+        + ", ".join(f"{n} {r[n]['ce_beyond']['mean']:.4f}" for n in r)
+        + f"; see {path}")  # fmt: skip
+    for line in results["verdict"]["lines"]:
+        say("  " + line)
+    return results
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+
+
+def _files(split_dir: Path, cap: int) -> list[tuple[str, torch.Tensor]]:
+    """At most ``cap`` sequences of a split, round robin over its files: every file's first
+    sequence (``#0``), then every file's second, ... (a corpus with many files gives one
+    sequence per file; a small one several, kept together as one unit by ``source_file``)."""
+    src = ShardSource(split_dir)
+    names = [str(f["path"]) for f in src.files]
+    order = sorted(range(len(src)), key=lambda i: int(names[i].rsplit("#", 1)[1]))
+    if not order:
+        raise DataError(f"{split_dir}: no sequences to evaluate")
+    return [(names[i], src.codes(i)) for i in order[:cap]]
+
+
+def source_file(sequence: str) -> str:
+    """The file a sequence name ``PATH#k`` comes from: the unit of every interval."""
+    return sequence.rsplit("#", 1)[0]
+
+
+def _evaluate_rows(rows: tuple[str, ...], runs: dict[str, Path], s: RealDataSettings,
+                   test: list, val: list, progress: bool) -> tuple[dict, dict, dict]:  # fmt: skip
+    kw = {"chunk_frames": s.chunk_frames, "bin_frames": s.bin_frames, "progress": progress,
+          "equal_lengths": ()}  # fmt: skip
+    curves: dict[str, PositionLosses] = {}
+    extra: dict[str, Any] = {}
+    ms: dict[str, float] = {}
+    base_lm, _ = load_trained_model(runs["base"])
+
+    def timed(name: str, fn: Any) -> Any:
+        start = time.perf_counter()
+        result = fn()
+        ms[name] = 1000 * (time.perf_counter() - start) / (len(test) * s.frames)
+        return result
+
+    curves["base"] = timed("base", lambda: evaluate_long_context(
+        base_lm, test, controls=(), **kw).variants["no_ttt"])  # fmt: skip
+    for scaling in ("plain", "ntk", "yarn"):
+        name = f"window_{scaling}"
+        if name in rows:
+            with extended_window(base_lm, s.frames, "none" if scaling == "plain" else scaling):
+                curves[name] = timed(name, lambda: evaluate_long_context(
+                    base_lm, test, controls=(), **kw).variants["no_ttt"])  # fmt: skip
+    if "dyneval" in rows:
+        grid = [DynEvalConfig(lr=lr, layers=layers, chunk_frames=s.context)
+                for layers in s.dyneval_layers for lr in s.dyneval_lrs]  # fmt: skip
+        best, scores = sweep_dyneval(base_lm, val, grid, progress=progress)
+        extra["dyneval"] = {"chosen": best.__dict__.copy(), "label": best.label(),
+                            "validation": scores, "validation_files": len(val)}  # fmt: skip
+        curves["dyneval"] = timed("dyneval", lambda: evaluate_dyneval(
+            base_lm, test, best, progress=progress,
+            block_frames=math.gcd(s.bin_frames, s.context)))  # fmt: skip
+    if "retrofit" in runs:
+        lm, _ = load_trained_model(runs["retrofit"])
+        res = timed("retrofit", lambda: evaluate_long_context(
+            lm, test, controls=("reset", "no_ttt"), reset_every=s.context, **kw))  # fmt: skip
+        for name, variant in (("retrofit", "ttt"), ("retrofit_reset", f"reset_every_{s.context}"),
+                              ("retrofit_gate0", "no_ttt")):  # fmt: skip
+            if name in rows:
+                curves[name] = res.variants[variant]
+        extra["retrofit"] = {"gate": _gate(lm)}
+    if "lora_long" in runs:
+        lora_lm, _ = load_trained_model(runs["lora_long"])
+        with extended_window(lora_lm, s.frames, "none"):
+            curves["lora_long"] = timed("lora_long", lambda: evaluate_long_context(
+                lora_lm, test, controls=(), **kw).variants["no_ttt"])  # fmt: skip
+    for name in ("retrofit_forced", "full_attention", "full_attention_4x", "scratch"):
+        if name in runs:
+            res = timed(name, lambda n=name: evaluate_long_context(
+                load_trained_model(runs[n])[0], test, controls=(), **kw))  # fmt: skip
+            curves[name] = res.variants["no_ttt" if name.startswith("full") else "ttt"]
+    return curves, extra, ms
+
+
+def _gate(lm: torch.nn.Module) -> float | None:
+    gates = [float(m.gate().abs().mean()) for _, m in ttt_modules(lm) if hasattr(m, "gate")]
+    return float(np.mean(gates)) if gates else None
+
+
+def _json(x: Any) -> Any:
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def row_command(out: Path, data: Path | str, seed: int, rows: tuple[str, ...]) -> str:
+    """The ``moshi-ttt demo`` command that recomputes ``rows`` (with the base)."""
+    return shlex.join([cli_prefix(), "demo", "--data", str(data), "--out", str(out), "--seed",
+                       str(seed), "--rows", ",".join(rows), "--no-progress"])  # fmt: skip
+
+
+def _results(s: RealDataSettings, rows: tuple[str, ...], curves: dict, extra: dict, runs: dict,
+             train_seconds: dict, ms: dict, corpus: CorpusSummary, seed: int, out: Path,
+             root: Path) -> dict[str, Any]:  # fmt: skip
+    C = s.context
+    units = {k: c.grouped(source_file) for k, c in curves.items()}
+    stats = file_intervals(units, "base", C, "text_ce")
+    costs = moshi7b_costs(
+        dyneval_layers=extra.get("dyneval", {}).get("chosen", {}).get("layers") or 0,
+        ttt_layers=s.ttt.get("layers", "0"),
+    )
+    table = {}
+    for name in curves:
+        tot = stats["totals"].get(name, {})
+        diff = stats["difference"].get(name, {})
+        run = {"retrofit_reset": "retrofit", "retrofit_gate0": "retrofit"}.get(name, name)
+        table[name] = {
+            "ce_within": tot.get("within_context"),
+            "ce_beyond": tot.get("beyond_context"),
+            "vs_base_within": diff.get("within_context"),
+            "vs_base_beyond": diff.get("beyond_context"),
+            "train_seconds": train_seconds.get(
+                run, 0.0 if name.startswith(("window", "dyn")) else None
+            ),
+            "ms_per_frame": ms.get(run),
+            "state_bytes_moshi7b": {f: c[ROW_COST[name]] for f, c in costs.items()},
+            "frozen_base": name not in ("base", "full_attention", "full_attention_4x", "scratch"),
+            "command": row_command(out, root, seed, (name,)),
+        }
+        if name in extra:
+            table[name]["details"] = extra[name]
+    return {
+        "metric": "text_ce",
+        "context_frames": C,
+        "frames_per_file": s.frames,
+        "corpus": corpus.to_dict(),
+        "held_out_files": len(next(iter(units.values())).file_names),
+        "held_out_sequences": len(next(iter(curves.values())).file_names),
+        "rows": table,
+        "verdict": verdict(table),
+        "settings": {**s.to_dict(), "seed": seed, "rows": list(rows)},
+    }
+
+
+def verdict(table: dict[str, Any]) -> dict[str, Any]:
+    """The targets of the real-data issue for the ``retrofit`` row: inside the window at most
+    ``HARM_TOLERANCE`` worse than the base; beyond it better than the base (interval excluding 0)
+    and at least as good as ``dyneval``."""
+    lines, out = [], {}
+    r = table.get("retrofit")
+    if r is None:
+        return {"lines": ["no retrofit row"], "no_harm": None, "helps": None}
+    within = r["vs_base_within"]["difference"]
+    beyond = r["vs_base_beyond"]
+    out["no_harm"] = bool(within <= HARM_TOLERANCE and beyond["difference"] <= 0)
+    helps = bool(beyond["hi"] < 0)
+    if "dyneval" in table:
+        helps = helps and r["ce_beyond"]["mean"] <= table["dyneval"]["ce_beyond"]["mean"]
+    out["helps"] = helps
+    harm = "no harm" if within <= HARM_TOLERANCE else "HARM"
+    lines.append(f"retrofit vs base inside the window: {within:+.4f} nats ({harm}, "
+                 f"tolerance {HARM_TOLERANCE})")  # fmt: skip
+    lines.append(f"retrofit vs base beyond the window: {beyond['difference']:+.4f} nats "
+                 f"[{beyond['lo']:+.4f}, {beyond['hi']:+.4f}]")  # fmt: skip
+    if "dyneval" in table:
+        d = table["dyneval"]["vs_base_beyond"]
+        lines.append(f"dyneval vs base beyond the window: {d['difference']:+.4f} nats "
+                     f"[{d['lo']:+.4f}, {d['hi']:+.4f}]")  # fmt: skip
+    lines.append(f"do no harm: {'MET' if out['no_harm'] else 'NOT MET'}; help (beats the base "
+                 f"and dyneval): {'MET' if helps else 'NOT MET'}")  # fmt: skip
+    out["lines"] = lines
+    return out
+
+
+def _fmt(ci: dict | None, key: str = "mean") -> str:
+    if not ci or not math.isfinite(ci.get(key, math.nan)):
+        return "-"
+    return f"{ci[key]:.4f} [{ci['lo']:.4f}, {ci['hi']:.4f}]"
+
+
+def _write_report(out: Path, s: RealDataSettings, results: dict, curves: dict,
+                  runs: dict) -> Path:  # fmt: skip
+    C = s.context
+    report = Report("moshi-ttt demo: does a memory help on real data?", out)
+    c = results["corpus"]
+    report.add_text(
+        "## The data\n\n"
+        f"`{c['root']}` ({c['kind']}): {c['sequences']['train']} training, "
+        f"{c['sequences']['val']} validation and {c['sequences']['test']} held-out sequences of "
+        f"{s.frames} frames (bytes as text tokens); files split by a hash of their path. "
+        f"Skipped: {c['skipped'] or 'none'}" + (f"; {c['capped']}" if c["capped"] else "") + ". "
+        f"Scored: {results['held_out_sequences']} sequences of {results['held_out_files']} "
+        "held-out files (round robin over the files; intervals resample files).\n\n"
+        f"The base is a tiny Moshi ({s.model.get('num_layers', 4)} layers) with an attention "
+        f"window of C = {C} frames, trained {s.base_steps} steps, then frozen."
+    )
+    rows = []
+    for name, r in results["rows"].items():
+        rows.append([ROW_TEXT.get(name, name), _fmt(r["ce_within"]), _fmt(r["ce_beyond"]),
+                     _fmt(r["vs_base_within"], "difference"),
+                     _fmt(r["vs_base_beyond"], "difference"),
+                     "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}",
+                     "-" if r["ms_per_frame"] is None else f"{r['ms_per_frame']:.2f}",
+                     f"{r['state_bytes_moshi7b']['45000'] / 2**30:.2f}"])  # fmt: skip
+    report.add_text(
+        "## Result\n\nText CE (nats per byte) inside (frames < C) and beyond the window, 95 % "
+        "bootstrap intervals over files; differences are paired over files (< 0: better than "
+        "the base). State: GiB per conversation for Moshi 7B at 45,000 frames (1 hour)."
+    )
+    report.add_table(["model", f"CE < {C}", f"CE >= {C}", "vs base < C", "vs base >= C",
+                      "train s", "ms/frame here", "GiB @ 1 h (7B)"], rows)  # fmt: skip
+    report.add_text("\n".join(f"- {line}" for line in results["verdict"]["lines"]))
+    if "dyneval" in results["rows"]:
+        d = results["rows"]["dyneval"]["details"]
+        report.add_text(
+            f"Dynamic evaluation setting chosen on {d['validation_files']} validation files: "
+            f"{d['label']} (validation CE beyond the window: "
+            + ", ".join(f"{v['label']}: {v['text_ce']:.4f}" for v in d["validation"])
+            + ")."
+        )
+    write_long_context_section(report, curves, context=C, bin_frames=s.bin_frames,
+                               reference="base", metric="text_ce",
+                               title="Loss against position (held-out files)")  # fmt: skip
+    report.data.update(results=results, runs={k: str(v) for k, v in runs.items()})
+    return report.write()
