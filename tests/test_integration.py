@@ -178,6 +178,31 @@ def test_parallel_streaming_and_chunked_agree(kind):
         torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("recipe", ["RETROFIT_TTT", "FORCED_TTT"])
+def test_recipe_branches_parallel_and_streaming_agree(recipe):
+    """The shipped retrofit (upper layers, after the attention, zero-init output) and the
+    mechanism recipe, with their output projections moved off zero as training does."""
+    from moshi_ttt import recipes
+
+    lm = build_tiny_lm(seed=0)
+    torch.manual_seed(0)
+    layers = apply_ttt(lm, TTTConfig(**{**getattr(recipes, recipe), "mini_batch_size": 4}))
+    assert layers == ([2, 3] if recipe == "RETROFIT_TTT" else [0])
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, m in ttt_modules(lm):
+            m.layer.o_proj.weight.copy_(
+                0.05 * torch.randn(m.layer.o_proj.weight.shape, generator=g)
+            )
+    seq = random_codes(lm, 2, T_LONG, seed=4)
+    base = build_tiny_lm(seed=0)
+    with torch.no_grad():
+        _, ref = lm.forward_text(seq)
+        assert not torch.allclose(ref, base.forward_text(seq)[1], atol=1e-4)  # TTT does something
+        out = stream(lm, seq, 1, fn=lambda s: lm.forward_text(s)[1], time_dim=2)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_inplace_embeddings_target_parallel_streaming_agree():
     lm = ttt_lm("inplace", inplace_target="embeddings")
     seq = random_codes(lm, 2, T_LONG, seed=3)

@@ -203,16 +203,26 @@ def test_trainer_advises_the_recipe_for_a_frozen_retrofit(tmp_path, shards):
     from moshi_ttt.train.trainer import retrofit_advice
 
     cfg = TrainConfig.from_dict(cfg_dict(tmp_path, shards))  # frozen tiny base, full window
-    lm, _, _ = build_model(cfg, torch.device("cpu"))
-    advice = retrofit_advice(cfg, lm)
+    advice = retrofit_advice(cfg, 8)
     assert "full attention window (8 frames)" in advice
     assert "model.train_context_min: 1, kl_to_base: 1.0" in advice  # an eighth of 8 frames
     one = TrainConfig.from_dict(cfg_dict(tmp_path, shards, model={"train_context": 2}))
-    assert "one training window of 2 frames" in retrofit_advice(one, lm)
+    assert "one training window of 2 frames" in retrofit_advice(one, 64)
+    assert "model.train_context_min: 8," in retrofit_advice(one, 64)  # of the inference window
     rand = TrainConfig.from_dict(cfg_dict(tmp_path, shards, model={"train_context_min": 2}))
-    assert retrofit_advice(rand, lm) is None
+    assert retrofit_advice(rand, 8) is None
     scratch = TrainConfig.from_dict(cfg_dict(tmp_path, shards, model={"train_base": True}))
-    assert retrofit_advice(scratch, lm) is None
+    assert retrofit_advice(scratch, 8) is None
+    # the trainer passes the model's inference window, not the training one
+    train(TrainConfig.from_dict(cfg_dict(tmp_path / "run", shards, model={"train_context": 4})),
+          progress=False, device="cpu")  # fmt: skip
+    assert "one training window of 4 frames" in (tmp_path / "run" / "train.log").read_text()
+    lm, _, _ = build_model(cfg, torch.device("cpu"))
+    context = lm.transformer.layers[0].self_attn.context
+    assert (
+        f"model.train_context_min: {round(context / 8)},"
+        in (tmp_path / "run" / "train.log").read_text()
+    )
 
 
 def test_embeddings_input_with_activation_checkpointing_gives_the_same_gradients():

@@ -42,9 +42,10 @@ class TTTConfig:
         kind: ``"linear"`` / ``"mlp"`` (a gated TTT branch, ``moshi_ttt.TTTLayer``) or
             ``"inplace"`` (In-Place TTT on the FFN's output projection).
 
-    The defaults are the branch of the recommended retrofit of a frozen, pretrained model
-    (``moshi_ttt.recipes``); train it with ``model.train_context`` about a quarter of the
-    model's attention context.
+    The defaults are a plain TTT-Linear branch before layer 0's attention (the mechanism
+    recipe, ``recipes.FORCED_TTT``, with its default mini-batch). The shipped retrofit of a
+    frozen, pretrained model is ``recipes.RETROFIT_TTT`` (upper layers, after the attention,
+    zero-init output) with ``recipes.RETROFIT_TRAIN`` (docs/retrofit.md).
         mini_batch_size: TTT tokens (frames) per inner update; 16 = 1.28 s.
         base_lr: TTT inner learning-rate scale; None = the layer's default (1.0 linear, 0.1 mlp).
         gate_init: initial value of the per-channel gate parameter alpha (the branch is scaled by

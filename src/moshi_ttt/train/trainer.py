@@ -222,15 +222,15 @@ def gate0_output(lm: nn.Module, codes: torch.Tensor, cfg: TrainConfig) -> Any:
             m.carry = carry
 
 
-def retrofit_advice(cfg: TrainConfig, lm: nn.Module) -> str | None:
+def retrofit_advice(cfg: TrainConfig, context: int) -> str | None:
     """A note when TTT is retrofitted into a frozen base without the shipped recipe's training
     (a random window per step and the KL-to-gate-0 term): with the full window the memory was
     not learned, with one short window it learned to stand in for the attention and did harm on
-    real text (docs/retrofit.md)."""
+    real text (docs/retrofit.md). ``context``: the model's attention window at inference
+    (frames; 0 = unlimited)."""
     m = cfg.model
     if cfg.ttt is None or m.train_base or m.train_context_min or cfg.kl_to_base > 0:
         return None
-    context = int(lm.transformer.layers[0].self_attn.context or 0)
     if not context:
         return None
     keys = ", ".join(f"model.{k}: {v}" for k, v in retrofit_window(context).items())
@@ -396,7 +396,8 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool
         lm, groups, info = build_model(cfg, d.device)
     else:
         lm, groups, info = built
-    full_context = int(lm.transformer.layers[0].self_attn.context or cfg.frames_per_window)
+    inference_context = int(lm.transformer.layers[0].self_attn.context or 0)  # 0: unlimited
+    full_context = inference_context or cfg.frames_per_window
     if cfg.model.train_context is not None:  # training only: checkpoints keep the model's own
         set_attention_context(lm.transformer, cfg.model.train_context)
     if cfg.model.gradient_checkpointing:
@@ -456,7 +457,7 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool
             + f"; {cfg.frames_per_window} frames x {cfg.batch_size} x {cfg.grad_accum} x "
             f"{d.world_size} per step" + (f"; resumed from {start}" if start is not None else "")
         )
-        advice = retrofit_advice(cfg, lm)
+        advice = retrofit_advice(cfg, inference_context)
         if advice:
             writer.message(advice)
 
