@@ -127,8 +127,8 @@ def main() -> None:
     if args.tiny:
         import torch
 
-        from moshi_ttt.checkpoints.loading import load_base_lm, load_codec
         from moshi_ttt.integration import TTTConfig, apply_ttt
+        from moshi_ttt.models.load import load_base_lm, load_codec
         from moshi_ttt.serve import ChatServer, ServeConfig, ServerThread, SessionStore
 
         torch.set_num_threads(1)

@@ -22,8 +22,8 @@ import torch
 from moshi.models import loaders
 from moshi.models.lm import LMModel
 
-from moshi_ttt.checkpoints.loading import apply_lora
 from moshi_ttt.integration import apply_ttt
+from moshi_ttt.models.lora import apply_lora
 from moshi_ttt.train.config import TrainConfig
 from moshi_ttt.train.model import build_model, select_trainable
 from moshi_ttt.train.parallel import apply_activation_checkpointing

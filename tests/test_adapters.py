@@ -12,14 +12,6 @@ from moshi.utils.compile import no_compile
 from safetensors.torch import save_file
 from torch import nn
 
-from moshi_ttt.checkpoints.adapter import export_merged, load_adapter, save_adapter
-from moshi_ttt.checkpoints.loading import (
-    apply_lora,
-    load_base_lm,
-    load_codec,
-    load_merged,
-    lora_modules,
-)
 from moshi_ttt.integration import (
     TTTConfig,
     apply_ttt,
@@ -29,6 +21,10 @@ from moshi_ttt.integration import (
     ttt_modules,
     ttt_parameters,
 )
+from moshi_ttt.models.adapter import save_adapter
+from moshi_ttt.models.export import export_merged
+from moshi_ttt.models.load import load_adapter, load_base_lm, load_codec, load_merged
+from moshi_ttt.models.lora import apply_lora, lora_modules
 
 F32 = torch.float32
 

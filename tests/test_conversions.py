@@ -15,10 +15,11 @@ import sphn
 import torch
 from moshi.utils.compile import no_compile
 
-from moshi_ttt.checkpoints.loading import build_tiny_mimi, load_base_lm, load_codec
 from moshi_ttt.cli import main
 from moshi_ttt.eval.inputs import EvalInputs
 from moshi_ttt.generate import generate, read_audio, read_wav
+from moshi_ttt.models.codec import build_tiny_mimi
+from moshi_ttt.models.load import load_base_lm, load_codec
 
 RATE = 24000
 

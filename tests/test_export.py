@@ -16,18 +16,14 @@ from moshi.utils.compile import no_compile
 from safetensors.torch import load_file, save_file
 from test_adapters import codes, outputs  # noqa: E402  (tests/ is on sys.path)
 
-from moshi_ttt.checkpoints.adapter import load_adapter
-from moshi_ttt.checkpoints.export import export_run
-from moshi_ttt.checkpoints.loading import (
-    checkpoint_info,
-    load_base_lm,
-    load_codec,
-    lora_modules,
-)
 from moshi_ttt.cli import main
 from moshi_ttt.cli.common import load_model_from_args
 from moshi_ttt.demo.markov_task import MarkovTask, write_shards
 from moshi_ttt.integration.apply import named_ttt_parameters, ttt_modules
+from moshi_ttt.models.export import export_run
+from moshi_ttt.models.load import load_adapter, load_base_lm, load_codec
+from moshi_ttt.models.lora import lora_modules
+from moshi_ttt.models.sources import checkpoint_info
 from moshi_ttt.train.checkpoint import load_trained_model
 from moshi_ttt.train.config import TrainConfig
 from moshi_ttt.train.model import build_model

@@ -7,11 +7,12 @@ import pytest
 import sphn
 import torch
 
-from moshi_ttt.checkpoints.adapter import save_adapter
-from moshi_ttt.checkpoints.loading import build_tiny_mimi, load_base_lm, load_codec
 from moshi_ttt.cli import main
 from moshi_ttt.generate import generate, read_wav, resample
 from moshi_ttt.integration import TTTConfig, apply_ttt
+from moshi_ttt.models.adapter import save_adapter
+from moshi_ttt.models.codec import build_tiny_mimi
+from moshi_ttt.models.load import load_base_lm, load_codec
 
 
 @pytest.fixture

@@ -153,7 +153,7 @@ def test_collapse_guard_needs_a_fall_from_the_peak_and_no_gain():
 def test_branch_gain_is_the_gate_zero_difference(tmp_path, shards):
     cfg = TrainConfig.from_dict(cfg_dict(tmp_path, shards, ttt={"output_init": "zero"}))
     lm, _, _ = build_model(cfg, torch.device("cpu"))
-    from moshi_ttt.train.data import ShardSource
+    from moshi_ttt.data.pipeline import ShardSource
     from moshi_ttt.train.parallel import init_distributed
 
     codes = torch.stack([ShardSource(shards).codes(i) for i in range(2)]).long()

@@ -17,11 +17,11 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from moshi_ttt.cli import main
+from moshi_ttt.data.toy import write_toy_dataset
 from moshi_ttt.train.config import TrainConfig
 from moshi_ttt.train.model import build_model, parameter_groups
 from moshi_ttt.train.parallel import apply_fsdp, check_unit_dtypes, fsdp_units
 from moshi_ttt.train.plan import activation_per_frame, build_meta_model, make_plan
-from moshi_ttt.train.toy_data import write_toy_dataset
 from moshi_ttt.train.trainer import build_optimizer, forward_terms, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,13 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from moshi_ttt.cli import main
+from moshi_ttt.data.toy import write_toy_dataset
 from moshi_ttt.errors import TrainingStopped
 from moshi_ttt.integration.apply import ttt_modules
 from moshi_ttt.train import trainer as trainer_mod
 from moshi_ttt.train.checkpoint import load_trained_model
 from moshi_ttt.train.config import TrainConfig
 from moshi_ttt.train.model import build_model
-from moshi_ttt.train.toy_data import write_toy_dataset
 from moshi_ttt.train.trainer import forward_terms, lr_multiplier, train
 
 TTT = {"layers": "1,3", "kind": "mlp", "mini_batch_size": 8, "gate_init": 0.1}

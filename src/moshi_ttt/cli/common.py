@@ -71,9 +71,8 @@ def load_model_from_args(
     args: argparse.Namespace, tiny_default_ttt: bool = True
 ) -> tuple[Any, Any, torch.device, torch.dtype]:
     """``(lm, checkpoint_info, device, dtype)`` for the model named by ``add_model_args``."""
-    from ..checkpoints.adapter import load_adapter
-    from ..checkpoints.loading import load_base_lm
     from ..integration import TTTConfig, apply_ttt
+    from ..models.load import load_adapter, load_base_lm
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

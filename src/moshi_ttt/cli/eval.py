@@ -254,8 +254,8 @@ def _equal_lengths(args: argparse.Namespace) -> list[int] | str:
 
 def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
     """Check the arguments, load the model, open the inputs: ``(lm, info, inputs, setup)``."""
-    from ..checkpoints.loading import load_codec
     from ..eval.inputs import EvalInputs, StreamPlacement
+    from ..models.load import load_codec
 
     _check_numbers(args)
     placement = StreamPlacement(args.audio_stream, args.other_stream, args.text)
@@ -358,8 +358,8 @@ def run_inner_loss(args: argparse.Namespace) -> Any:
 
 
 def run_gating(args: argparse.Namespace) -> Any:
-    from ..checkpoints.loading import load_codec
     from ..eval.gating import evaluate_gating, generate_per_gate, parse_gates, write_gating_report
+    from ..models.load import load_codec
 
     gates = parse_gates(args.gates)
     if args.generate_input and not Path(args.generate_input).is_file():

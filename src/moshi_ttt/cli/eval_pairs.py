@@ -121,9 +121,9 @@ def add_pair_parsers(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
 def run_pairs(args: argparse.Namespace) -> dict[str, Any]:
     """CLI body: check the output and read the pairs (user errors first), load the model,
     score, write the report; nothing scored is an error (after the report is written)."""
-    from ..checkpoints.loading import load_codec
     from ..eval.likelihood import ScoringConfig, parse_codebooks, stream_size
     from ..eval.pair_report import evaluate_pairs
+    from ..models.load import load_codec
     from .common import describe_model, load_model_from_args, print_bad_files
 
     if args.batch_size < 1:

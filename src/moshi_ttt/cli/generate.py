@@ -49,8 +49,8 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_generate(args: argparse.Namespace) -> dict[str, Any]:
     """Load the model and codec named by ``args``, run ``generate``, print the summary."""
-    from ..checkpoints.loading import load_codec
     from ..generate import CHANNEL_TEXT, generate, read_audio
+    from ..models.load import load_codec
 
     text_path = check_inputs(args)
     # decodable, non-empty, finite: before loading a 15 GB model

@@ -139,7 +139,7 @@ def run_serve(args: argparse.Namespace) -> None:
     import torch
     from aiohttp import web
 
-    from ..checkpoints.loading import load_codec
+    from ..models.load import load_codec
     from ..serve import ChatServer, SessionStore
 
     logging.basicConfig(

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..data.pipeline import BAD_FILES
 from ..outputs import check_no_clobber
-from ..train.data import BAD_FILES
 from .common import print_bad_files, resolve_device
 
 
@@ -154,9 +154,9 @@ def run_plan(args: argparse.Namespace) -> None:
 
 
 def run_tokenize(args: argparse.Namespace) -> None:
-    from ..checkpoints.loading import codec_for_source, load_codec
+    from ..data.pipeline import SHARDS_INDEX, read_index, tokenize_index
     from ..integration.tiny import build_tiny_lm
-    from ..train.data import SHARDS_INDEX, read_index, tokenize_index
+    from ..models.load import codec_for_source, load_codec
 
     if args.max_bad_fraction is not None and not 0 <= args.max_bad_fraction <= 1:
         raise ValueError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
@@ -183,7 +183,7 @@ def run_tokenize(args: argparse.Namespace) -> None:
 
 
 def run_toy_data(args: argparse.Namespace) -> None:
-    from ..train.toy_data import write_toy_dataset
+    from ..data.toy import write_toy_dataset
 
     if args.files < 1 or not args.seconds > 0:
         raise ValueError("--files must be >= 1 and --seconds > 0")

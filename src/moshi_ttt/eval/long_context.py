@@ -38,14 +38,15 @@ from moshi.models.lm import LMModel
 from moshi.modules.transformer import set_attention_context
 from moshi.utils.compile import no_compile
 
+from ..format import FRAME_RATE, NUM_CODEBOOKS
 from ..integration.apply import set_gates, ttt_modules
 from ..integration.streaming import chunked_streaming, delayed_inputs, reset_ttt_states
+from ..models.lora import lora_modules
 from ..recipes import HARM_TOLERANCE
 from .report import Report
 from .stats import fmt_interval, ratio_difference, ratio_interval
 
-FRAME_RATE = 12.5  # frames per second
-NUM_AUDIO = 8  # Moshi's codebooks, the scored audio
+NUM_AUDIO = NUM_CODEBOOKS  # Moshi's codebooks, the scored audio
 METRICS = ("audio_ce", "cb0", "cb1_7", "text_ce")
 METRIC_LABELS = {"audio_ce": "audio CE", "cb0": "cb0 CE", "cb1_7": "cb1-7 CE", "text_ce": "text CE"}
 COLUMN_LABELS = {"audio_ce": "audio CE", "cb0": "cb0", "cb1_7": "cb1-7", "text_ce": "text CE"}
@@ -554,8 +555,6 @@ def splice_history(codes: torch.Tensor, donor: torch.Tensor, frames: int) -> tor
 def is_gate_zero_base(lm: LMModel) -> bool:
     """Whether gates 0 leave exactly the base model: no LoRA and no trainable non-TTT weight
     was added (False where the run trained LoRA; then ``no_ttt`` is base + LoRA)."""
-    from ..checkpoints.loading import lora_modules
-
     return not lora_modules(lm)
 
 

@@ -28,11 +28,22 @@ from moshi.modules.transformer import set_attention_context
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoints.loading import load_codec
+from ..data.pipeline import (
+    BAD_FILES,
+    BadFileCounter,
+    Batch,
+    DataError,
+    ShardSource,
+    WindowLoader,
+    open_source,
+    read_index,
+)
 from ..errors import TrainingStopped
+from ..format import NUM_STREAMS, TOKENS_PER_FRAME, ZERO_TOKEN
 from ..integration.apply import set_gates
 from ..integration.carry import StateCarry
 from ..integration.hybrid import GatedTTT
+from ..models.load import describe_spec, load_codec
 from ..outputs import check_output_dir, existing
 from ..recipes import HARM_TOLERANCE, retrofit_window
 from .checkpoint import (
@@ -44,16 +55,6 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .data import (
-    BAD_FILES,
-    NUM_STREAMS,
-    ZERO_TOKEN,
-    BadFileCounter,
-    Batch,
-    DataError,
-    WindowLoader,
-    open_source,
-)
 from .loss import LossTerms, compute_loss_terms, covered_ce_sums, covered_kl_sum, weight_totals
 from .metrics import CollapseGuard, MetricsWriter, gate_values, grad_norms, truncate_metrics
 from .model import build_model, build_sharded_model, resolve_dtype
@@ -66,7 +67,6 @@ from .parallel import (
     init_distributed,
 )
 
-TOKENS_PER_FRAME = 9  # text + the 8 Moshi codebooks
 RUN_FILES = ("config.yaml", "metrics.jsonl", "train.log", "tensorboard", "checkpoints", BAD_FILES)
 # Keys that do not change what a resumed run computes (all others must match the checkpoint's).
 RESUME_FREE_KEYS = (
@@ -658,13 +658,11 @@ def _check_ttt_layers_against_base(cfg: TrainConfig) -> None:
     """``ttt.layers`` against the base's layer count, from its config files (no weights)."""
     if cfg.ttt is None:
         return
-    from ..checkpoints.runs import config_base
-
     if cfg.model.source == "local" and not Path(str(cfg.model.path)).is_dir():
         raise FileNotFoundError(
             f"model.path: {cfg.model.path!r} is not a checkpoint or run directory"
         )
-    num_layers = config_base(cfg).lm_kwargs.get("num_layers")
+    num_layers = describe_spec(cfg.spec).lm_kwargs.get("num_layers")
     if isinstance(num_layers, int):
         cfg.check_ttt_layers(num_layers)
 
@@ -672,8 +670,6 @@ def _check_ttt_layers_against_base(cfg: TrainConfig) -> None:
 def _check_data_paths(cfg: TrainConfig) -> None:
     """Every ``data.train`` / ``data.eval`` index or shards directory exists and parses (the
     index files only, no audio), before the model is built."""
-    from .data import ShardSource, read_index
-
     for key, paths in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         for path in paths:
             try:
