@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
+from ..models.spec import DTYPES, resolve_device, resolve_dtype
 from ..outputs import check_no_clobber
 
 REPORT_FILES = ("report.md", "report.json")  # what marks a previous report in --out
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_model_args(p: argparse.ArgumentParser, tiny_default_ttt: bool = True) -> None:
@@ -47,24 +47,6 @@ def add_model_args(p: argparse.ArgumentParser, tiny_default_ttt: bool = True) ->
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="LM dtype; auto: bfloat16 on GPU, float32 on CPU")  # fmt: skip
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; an unavailable cuda is a ``ValueError``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name!r}: {e}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bfloat16 on GPU, float32 elsewhere."""
-    return DTYPES.get(name) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def load_model_from_args(
