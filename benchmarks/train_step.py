@@ -65,7 +65,8 @@ def measure(args: argparse.Namespace, variant: str, device: torch.device) -> dic
     if args.gpu_7b:
         lm, groups = build_7b(cfg, device)
     else:
-        lm, groups, _ = build_model(cfg, device)
+        built, groups = build_model(cfg, device)
+        lm = built.lm
     if cfg.model.gradient_checkpointing:
         apply_activation_checkpointing(lm)
     opt = build_optimizer(groups.params, groups.lrs, cfg)

@@ -108,8 +108,9 @@ def test_generate_refuses_an_output_not_named_wav(tmp_path, stereo, capsys, name
 
 
 def test_generate_function_refuses_an_output_not_named_wav(tmp_path, stereo):
-    lm, info = load_base_lm("tiny:0", dtype=torch.float32)
-    mimi, _ = load_codec(lm, info)
+    model = load_base_lm("tiny:0", dtype=torch.float32)
+    lm = model.lm
+    mimi, _ = load_codec(model)
     with pytest.raises(ValueError, match=r"output_wav .*o\.mp3: has the suffix '\.mp3'"):
         generate(lm.eval(), mimi, None, stereo, tmp_path / "o.mp3", progress=False)
     stats = generate(lm, mimi, None, stereo, tmp_path / "o.wav", progress=False, channel="mix")

@@ -361,7 +361,7 @@ def test_cli_sblimp_and_storycloze(tmp_path, monkeypatch):
 
     # codes that follow the audio, so that only identical audio ties
     monkeypatch.setattr(
-        "moshi_ttt.models.load.load_codec", lambda lm, info, device: (FrameCodec(), None)
+        "moshi_ttt.models.load.load_codec", lambda model, device: (FrameCodec(), None)
     )
     root = make_storycloze(tmp_path / "sc")
     # a tie: identical audio on both sides

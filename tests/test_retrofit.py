@@ -152,7 +152,7 @@ def test_collapse_guard_needs_a_fall_from_the_peak_and_no_gain():
 
 def test_branch_gain_is_the_gate_zero_difference(tmp_path, shards):
     cfg = TrainConfig.from_dict(cfg_dict(tmp_path, shards, ttt={"output_init": "zero"}))
-    lm, _, _ = build_model(cfg, torch.device("cpu"))
+    lm = build_model(cfg, torch.device("cpu"))[0].lm
     from moshi_ttt.data.pipeline import ShardSource
     from moshi_ttt.train.parallel import init_distributed
 
@@ -203,7 +203,7 @@ def test_trainer_advises_the_recipe_for_a_frozen_retrofit(tmp_path, shards):
     from moshi_ttt.train.trainer import retrofit_advice
 
     cfg = TrainConfig.from_dict(cfg_dict(tmp_path, shards))  # frozen tiny base, full window
-    lm, _, _ = build_model(cfg, torch.device("cpu"))
+    lm = build_model(cfg, torch.device("cpu"))[0].lm
     advice = retrofit_advice(cfg, lm)
     assert "full attention window (8 frames)" in advice
     assert "model.train_context_min: 1, kl_to_base: 1.0" in advice  # an eighth of 8 frames

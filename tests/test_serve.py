@@ -30,10 +30,11 @@ DEADLINE_S = 30.0  # every wait in these tests is bounded
 
 def load_tiny():
     """The tiny Moshi with the default TTT layer, its Mimi and tokenizer."""
-    lm, info = load_base_lm("tiny", dtype=torch.float32)
+    model = load_base_lm("tiny", dtype=torch.float32)
+    lm = model.lm
     apply_ttt(lm, TTTConfig())
     lm.eval()
-    mimi, tokenizer = load_codec(lm, info)
+    mimi, tokenizer = load_codec(model)
     return lm, mimi, tokenizer
 
 

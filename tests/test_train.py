@@ -64,7 +64,8 @@ def metrics(run_dir: Path, split: str = "train") -> list[dict]:
 def test_step_changes_only_trainables_and_all_get_gradients(dataset, tmp_path, lora, checkpointing):
     cfg = config(tmp_path, [dataset["clean"]], lora={"enable": lora, "rank": 4},
                  model={"gradient_checkpointing": checkpointing})  # fmt: skip
-    lm, groups, _ = build_model(cfg, torch.device("cpu"))
+    built, groups = build_model(cfg, torch.device("cpu"))
+    lm = built.lm
     if checkpointing:
         trainer_mod.apply_activation_checkpointing(lm)
     assert set(groups.params) == ({"ttt", "lora"} if lora else {"ttt"})
@@ -229,7 +230,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(dataset, tmp_path, monke
     assert "step 3: non-finite" in (tmp_path / "run" / "train.log").read_text()
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert kept[-1] == "step_000006"  # written at step 4 and 6 (step 6 skipped, params of 4)
-    ttt_names = [n for n, _ in ttt_modules(build_model(cfg, torch.device("cpu"))[0])]
+    ttt_names = [n for n, _ in ttt_modules(build_model(cfg, torch.device("cpu"))[0].lm)]
     assert ttt_names
 
 

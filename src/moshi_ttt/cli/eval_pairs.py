@@ -136,8 +136,9 @@ def run_pairs(args: argparse.Namespace) -> dict[str, Any]:
     if not pairs.pairs:
         raise ValueError(f"{pairs.source}: no complete pair ({len(pairs.problems)} unpaired)")
     check_report_dir(args.out, args.force)
-    lm, info, device, dtype = load_model_from_args(args)
-    mimi, _ = load_codec(lm, info, device=device)
+    loaded, device, dtype = load_model_from_args(args)
+    lm = loaded.lm
+    mimi, _ = load_codec(loaded, device=device)
     config = ScoringConfig(
         stream=args.stream,
         other_stream=args.other_stream,
@@ -145,7 +146,7 @@ def run_pairs(args: argparse.Namespace) -> dict[str, Any]:
         codebooks=parse_codebooks(args.codebooks, stream_size(lm)),
         score=args.score,
     )
-    model = describe_model(lm, device, dtype)
+    model = describe_model(loaded, device, dtype)
     print(model)
     data = evaluate_pairs(
         pairs,

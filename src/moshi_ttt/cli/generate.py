@@ -57,9 +57,10 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
     _, used = read_audio(args.input, channel=args.channel)
     option = "" if used == "mono" else f" (--channel {args.channel})"
     print(f"input: {args.input}, {CHANNEL_TEXT[used]}{option}")
-    lm, info, device, dtype = load_model_from_args(args)
-    mimi, tokenizer = load_codec(lm, info, device=device)
-    print(describe_model(lm, device, dtype))
+    loaded, device, dtype = load_model_from_args(args)
+    lm = loaded.lm
+    mimi, tokenizer = load_codec(loaded, device=device)
+    print(describe_model(loaded, device, dtype))
     stats = generate(
         lm,
         mimi,

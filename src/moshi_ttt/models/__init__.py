@@ -2,8 +2,8 @@
 
 Modules, lowest first (each imports only those above it in this list):
 
-- ``spec``: ``ModelSpec`` (source, file overrides, LoRA, memory, seed), ``resolve_device`` /
-  ``resolve_dtype``;
+- ``spec``: ``ModelSpec`` (source, file overrides, LoRA, memory, seed), ``LoadedModel`` (a
+  module and where it comes from), ``resolve_device`` / ``resolve_dtype``;
 - ``files``: safetensors / JSON checks and readers (no pickle is ever loaded);
 - ``sources``: what a source string is (tiny / Hub repo / directory / export / run), read from
   config files only (``BaseRecord``);
@@ -33,9 +33,10 @@ from .load import (
     load_run,
     load_run_base,
 )
-from .spec import ModelSpec, resolve_device, resolve_dtype
+from .spec import LoadedModel, ModelSpec, resolve_device, resolve_dtype
 
 __all__ = [
+    "LoadedModel",
     "ModelSpec",
     "build",
     "codec_for_source",

@@ -31,12 +31,14 @@ import torch
 from moshi.models.lm import LMModel
 from moshi.modules.lora import replace_lora_with_linear
 from safetensors.torch import save_file
+from torch import nn
 
 from ..integration.apply import apply_ttt, named_ttt_parameters, ttt_modules
 from ..integration.config import TTTConfig
 from .files import check_tensors, load_safetensors, read_json, require_file
 from .lora import apply_lora, lora_modules, lora_settings
 from .sources import MERGED_KEY, MERGED_WEIGHTS, BaseRecord
+from .spec import LoadedModel
 
 WEIGHTS_NAME = "adapter.safetensors"
 META_NAME = "adapter.json"
@@ -81,19 +83,21 @@ def ttt_record(lm: torch.nn.Module) -> tuple[dict[str, Any] | None, list[int] | 
 
 # -- save -------------------------------------------------------------------------------------
 def save_adapter(
-    lm: LMModel,
+    model: LoadedModel | nn.Module,
     out_dir: str | Path,
     base: str | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``adapter.safetensors`` + ``adapter.json`` into ``out_dir``; returns the directory.
 
-    ``base``: the base model id/path/``"tiny:SEED"`` (default: ``lm.moshi_ttt_base``, set by
-    ``load_base_lm``). ``tensors``: the adapter's whole tensors by name when the model's own
-    are sharded (FSDP); default: read from the model. Tensors keep their dtype; the JSON is
-    written last.
+    ``model``: a ``LoadedModel`` (its ``base`` is recorded) or a bare module with ``base``
+    given. ``base``: the base model id/path/``"tiny:SEED"`` (default: ``model.base``).
+    ``tensors``: the adapter's whole tensors by name when the model's own are sharded (FSDP);
+    default: read from the model. Tensors keep their dtype; the JSON is written last.
     """
-    base = base if base is not None else getattr(lm, "moshi_ttt_base", None)
+    lm = model.lm if isinstance(model, LoadedModel) else model
+    if base is None and isinstance(model, LoadedModel):
+        base = model.base
     if not base:
         raise ValueError("save_adapter needs the base model id or path (base=...)")
     ttt_config, ttt_layers = ttt_record(lm)

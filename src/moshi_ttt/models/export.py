@@ -39,11 +39,10 @@ def export_run(
     ``out_dir`` are replaced (``config.json``, which marks a complete export, is written last).
     Returns ``out_dir``.
     """
-    lm, spec, _, ckpt = load_run(run, device)
-    record = describe_spec(spec)  # config files only: no second weight load
+    model, ckpt = load_run(run, device)
+    record = describe_spec(model.spec)  # config files only: no second weight load
     step = int(ckpt.name.removeprefix("step_")) if ckpt.name.startswith("step_") else None
-    base = str(getattr(lm, "moshi_ttt_base", record.codec))
-    return write_merged(lm, out_dir, record, base, copy_codec, dtype,
+    return write_merged(model.lm, out_dir, record, model.base, copy_codec, dtype,
                         exported_from=str(ckpt.resolve()), step=step)  # fmt: skip
 
 
@@ -59,5 +58,5 @@ def export_merged(
     ``copy_codec``: copy the base's Mimi weights and tokenizer next to it (when it has them).
     """
     meta, _ = read_adapter(adapter_dir)
-    lm, _ = load_adapter(adapter_dir, device=device, dtype=dtype)
-    return write_merged(lm, out_dir, describe_base(meta["base"]), meta["base"], copy_codec)
+    model = load_adapter(adapter_dir, device=device, dtype=dtype)
+    return write_merged(model.lm, out_dir, describe_base(meta["base"]), meta["base"], copy_codec)

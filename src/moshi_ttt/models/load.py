@@ -8,13 +8,14 @@
 - ``describe_base`` / ``describe_spec`` / ``describe_run``: the same, from config files only;
 - ``load_codec`` / ``codec_for_source``: the Mimi and tokenizer that go with a model.
 
-Every loaded model records ``lm.moshi_ttt_base`` (what it was loaded from, what an adapter
-trained on it names as its base) and ``lm.moshi_ttt_codec`` (``"tiny:SEED"`` or the source whose
-Mimi/tokenizer go with it, for ``load_codec``).
+Each returns a ``LoadedModel``: the module with its ``CheckpointInfo``, ``base`` (what it was
+loaded from, what an adapter trained on it names as its base) and ``codec`` (``"tiny:SEED"`` or
+the source whose Mimi/tokenizer go with it, for ``load_codec``); nothing is set on the module.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,6 @@ from moshi.models import loaders
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMModel
 from moshi.modules.lora import replace_lora_with_linear
-from torch import nn
 
 from ..integration.tiny import build_tiny_lm, tiny_lm_kwargs
 from .adapter import apply_adapter, read_adapter
@@ -45,14 +45,7 @@ from .sources import (
     no_overrides,
     tiny_seed,
 )
-from .spec import ModelSpec, resolve_dtype
-
-
-def mark_origin(lm: LMModel, base: str, codec: str) -> LMModel:
-    """Record ``lm.moshi_ttt_base`` and ``lm.moshi_ttt_codec`` (module docstring)."""
-    lm.moshi_ttt_base = str(base)
-    lm.moshi_ttt_codec = str(codec)
-    return lm
+from .spec import LoadedModel, ModelSpec, resolve_dtype
 
 
 def load_base_lm(
@@ -63,9 +56,9 @@ def load_base_lm(
     overrides: Mapping[str, str | Path | None] | None = None,
     *,
     legacy_7b: bool = False,
-) -> tuple[LMModel, loaders.CheckpointInfo | None]:
-    """Load a base Moshi LM (eval mode, ``dtype`` on ``device``) and its ``CheckpointInfo``
-    (None for tiny models and runs trained on one); sources in the module docstring.
+) -> LoadedModel:
+    """Load a base Moshi LM (eval mode, ``dtype`` on ``device``) with its ``CheckpointInfo``
+    (None for tiny models and runs trained on one); sources in ``models.sources``.
 
     ``lora``: ``{"rank": r, "scaling": s}`` adds fresh LoRA adapters to the base linears
     (``apply_lora``). A LoRA stored in the checkpoint itself (moshi-finetune's ``lora_name``) is
@@ -74,11 +67,11 @@ def load_base_lm(
     seed = tiny_seed(str(source))
     if seed is not None:
         no_overrides(overrides, source)
-        lm, info = build_tiny_lm(seed).to(device=device, dtype=dtype), None
-        mark_origin(lm, str(source), f"tiny:{seed}")
+        lm = build_tiny_lm(seed).to(device=device, dtype=dtype)
+        model = LoadedModel(lm, None, str(source), f"tiny:{seed}")
     elif is_run_dir(source):
         no_overrides(overrides, source)
-        lm, info = load_run_base(source, device=device, dtype=dtype)
+        model = load_run_base(source, device=device, dtype=dtype)
     else:
         info = checkpoint_info(source, overrides, legacy_7b=legacy_7b)
         if info.raw_config and MERGED_KEY in info.raw_config:
@@ -86,10 +79,11 @@ def load_base_lm(
         with no_pickle_loads(), model_errors(source):
             lm = info.get_moshi(device=device, dtype=dtype, fuse_lora=True)
         resolved = str(Path(source).resolve()) if Path(source).is_dir() else str(source)
-        mark_origin(lm, resolved, resolved)
+        model = LoadedModel(lm, info, resolved, resolved)
     if lora:
-        apply_lora(lm, **lora)
-    return lm.eval(), info
+        apply_lora(model.lm, **lora)
+    model.lm.eval()
+    return model
 
 
 def load_merged(
@@ -98,7 +92,7 @@ def load_merged(
     dtype: torch.dtype = torch.bfloat16,
     lora: dict[str, Any] | None = None,
     info: loaders.CheckpointInfo | None = None,
-) -> tuple[LMModel, loaders.CheckpointInfo]:
+) -> LoadedModel:
     """Load an exported directory (``moshi-ttt export``, ``export_merged``): built on the meta
     device, TTT applied, every weight loaded strictly with ``assign``. ``lora``: fresh LoRA
     adapters to add (``apply_lora``); ``info``: its ``CheckpointInfo`` if already read."""
@@ -118,10 +112,9 @@ def load_merged(
     left = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"{info.moshi_weights}: no values for {left[:3]}")
-    mark_origin(lm, str(root.resolve()), codec_of(root, info))
     if lora:
         apply_lora(lm, **lora)
-    return lm.eval(), info
+    return LoadedModel(lm.eval(), info, str(root.resolve()), codec_of(root, info))
 
 
 def describe_base(
@@ -156,39 +149,33 @@ def describe_run(run: str | Path) -> BaseRecord:
     return describe_spec(run_spec(find_checkpoint(run)))
 
 
-def load_base(
-    spec: ModelSpec, device: torch.device, dtype: torch.dtype
-) -> tuple[LMModel, loaders.CheckpointInfo | None]:
+def load_base(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     """The base LM named by ``spec.model`` (eval mode) and its ``CheckpointInfo`` (None if
     tiny). ``source: local`` takes a checkpoint directory with a config.json, an export, a run
     directory or a ``checkpoints/step_*`` directory."""
     m = spec.model
     if m.source == "tiny":
         lm = build_tiny_lm(spec.seed, **m.tiny_overrides).to(device=device, dtype=dtype)
-        mark_origin(lm, spec.source, spec.source)
-        return lm, None
+        return LoadedModel(lm, None, spec.source, spec.source)
     if m.source == "local" and not Path(spec.source).is_dir():
         raise FileNotFoundError(f"model.path: {m.path!r} is not a checkpoint or run directory")
     return load_base_lm(spec.source, device=device, dtype=dtype, overrides=spec.overrides,
                         legacy_7b=m.source == "hf")  # fmt: skip
 
 
-def build(
-    spec: ModelSpec, device: torch.device, dtype: torch.dtype | None = None
-) -> tuple[LMModel, loaders.CheckpointInfo | None]:
-    """``(lm, checkpoint info)``: the base of ``spec`` -> LoRA (base linears only) -> TTT (new
-    parameters initialised from ``spec.seed``), on ``device``. ``dtype``: of the base
-    (default: ``model.dtype`` resolved for ``device``). Nothing is frozen or unfrozen here."""
+def build(spec: ModelSpec, device: torch.device, dtype: torch.dtype | None = None) -> LoadedModel:
+    """The model of ``spec``: its base -> LoRA (base linears only) -> TTT (new parameters
+    initialised from ``spec.seed``), on ``device``. ``dtype``: of the base (default:
+    ``model.dtype`` resolved for ``device``). Nothing is frozen or unfrozen here."""
     dtype = dtype or resolve_dtype(spec.model.dtype, device)
-    lm, info = load_base(spec, device, dtype)
-    add_lora_and_memory(lm, spec, device, str(getattr(lm, "moshi_ttt_base", "?")))
-    return lm, info
+    model = load_base(spec, device, dtype)
+    add_lora_and_memory(model.lm, spec, device, model.base)
+    return dataclasses.replace(model, spec=spec)
 
 
-def load_run(
-    run: str | Path, device: torch.device | str = "cpu"
-) -> tuple[nn.Module, ModelSpec, loaders.CheckpointInfo | None, Path]:
-    """``(lm in eval mode, its ModelSpec, base CheckpointInfo or None, checkpoint dir)``.
+def load_run(run: str | Path, device: torch.device | str = "cpu") -> tuple[LoadedModel, Path]:
+    """``(the model a run trained, in eval mode, its checkpoint directory)``; the model's
+    ``spec`` is the run's, its ``info`` / ``base`` / ``codec`` those of the run's base.
 
     ``run``: a run directory (its newest checkpoint) or a ``checkpoints/step_*`` directory.
     The model is rebuilt from the run's recorded spec (``build``), its trained groups (float32)
@@ -196,35 +183,35 @@ def load_run(
     """
     ckpt = find_checkpoint(run)
     spec = run_spec(ckpt)
-    lm, info = build(spec, torch.device(device))
-    groups = mark_trained(lm, spec)
+    model = build(spec, torch.device(device))
+    groups = mark_trained(model.lm, spec)
     load_trainable(ckpt, [item for group in groups.values() for item in group])
-    for p in lm.parameters():
+    for p in model.lm.parameters():
         p.requires_grad_(False)
-    return lm.eval(), spec, info, ckpt
+    model.lm.eval()
+    return model, ckpt
 
 
 def load_run_base(
     run: str | Path,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
-) -> tuple[LMModel, loaders.CheckpointInfo | None]:
+) -> LoadedModel:
     """The model run ``run`` trained, LoRA merged (``W + scaling B A``), as a frozen base in
-    eval mode: ``(lm, CheckpointInfo of the run's own base or None)``.
+    eval mode, with the ``CheckpointInfo`` of the run's own base (or None).
 
-    ``lm.moshi_ttt_base`` is the resolved checkpoint directory (what an adapter trained on it
-    records), ``lm.moshi_ttt_codec`` the codec of the run's base. A run directory means its
+    Its ``base`` is the resolved checkpoint directory (what an adapter trained on it records),
+    its ``codec`` the codec of the run's base. A run directory means its
     newest checkpoint *when loaded*: name a ``checkpoints/step_*`` directory, or export it, for
     a base that stays fixed while the run goes on.
     """
-    lm, spec, info, ckpt = load_run(run, device)
-    codec = getattr(lm, "moshi_ttt_codec", None) or describe_spec(spec).codec
+    model, ckpt = load_run(run, device)
+    lm = model.lm
     replace_lora_with_linear(lm)
     lm = lm.to(dtype=dtype)
     for p in lm.parameters():
         p.requires_grad_(False)
-    mark_origin(lm, str(ckpt.resolve()), codec)
-    return lm.eval(), info
+    return LoadedModel(lm.eval(), model.info, str(ckpt.resolve()), model.codec, model.spec)
 
 
 def load_adapter(
@@ -232,37 +219,35 @@ def load_adapter(
     lm: LMModel | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
-) -> tuple[LMModel, loaders.CheckpointInfo | None]:
-    """Apply an adapter: returns ``(lm, checkpoint_info)``.
+) -> LoadedModel:
+    """An adapter on its base (``adapter.apply_adapter``: LoRA and TTT as recorded, every
+    tensor loaded strictly).
 
-    Without ``lm`` the base is loaded from ``adapter.json``'s ``base`` (``load_base_lm``;
-    ``checkpoint_info`` is None for tiny bases and for a given ``lm``); then
-    ``adapter.apply_adapter`` (LoRA and TTT as recorded, every tensor loaded strictly).
+    Without ``lm`` the base is loaded from ``adapter.json``'s ``base`` (``load_base_lm``).
+    With ``lm`` (a base already loaded) the adapter goes onto it: ``info`` is then None and
+    ``base`` / ``codec`` are the adapter's recorded base.
     """
     meta, tensors = read_adapter(adapter_dir)
-    info = None
     if lm is None:
-        lm, info = load_base_lm(meta["base"], device=device, dtype=dtype)
-    apply_adapter(lm, adapter_dir, meta, tensors)
-    return lm.eval(), info
+        model = load_base_lm(meta["base"], device=device, dtype=dtype)
+    else:
+        model = LoadedModel(lm, None, str(meta["base"]), str(meta["base"]))
+    apply_adapter(model.lm, adapter_dir, meta, tensors)
+    model.lm.eval()
+    return model
 
 
 def load_codec(
-    lm: LMModel, info: loaders.CheckpointInfo | None, device: torch.device | str = "cpu"
+    model: LoadedModel, device: torch.device | str = "cpu"
 ) -> tuple[MimiModel, Any | None]:
-    """Mimi and the text tokenizer (None when the checkpoint has none) that go with ``lm``.
+    """Mimi and the text tokenizer (None when the checkpoint has none) that go with ``model``.
 
     Tiny bases (also adapters, runs and exports made from one) get ``build_tiny_mimi`` and
     ``build_tiny_tokenizer`` with the base's seed; others the checkpoint's Mimi weights.
     """
-    codec = getattr(lm, "moshi_ttt_codec", None)
-    if codec is None:  # a model not loaded through this module
-        codec = str(getattr(lm, "moshi_ttt_base", ""))
-        merged = (info.raw_config or {}).get(MERGED_KEY) if info is not None else None
-        if isinstance(merged, dict):
-            codec = str(merged.get("codec") or merged.get("base") or codec)
+    lm = model.lm
     sizes = {"card": lm.card, "n_q": lm.n_q, "dep_q": lm.dep_q, "text_card": lm.text_card}
-    return load_codec_files(str(codec), info, sizes, device)
+    return load_codec_files(model.codec, model.info, sizes, device)
 
 
 def codec_for_source(

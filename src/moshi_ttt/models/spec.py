@@ -1,4 +1,5 @@
-"""What a model is, as a value: ``ModelSpec`` (source, file overrides, LoRA, memory, seed).
+"""What a model is, as values: ``ModelSpec`` (source, file overrides, LoRA, memory, seed) and
+``LoadedModel`` (a loaded module with where it comes from).
 
 The ``model`` / ``lora`` / ``ttt`` / ``seed`` sections of a training config are a
 ``ModelSpec`` (``TrainConfig.spec``); a training run records them, so a run's model is rebuilt
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from moshi.models import loaders
+from torch import nn
 
 from .. import schema
 from ..integration.config import TTTConfig
@@ -170,3 +173,24 @@ def resolve_device(name: str | torch.device, what: str = "--device") -> torch.de
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """A dtype name (``DTYPES``); ``auto`` = bfloat16 on GPU, float32 elsewhere."""
     return DTYPES.get(name) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model and where it comes from; nothing about its origin is stored on the module.
+
+    Attributes:
+        lm: the moshi ``LMModel`` (with its TTT layers and LoRA, as loaded or built).
+        info: its base's ``CheckpointInfo`` (None for tiny models and models made from one).
+        base: what it was loaded from (a resolved directory, a repo id, ``"tiny:SEED"``): what
+            an adapter trained on it records as its base.
+        codec: ``"tiny:SEED"`` or the source whose Mimi and tokenizer go with it
+            (``models.load.load_codec``).
+        spec: the ``ModelSpec`` it was built from (None for a source loaded as it is).
+    """
+
+    lm: nn.Module
+    info: loaders.CheckpointInfo | None
+    base: str
+    codec: str
+    spec: ModelSpec | None = None

@@ -44,6 +44,7 @@ from ..models.runs import (
     recorded_config,
     step_dir,
 )
+from ..models.spec import LoadedModel
 from .config import TrainConfig
 from .parallel import Dist, barrier, gather_to_main
 
@@ -80,7 +81,7 @@ def save_checkpoint(
     state: dict[str, Any],
     rank_tensors: dict[str, torch.Tensor],
     d: Dist,
-    lm: nn.Module,
+    model: LoadedModel,
     keep_last: int,
 ) -> Path:
     """Write checkpoint ``step`` (a collective: every rank calls it). Returns its directory.
@@ -116,8 +117,8 @@ def save_checkpoint(
         save_file(optim, str(tmp / OPTIMIZER))
         for r, blob in enumerate(rank_blobs):
             save_file(blob, str(tmp / f"rank{r}.safetensors"))
-        if set(params) == set(adapter_parameters(lm)):
-            save_adapter(lm, tmp, tensors=params)
+        if set(params) == set(adapter_parameters(model.lm)):
+            save_adapter(model, tmp, tensors=params)
         record = {**state, "step": step, "world_size": d.world_size, "data": data_states}
         (tmp / STATE).write_text(json.dumps(record, indent=1))
         shutil.rmtree(final, ignore_errors=True)
@@ -180,17 +181,17 @@ def checkpoint_config(ckpt: str | Path) -> TrainConfig:
 
 def load_trained(
     run: str | Path, device: torch.device | str = "cpu"
-) -> tuple[nn.Module, TrainConfig, Any, Path]:
-    """``(lm in eval mode, TrainConfig, base CheckpointInfo or None, checkpoint dir)`` of a run
+) -> tuple[LoadedModel, TrainConfig, Path]:
+    """``(the model a run trained, in eval mode; its TrainConfig; its checkpoint directory)``
     (``models.load.load_run``, with the run's whole training config)."""
-    lm, _, info, ckpt = load_run(run, device)
-    return lm, checkpoint_config(ckpt), info, ckpt
+    model, ckpt = load_run(run, device)
+    return model, checkpoint_config(ckpt), ckpt
 
 
 def load_trained_model(
     run: str | Path, device: torch.device | str = "cpu"
 ) -> tuple[nn.Module, TrainConfig]:
     """The model a run trained, for evaluation: ``(lm in eval mode, TrainConfig)``
-    (``load_trained`` without the checkpoint info and path)."""
-    lm, cfg, _, _ = load_trained(run, device)
-    return lm, cfg
+    (``load_trained``: the bare module)."""
+    model, cfg, _ = load_trained(run, device)
+    return model.lm, cfg

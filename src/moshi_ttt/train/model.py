@@ -31,7 +31,7 @@ from ..models.build import (
 )
 from ..models.load import build
 from ..models.sources import MERGED_KEY, is_run_dir, lm_kwargs_of
-from ..models.spec import GROUPS, resolve_dtype
+from ..models.spec import GROUPS, LoadedModel, resolve_dtype
 from .config import TrainConfig
 from .parallel import apply_fsdp, broadcast_object
 
@@ -70,34 +70,34 @@ class TrainableGroups:
 
 def build_model(
     cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None = None
-) -> tuple[LMModel, TrainableGroups, Any]:
-    """``(lm, trainable groups, checkpoint info)`` for ``cfg``, in train mode on ``device``.
+) -> tuple[LoadedModel, TrainableGroups]:
+    """``(the model of cfg.spec, its trainable groups)``, in train mode on ``device``.
 
     Order: base -> LoRA (base linears only) -> TTT (new parameters initialised from
     ``cfg.seed``) -> freeze all -> unfreeze the configured groups and cast them to float32.
     ``dtype``: of the frozen base (default: ``model.dtype`` resolved for ``device``).
     """
-    lm, info = build(cfg.spec, device, dtype)
-    groups = select_trainable(lm, cfg)
-    lm.train()
-    return lm, groups, info
+    model = build(cfg.spec, device, dtype)
+    groups = select_trainable(model.lm, cfg)
+    model.lm.train()
+    return model, groups
 
 
-def add_trainables(lm: LMModel, cfg: TrainConfig, device: torch.device) -> TrainableGroups:
+def add_trainables(
+    lm: LMModel, cfg: TrainConfig, device: torch.device, base: str = "?"
+) -> TrainableGroups:
     """LoRA and TTT as ``cfg`` says (seeded), then ``select_trainable``; ``lm`` in train mode.
-    Works on the meta device too (``train.plan``)."""
-    add_lora_and_memory(lm, cfg.spec, device, str(getattr(lm, "moshi_ttt_base", "?")))
+    Works on the meta device too (``train.plan``). ``base``: where ``lm`` comes from, for
+    messages."""
+    add_lora_and_memory(lm, cfg.spec, device, base)
     groups = select_trainable(lm, cfg)
     lm.train()
     return groups
 
 
-ORIGIN_ATTRS = ("moshi_ttt_base", "moshi_ttt_codec")  # set by models.load.mark_origin
-
-
 def build_sharded_model(
     cfg: TrainConfig, device: torch.device
-) -> tuple[LMModel, TrainableGroups, Any] | None:
+) -> tuple[LoadedModel, TrainableGroups] | None:
     """Under ``torchrun``: the model of ``build_model``, sharded with FSDP2, read once.
 
     Rank 0 builds the model on the CPU (the only rank that reads the weights or asks the Hub;
@@ -116,26 +116,25 @@ def build_sharded_model(
     shared: Any = None
     if torch.distributed.get_rank() == 0:
         try:
-            src, _, info = build_model(cfg, torch.device("cpu"), dtype)
+            built, _ = build_model(cfg, torch.device("cpu"), dtype)
+            src, info = built.lm, built.info
             if m.source == "tiny":
                 kwargs, merged = tiny_lm_kwargs(**m.tiny_overrides), None
             else:
                 kwargs = lm_kwargs_of(m.hf_repo if m.source == "hf" else m.path, info)
                 merged = (info.raw_config or {}).get(MERGED_KEY)
-            shared = (kwargs, merged, info, {k: getattr(src, k, None) for k in ORIGIN_ATTRS})
+            shared = (kwargs, merged, info, built.base, built.codec)
+            del built  # src is the one reference to the CPU model, freed below
         except Exception as e:  # every rank stops with rank 0's error (none waits for it)
             broadcast_object(e)
             raise
     shared = broadcast_object(shared)
     if isinstance(shared, BaseException):
         raise shared
-    kwargs, merged, info, origin = shared
+    kwargs, merged, info, base, codec = shared
     lm = meta_base(kwargs, merged, dtype)
     with torch.device("meta"):
-        groups = add_trainables(lm, cfg, torch.device("meta"))
-    for key, value in origin.items():
-        if value is not None:
-            setattr(lm, key, value)
+        groups = add_trainables(lm, cfg, torch.device("meta"), base)
     apply_fsdp(lm)
     lm.to_empty(device=device)
     full = src.state_dict() if src is not None else {}
@@ -143,7 +142,7 @@ def build_sharded_model(
     set_model_state_dict(lm, full, options=options)
     del src, full
     groups.rebind(lm)
-    return lm, groups, info
+    return LoadedModel(lm, info, base, codec, cfg.spec), groups
 
 
 def select_trainable(lm: LMModel, cfg: TrainConfig) -> TrainableGroups:

@@ -44,6 +44,7 @@ from ..integration.apply import set_gates
 from ..integration.carry import StateCarry
 from ..integration.hybrid import GatedTTT
 from ..models.load import describe_spec, load_codec
+from ..models.spec import LoadedModel
 from ..outputs import check_output_dir, existing
 from ..recipes import HARM_TOLERANCE, retrofit_window
 from .checkpoint import (
@@ -392,10 +393,8 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool
     # Model: base (frozen) + LoRA + TTT, trainable groups in float32, then wrappers.
     # Under torchrun: rank 0 reads the weights once, every rank holds only its FSDP shards.
     built = build_sharded_model(cfg, d.device) if d.distributed else None
-    if built is None:
-        lm, groups, info = build_model(cfg, d.device)
-    else:
-        lm, groups, info = built
+    model, groups = built if built is not None else build_model(cfg, d.device)
+    lm = model.lm
     full_context = int(lm.transformer.layers[0].self_attn.context or cfg.frames_per_window)
     if cfg.model.train_context is not None:  # training only: checkpoints keep the model's own
         set_attention_context(lm.transformer, cfg.model.train_context)
@@ -411,7 +410,7 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool
 
     def codec() -> tuple[Any, Any]:
         if "codec" not in codec_cache:
-            mimi, tokenizer = load_codec(lm, info, device=d.device)
+            mimi, tokenizer = load_codec(model, device=d.device)
             if tokenizer is None:
                 raise ValueError("data: a JSONL index needs the checkpoint's text tokenizer")
             codec_cache["codec"] = (mimi, tokenizer)
@@ -580,7 +579,7 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool
                                    + _harm_note(eval_metrics))  # fmt: skip
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps:
                 last_ckpt = _save(ckpt_root, step, named, optimizer, loader, carry, skipped,
-                                  optimizer.param_groups, d, lm, cfg)  # fmt: skip
+                                  optimizer.param_groups, d, model, cfg)  # fmt: skip
     except KeyboardInterrupt:
         if writer is not None:
             writer.message(
@@ -703,7 +702,7 @@ def _resume_differences(ckpt: Path, cfg: TrainConfig) -> list[str]:
 
 def _save(root: Path, step: int, named: list, optimizer: torch.optim.Optimizer,
           loader: WindowLoader, carry: StateCarry | None, skipped: int, param_groups: list,
-          d: Dist, lm: nn.Module, cfg: TrainConfig) -> Path:  # fmt: skip
+          d: Dist, model: LoadedModel, cfg: TrainConfig) -> Path:  # fmt: skip
     rank_tensors = _rng_state(d)
     if carry is not None:
         rank_tensors.update({f"carry.{k}": v for k, v in carry.state_dict().items()})
@@ -713,7 +712,7 @@ def _save(root: Path, step: int, named: list, optimizer: torch.optim.Optimizer,
         "lr": {g["name"]: g["lr"] for g in param_groups},
         "config": cfg.to_dict(),
     }
-    return save_checkpoint(root, step, named, optimizer, state, rank_tensors, d, lm,
+    return save_checkpoint(root, step, named, optimizer, state, rank_tensors, d, model,
                            cfg.keep_last)  # fmt: skip
 
 
