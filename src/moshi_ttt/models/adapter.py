@@ -35,6 +35,7 @@ from torch import nn
 
 from ..integration.apply import apply_ttt, named_ttt_parameters, ttt_modules
 from ..integration.config import TTTConfig
+from .build import recorded_ttt_config
 from .files import check_tensors, load_safetensors, read_json, require_file
 from .lora import apply_lora, lora_modules, lora_settings
 from .sources import MERGED_KEY, MERGED_WEIGHTS, BaseRecord
@@ -179,8 +180,8 @@ def apply_adapter(
         apply_lora(lm, rank=int(meta["lora"]["rank"]), scaling=float(meta["lora"]["scaling"]))
     elif lora_settings(lm) != meta["lora"]:
         raise ValueError(f"{where}: LoRA {meta['lora']} but the model has {lora_settings(lm)}")
-    if meta["ttt_config"] is not None:
-        config = TTTConfig.from_dict({**meta["ttt_config"], "layers": list(meta["ttt_layers"])})
+    config = recorded_ttt_config(meta)
+    if config is not None:
         if not ttt_modules(lm):
             apply_ttt(lm, config)
         elif not _same_ttt(lm, config):

@@ -27,11 +27,12 @@ from .lora import apply_lora, lora_modules
 from .spec import GROUPS, ModelSpec
 
 
-def merged_ttt_config(merged: Any) -> TTTConfig | None:
-    """The ``TTTConfig`` recorded by an export's ``"moshi_ttt"`` entry (None without TTT)."""
-    if not isinstance(merged, dict) or merged.get("ttt_config") is None:
+def recorded_ttt_config(record: Any) -> TTTConfig | None:
+    """The ``TTTConfig`` recorded by an export's ``"moshi_ttt"`` entry or an ``adapter.json``
+    (``ttt_config`` with ``ttt_layers`` as its layer list); None without TTT."""
+    if not isinstance(record, dict) or record.get("ttt_config") is None:
         return None
-    return TTTConfig.from_dict({**merged["ttt_config"], "layers": list(merged["ttt_layers"])})
+    return TTTConfig.from_dict({**record["ttt_config"], "layers": list(record["ttt_layers"])})
 
 
 def meta_base(lm_kwargs: dict[str, Any], merged: Any, dtype: torch.dtype) -> LMModel:
@@ -39,7 +40,7 @@ def meta_base(lm_kwargs: dict[str, Any], merged: Any, dtype: torch.dtype) -> LMM
     an export (``merged``: its ``"moshi_ttt"`` entry), its TTT layers."""
     with torch.device("meta"):  # also what moshi creates without a device argument
         lm = loaders.get_moshi_lm(None, lm_kwargs, device="meta", dtype=dtype)
-        ttt = merged_ttt_config(merged)
+        ttt = recorded_ttt_config(merged)
         if ttt is not None:
             apply_ttt(lm, ttt)
     return lm
