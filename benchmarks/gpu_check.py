@@ -135,7 +135,8 @@ def fsdp_rows(size: str, s: dict, device: torch.device) -> list[tuple[str, str, 
     else:
         from moshi_ttt.train.model import build_model
 
-        lm, groups, _ = build_model(cfg, device)
+        built, groups = build_model(cfg, device)
+        lm = built.lm
     apply_activation_checkpointing(lm)
     apply_fsdp(lm)
     groups.rebind(lm)

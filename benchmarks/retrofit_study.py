@@ -26,14 +26,14 @@ import numpy as np
 import torch
 from moshi.utils.compile import no_compile
 
-from moshi_ttt.checkpoints.export import export_run
+from moshi_ttt.data.pipeline import ShardSource
 from moshi_ttt.demo.markov import DemoSettings, train_config
 from moshi_ttt.demo.markov_task import MarkovTask, write_shards
 from moshi_ttt.eval.long_context import evaluate_long_context
 from moshi_ttt.integration.apply import ttt_modules
+from moshi_ttt.models.export import export_run
 from moshi_ttt.train.checkpoint import load_trained_model
 from moshi_ttt.train.config import TrainConfig
-from moshi_ttt.train.data import ShardSource
 from moshi_ttt.train.trainer import train
 
 # name -> (ttt config, top-level overrides). The base is frozen in all of them.

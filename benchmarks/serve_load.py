@@ -127,14 +127,16 @@ def main() -> None:
     if args.tiny:
         import torch
 
-        from moshi_ttt.checkpoints.loading import load_base_lm, load_codec
         from moshi_ttt.integration import TTTConfig, apply_ttt
+        from moshi_ttt.models.load import load_base_lm, load_codec
         from moshi_ttt.serve import ChatServer, ServeConfig, ServerThread, SessionStore
 
         torch.set_num_threads(1)
-        lm, info = load_base_lm("tiny")
+        model = load_base_lm("tiny")
+        lm = model.lm
         apply_ttt(lm, TTTConfig())
-        mimi, tok = load_codec(lm.eval(), info)
+        mimi, tok = load_codec(model)
+        lm.eval()
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:

@@ -22,8 +22,8 @@ import torch
 from moshi.models import loaders
 from moshi.models.lm import LMModel
 
-from moshi_ttt.checkpoints.loading import apply_lora
 from moshi_ttt.integration import apply_ttt
+from moshi_ttt.models.lora import apply_lora
 from moshi_ttt.train.config import TrainConfig
 from moshi_ttt.train.model import build_model, select_trainable
 from moshi_ttt.train.parallel import apply_activation_checkpointing
@@ -65,7 +65,8 @@ def measure(args: argparse.Namespace, variant: str, device: torch.device) -> dic
     if args.gpu_7b:
         lm, groups = build_7b(cfg, device)
     else:
-        lm, groups, _ = build_model(cfg, device)
+        built, groups = build_model(cfg, device)
+        lm = built.lm
     if cfg.model.gradient_checkpointing:
         apply_activation_checkpointing(lm)
     opt = build_optimizer(groups.params, groups.lrs, cfg)

@@ -12,14 +12,6 @@ from moshi.utils.compile import no_compile
 from safetensors.torch import save_file
 from torch import nn
 
-from moshi_ttt.checkpoints.adapter import export_merged, load_adapter, save_adapter
-from moshi_ttt.checkpoints.loading import (
-    apply_lora,
-    load_base_lm,
-    load_codec,
-    load_merged,
-    lora_modules,
-)
 from moshi_ttt.integration import (
     TTTConfig,
     apply_ttt,
@@ -29,6 +21,10 @@ from moshi_ttt.integration import (
     ttt_modules,
     ttt_parameters,
 )
+from moshi_ttt.models.adapter import save_adapter
+from moshi_ttt.models.export import export_merged
+from moshi_ttt.models.load import load_adapter, load_base_lm, load_codec, load_merged
+from moshi_ttt.models.lora import apply_lora, lora_modules
 
 F32 = torch.float32
 
@@ -52,8 +48,10 @@ def _eager_and_no_pickle(monkeypatch):
 
 
 def trained(kind: str = "mlp", lora: bool = False, lora_first: bool = True, seed: int = 0):
-    """A tiny ``tiny:0`` model with TTT in layers 1 and 3 (and LoRA), weights moved off init."""
-    lm, _ = load_base_lm("tiny:0", dtype=F32)
+    """A tiny ``tiny:0`` model with TTT in layers 1 and 3 (and LoRA), weights moved off init
+    (a ``LoadedModel``: the module and where it was loaded from)."""
+    model = load_base_lm("tiny:0", dtype=F32)
+    lm = model.lm
     config = TTTConfig(layers="1,3", kind=kind, mini_batch_size=4, chunk_size=6, gate_init=0.5)
     if lora and lora_first:
         apply_lora(lm, rank=4, scaling=2.0)
@@ -67,7 +65,7 @@ def trained(kind: str = "mlp", lora: bool = False, lora_first: bool = True, seed
             p.add_(0.05 * torch.randn(p.shape, generator=g))
         for _, m in lora_modules(lm):
             m.lora_B.weight.copy_(0.05 * torch.randn(m.lora_B.weight.shape, generator=g))
-    return lm
+    return model
 
 
 def codes(lm, T: int = 9, seed: int = 0) -> torch.Tensor:
@@ -86,10 +84,11 @@ def outputs(lm, c: torch.Tensor) -> torch.Tensor:
 # -- round trips ------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["linear", "mlp", "inplace"])
 def test_adapter_round_trip(tmp_path, kind):
-    lm = trained(kind)
+    model = trained(kind)
+    lm = model.lm
     c = codes(lm)
     ref = outputs(lm, c)
-    save_adapter(lm, tmp_path / "ad")
+    save_adapter(model, tmp_path / "ad")
     meta = json.loads((tmp_path / "ad" / "adapter.json").read_text())
     assert meta["base"] == "tiny:0" and meta["ttt_layers"] == [1, 3] and meta["lora"] is None
     assert meta["ttt_config"]["kind"] == kind and meta["base_arch"]["num_layers"] == 4
@@ -97,53 +96,56 @@ def test_adapter_round_trip(tmp_path, kind):
     assert set(meta["tensors"]) == set(names)
     assert all(meta["tensors"][k]["shape"] == list(p.shape) for k, p in names.items())
 
-    fresh, info = load_adapter(tmp_path / "ad", dtype=F32)  # base rebuilt from adapter.json
-    assert info is None and fresh.ttt_layers == [1, 3]
+    loaded = load_adapter(tmp_path / "ad", dtype=F32)  # base rebuilt from adapter.json
+    fresh = loaded.lm
+    assert loaded.info is None and fresh.ttt_layers == [1, 3]
     assert torch.equal(outputs(fresh, c), ref)
     untrained = build_tiny_lm(0)
     apply_ttt(untrained, TTTConfig(layers="1,3", kind=kind, mini_batch_size=4, chunk_size=6))
     assert not torch.equal(outputs(untrained, c), ref)  # the adapter carries the difference
 
-    into, _ = load_adapter(tmp_path / "ad", lm=build_tiny_lm(0))  # into a given base
+    into = load_adapter(tmp_path / "ad", lm=build_tiny_lm(0)).lm  # into a given base
     assert torch.equal(outputs(into, c), ref)
 
 
 def test_lora_wraps_base_linears_only_and_round_trips(tmp_path):
-    lm = trained("mlp", lora=True)
+    model = trained("mlp", lora=True)
+    lm = model.lm
     n_base_linears = sum(type(m) is nn.Linear for m in build_tiny_lm(0).modules())
     assert len(lora_modules(lm)) == n_base_linears
     for _, module in ttt_modules(lm):  # the TTT branches keep plain linears
         assert not any(isinstance(m, LoRALinear) for m in module.modules())
         assert type(module.layer.lr_gate) is nn.Linear
     # the order of LoRA and TTT does not change the parameter names
-    other = trained("mlp", lora=True, lora_first=False)
+    other = trained("mlp", lora=True, lora_first=False).lm
     assert set(dict(other.named_parameters())) == set(dict(lm.named_parameters()))
 
     c = codes(lm)
     ref = outputs(lm, c)
-    save_adapter(lm, tmp_path / "ad")
+    save_adapter(model, tmp_path / "ad")
     meta = json.loads((tmp_path / "ad" / "adapter.json").read_text())
     assert meta["lora"] == {"rank": 4, "scaling": 2.0}
     assert "transformer.layers.0.gating.linear_in.lora_B.weight" in meta["tensors"]
     assert not any("frozen_W" in k for k in meta["tensors"])  # base weights are not stored
-    fresh, _ = load_adapter(tmp_path / "ad", dtype=F32)
+    fresh = load_adapter(tmp_path / "ad", dtype=F32).lm
     assert torch.equal(outputs(fresh, c), ref)
 
 
 def test_merged_export_loads_with_same_outputs(tmp_path):
-    lm = trained("inplace", lora=True)
+    model = trained("inplace", lora=True)
+    lm = model.lm
     c = codes(lm)
     ref = outputs(lm, c)
-    save_adapter(lm, tmp_path / "ad")
+    save_adapter(model, tmp_path / "ad")
     export_merged(tmp_path / "ad", tmp_path / "merged", dtype=F32)
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert config["dim"] == 64 and config["moshi_ttt"]["ttt_layers"] == [1, 3]
     assert config["moshi_ttt"]["lora_merged"] == {"rank": 4, "scaling": 2.0}
 
-    merged, _ = load_merged(tmp_path / "merged", dtype=F32)
+    merged = load_merged(tmp_path / "merged", dtype=F32).lm
     assert not lora_modules(merged) and merged.ttt_layers == [1, 3]
     torch.testing.assert_close(outputs(merged, c), ref, rtol=1e-4, atol=1e-4)  # W + s B A
-    again, _ = load_base_lm(tmp_path / "merged", dtype=F32)  # the generic loader too
+    again = load_base_lm(tmp_path / "merged", dtype=F32).lm  # the generic loader too
     assert torch.equal(outputs(again, c), outputs(merged, c))
 
 
@@ -197,20 +199,21 @@ def test_local_checkpoint_directory(tmp_path):
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, ckpt / "model.safetensors")
     (ckpt / "config.json").write_text(json.dumps({**tiny_lm_kwargs(), "model_type": "moshi"}))
 
-    lm, info = load_base_lm(ckpt, dtype=F32)
+    model = load_base_lm(ckpt, dtype=F32)
+    lm, info = model.lm, model.info
     assert info.lm_config["dim"] == 64 and info.moshi_weights == ckpt / "model.safetensors"
     c = codes(lm)
     assert torch.equal(outputs(lm, c), outputs(src, c))
     with pytest.raises(FileNotFoundError, match="Mimi weights not found"):
-        load_codec(lm, info)  # this directory has no Mimi
+        load_codec(model)  # this directory has no Mimi
 
     # an adapter on a local base records the directory and reloads from it
     torch.manual_seed(0)
     apply_ttt(lm, TTTConfig(layers="bottom:1", gate_init=0.3))
-    ad = save_adapter(lm, tmp_path / "ad")
+    ad = save_adapter(model, tmp_path / "ad")
     assert json.loads((ad / "adapter.json").read_text())["base"] == str(ckpt.resolve())
-    again, info2 = load_adapter(ad, dtype=F32)
-    assert info2 is not None and torch.equal(outputs(again, c), outputs(lm, c))
+    again = load_adapter(ad, dtype=F32)
+    assert again.info is not None and torch.equal(outputs(again.lm, c), outputs(lm, c))
 
     (ckpt / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"model weights not found: .*model\.safetensors"):

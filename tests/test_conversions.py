@@ -15,10 +15,11 @@ import sphn
 import torch
 from moshi.utils.compile import no_compile
 
-from moshi_ttt.checkpoints.loading import build_tiny_mimi, load_base_lm, load_codec
 from moshi_ttt.cli import main
 from moshi_ttt.eval.inputs import EvalInputs
 from moshi_ttt.generate import generate, read_audio, read_wav
+from moshi_ttt.models.codec import build_tiny_mimi
+from moshi_ttt.models.load import load_base_lm, load_codec
 
 RATE = 24000
 
@@ -107,8 +108,9 @@ def test_generate_refuses_an_output_not_named_wav(tmp_path, stereo, capsys, name
 
 
 def test_generate_function_refuses_an_output_not_named_wav(tmp_path, stereo):
-    lm, info = load_base_lm("tiny:0", dtype=torch.float32)
-    mimi, _ = load_codec(lm, info)
+    model = load_base_lm("tiny:0", dtype=torch.float32)
+    lm = model.lm
+    mimi, _ = load_codec(model)
     with pytest.raises(ValueError, match=r"output_wav .*o\.mp3: has the suffix '\.mp3'"):
         generate(lm.eval(), mimi, None, stereo, tmp_path / "o.mp3", progress=False)
     stats = generate(lm, mimi, None, stereo, tmp_path / "o.wav", progress=False, channel="mix")

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from moshi_ttt.data.pipeline import DataError, ShardSource
 from moshi_ttt.demo.corpus import (
     TOKEN_OFFSET,
     CorpusSpec,
@@ -18,7 +19,6 @@ from moshi_ttt.demo.corpus import (
     read_corpus,
     split_of,
 )
-from moshi_ttt.train.data import DataError, ShardSource
 
 SPEC = CorpusSpec(frames=32, val_fraction=0.2, test_fraction=0.2, max_sequences_per_file=2)
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from moshi_ttt.data.pipeline import ShardSource, WindowLoader
 from moshi_ttt.demo.markov_task import MarkovTask, write_shards
-from moshi_ttt.train.data import ShardSource, WindowLoader
 
 
 def test_same_seed_same_files_other_seed_other_files(tmp_path):

@@ -16,7 +16,6 @@ import torch
 from moshi.utils.compile import no_compile
 from safetensors.torch import save_file
 
-from moshi_ttt.checkpoints.loading import build_tiny_mimi
 from moshi_ttt.cli import main
 from moshi_ttt.eval.gating import parse_gates
 from moshi_ttt.eval.inner_loss import evaluate_inner_loss, verdict
@@ -29,6 +28,7 @@ from moshi_ttt.eval.long_context import (
     stream_losses,
 )
 from moshi_ttt.integration import TTTConfig, apply_ttt, build_tiny_lm, ttt_modules
+from moshi_ttt.models.codec import build_tiny_mimi
 from moshi_ttt.train.loss import _masked_ce
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}

@@ -15,6 +15,7 @@ import torch
 from moshi.utils.compile import no_compile
 
 from moshi_ttt.cli import build_parser
+from moshi_ttt.data.pipeline import ShardSource
 from moshi_ttt.demo.markov_task import MarkovTask, write_shards
 from moshi_ttt.eval.inner_loss import evaluate_inner_loss, write_inner_loss_section
 from moshi_ttt.eval.long_context import (
@@ -27,7 +28,6 @@ from moshi_ttt.eval.long_context import (
 )
 from moshi_ttt.eval.report import Report
 from moshi_ttt.integration import TTTConfig, apply_ttt, build_tiny_lm
-from moshi_ttt.train.data import ShardSource
 
 CONTEXT = 8
 TTT = TTTConfig(

@@ -15,7 +15,6 @@ import pytest
 import sphn
 import torch
 
-from moshi_ttt.checkpoints.loading import build_tiny_mimi
 from moshi_ttt.cli.eval_pairs import add_pair_parsers
 from moshi_ttt.eval.likelihood import (
     Score,
@@ -31,6 +30,7 @@ from moshi_ttt.eval.pairs import (
     read_zerospeech_syntactic,
 )
 from moshi_ttt.integration.tiny import build_tiny_lm
+from moshi_ttt.models.codec import build_tiny_mimi
 
 SR = 16000
 
@@ -361,7 +361,7 @@ def test_cli_sblimp_and_storycloze(tmp_path, monkeypatch):
 
     # codes that follow the audio, so that only identical audio ties
     monkeypatch.setattr(
-        "moshi_ttt.checkpoints.loading.load_codec", lambda lm, info, device: (FrameCodec(), None)
+        "moshi_ttt.models.load.load_codec", lambda model, device: (FrameCodec(), None)
     )
     root = make_storycloze(tmp_path / "sc")
     # a tie: identical audio on both sides

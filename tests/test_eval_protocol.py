@@ -105,7 +105,7 @@ def test_invalid_combination_is_refused(tmp_path):
 
 def test_protocol_sweep_table_and_reference_row(tmp_path, monkeypatch):
     monkeypatch.setattr(  # codes that follow the audio: pairs do not all tie
-        "moshi_ttt.checkpoints.loading.load_codec", lambda lm, info, device: (FrameCodec(), None)
+        "moshi_ttt.models.load.load_codec", lambda model, device: (FrameCodec(), None)
     )
     data_dir = tmp_path / "zr"
     make_syntactic(data_dir)

@@ -16,18 +16,14 @@ from moshi.utils.compile import no_compile
 from safetensors.torch import load_file, save_file
 from test_adapters import codes, outputs  # noqa: E402  (tests/ is on sys.path)
 
-from moshi_ttt.checkpoints.adapter import load_adapter
-from moshi_ttt.checkpoints.export import export_run
-from moshi_ttt.checkpoints.loading import (
-    checkpoint_info,
-    load_base_lm,
-    load_codec,
-    lora_modules,
-)
 from moshi_ttt.cli import main
 from moshi_ttt.cli.common import load_model_from_args
 from moshi_ttt.demo.markov_task import MarkovTask, write_shards
 from moshi_ttt.integration.apply import named_ttt_parameters, ttt_modules
+from moshi_ttt.models.export import export_run
+from moshi_ttt.models.load import load_adapter, load_base_lm, load_codec
+from moshi_ttt.models.lora import lora_modules
+from moshi_ttt.models.sources import checkpoint_info
 from moshi_ttt.train.checkpoint import load_trained_model
 from moshi_ttt.train.config import TrainConfig
 from moshi_ttt.train.model import build_model
@@ -96,7 +92,8 @@ def base_weights(lm) -> dict[str, torch.Tensor]:
 # -- round trips ------------------------------------------------------------------------------
 def test_train_base_run_exports_to_the_same_model(base_run, base_export):
     run_lm, _ = load_trained_model(base_run)
-    lm, info = load_base_lm(base_export, dtype=F32)
+    model = load_base_lm(base_export, dtype=F32)
+    lm = model.lm
     c = codes(lm, T=12)
     torch.testing.assert_close(outputs(lm, c), outputs(run_lm, c), rtol=0, atol=1e-6)
     config = json.loads((base_export / "config.json").read_text())
@@ -107,8 +104,8 @@ def test_train_base_run_exports_to_the_same_model(base_run, base_export):
         entry["ttt_config"] is None and entry["ttt_layers"] == [] and entry["lora_merged"] is None
     )
     assert entry["step"] == 2 and entry["exported_from"].endswith("step_000002")
-    assert lm.moshi_ttt_base == str(base_export.resolve()) and not ttt_modules(lm)
-    mimi, tokenizer = load_codec(lm, info)  # the tiny base's codec, found through the export
+    assert model.base == str(base_export.resolve()) and not ttt_modules(lm)
+    mimi, tokenizer = load_codec(model)  # the tiny base's codec, found through the export
     assert mimi.frame_rate == 12.5 and tokenizer.vocab_size() == lm.text_card
 
 
@@ -120,7 +117,7 @@ def test_ttt_lora_run_exports_with_its_layers_and_merged_lora(adapter_run, tmp_p
     entry = json.loads((out / "config.json").read_text())["moshi_ttt"]
     assert entry["ttt_layers"] == [1] and entry["ttt_config"]["layers"] == [1]  # the layer list
     assert entry["lora_merged"] == {"rank": 4, "scaling": 2.0}
-    lm, _ = load_base_lm(out, dtype=F32)
+    lm = load_base_lm(out, dtype=F32).lm
     assert lm.ttt_layers == [1] and not lora_modules(lm)
     c = codes(lm, T=12)
     torch.testing.assert_close(outputs(lm, c), outputs(run_lm, c), rtol=0, atol=1e-5)
@@ -143,7 +140,7 @@ def test_new_run_on_the_export_or_the_run_keeps_the_base_frozen(
         base = json.loads((ckpt / "adapter.json").read_text())["base"]
         want = base_export if name == "on_export" else base_run / "checkpoints" / "step_000002"
         assert base == str(want.resolve())
-        again, _ = load_adapter(ckpt, dtype=F32)
+        again = load_adapter(ckpt, dtype=F32).lm
         c = codes(lm, T=12)
         torch.testing.assert_close(outputs(again, c), outputs(lm, c), rtol=0, atol=1e-6)
 
@@ -157,7 +154,7 @@ def test_run_on_a_ttt_export_trains_its_layers_and_exports_again(adapter_run, sh
     lora = {"enable": True, "rank": 2}
     run = trained_run(tmp_path / "run", shards, model, ttt=TTT, lora=lora)
     run_lm, _ = load_trained_model(run)
-    before, _ = load_base_lm(first, dtype=F32)
+    before = load_base_lm(first, dtype=F32).lm
     trained_on = dict(named_ttt_parameters(run_lm))
     exported = dict(named_ttt_parameters(before))
     assert sorted(trained_on) == sorted(exported)
@@ -166,21 +163,23 @@ def test_run_on_a_ttt_export_trains_its_layers_and_exports_again(adapter_run, sh
     entry = json.loads((second / "config.json").read_text())["moshi_ttt"]
     assert entry["base"] == str(first.resolve()) and entry["codec"] == "tiny:0"
     assert entry["lora_merged"] == {"rank": 2, "scaling": 2.0}
-    lm, info = load_base_lm(second, dtype=F32)
+    model = load_base_lm(second, dtype=F32)
+    lm = model.lm
     c = codes(lm, T=12)
     torch.testing.assert_close(outputs(lm, c), outputs(run_lm, c), rtol=0, atol=1e-5)
-    assert load_codec(lm, info)[0] is not None  # tiny codec through two exports
+    assert load_codec(model)[0] is not None  # tiny codec through two exports
 
 
 def test_base_argument_takes_a_run_directory(adapter_run):
     args = argparse.Namespace(adapter=None, run=None, tiny=False, base=str(adapter_run),
                               ttt_config=None, device="cpu", dtype="float32")  # fmt: skip
-    lm, info, _, _ = load_model_from_args(args)
+    model, _, _ = load_model_from_args(args)
+    lm = model.lm
     run_lm, _ = load_trained_model(adapter_run)
-    assert info is None and lm.ttt_layers == [1] and not lora_modules(lm)  # LoRA merged
+    assert model.info is None and lm.ttt_layers == [1] and not lora_modules(lm)  # LoRA merged
     c = codes(lm, T=12)
     torch.testing.assert_close(outputs(lm, c), outputs(run_lm, c), rtol=0, atol=1e-5)
-    assert lm.moshi_ttt_codec == "tiny:0"
+    assert model.codec == "tiny:0"
 
 
 # -- local directories, file overrides ---------------------------------------------------------
@@ -195,7 +194,7 @@ def test_local_directory_without_config_is_a_clear_error(base_export, shards, tm
         build_model(cfg, torch.device("cpu"))
     # model.config_path supplies it
     cfg.model.config_path = str(base_export / "config.json")
-    lm, _, _ = build_model(cfg, torch.device("cpu"))
+    lm = build_model(cfg, torch.device("cpu"))[0].lm
     assert lm.ttt_layers == [1]
 
 
@@ -232,7 +231,7 @@ def test_file_overrides_of_the_model_config(base_export, shards, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model weights not found: .*model\.safetensors"):
         build_model(cfg, torch.device("cpu"))
     cfg.model.moshi_weights = str(moved / "renamed.safetensors")
-    lm, _, _ = build_model(cfg, torch.device("cpu"))
+    lm = build_model(cfg, torch.device("cpu"))[0].lm
     exported = load_file(str(base_export / "model.safetensors"))
     assert all(torch.equal(base_weights(lm)[k], v) for k, v in exported.items())
     with pytest.raises(ValueError, match="model.moshi_weights: only for model.source hf or local"):

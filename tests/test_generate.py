@@ -7,11 +7,12 @@ import pytest
 import sphn
 import torch
 
-from moshi_ttt.checkpoints.adapter import save_adapter
-from moshi_ttt.checkpoints.loading import build_tiny_mimi, load_base_lm, load_codec
 from moshi_ttt.cli import main
 from moshi_ttt.generate import generate, read_wav, resample
 from moshi_ttt.integration import TTTConfig, apply_ttt
+from moshi_ttt.models.adapter import save_adapter
+from moshi_ttt.models.codec import build_tiny_mimi
+from moshi_ttt.models.load import load_base_lm, load_codec
 
 
 @pytest.fixture
@@ -41,14 +42,15 @@ def test_cli_generate_tiny_writes_wav_text_and_rtf(tmp_path, cli_main, capsys):
 
 
 def test_generate_with_adapter_is_seeded(tmp_path, cli_main, capsys):
-    lm, _ = load_base_lm("tiny:0", dtype=torch.float32)
+    model = load_base_lm("tiny:0", dtype=torch.float32)
+    lm = model.lm
     torch.manual_seed(0)
     apply_ttt(lm, TTTConfig(layers="1,3", kind="inplace", chunk_size=4, gate_init=0.5))
     with torch.no_grad():
         for name, p in lm.named_parameters():
             if name.endswith("conv_weight"):
                 p.normal_(0, 0.3)
-    save_adapter(lm, tmp_path / "ad")
+    save_adapter(model, tmp_path / "ad")
     wav = sine_wav(tmp_path / "user.wav", seconds=1.0, rate=24000)
     texts = []
     for run in range(2):
@@ -61,8 +63,9 @@ def test_generate_with_adapter_is_seeded(tmp_path, cli_main, capsys):
 
 
 def test_generate_function_stats(tmp_path):
-    lm, info = load_base_lm("tiny:0", dtype=torch.float32)
-    mimi, tokenizer = load_codec(lm, info)
+    model = load_base_lm("tiny:0", dtype=torch.float32)
+    lm = model.lm
+    mimi, tokenizer = load_codec(model)
     assert tokenizer.get_piece_size() == lm.text_card and mimi.frame_size == 1920
     wav = sine_wav(tmp_path / "user.wav", seconds=0.5, rate=48000)
     stats = generate(lm, mimi, None, wav, tmp_path / "o.wav", progress=False)

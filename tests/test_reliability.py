@@ -15,11 +15,8 @@ import torch
 from moshi.utils.compile import no_compile
 from safetensors.torch import save_file
 
-from moshi_ttt.checkpoints.loading import load_base_lm, no_pickle_loads
 from moshi_ttt.cli import main
-from moshi_ttt.integration.tiny import tiny_lm_kwargs
-from moshi_ttt.train.config import TrainConfig
-from moshi_ttt.train.data import (
+from moshi_ttt.data.pipeline import (
     BadFile,
     DataError,
     ToyEncoder,
@@ -28,7 +25,11 @@ from moshi_ttt.train.data import (
     open_source,
     read_alignments,
 )
-from moshi_ttt.train.toy_data import write_toy_dataset
+from moshi_ttt.data.toy import write_toy_dataset
+from moshi_ttt.integration.tiny import tiny_lm_kwargs
+from moshi_ttt.models.files import no_pickle_loads
+from moshi_ttt.models.load import load_base_lm
+from moshi_ttt.train.config import TrainConfig
 
 TTT = {"layers": "1", "kind": "linear", "mini_batch_size": 4}
 
@@ -265,8 +266,7 @@ def test_every_command_refuses_an_unwritable_output_before_any_work(tmp_path, ca
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the output was checked")
 
-    monkeypatch.setattr("moshi_ttt.checkpoints.loading.load_base_lm", no_load)
-    monkeypatch.setattr("moshi_ttt.checkpoints.adapter.load_base_lm", no_load)
+    monkeypatch.setattr("moshi_ttt.models.load.load_base_lm", no_load)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     bad = str(blocker / "sub")  # its parent is a file

@@ -152,8 +152,8 @@ def test_collapse_guard_needs_a_fall_from_the_peak_and_no_gain():
 
 def test_branch_gain_is_the_gate_zero_difference(tmp_path, shards):
     cfg = TrainConfig.from_dict(cfg_dict(tmp_path, shards, ttt={"output_init": "zero"}))
-    lm, _, _ = build_model(cfg, torch.device("cpu"))
-    from moshi_ttt.train.data import ShardSource
+    lm = build_model(cfg, torch.device("cpu"))[0].lm
+    from moshi_ttt.data.pipeline import ShardSource
     from moshi_ttt.train.parallel import init_distributed
 
     codes = torch.stack([ShardSource(shards).codes(i) for i in range(2)]).long()
@@ -217,7 +217,7 @@ def test_trainer_advises_the_recipe_for_a_frozen_retrofit(tmp_path, shards):
     train(TrainConfig.from_dict(cfg_dict(tmp_path / "run", shards, model={"train_context": 4})),
           progress=False, device="cpu")  # fmt: skip
     assert "one training window of 4 frames" in (tmp_path / "run" / "train.log").read_text()
-    lm, _, _ = build_model(cfg, torch.device("cpu"))
+    lm = build_model(cfg, torch.device("cpu"))[0].lm
     context = lm.transformer.layers[0].self_attn.context
     assert (
         f"model.train_context_min: {round(context / 8)},"

@@ -17,11 +17,11 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from moshi_ttt.cli import main
+from moshi_ttt.data.toy import write_toy_dataset
 from moshi_ttt.train.config import TrainConfig
 from moshi_ttt.train.model import build_model, parameter_groups
 from moshi_ttt.train.parallel import apply_fsdp, check_unit_dtypes, fsdp_units
 from moshi_ttt.train.plan import activation_per_frame, build_meta_model, make_plan
-from moshi_ttt.train.toy_data import write_toy_dataset
 from moshi_ttt.train.trainer import build_optimizer, forward_terms, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +101,8 @@ def test_bf16_trains_resumes_and_evaluates_like_float32(toy, tmp_path):
 def test_plan_of_tiny_config_matches_a_real_build(toy, tmp_path):
     cfg = config(tmp_path, toy, model={"dtype": "bfloat16", "gradient_checkpointing": False})
     plan = make_plan(cfg)
-    lm, groups, _ = build_model(cfg, torch.device("cpu"))
+    built, groups = build_model(cfg, torch.device("cpu"))
+    lm = built.lm
     owned = parameter_groups(lm)
     assert plan.groups == {
         g: (sum(p.numel() for _, p in ps), g in groups.params) for g, ps in owned.items() if ps
@@ -125,7 +126,7 @@ def test_plan_of_tiny_config_matches_a_real_build(toy, tmp_path):
     # activations: the estimate against the bytes autograd keeps (float32, no checkpointing)
     fp32 = config(tmp_path, toy, duration_sec=10.24,
                   model={"dtype": "float32", "gradient_checkpointing": False})  # fmt: skip
-    lm32, _, _ = build_model(fp32, torch.device("cpu"))
+    lm32 = build_model(fp32, torch.device("cpu"))[0].lm
     frames = fp32.frames_per_window
     params = {p.untyped_storage().data_ptr() for p in lm32.parameters()}
     kept: dict[int, int] = {}
@@ -187,7 +188,8 @@ def one_process_group():
 
 def test_fsdp_wraps_each_layer_with_its_lora_and_ttt(toy, tmp_path, one_process_group):
     cfg = config(tmp_path, toy, model={"dtype": "bfloat16"})
-    lm, groups, _ = build_model(cfg, torch.device("cpu"))
+    built, groups = build_model(cfg, torch.device("cpu"))
+    lm = built.lm
     layers = len(lm.transformer.layers) + len(lm.depformer.layers)
     apply_fsdp(lm)
     groups.rebind(lm)
@@ -203,7 +205,8 @@ def test_fsdp_wraps_each_layer_with_its_lora_and_ttt(toy, tmp_path, one_process_
 
 
 def test_fsdp_refuses_mixed_trainable_dtypes(toy, tmp_path):
-    lm, groups, _ = build_model(config(tmp_path, toy), torch.device("cpu"))
+    built, groups = build_model(config(tmp_path, toy), torch.device("cpu"))
+    lm = built.lm
     _, p = groups.params["lora"][0]
     p.data = p.data.bfloat16()
     with pytest.raises(ValueError, match="trainable parameters of several dtypes"):

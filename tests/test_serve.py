@@ -18,8 +18,8 @@ import torch
 from moshi.utils.compile import no_compile
 from safetensors.torch import load_file
 
-from moshi_ttt.checkpoints.loading import load_base_lm, load_codec
 from moshi_ttt.integration import TTTConfig, apply_ttt
+from moshi_ttt.models.load import load_base_lm, load_codec
 from moshi_ttt.serve import ChatServer, ServeConfig, ServerThread, SessionStore, ttt_state
 from moshi_ttt.serve.engine import load_ttt_state
 from moshi_ttt.serve.server import SESSION_ID_HEADER
@@ -30,10 +30,11 @@ DEADLINE_S = 30.0  # every wait in these tests is bounded
 
 def load_tiny():
     """The tiny Moshi with the default TTT layer, its Mimi and tokenizer."""
-    lm, info = load_base_lm("tiny", dtype=torch.float32)
+    model = load_base_lm("tiny", dtype=torch.float32)
+    lm = model.lm
     apply_ttt(lm, TTTConfig())
     lm.eval()
-    mimi, tokenizer = load_codec(lm, info)
+    mimi, tokenizer = load_codec(model)
     return lm, mimi, tokenizer
 
 

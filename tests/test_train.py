@@ -15,13 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from moshi_ttt.cli import main
+from moshi_ttt.data.toy import write_toy_dataset
 from moshi_ttt.errors import TrainingStopped
 from moshi_ttt.integration.apply import ttt_modules
 from moshi_ttt.train import trainer as trainer_mod
 from moshi_ttt.train.checkpoint import load_trained_model
 from moshi_ttt.train.config import TrainConfig
 from moshi_ttt.train.model import build_model
-from moshi_ttt.train.toy_data import write_toy_dataset
 from moshi_ttt.train.trainer import forward_terms, lr_multiplier, train
 
 TTT = {"layers": "1,3", "kind": "mlp", "mini_batch_size": 8, "gate_init": 0.1}
@@ -64,7 +64,8 @@ def metrics(run_dir: Path, split: str = "train") -> list[dict]:
 def test_step_changes_only_trainables_and_all_get_gradients(dataset, tmp_path, lora, checkpointing):
     cfg = config(tmp_path, [dataset["clean"]], lora={"enable": lora, "rank": 4},
                  model={"gradient_checkpointing": checkpointing})  # fmt: skip
-    lm, groups, _ = build_model(cfg, torch.device("cpu"))
+    built, groups = build_model(cfg, torch.device("cpu"))
+    lm = built.lm
     if checkpointing:
         trainer_mod.apply_activation_checkpointing(lm)
     assert set(groups.params) == ({"ttt", "lora"} if lora else {"ttt"})
@@ -229,7 +230,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(dataset, tmp_path, monke
     assert "step 3: non-finite" in (tmp_path / "run" / "train.log").read_text()
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert kept[-1] == "step_000006"  # written at step 4 and 6 (step 6 skipped, params of 4)
-    ttt_names = [n for n, _ in ttt_modules(build_model(cfg, torch.device("cpu"))[0])]
+    ttt_names = [n for n, _ in ttt_modules(build_model(cfg, torch.device("cpu"))[0].lm)]
     assert ttt_names
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from moshi_ttt.train.data import (
+from moshi_ttt.data.pipeline import (
     FRAME_SIZE,
     SAMPLE_RATE,
     AudioSource,
@@ -31,7 +31,7 @@ from moshi_ttt.train.data import (
     read_index,
     tokenize_index,
 )
-from moshi_ttt.train.toy_data import WORDS, write_alignments, write_stereo, write_toy_dataset
+from moshi_ttt.data.toy import WORDS, write_alignments, write_stereo, write_toy_dataset
 
 P, E = 3, 0  # text PAD, EPAD
 MAIN, OTHER = "SPEAKER_MAIN", "SPEAKER_OTHER"

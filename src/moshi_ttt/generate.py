@@ -20,10 +20,7 @@ from moshi.models.compression import MimiModel
 from moshi.models.lm import LMGen, LMModel
 from moshi.utils.compile import no_compile
 
-SAMPLE_RATE = 24000
-FRAME_SIZE = 1920  # samples per 80 ms frame at 24 kHz
-TEXT_PAD, TEXT_EPAD = 3, 0  # Moshi's text padding ids (never written to the text)
-
+from .format import SAMPLE_RATE, TEXT_EPAD, TEXT_PAD
 
 CHANNELS = ("left", "right", "mix")
 DEFAULT_CHANNEL = "right"  # moshi-finetune's stereo layout: left = Moshi, right = the user

@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +44,26 @@ DEFAULT_BASE_LR = {"linear": 1.0, "mlp": 0.1}
 INNER_WEIGHT_NAMES = {"linear": ("W1", "b1"), "mlp": ("W1", "b1", "W2", "b2")}
 
 
+class FastWeights(Protocol):
+    """What a memory's fast state offers its streaming state (``FastState`` of a ``TTTLayer``,
+    ``integration.inplace.InPlaceFast`` of In-Place TTT): a row per batch element."""
+
+    def select(self, mask: torch.Tensor, other: Any) -> Any: ...
+
+    def zeros_like(self) -> Any: ...
+
+    def copy_(self, other: Any) -> None: ...
+
+    def tensors(self) -> tuple[torch.Tensor, ...]: ...
+
+
 @dataclass
 class TTTState(State):
-    """Streaming state of a ``TTTLayer``: the fast weights of each batch element."""
+    """Streaming state of every fast-weight memory (``TTTLayer``, In-Place TTT): the fast
+    state of each batch element; a reset zeroes the rows of the reset sequences (the fast
+    weights are deltas from the layer's parameters)."""
 
-    fast: FastState
+    fast: FastWeights
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)

@@ -25,6 +25,7 @@ import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
@@ -343,4 +344,22 @@ def _deep_copy(data: Any) -> Any:
         return {k: _deep_copy(v) for k, v in data.items()}
     if isinstance(data, list):
         return [_deep_copy(v) for v in data]
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config file (an empty file is ``{}``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}"
+        )
     return data

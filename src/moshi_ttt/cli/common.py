@@ -15,14 +15,13 @@ import argparse
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from ..models.spec import DTYPES, LoadedModel, resolve_device, resolve_dtype
 from ..outputs import check_no_clobber
 
 REPORT_FILES = ("report.md", "report.json")  # what marks a previous report in --out
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_model_args(p: argparse.ArgumentParser, tiny_default_ttt: bool = True) -> None:
@@ -49,69 +48,49 @@ def add_model_args(p: argparse.ArgumentParser, tiny_default_ttt: bool = True) ->
                    help="LM dtype; auto: bfloat16 on GPU, float32 on CPU")  # fmt: skip
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; an unavailable cuda is a ``ValueError``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name!r}: {e}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bfloat16 on GPU, float32 elsewhere."""
-    return DTYPES.get(name) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-
-
 def load_model_from_args(
     args: argparse.Namespace, tiny_default_ttt: bool = True
-) -> tuple[Any, Any, torch.device, torch.dtype]:
-    """``(lm, checkpoint_info, device, dtype)`` for the model named by ``add_model_args``."""
-    from ..checkpoints.adapter import load_adapter
-    from ..checkpoints.loading import load_base_lm
+) -> tuple[LoadedModel, torch.device, torch.dtype]:
+    """``(the model named by add_model_args, in eval mode; device; dtype)``."""
     from ..integration import TTTConfig, apply_ttt
+    from ..models.load import load_adapter, load_base_lm, load_run
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if (args.adapter or args.run) and args.ttt_config:
         raise ValueError("--ttt-config cannot be combined with --adapter/--run (they record it)")
     if args.run:
-        from ..train.checkpoint import load_trained_model
-
-        lm, cfg = load_trained_model(args.run, device=device)
-        return lm.to(dtype=dtype).eval(), None, device, dtype
+        model, _ = load_run(args.run, device=device)
+        model.lm = model.lm.to(dtype=dtype).eval()
+        return model, device, dtype
     if args.adapter:
         if not Path(args.adapter).is_dir():
             raise FileNotFoundError(f"--adapter {args.adapter}: no such directory")
-        lm, info = load_adapter(args.adapter, device=device, dtype=dtype)
-        return lm.eval(), info, device, dtype
+        return load_adapter(args.adapter, device=device, dtype=dtype), device, dtype
     try:
         ttt = TTTConfig.from_yaml(args.ttt_config) if args.ttt_config else None
     except ValueError as e:
         raise ValueError(f"--ttt-config {args.ttt_config}: {e}") from e
     if ttt is None and args.tiny and tiny_default_ttt:
         ttt = TTTConfig()
-    lm, info = load_base_lm("tiny" if args.tiny else args.base, device=device, dtype=dtype)
+    model = load_base_lm("tiny" if args.tiny else args.base, device=device, dtype=dtype)
     if ttt is not None:
         try:  # the new TTT weights from a fixed seed: the same command gives the same numbers
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(0)
-                apply_ttt(lm, ttt)
+                apply_ttt(model.lm, ttt)
         except ValueError as e:
             raise ValueError(f"--ttt-config {args.ttt_config or '(default)'}: layers: {e}") from e
-    return lm.eval(), info, device, dtype
+    model.lm.eval()
+    return model, device, dtype
 
 
-def describe_model(lm: Any, device: torch.device, dtype: torch.dtype) -> str:
+def describe_model(model: LoadedModel, device: torch.device, dtype: torch.dtype) -> str:
     """One line: base, device, dtype and TTT layers."""
-    layers = getattr(lm, "ttt_layers", [])
-    kind = lm.ttt_config.kind if layers else "-"
+    layers = getattr(model.lm, "ttt_layers", [])
+    kind = model.lm.ttt_config.kind if layers else "-"
     return (
-        f"model: {getattr(lm, 'moshi_ttt_base', '?')} on {device} "
+        f"model: {model.base} on {device} "
         f"({str(dtype).removeprefix('torch.')}); TTT layers {layers or 'none'} (kind {kind})"
     )
 

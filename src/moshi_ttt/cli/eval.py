@@ -253,20 +253,22 @@ def _equal_lengths(args: argparse.Namespace) -> list[int] | str:
 
 
 def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """Check the arguments, load the model, open the inputs: ``(lm, info, inputs, setup)``."""
-    from ..checkpoints.loading import load_codec
+    """Check the arguments, load the model, open the inputs: ``(lm, the LoadedModel, inputs,
+    setup)``."""
     from ..eval.inputs import EvalInputs, StreamPlacement
+    from ..models.load import load_codec
 
     _check_numbers(args)
     placement = StreamPlacement(args.audio_stream, args.other_stream, args.text)
     if not Path(args.data).exists():  # before loading a 15 GB model
         raise FileNotFoundError(f"evaluation data not found: {args.data}")
     check_report_dir(args.out, args.force)
-    lm, info, device, dtype = load_model_from_args(args)
-    model = describe_model(lm, device, dtype)
+    loaded, device, dtype = load_model_from_args(args)
+    lm = loaded.lm
+    model = describe_model(loaded, device, dtype)
     print(model)
     shards = (Path(args.data) / "shards.json").is_file() or Path(args.data).name == "shards.json"
-    mimi = None if shards else load_codec(lm, info, device=device)[0]
+    mimi = None if shards else load_codec(loaded, device=device)[0]
     inputs = EvalInputs(
         args.data, mimi, placement, max_files=args.max_files, max_frames=args.max_frames,
         channel=args.channel,
@@ -278,7 +280,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
         "data": inputs.describe() | {"channels_used": inputs.channels_used},
         "dtype": str(dtype).removeprefix("torch."),
     }
-    return lm, info, inputs, setup
+    return lm, loaded, inputs, setup
 
 
 def _finish(result: Any, args: argparse.Namespace, inputs: Any = None) -> None:
@@ -358,15 +360,15 @@ def run_inner_loss(args: argparse.Namespace) -> Any:
 
 
 def run_gating(args: argparse.Namespace) -> Any:
-    from ..checkpoints.loading import load_codec
     from ..eval.gating import evaluate_gating, generate_per_gate, parse_gates, write_gating_report
+    from ..models.load import load_codec
 
     gates = parse_gates(args.gates)
     if args.generate_input and not Path(args.generate_input).is_file():
         raise FileNotFoundError(f"--generate-input not found: {args.generate_input}")
     if args.generate_seconds <= 0:
         raise ValueError(f"--generate-seconds must be > 0, got {args.generate_seconds}")
-    lm, info, inputs, setup = _prepare(args)
+    lm, loaded, inputs, setup = _prepare(args)
     result = evaluate_gating(lm, inputs, gates, **_run_kwargs(args))
     result.metric = args.metric
     samples = None
@@ -375,7 +377,7 @@ def run_gating(args: argparse.Namespace) -> Any:
         wav = args.generate_input or next(iter(used), None)
         if wav is None:
             raise ValueError("--generate needs --generate-input WAV (no usable audio in DATA)")
-        mimi, tokenizer = load_codec(lm, info, device=next(lm.parameters()).device)
+        mimi, tokenizer = load_codec(loaded, device=next(lm.parameters()).device)
         samples = generate_per_gate(
             lm, mimi, tokenizer, wav, gates, args.out, seconds=args.generate_seconds,
             seed=args.seed, channel=args.channel,

@@ -121,9 +121,9 @@ def add_pair_parsers(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
 def run_pairs(args: argparse.Namespace) -> dict[str, Any]:
     """CLI body: check the output and read the pairs (user errors first), load the model,
     score, write the report; nothing scored is an error (after the report is written)."""
-    from ..checkpoints.loading import load_codec
     from ..eval.likelihood import ScoringConfig, parse_codebooks, stream_size
     from ..eval.pair_report import evaluate_pairs
+    from ..models.load import load_codec
     from .common import describe_model, load_model_from_args, print_bad_files
 
     if args.batch_size < 1:
@@ -136,8 +136,9 @@ def run_pairs(args: argparse.Namespace) -> dict[str, Any]:
     if not pairs.pairs:
         raise ValueError(f"{pairs.source}: no complete pair ({len(pairs.problems)} unpaired)")
     check_report_dir(args.out, args.force)
-    lm, info, device, dtype = load_model_from_args(args)
-    mimi, _ = load_codec(lm, info, device=device)
+    loaded, device, dtype = load_model_from_args(args)
+    lm = loaded.lm
+    mimi, _ = load_codec(loaded, device=device)
     config = ScoringConfig(
         stream=args.stream,
         other_stream=args.other_stream,
@@ -145,7 +146,7 @@ def run_pairs(args: argparse.Namespace) -> dict[str, Any]:
         codebooks=parse_codebooks(args.codebooks, stream_size(lm)),
         score=args.score,
     )
-    model = describe_model(lm, device, dtype)
+    model = describe_model(loaded, device, dtype)
     print(model)
     data = evaluate_pairs(
         pairs,

@@ -1,4 +1,4 @@
-"""``moshi-ttt export``: a thin shell over ``moshi_ttt.checkpoints.export.export_run``.
+"""``moshi-ttt export``: a thin shell over ``moshi_ttt.models.export.export_run``.
 
 moshi-ttt export runs/tiny --out exports/tiny                 # the run's newest checkpoint
 moshi-ttt export runs/tiny/checkpoints/step_000200 --out exports/tiny-200 --force
@@ -66,8 +66,8 @@ def run_export(args: argparse.Namespace) -> Path:
     """Check the arguments (before any loading), export, print what was written."""
     import torch
 
-    from ..checkpoints.export import export_run
-    from ..train.checkpoint import find_checkpoint
+    from ..models.export import export_run
+    from ..models.runs import find_checkpoint
     from .common import resolve_device
 
     run, out = Path(args.run), Path(args.out)

@@ -49,17 +49,18 @@ def add_generate_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_generate(args: argparse.Namespace) -> dict[str, Any]:
     """Load the model and codec named by ``args``, run ``generate``, print the summary."""
-    from ..checkpoints.loading import load_codec
     from ..generate import CHANNEL_TEXT, generate, read_audio
+    from ..models.load import load_codec
 
     text_path = check_inputs(args)
     # decodable, non-empty, finite: before loading a 15 GB model
     _, used = read_audio(args.input, channel=args.channel)
     option = "" if used == "mono" else f" (--channel {args.channel})"
     print(f"input: {args.input}, {CHANNEL_TEXT[used]}{option}")
-    lm, info, device, dtype = load_model_from_args(args)
-    mimi, tokenizer = load_codec(lm, info, device=device)
-    print(describe_model(lm, device, dtype))
+    loaded, device, dtype = load_model_from_args(args)
+    lm = loaded.lm
+    mimi, tokenizer = load_codec(loaded, device=device)
+    print(describe_model(loaded, device, dtype))
     stats = generate(
         lm,
         mimi,

@@ -139,7 +139,7 @@ def run_serve(args: argparse.Namespace) -> None:
     import torch
     from aiohttp import web
 
-    from ..checkpoints.loading import load_codec
+    from ..models.load import load_codec
     from ..serve import ChatServer, SessionStore
 
     logging.basicConfig(
@@ -148,9 +148,10 @@ def run_serve(args: argparse.Namespace) -> None:
     )
     config = build_config(args)
     static = _static_dir(args.static)
-    lm, info, device, dtype = load_model_from_args(args)
-    mimi, tokenizer = load_codec(lm, info, device=device)
-    print(describe_model(lm, device, dtype))
+    loaded, device, dtype = load_model_from_args(args)
+    lm = loaded.lm
+    mimi, tokenizer = load_codec(loaded, device=device)
+    print(describe_model(loaded, device, dtype))
     with tempfile.TemporaryDirectory(prefix="moshi-ttt-sessions-") as tmp:
         store = SessionStore(
             args.state_dir or tmp,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..data.pipeline import BAD_FILES
 from ..outputs import check_no_clobber
-from ..train.data import BAD_FILES
 from .common import print_bad_files, resolve_device
 
 
@@ -154,9 +154,8 @@ def run_plan(args: argparse.Namespace) -> None:
 
 
 def run_tokenize(args: argparse.Namespace) -> None:
-    from ..checkpoints.loading import codec_for_source, load_codec
-    from ..integration.tiny import build_tiny_lm
-    from ..train.data import SHARDS_INDEX, read_index, tokenize_index
+    from ..data.pipeline import SHARDS_INDEX, read_index, tokenize_index
+    from ..models.load import codec_for_source
 
     if args.max_bad_fraction is not None and not 0 <= args.max_bad_fraction <= 1:
         raise ValueError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
@@ -164,10 +163,8 @@ def run_tokenize(args: argparse.Namespace) -> None:
     check_no_clobber(args.out_dir, "OUT_DIR", (SHARDS_INDEX, BAD_FILES), args.force,
                      what="tokenized dataset")  # fmt: skip
     device = resolve_device(args.device)
-    if args.tiny:  # the tiny LM is only needed for its sizes
-        lm = build_tiny_lm(0)
-        lm.moshi_ttt_base = "tiny:0"
-        mimi, tokenizer = load_codec(lm, None, device=device)
+    if args.tiny:  # the tiny model's sizes and seed only
+        mimi, tokenizer = codec_for_source("tiny:0", device=device)
     else:  # only Mimi and the tokenizer: the LM weights are not read
         mimi, tokenizer = codec_for_source(args.base, device=device)
         if tokenizer is None:
@@ -183,7 +180,7 @@ def run_tokenize(args: argparse.Namespace) -> None:
 
 
 def run_toy_data(args: argparse.Namespace) -> None:
-    from ..train.toy_data import write_toy_dataset
+    from ..data.toy import write_toy_dataset
 
     if args.files < 1 or not args.seconds > 0:
         raise ValueError("--files must be >= 1 and --seconds > 0")

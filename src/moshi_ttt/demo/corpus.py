@@ -32,7 +32,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ..train.data import FRAME_RATE, NUM_STREAMS, SHARDS_INDEX, ZERO_TOKEN, DataError, ShardSource
+from ..data.pipeline import SHARDS_INDEX, DataError, ShardSource
+from ..format import FRAME_RATE, NUM_STREAMS, ZERO_TOKEN
 
 TOKEN_OFFSET = 4
 TEXT_CARD = TOKEN_OFFSET + 256

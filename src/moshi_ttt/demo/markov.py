@@ -39,15 +39,16 @@ import numpy as np
 import torch
 from moshi.utils.compile import no_compile
 
-from ..checkpoints.export import export_run
+from ..data.pipeline import ShardSource
 from ..eval.inner_loss import evaluate_inner_loss, write_inner_loss_section
 from ..eval.long_context import PositionLosses, evaluate_long_context, write_long_context_section
 from ..eval.report import Report
+from ..format import FRAME_RATE
 from ..integration.apply import ttt_modules
+from ..models.export import export_run
 from ..recipes import FORCED_TRAIN, FORCED_TTT, retrofit_training
 from ..train.checkpoint import load_trained_model
 from ..train.config import TrainConfig
-from ..train.data import FRAME_RATE, ShardSource
 from ..train.trainer import train
 from .markov_task import MarkovTask, write_shards
 

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..train.data import FRAME_RATE, NUM_CODEBOOKS, NUM_STREAMS, SHARDS_INDEX, ZERO_TOKEN
+from ..data.pipeline import SHARDS_INDEX
+from ..format import FRAME_RATE, NUM_CODEBOOKS, NUM_STREAMS, ZERO_TOKEN
 
 STREAMS = ("text", "audio")
 MAX_SUBSETS = 20_000  # C(V, k) above this makes the exact oracle too slow

@@ -47,7 +47,7 @@ from moshi.models import loaders
 from moshi.models.lm import LMModel
 from moshi.utils.compile import no_compile
 
-from ..checkpoints.export import export_run
+from ..data.pipeline import DataError, ShardSource
 from ..eval.dyneval import DynEvalConfig, evaluate_dyneval, sweep_dyneval
 from ..eval.long_context import (
     PositionLosses,
@@ -57,8 +57,10 @@ from ..eval.long_context import (
 )
 from ..eval.report import Report
 from ..eval.window import extended_window
+from ..format import FRAME_RATE
 from ..integration.apply import ttt_modules
 from ..integration.config import parse_layer_spec
+from ..models.export import export_run
 from ..recipes import (
     FORCED_TRAIN,
     FORCED_TTT,
@@ -69,7 +71,6 @@ from ..recipes import (
 )
 from ..train.checkpoint import load_trained_model
 from ..train.config import TrainConfig
-from ..train.data import FRAME_RATE, DataError, ShardSource
 from ..train.trainer import train
 from .corpus import TEXT_CARD, CorpusSpec, CorpusSummary, default_corpus, read_corpus
 from .markov import cli_prefix

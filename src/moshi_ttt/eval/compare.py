@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from .pair_report import PUBLISHED, TITLES
 from .report import Report
 from .stats import fmt_interval, mcnemar_exact, no_interval, paired_difference, ratio_difference
 
@@ -343,8 +344,6 @@ def _protocol_line(d: dict[str, Any]) -> str:
 def summarize(paths: list[str | Path], out_dir: str | Path) -> Report:
     """One results page (``out_dir/report.md`` + ``report.json``, ``accuracy.png``,
     ``long_context.png``) over the reports found in ``paths``."""
-    from .pair_report import PUBLISHED, TITLES
-
     reports = find_reports(paths)
     report = Report("Results", out_dir)
     pairs = [d for d in reports if report_kind(d) == "pairs"]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from moshi.models.lm import LMModel
 
-from ..generate import DEFAULT_CHANNEL
+from ..generate import DEFAULT_CHANNEL, generate
 from ..integration.apply import set_gates, ttt_modules
 from .long_context import (
     LongContextResult,
@@ -100,8 +100,6 @@ def generate_per_gate(
     """For each gate value, ``generate`` Moshi's answer to the first ``seconds`` of
     ``input_wav`` (same seed; of a stereo input its ``channel``): ``{label: {"text", "wav",
     "rtf"}}``; wavs in ``out_dir``."""
-    from ..generate import generate
-
     out: dict[str, dict[str, Any]] = {}
     try:
         for g in gates:

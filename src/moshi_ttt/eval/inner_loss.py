@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from moshi.models.lm import LMModel
 
+from ..format import FRAME_RATE
 from ..layer import InnerLossProbe, TTTLayer, record_inner_loss
 from ..ttt import InnerLoss
 from .long_context import (
     AUTO,
-    FRAME_RATE,
     METRIC_LABELS,
     LongContextResult,
     PositionLosses,

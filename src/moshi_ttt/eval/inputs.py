@@ -30,21 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..generate import CHANNELS, DEFAULT_CHANNEL, read_audio
-from ..train.data import (
-    FRAME_SIZE,
-    NUM_CODEBOOKS,
-    NUM_STREAMS,
-    SAMPLE_RATE,
+from ..data.pipeline import (
     SHARDS_INDEX,
-    TEXT_PAD,
-    ZERO_TOKEN,
     BadFile,
     BadFileCounter,
     ShardSource,
     encode_chunked,
     read_index,
 )
+from ..format import FRAME_SIZE, NUM_CODEBOOKS, NUM_STREAMS, SAMPLE_RATE, TEXT_PAD, ZERO_TOKEN
+from ..generate import CHANNEL_TEXT, CHANNELS, DEFAULT_CHANNEL, read_audio
 
 AUDIO_EXTENSIONS = (".flac", ".wav", ".mp3", ".ogg", ".opus")
 STREAMS = ("moshi", "user")
@@ -118,7 +113,7 @@ class EvalInputs:
 
     Args:
         path: audio directory or file, JSONL index, or shards directory (module docstring).
-        mimi: the codec (``checkpoints.loading.load_codec``); needed for audio sources.
+        mimi: the codec (``models.load.load_codec``); needed for audio sources.
         placement: stream placement of the audio (``StreamPlacement``).
         max_files: only the first files (sorted by path; index order for JSONL).
         max_frames: cut every file to its first frames (None: whole files).
@@ -201,8 +196,6 @@ class EvalInputs:
     def channel_line(self) -> str | None:
         """``"stereo input: used the right channel (...) of 3 files (--channel right)"``, or
         None when no stereo file was read."""
-        from ..generate import CHANNEL_TEXT
-
         stereo = {k: v for k, v in self.channels_used.items() if k != "mono"}
         if not stereo:
             return None

@@ -28,11 +28,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..format import TEXT_PAD, ZERO_TOKEN
+from ..generate import read_wav
+from ..integration.streaming import delayed_inputs
+
 CodeCache = dict[str, "torch.Tensor | str"]
 """Mimi codes per audio path (``[S, T]`` int16 on CPU), or why the file could not be used."""
 
-TEXT_PAD = 3  # Moshi's text padding id
-ZERO = -1  # moshi's zero_token_id: zero embedding, never scored
 STREAMS = ("moshi", "user")
 FILLS = ("zero", "silence")
 TEXT_FILLS = ("zero", "pad", "greedy")
@@ -183,8 +185,6 @@ def encode_files(
     returned). T = ceil(samples / 1920) at 24 kHz; files of similar size are encoded together
     (right zero padding; Mimi is causal, so the codes equal a one-file encode). Missing,
     unreadable or shorter-than-one-frame files get a reason string instead."""
-    from ..generate import read_wav
-
     cache = {} if cache is None else cache
     todo = sorted({str(p) for p in paths} - cache.keys(), key=_file_size)
     rate, frame = int(mimi.sample_rate), int(mimi.frame_size)
@@ -254,7 +254,8 @@ def build_codes(
     other_row = off + (0 if config.stream == "user" else size)
     if config.text == "greedy" and (texts is None or len(texts) != len(items)):
         raise ValueError("text fill 'greedy' needs the greedy text of every item (greedy_text)")
-    codes = torch.full((len(items), int(lm.num_codebooks), max(x.shape[-1] for x in items)), ZERO)
+    T = max(x.shape[-1] for x in items)
+    codes = torch.full((len(items), int(lm.num_codebooks), T), ZERO_TOKEN)
     for i, x in enumerate(items):
         t = x.shape[-1]
         codes[i, audio_row : audio_row + size, :t] = x.long()
@@ -280,15 +281,13 @@ def greedy_text(
     text input of the next, exactly as in generation, where the audio is given here instead of
     sampled. Equals ``t`` teacher-forced forwards over growing prefixes (a test checks it).
     Needs a text delay of 0 (Moshi's)."""
-    from ..integration.streaming import delayed_inputs
-
     if int(lm.delays[0]) != 0:
         raise ValueError(f"text fill 'greedy' needs a text delay of 0, got {lm.delays[0]}")
     base = ScoringConfig(config.stream, config.other_stream, "zero", config.codebooks)
     codes = build_codes(lm, items, base, silence).to(lm.device)
     B, _, T = codes.shape
     inputs, _ = delayed_inputs(lm, codes)
-    text = torch.full((B, T), ZERO, dtype=torch.long, device=lm.device)
+    text = torch.full((B, T), ZERO_TOKEN, dtype=torch.long, device=lm.device)
     with lm.streaming(B):
         for s in range(T):
             column = inputs[:, :, s : s + 1].clone()

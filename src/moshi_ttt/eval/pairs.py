@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .likelihood import Score
+from .stats import mean_interval
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 FREQUENCY_BANDS = (
@@ -288,8 +289,6 @@ def pair_accuracy(
     "group_means": {group: mean outcome}}``;
     an empty subset has accuracy NaN.
     """
-    from .stats import mean_interval
-
     group_scores: dict[str, list[float]] = defaultdict(list)
     group_subsets: dict[str, tuple[str, ...]] = {}
     group_tags: dict[str, set[str]] = defaultdict(set)

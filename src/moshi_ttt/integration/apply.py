@@ -36,10 +36,7 @@ def apply_ttt(lm_model: LMModel, config: TTTConfig | dict[str, Any]) -> list[int
     transformer = lm_model.transformer
     if any(isinstance(layer, AdoptingLayer) for layer in transformer.layers):
         raise ValueError("this model already has TTT layers (apply_ttt was called before)")
-    if any(
-        isinstance(m, StreamingModule) and m._streaming_state is not None
-        for m in lm_model.modules()
-    ):
+    if any(isinstance(m, StreamingModule) and m.is_streaming for m in lm_model.modules()):
         raise ValueError("apply_ttt cannot convert a model while it is streaming")
     indices = parse_layer_spec(config.layers, len(transformer.layers))
 

@@ -26,10 +26,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from moshi.modules.streaming import State, StreamingModule
+from moshi.modules.streaming import StreamingModule
 from moshi.modules.transformer import StreamingTransformerLayer
 from torch import nn
 
+from ..layer import TTTState
 from .hybrid import AdoptingLayer
 
 
@@ -176,24 +177,13 @@ def inplace_correction(
     return corr, new_state
 
 
-@dataclass
-class InPlaceState(State):
-    """Streaming state of an ``InPlaceTTT``: the fast state of each batch element."""
-
-    fast: InPlaceFast
-
-    def reset(self, reset_mask: torch.Tensor) -> None:
-        super().reset(reset_mask)
-        self.fast.copy_(self.fast.select(~reset_mask, self.fast.zeros_like()))
-
-
-class InPlaceTTT(StreamingModule[InPlaceState]):
+class InPlaceTTT(StreamingModule[TTTState]):
     """The In-Place TTT parameters and state of one layer.
 
     ``forward(z [B, T, hidden], x [B, T, dim]) -> [B, T, dim]`` (float32): the correction to add
     to ``gating.linear_out(z)``. Outside streaming every call starts at the sequences' start
     unless ``state`` is given (``corr, s = m(z, x, state=s, return_state=True)``); inside
-    ``with m.streaming(B):`` the state lives in an ``InPlaceState`` (reset per element, exec
+    ``with m.streaming(B):`` the state lives in an ``TTTState`` (reset per element, exec
     mask honoured).
     """
 
@@ -241,8 +231,8 @@ class InPlaceTTT(StreamingModule[InPlaceState]):
             self._state_dtype(),
         )  # fmt: skip
 
-    def _init_streaming_state(self, batch_size: int) -> InPlaceState:
-        return InPlaceState(batch_size, self.target.device, fast=self.initial_state(batch_size))
+    def _init_streaming_state(self, batch_size: int) -> TTTState:
+        return TTTState(batch_size, self.target.device, fast=self.initial_state(batch_size))
 
     def forward(
         self,

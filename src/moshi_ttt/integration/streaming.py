@@ -24,7 +24,7 @@ from moshi.models.lm import LMModel
 from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
 from torch import nn
 
-from ..layer import TTTLayer
+from ..layer import TTTLayer, TTTState
 from .inplace import InPlaceTTT
 
 TTT_STATE_TYPES = (TTTLayer, InPlaceTTT)  # the streaming modules that hold fast weights
@@ -72,15 +72,23 @@ def chunked_streaming(model: nn.Module, batch_size: int, chunk: int) -> Iterator
         yield model
 
 
+def ttt_states(model: nn.Module) -> list[tuple[str, TTTState]]:
+    """``(module name, streaming state)`` of every fast-weight memory of ``model`` that is
+    streaming (``TTTLayer`` and In-Place TTT), read through moshi's public
+    ``is_streaming`` / ``get_streaming_state``."""
+    return [
+        (name, m.get_streaming_state()[""])
+        for name, m in model.named_modules()
+        if isinstance(m, TTT_STATE_TYPES) and m.is_streaming
+    ]
+
+
 def reset_ttt_states(model: nn.Module, mask: torch.Tensor | None = None) -> int:
     """Restart the TTT fast weights (``TTTLayer`` and In-Place states) of the sequences in
     ``mask`` (``[B]`` bool; None: all) while streaming; attention caches and positions go on.
     Returns the number of states reset (0 without TTT layers or outside streaming)."""
     count = 0
-    for m in model.modules():
-        state = m._streaming_state if isinstance(m, TTT_STATE_TYPES) else None
-        if state is None:
-            continue
+    for _, state in ttt_states(model):
         rows = state.batch_size
         state.reset(
             torch.ones(rows, dtype=torch.bool, device=state.device)

@@ -25,17 +25,12 @@ from moshi.utils.compile import no_compile
 from torch import nn
 
 from ..generate import TEXT_EPAD, TEXT_PAD
-from ..integration.streaming import TTT_STATE_TYPES
+from ..integration.streaming import ttt_states
 
 
 def ttt_state_modules(model: nn.Module) -> list[tuple[str, object]]:
     """``(module name, streaming state)`` of every TTT layer of ``model`` that is streaming."""
-    out = []
-    for name, m in model.named_modules():
-        state = m._streaming_state if isinstance(m, TTT_STATE_TYPES) else None
-        if state is not None:
-            out.append((name, state))
-    return out
+    return ttt_states(model)
 
 
 def ttt_state(model: nn.Module, row: int) -> dict[str, torch.Tensor]:

@@ -12,110 +12,56 @@
 Rank 0 writes into ``checkpoints/.tmp-step_000123`` and renames it when complete, so a crash
 never leaves a half-written ``step_*``; the ``keep_last`` newest are kept. A checkpoint damaged
 afterwards (truncated, overwritten) is found by ``checkpoint_problem`` before anything loads it:
-``find_checkpoint`` then names it and the previous complete checkpoint to use instead.
+``find_checkpoint`` then names it and the previous complete checkpoint to use instead (both in
+``models.runs``, which reads a run without the training code).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..checkpoints.adapter import adapter_parameters, save_adapter
-from ..checkpoints.loading import check_safetensors, load_safetensors, safetensors_problem
-from .parallel import Dist, barrier, gather_to_main, local_rows
+from ..models.adapter import adapter_parameters, save_adapter
+from ..models.files import check_safetensors, load_safetensors, open_safetensors, read_local
+from ..models.load import load_run
+from ..models.runs import (
+    OPTIMIZER,
+    STATE,
+    TRAINABLE,
+    CorruptCheckpoint,
+    find_checkpoint,
+    list_checkpoints,
+    load_trainable,
+    read_state,
+    recorded_config,
+    step_dir,
+)
+from ..models.spec import LoadedModel
+from .config import TrainConfig
+from .parallel import Dist, barrier, gather_to_main
 
-STEP_DIR = re.compile(r"^step_(\d{6,})$")
-STATE = "state.json"
-TRAINABLE = "trainable.safetensors"
-OPTIMIZER = "optimizer.safetensors"
+__all__ = [  # the run-directory readers live in models.runs; re-exported for the trainer
+    "CorruptCheckpoint",
+    "checkpoint_config",
+    "find_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_trainable",
+    "load_trained",
+    "load_trained_model",
+    "read_state",
+    "save_checkpoint",
+    "step_dir",
+]
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"step_{step:06d}"
-
-
-def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-    found = [p for p in found if (p / STATE).is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    found = list_checkpoints(root)
-    return found[-1] if found else None
-
-
-def read_state(path: str | Path) -> dict[str, Any]:
-    """``state.json`` of checkpoint ``path``; missing or malformed is an error naming it."""
-    file = Path(path) / STATE
-    if not file.is_file():
-        raise FileNotFoundError(f"{path}: not a training checkpoint (no {STATE})")
-    try:
-        state = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e}); the checkpoint is corrupt") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise ValueError(f"{file}: expected a JSON object with an integer 'step'")
-    return state
-
-
-def checkpoint_problem(path: str | Path) -> str | None:
-    """Why checkpoint ``path`` cannot be used (None if it looks complete): ``state.json``
-    readable, ``trainable.safetensors`` and the optimizer / rank / adapter safetensors files
-    complete (headers and sizes; tensor data is not read)."""
-    path = Path(path)
-    try:
-        state = read_state(path)
-    except (OSError, ValueError) as e:
-        return str(e)
-    if not (path / TRAINABLE).is_file():
-        return f"{path / TRAINABLE}: missing"
-    names = [TRAINABLE, OPTIMIZER, "adapter.safetensors"]
-    names += [f"rank{r}.safetensors" for r in range(int(state.get("world_size", 1) or 1))]
-    for name in names:
-        if (path / name).is_file():
-            problem = safetensors_problem(path / name)
-            if problem is not None:
-                return f"{path / name}: {problem}"
-    return None
-
-
-def previous_good_checkpoint(root: str | Path, before: Path) -> Path | None:
-    """The newest checkpoint under ``root`` older than ``before`` that has no problem."""
-    found = list_checkpoints(root)
-    older = found[: found.index(before)] if before in found else []
-    return next((p for p in reversed(older) if checkpoint_problem(p) is None), None)
-
-
-class CorruptCheckpoint(ValueError):
-    """A checkpoint that cannot be loaded; ``previous`` is the newest good one before it."""
-
-    def __init__(self, path: Path, problem: str, previous: Path | None, use: str) -> None:
-        hint = (
-            f"the previous complete checkpoint is {previous}: {use} {previous} to continue from it"
-            if previous is not None
-            else "no earlier complete checkpoint exists"
-        )
-        super().__init__(f"checkpoint {path} is corrupt ({problem}); {hint}")
-        self.path, self.problem, self.previous = path, problem, previous
 
 
 def _gather(obj: Any, d: Dist) -> list[Any]:
@@ -135,7 +81,7 @@ def save_checkpoint(
     state: dict[str, Any],
     rank_tensors: dict[str, torch.Tensor],
     d: Dist,
-    lm: nn.Module,
+    model: LoadedModel,
     keep_last: int,
 ) -> Path:
     """Write checkpoint ``step`` (a collective: every rank calls it). Returns its directory.
@@ -171,8 +117,8 @@ def save_checkpoint(
         save_file(optim, str(tmp / OPTIMIZER))
         for r, blob in enumerate(rank_blobs):
             save_file(blob, str(tmp / f"rank{r}.safetensors"))
-        if set(params) == set(adapter_parameters(lm)):
-            save_adapter(lm, tmp, tensors=params)
+        if set(params) == set(adapter_parameters(model.lm)):
+            save_adapter(model, tmp, tensors=params)
         record = {**state, "step": step, "world_size": d.world_size, "data": data_states}
         (tmp / STATE).write_text(json.dumps(record, indent=1))
         shutil.rmtree(final, ignore_errors=True)
@@ -204,7 +150,7 @@ def load_checkpoint(
     load_trainable(path, named)
     if optimizer is not None:
         file = check_safetensors(path / OPTIMIZER, "optimizer state")
-        with _open(file, "optimizer state") as optim:
+        with open_safetensors(file, "optimizer state") as optim:
             keys = set(optim.keys())
             for name, p in named:
                 if f"{name}.step" not in keys:
@@ -212,7 +158,7 @@ def load_checkpoint(
                 st: dict[str, torch.Tensor] = {}
                 for key in ADAM_KEYS:
                     st[key] = torch.zeros_like(p.data)
-                    _read_local(optim, f"{name}.{key}", st[key])
+                    read_local(optim, f"{name}.{key}", st[key])
                 st["step"] = optim.get_tensor(f"{name}.step").reshape(())
                 optimizer.state[p] = st
     rank_file = path / f"rank{d.rank}.safetensors"
@@ -221,123 +167,31 @@ def load_checkpoint(
     return state, tensors
 
 
-def load_trainable(path: str | Path, named: list[tuple[str, nn.Parameter]]) -> None:
-    """Copy ``path/trainable.safetensors`` into the parameters ``named`` (their shards under
-    FSDP). A missing or extra name or a shape mismatch is a ``ValueError`` naming it."""
-    file = Path(path) / TRAINABLE
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no such file (is {path} a training checkpoint?)")
-    check_safetensors(file, "trainable parameters")
-    with _open(file, "trainable parameters") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-        expected = dict(named)
-        missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
-        if missing or extra:
-            raise ValueError(
-                f"{file}: does not match the model's trainable parameters "
-                f"(missing {missing[:3]}, unexpected {extra[:3]}): was it written with this "
-                "config?"
-            )
-        for name, p in named:
-            if shapes[name] != tuple(p.shape):
-                raise ValueError(
-                    f"{file}: {name} has shape {shapes[name]}, the model expects {tuple(p.shape)}"
-                )
-        with torch.no_grad():
-            for name, p in named:
-                _read_local(f, name, p.data)
-
-
-@contextlib.contextmanager
-def _open(file: Path, what: str) -> Iterator[Any]:
-    """``safe_open`` (CPU) with its errors as a ``ValueError`` naming the file."""
-    try:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            yield f
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{file}: not a readable safetensors file ({what}): {e}") from e
-
-
-def _read_local(f: Any, name: str, dst: torch.Tensor) -> None:
-    """Copy tensor ``name`` of the open file ``f`` into ``dst``: only the rows this rank holds
-    when ``dst`` is an FSDP shard (a rank never reads the whole tensor)."""
-    start, end = local_rows(dst)
-    if isinstance(dst, DTensor):
-        local = dst.to_local()
-        if end - start != (local.shape[0] if local.dim() else 0) or local.dim() == 0:
-            local.copy_(distribute_tensor(f.get_tensor(name).to(local.device, local.dtype),
-                                          dst.device_mesh, dst.placements).to_local())  # fmt: skip
-            return
-        if end > start:
-            local.copy_(f.get_slice(name)[start:end].to(device=local.device, dtype=local.dtype))
-        return
-    dst.copy_(f.get_tensor(name).to(device=dst.device, dtype=dst.dtype))
-
-
-def find_checkpoint(run: str | Path, use: str = "name") -> Path:
-    """The checkpoint ``run`` names: ``run`` itself if it is a ``checkpoints/step_*`` directory,
-    else the newest complete checkpoint of the run directory ``run``; checked
-    (``checkpoint_problem``) before anything loads it.
-
-    Raises ``FileNotFoundError`` naming the path when there is none, ``CorruptCheckpoint``
-    (naming it, its problem and the previous good checkpoint, "``use`` PREVIOUS") when it is
-    damaged.
-    """
-    run = Path(run)
-    if (run / STATE).is_file():
-        ckpt = run
-    elif not run.is_dir():
-        raise FileNotFoundError(f"{run}: no such run or checkpoint directory")
-    else:
-        found = latest_checkpoint(run / "checkpoints")
-        if found is None:
-            raise FileNotFoundError(f"{run}: no checkpoint (expected {run}/checkpoints/step_*)")
-        ckpt = found
-    problem = checkpoint_problem(ckpt)
-    if problem is not None:
-        raise CorruptCheckpoint(ckpt, problem, previous_good_checkpoint(ckpt.parent, ckpt), use)
-    return ckpt
-
-
-def checkpoint_config(ckpt: str | Path) -> Any:
+def checkpoint_config(ckpt: str | Path) -> TrainConfig:
     """The ``TrainConfig`` checkpoint ``ckpt`` was written with: its ``state.json`` record, or
     (older checkpoints) its run's ``config.yaml``."""
-    from .config import TrainConfig
-
-    ckpt = Path(ckpt)
-    recorded = read_state(ckpt).get("config")
-    if isinstance(recorded, dict):
-        try:
-            return TrainConfig.from_dict(recorded)
-        except ValueError as e:
-            raise ValueError(f"{ckpt / STATE}: its config is not valid: {e}") from e
-    return TrainConfig.load(ckpt.parent.parent / "config.yaml")
+    data, where = recorded_config(ckpt)
+    if where.name != STATE:
+        return TrainConfig.load(where)
+    try:
+        return TrainConfig.from_dict(data)
+    except ValueError as e:
+        raise ValueError(f"{where}: its config is not valid: {e}") from e
 
 
 def load_trained(
     run: str | Path, device: torch.device | str = "cpu"
-) -> tuple[nn.Module, Any, Any, Path]:
-    """``(lm in eval mode, TrainConfig, base CheckpointInfo or None, checkpoint dir)`` of a run.
-
-    ``run``: a run directory (its newest checkpoint) or a ``checkpoints/step_*`` directory.
-    The model is rebuilt from the run's ``config.yaml`` (``build_model``: base, LoRA, TTT) and
-    gets the checkpoint's trainable parameters; every parameter is then frozen.
-    """
-    from .model import build_model
-
-    ckpt = find_checkpoint(run)
-    cfg = checkpoint_config(ckpt)
-    lm, groups, info = build_model(cfg, torch.device(device))
-    load_trainable(ckpt, groups.named())
-    for p in lm.parameters():
-        p.requires_grad_(False)
-    return lm.eval(), cfg, info, ckpt
+) -> tuple[LoadedModel, TrainConfig, Path]:
+    """``(the model a run trained, in eval mode; its TrainConfig; its checkpoint directory)``
+    (``models.load.load_run``, with the run's whole training config)."""
+    model, ckpt = load_run(run, device)
+    return model, checkpoint_config(ckpt), ckpt
 
 
 def load_trained_model(
     run: str | Path, device: torch.device | str = "cpu"
-) -> tuple[nn.Module, Any]:
+) -> tuple[nn.Module, TrainConfig]:
     """The model a run trained, for evaluation: ``(lm in eval mode, TrainConfig)``
-    (``load_trained`` without the checkpoint info and path)."""
-    lm, cfg, _, _ = load_trained(run, device)
-    return lm, cfg
+    (``load_trained``: the bare module)."""
+    model, cfg, _ = load_trained(run, device)
+    return model.lm, cfg

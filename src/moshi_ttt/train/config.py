@@ -19,9 +19,10 @@ from typing import Any, Literal
 import yaml
 
 from .. import schema
+from ..format import frames_for_duration
 from ..integration.config import TTTConfig, parse_layer_spec
-from ..schema import option
-from .data import frames_for_duration
+from ..models.spec import LoraConfig, ModelConfig, ModelSpec, check_model
+from ..schema import option, read_yaml
 
 # Names used by moshi-finetune (and common guesses) -> ours, for "did you mean" messages.
 ALIASES: dict[str, str] = {
@@ -50,67 +51,6 @@ ALIASES: dict[str, str] = {
     "shards": "data.train",
     "shards_dir": "data.train",
 }
-
-
-@dataclass
-class ModelConfig:
-    """Which Moshi to fine-tune and how to run it.
-
-    Attributes:
-        source: ``"tiny"`` (the random tiny model of ``integration.tiny``, for tests and CPU),
-            ``"hf"`` (a Hugging Face repo, ``hf_repo``) or ``"local"`` (a directory, ``path``).
-        hf_repo: repo id for ``source: hf`` (no config.json there = the 7B config).
-        path: for ``source: local``: a checkpoint directory with a config.json of moshi's LM
-            kwargs (one without it is an error), a ``moshi-ttt export`` directory, or a
-            training run directory (its newest checkpoint) / ``checkpoints/step_*`` directory
-            (its trained model, LoRA merged).
-        moshi_weights / mimi_weights / tokenizer / config_path: optional file overrides for
-            ``hf`` and ``local`` (``CheckpointInfo.from_hf_repo`` arguments: a local path or
-            ``hf://org/repo/file``); null = the checkpoint's own files.
-        tiny_overrides: ``tiny_lm_kwargs`` overrides for ``source: tiny`` (e.g. num_layers: 2).
-        dtype: compute dtype of the frozen base: ``"auto"`` = bfloat16 on GPU, float32 on CPU.
-            Trainable parameters and optimizer state are always float32.
-        gradient_checkpointing: activation checkpointing of every transformer layer.
-        train_embeddings: also train the text and audio embeddings (moshi-finetune's ft_embed).
-        train_base: train every base weight too (for small models trained from scratch, as in
-            the demo); the base is then float32 like every trainable parameter.
-        train_context: attention context (frames) of the temporal transformer *while
-            training*; null = the model's own. A shorter one than at inference makes the TTT
-            memory carry what attention can no longer see (evaluation and export keep the
-            model's own context).
-        train_context_min: with it, every optimizer step draws its attention context uniformly
-            from ``[train_context_min, train_context or the model's own]`` (a fixed draw per
-            run seed and step, so resumes stay exact): a memory trained this way cannot stand
-            in for attention of one fixed span (docs/retrofit.md).
-    """
-
-    source: Literal["tiny", "hf", "local"] = "tiny"
-    hf_repo: str = "kyutai/moshiko-pytorch-bf16"
-    path: str | None = None
-    moshi_weights: str | None = None
-    mimi_weights: str | None = None
-    tokenizer: str | None = None
-    config_path: str | None = None
-    tiny_overrides: dict[str, Any] = field(default_factory=dict)
-    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
-    gradient_checkpointing: bool = True
-    train_embeddings: bool = False
-    train_base: bool = False
-    train_context: int | None = option(None, ge=1)
-    train_context_min: int | None = option(None, ge=1)
-
-
-@dataclass
-class LoraConfig:
-    """LoRA on every linear of the model (moshi's ``replace_all_linear_with_lora``).
-
-    ``y = W x + scaling * B(A x)``: ``scaling`` multiplies directly (it is not alpha / rank).
-    Its learning rate is the top-level ``lora_lr``.
-    """
-
-    enable: bool = False
-    rank: int = option(64, ge=1)
-    scaling: float = option(2.0, gt=0)
 
 
 @dataclass
@@ -237,14 +177,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Types and bounds of every key (``schema.validate``), then cross-key rules."""
         schema.validate(self)
-        if self.model.source == "local" and not self.model.path:
-            raise ValueError("model.path: expected a checkpoint directory for model.source: local")
-        if self.model.source == "hf" and not self.model.hf_repo:
-            raise ValueError("model.hf_repo: expected a repo id for model.source: hf")
-        if self.model.source == "tiny":
-            for key in ("moshi_weights", "mimi_weights", "tokenizer", "config_path"):
-                if getattr(self.model, key) is not None:
-                    raise ValueError(f"model.{key}: only for model.source hf or local, not tiny")
+        check_model(self.model)
         if not self.data.train:
             raise ValueError("data.train: expected at least one JSONL index or shards directory")
         if self.eval_every > 0 and not self.data.eval:
@@ -348,6 +281,12 @@ class TrainConfig:
         return frames
 
     @property
+    def spec(self) -> ModelSpec:
+        """The model this config trains (``seed``, ``model``, ``ttt``, ``lora``), shared with
+        the config rather than copied."""
+        return ModelSpec(seed=self.seed, model=self.model, ttt=self.ttt, lora=self.lora)
+
+    @property
     def warmup_steps(self) -> int:
         return round(self.optim.pct_start * self.max_steps)
 
@@ -376,24 +315,6 @@ class TrainConfig:
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The top-level mapping of a YAML config file (an empty file is ``{}``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}"
-        )
-    return data
 
 
 def apply_overrides(

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .data import NUM_CODEBOOKS, TEXT_EPAD, TEXT_PAD, ZERO_TOKEN
+from ..format import NUM_CODEBOOKS, TEXT_EPAD, TEXT_PAD, ZERO_TOKEN
 
 TEXT_PADDING_IDS = (TEXT_PAD, TEXT_EPAD)
 

@@ -25,7 +25,10 @@ import torch
 import torch.distributed as dist
 from moshi.modules.transformer import StreamingTransformerLayer
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from ..models.files import row_sharded
+from ..models.spec import resolve_device
 
 
 @dataclass(frozen=True)
@@ -54,11 +57,7 @@ def init_distributed(device: str = "auto") -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device cuda: CUDA is not available on this machine")
+    if resolve_device(device, what="device").type == "cuda":
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
@@ -189,21 +188,6 @@ def copy_full_(dst: torch.Tensor, full: torch.Tensor) -> None:
         dst.copy_(full)
 
 
-def _row_sharded(t: torch.Tensor) -> bool:
-    """A DTensor sharded on dim 0 over a 1-D mesh (FSDP2's layout), torch.chunk rows."""
-    return isinstance(t, DTensor) and t.dim() > 0 and tuple(t.placements) == (Shard(0),)
-
-
-def local_rows(t: torch.Tensor) -> tuple[int, int]:
-    """``(start, end)``: the rows of the whole tensor this rank holds (all of a plain tensor)."""
-    if not _row_sharded(t):
-        return 0, t.shape[0] if t.dim() else 0
-    n, world = t.shape[0], t.device_mesh.size()
-    chunk = -(-n // world)
-    start = min(n, t.device_mesh.get_local_rank() * chunk)
-    return start, min(n, start + chunk)
-
-
 def gather_to_main(t: torch.Tensor, is_main: bool) -> torch.Tensor | None:
     """The whole tensor, float32 on the CPU, on rank 0 only (None elsewhere; a collective for
     a DTensor). A dim-0 shard is sent with one ``dist.gather`` (shards padded to equal rows), so
@@ -211,7 +195,7 @@ def gather_to_main(t: torch.Tensor, is_main: bool) -> torch.Tensor | None:
     t = t.detach()
     if not isinstance(t, DTensor):
         return t.float().cpu().contiguous() if is_main else None
-    if not _row_sharded(t):
+    if not row_sharded(t):
         full = t.full_tensor()
         return full.float().cpu().contiguous() if is_main else None
     local = t.to_local()

@@ -21,24 +21,29 @@ counted.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import try_to_load_from_cache
 from moshi.models import loaders
 from moshi.models.lm import LMModel
 from torch import nn
 
-from ..checkpoints.loading import MERGED_KEY, lm_kwargs_of
-from ..integration import TTTConfig, apply_ttt
+from ..format import FRAME_RATE
 from ..integration.apply import ttt_modules
 from ..integration.tiny import tiny_lm_kwargs
+from ..models.build import meta_base, parameter_groups
+from ..models.load import describe_spec
+from ..models.sources import MERGED_KEY, lm_kwargs_of
+from ..models.spec import GROUPS, resolve_dtype
 from .config import TrainConfig
-from .model import GROUPS, add_trainables, parameter_groups, resolve_dtype
+from .model import add_trainables
+from .parallel import fsdp_units
 
-TOKENS_PER_FRAME = 9  # text + the 8 Moshi codebooks (trainer.TOKENS_PER_FRAME)
 ADAM_STATES = 2  # exp_avg, exp_avg_sq (float32 each)
 GIB = 2**30
 DEFAULT_GPUS = (1, 8, 16)
@@ -201,7 +206,7 @@ class Plan:
             "|---|---|---|---|",
         ]
         for sec in sorted({*self.window_sec, c.duration_sec}):
-            frames = round(sec * 12.5)
+            frames = round(sec * FRAME_RATE)
             lines.append(
                 f"| {sec:g} s | {frames} | {_gib(self.activation_bytes(frames, True))} | "
                 f"{_gib(self.activation_bytes(frames, False))} |"
@@ -237,9 +242,7 @@ def plan_lm_kwargs(cfg: TrainConfig) -> tuple[dict[str, Any], str, dict[str, Any
         raw = _read_json(config)
         info = loaders.CheckpointInfo("", "", "", dict(raw), raw)
         return lm_kwargs_of(m.hf_repo, info), f"{m.hf_repo} ({config})", raw.get(MERGED_KEY)
-    from ..checkpoints.runs import config_base
-
-    record = config_base(cfg)
+    record = describe_spec(cfg.spec)
     raw = (record.info.raw_config or {}) if record.info is not None else {}
     return dict(record.lm_kwargs), str(m.path or m.hf_repo), raw.get(MERGED_KEY)
 
@@ -248,17 +251,11 @@ def _cached_hub_file(repo: str, name: str) -> str | None:
     """A file of a Hub repo if it is in the local cache (never downloads)."""
     if str(name).startswith("hf://") or Path(name).is_file():
         return str(name)
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:  # pragma: no cover
-        return None
     found = try_to_load_from_cache(repo.removeprefix("hf://"), name)
     return found if isinstance(found, str) else None
 
 
 def _read_json(path: str) -> dict[str, Any]:
-    import json
-
     if str(path).startswith("hf://"):
         raise ValueError(f"model.config_path {path}: give a local file for a plan (no download)")
     try:
@@ -275,11 +272,8 @@ def build_meta_model(cfg: TrainConfig) -> tuple[LMModel, Any, str]:
     would build it for a GPU run (the frozen base in the GPU compute dtype)."""
     kwargs, source, merged = plan_lm_kwargs(cfg)
     dtype = resolve_dtype(cfg.model.dtype, torch.device("cuda"))
-    with torch.device("meta"):  # also what moshi creates without a device argument
-        lm = loaders.get_moshi_lm(None, kwargs, device="meta", dtype=dtype)
-        if isinstance(merged, dict) and merged.get("ttt_config") is not None:  # an export's
-            ttt = {**merged["ttt_config"], "layers": list(merged["ttt_layers"])}
-            apply_ttt(lm, TTTConfig.from_dict(ttt))
+    lm = meta_base(kwargs, merged, dtype)  # an export's TTT layers included
+    with torch.device("meta"):
         if cfg.ttt is not None and not ttt_modules(lm):
             cfg.check_ttt_layers(len(lm.transformer.layers))
         groups = add_trainables(lm, cfg, torch.device("meta"))
@@ -288,8 +282,6 @@ def build_meta_model(cfg: TrainConfig) -> tuple[LMModel, Any, str]:
 
 def make_plan(cfg: TrainConfig) -> Plan:
     """The ``Plan`` of ``cfg`` (meta device: seconds and little memory, even for the 7B)."""
-    from .parallel import fsdp_units
-
     lm, groups, source = build_meta_model(cfg)
     trainable_ids = {id(p) for _, p in groups.named()}
     owned = parameter_groups(lm)

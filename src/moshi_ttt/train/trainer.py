@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,23 @@ from moshi.modules.transformer import set_attention_context
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoints.loading import load_codec
+from ..data.pipeline import (
+    BAD_FILES,
+    BadFileCounter,
+    Batch,
+    DataError,
+    ShardSource,
+    WindowLoader,
+    open_source,
+    read_index,
+)
 from ..errors import TrainingStopped
+from ..format import NUM_STREAMS, TOKENS_PER_FRAME, ZERO_TOKEN
 from ..integration.apply import set_gates
 from ..integration.carry import StateCarry
 from ..integration.hybrid import GatedTTT
+from ..models.load import describe_spec, load_codec
+from ..models.spec import LoadedModel
 from ..outputs import check_output_dir, existing
 from ..recipes import HARM_TOLERANCE, retrofit_window
 from .checkpoint import (
@@ -44,16 +57,6 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .data import (
-    BAD_FILES,
-    NUM_STREAMS,
-    ZERO_TOKEN,
-    BadFileCounter,
-    Batch,
-    DataError,
-    WindowLoader,
-    open_source,
-)
 from .loss import LossTerms, compute_loss_terms, covered_ce_sums, covered_kl_sum, weight_totals
 from .metrics import CollapseGuard, MetricsWriter, gate_values, grad_norms, truncate_metrics
 from .model import build_model, build_sharded_model, resolve_dtype
@@ -66,7 +69,6 @@ from .parallel import (
     init_distributed,
 )
 
-TOKENS_PER_FRAME = 9  # text + the 8 Moshi codebooks
 RUN_FILES = ("config.yaml", "metrics.jsonl", "train.log", "tensorboard", "checkpoints", BAD_FILES)
 # Keys that do not change what a resumed run computes (all others must match the checkpoint's).
 RESUME_FREE_KEYS = (
@@ -351,6 +353,66 @@ def _empty_batch(cfg: TrainConfig) -> Batch:
 
 
 # -- the loop ---------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """What one training run holds between its steps (``train`` threads it through the named
+    phases below); ``step`` is the last optimizer step taken."""
+
+    cfg: TrainConfig
+    d: Dist
+    run_dir: Path
+    model: LoadedModel
+    groups: Any  # TrainableGroups
+    optimizer: torch.optim.Optimizer
+    full_context: int  # the model's own attention context (frames; the window if unlimited)
+    bad_files: BadFileCounter
+    bad_path: Path
+    loader: WindowLoader | None = None
+    carry: StateCarry | None = None
+    writer: MetricsWriter | None = None
+    guard: CollapseGuard | None = None
+    step: int = 0
+    skipped: int = 0
+    bad_in_row: int = 0
+    last_ckpt: Path | None = None
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    tokens_since: int = 0
+    t_last: float = 0.0
+    inference_context: int = 0  # the model's own attention context (frames; 0 = unlimited)
+    _codec: tuple[Any, Any] | None = None
+
+    @property
+    def lm(self) -> nn.Module:
+        return self.model.lm
+
+    @property
+    def named(self) -> list[tuple[str, nn.Parameter]]:
+        return self.groups.named()
+
+    def codec(self) -> tuple[Any, Any]:
+        """Mimi and the tokenizer, loaded on first use (shards need neither)."""
+        if self._codec is None:
+            mimi, tokenizer = load_codec(self.model, device=self.d.device)
+            if tokenizer is None:
+                raise ValueError("data: a JSONL index needs the checkpoint's text tokenizer")
+            self._codec = (mimi, tokenizer)
+        return self._codec
+
+    def on_bad(self, name: str, reason: str, detail: str) -> None:
+        """A training file was skipped: rewrite the list and say so in the log."""
+        self.bad_files.write(self.bad_path, self.loader.total)
+        if self.writer is not None:
+            self.writer.message(
+                f"skipped {name}: {reason}: {detail} ({self.bad_files.num_bad} bad so far)"
+            )
+
+    def result(self) -> TrainResult:
+        return TrainResult(self.run_dir, self.step, self.last_ckpt, self.final_metrics,
+                           self.eval_metrics, self.skipped, self.d.is_main,
+                           list(self.bad_files.files), self.loader.total)  # fmt: skip
+
+
 def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool = True,
           device: str = "auto", allow_inexact_resume: bool = False,
           overwrite: bool = False, requeue: bool = False) -> TrainResult:  # fmt: skip
@@ -371,6 +433,60 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool
     if requeue:
         resume = bool(list_checkpoints(run_dir / "checkpoints"))
         overwrite = not resume
+    start, differences = _preflight(cfg, run_dir, resume, overwrite, allow_inexact_resume)
+    d = init_distributed(device)
+    if overwrite and not resume and d.is_main:
+        _clear_run_dir(run_dir)
+    barrier()
+    run = _setup(cfg, d, run_dir)
+    if start is not None:
+        _resume_from(run, start, differences)
+    _announce(run, start)
+    if start is not None and run.step >= cfg.max_steps:
+        return _nothing_to_train(run, start)
+
+    run.guard = CollapseGuard(gate_values(run.lm))
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", unit="step",
+               disable=not (progress and d.is_main), dynamic_ncols=True)  # fmt: skip
+    batches = iter(run.loader)
+    run.t_last = time.perf_counter()
+    try:
+        while run.step < cfg.max_steps:
+            run.step += 1
+            last_batch, metrics = _train_step(run, batches)
+            gates = _log_step(run, metrics, bar)
+            _check_collapse(run, gates, last_batch)
+            _evaluate_and_checkpoint(run)
+    except KeyboardInterrupt:
+        if run.writer is not None:
+            run.writer.message(
+                f"interrupted at step {run.step} of {cfg.max_steps}; last complete checkpoint: "
+                f"{run.last_ckpt or 'none (nothing to resume: start again)'}"
+                + ("; continue it with the same command and --resume" if run.last_ckpt else "")
+            )
+        raise
+    except DataError as e:
+        raise TrainingStopped(
+            f"data: {e}; skipped files listed in {run.bad_path}; last good checkpoint: "
+            f"{run.last_ckpt or 'none'}"
+        ) from e
+    finally:
+        bar.close()
+        _close(run)
+    barrier()
+    return run.result()
+
+
+# -- the phases of train ------------------------------------------------------------------------
+def _preflight(
+    cfg: TrainConfig,
+    run_dir: Path,
+    resume: bool | str | Path,
+    overwrite: bool,
+    allow_inexact_resume: bool,
+) -> tuple[Path | None, list[str]]:
+    """Every check that needs no model, before any work: ``(checkpoint to resume or None, its
+    settings that differ from cfg's)``."""
     if not resume:
         _check_fresh_run_dir(run_dir, overwrite)
     _check_ttt_layers_against_base(cfg)
@@ -383,19 +499,18 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool
             f"resumed run would not be exact: {'; '.join(differences)}. Use the checkpoint's "
             "values, or pass --allow-inexact-resume to continue anyway (not exact)"
         )
-    d = init_distributed(device)
-    if overwrite and not resume and d.is_main:
-        _clear_run_dir(run_dir)
-    barrier()
-    ckpt_root = run_dir / "checkpoints"
+    return start, differences
 
-    # Model: base (frozen) + LoRA + TTT, trainable groups in float32, then wrappers.
-    # Under torchrun: rank 0 reads the weights once, every rank holds only its FSDP shards.
+
+def _setup(cfg: TrainConfig, d: Dist, run_dir: Path) -> _Run:
+    """The model (base frozen + LoRA + TTT, trainable groups in float32, then wrappers), the
+    optimizer, the training data and the metrics writer.
+
+    Under torchrun, rank 0 reads the weights once and every rank holds only its FSDP shards.
+    """
     built = build_sharded_model(cfg, d.device) if d.distributed else None
-    if built is None:
-        lm, groups, info = build_model(cfg, d.device)
-    else:
-        lm, groups, info = built
+    model, groups = built if built is not None else build_model(cfg, d.device)
+    lm = model.lm
     inference_context = int(lm.transformer.layers[0].self_attn.context or 0)  # 0: unlimited
     full_context = inference_context or cfg.frames_per_window
     if cfg.model.train_context is not None:  # training only: checkpoints keep the model's own
@@ -405,208 +520,201 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool
     if d.distributed and built is None:
         apply_fsdp(lm)
         groups.rebind(lm)
-    named = groups.named()
     optimizer = build_optimizer(groups.params, groups.lrs, cfg)
-
-    codec_cache: dict[str, Any] = {}
-
-    def codec() -> tuple[Any, Any]:
-        if "codec" not in codec_cache:
-            mimi, tokenizer = load_codec(lm, info, device=d.device)
-            if tokenizer is None:
-                raise ValueError("data: a JSONL index needs the checkpoint's text tokenizer")
-            codec_cache["codec"] = (mimi, tokenizer)
-        return codec_cache["codec"]
-
-    bad_files = BadFileCounter()
     bad_path = run_dir / (BAD_FILES if d.is_main else f"bad_files.rank{d.rank}.json")
+    run = _Run(cfg, d, run_dir, model, groups, optimizer, full_context, BadFileCounter(), bad_path)
+    run.inference_context = inference_context
+    run.loader = make_loader(cfg, cfg.data.train, d, run.codec, train=True,
+                             stats=run.bad_files, on_bad=run.on_bad)  # fmt: skip
+    run.carry = StateCarry(lm) if cfg.data.state_carry == "detached" else None
+    run.writer = MetricsWriter(run_dir) if d.is_main else None
+    return run
 
-    def on_bad(name: str, reason: str, detail: str) -> None:
-        bad_files.write(bad_path, loader.total)
-        if writer is not None:
-            writer.message(f"skipped {name}: {reason}: {detail} ({bad_files.num_bad} bad so far)")
 
-    writer: MetricsWriter | None = None
-    loader = make_loader(cfg, cfg.data.train, d, codec, train=True, stats=bad_files,
-                         on_bad=on_bad)  # fmt: skip
-    carry = StateCarry(lm) if cfg.data.state_carry == "detached" else None
-
-    writer = MetricsWriter(run_dir) if d.is_main else None
-    step, skipped, bad_in_row = 0, 0, 0
-    if start is not None:
-        state, rank_tensors = load_checkpoint(start, named, optimizer, d)
-        step, skipped = int(state["step"]), int(state.get("skipped_steps", 0))
-        loader.load_state_dict(state["data"])
-        _restore_rng(rank_tensors, d)
-        if carry is not None and not differences:  # inexact resume: fresh TTT states
-            carry.load_state_dict({k.removeprefix("carry."): v for k, v in rank_tensors.items()
+def _resume_from(run: _Run, start: Path, differences: list[str]) -> None:
+    """Parameters, optimizer, data position, RNG and carried TTT states of checkpoint
+    ``start``; an inexact resume (``differences``) starts fresh TTT states and says so."""
+    state, rank_tensors = load_checkpoint(start, run.named, run.optimizer, run.d)
+    run.step, run.skipped = int(state["step"]), int(state.get("skipped_steps", 0))
+    run.loader.load_state_dict(state["data"])
+    _restore_rng(rank_tensors, run.d)
+    if run.carry is not None and not differences:  # inexact resume: fresh TTT states
+        run.carry.load_state_dict({k.removeprefix("carry."): v for k, v in rank_tensors.items()
                                    if k.startswith("carry.")})  # fmt: skip
-        if writer is not None:
-            truncate_metrics(writer.metrics_path, step)
-            if differences:
-                writer.message(
-                    f"warning: resumed from {start} with different settings "
-                    f"({'; '.join(differences)}): this run is not an exact continuation"
-                )
-    if writer is not None:
-        cfg.to_yaml(run_dir / "config.yaml")
-        counts = groups.num_params()
-        writer.message(
-            f"moshi-ttt train: {d.world_size} process(es) on {d.device.type}; trainable "
-            + ", ".join(f"{g} {n:,}" for g, n in counts.items())
-            + f"; {cfg.frames_per_window} frames x {cfg.batch_size} x {cfg.grad_accum} x "
-            f"{d.world_size} per step" + (f"; resumed from {start}" if start is not None else "")
+    if run.writer is not None:
+        truncate_metrics(run.writer.metrics_path, run.step)
+        if differences:
+            run.writer.message(
+                f"warning: resumed from {start} with different settings "
+                f"({'; '.join(differences)}): this run is not an exact continuation"
+            )
+    run.last_ckpt = start
+
+
+def _announce(run: _Run, start: Path | None) -> None:
+    """Rank 0: the resolved config beside the run, and one line on what trains."""
+    cfg, d, writer = run.cfg, run.d, run.writer
+    if writer is None:
+        return
+    cfg.to_yaml(run.run_dir / "config.yaml")
+    counts = run.groups.num_params()
+    writer.message(
+        f"moshi-ttt train: {d.world_size} process(es) on {d.device.type}; trainable "
+        + ", ".join(f"{g} {n:,}" for g, n in counts.items())
+        + f"; {cfg.frames_per_window} frames x {cfg.batch_size} x {cfg.grad_accum} x "
+        f"{d.world_size} per step" + (f"; resumed from {start}" if start is not None else "")
+    )
+    advice = retrofit_advice(cfg, run.inference_context)
+    if advice:
+        writer.message(advice)
+
+
+def _nothing_to_train(run: _Run, start: Path) -> TrainResult:
+    """A resumed run already at ``max_steps``."""
+    if run.writer is not None:
+        run.writer.message(
+            f"--resume: {run.run_dir} is already at step {run.step} of {run.cfg.max_steps}: "
+            f"nothing to train (its last checkpoint: {start})"
         )
-        advice = retrofit_advice(cfg, inference_context)
-        if advice:
-            writer.message(advice)
-
-    last_ckpt = start
-    if start is not None and step >= cfg.max_steps:
-        if writer is not None:
-            writer.message(
-                f"--resume: {run_dir} is already at step {step} of {cfg.max_steps}: nothing to "
-                f"train (its last checkpoint: {start})"
-            )
-            writer.close()
-        loader.close()
-        barrier()
-        return TrainResult(run_dir, step, start, {}, {}, skipped, d.is_main, [], loader.total)
-    final_metrics: dict[str, float] = {}
-    eval_metrics: dict[str, float] = {}
-    guard = CollapseGuard(gate_values(lm))
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step",
-               disable=not (progress and d.is_main), dynamic_ncols=True)  # fmt: skip
-    it = iter(loader)
-    t_last, tokens_since = time.perf_counter(), 0
-    try:
-        while step < cfg.max_steps:
-            step += 1
-            mult = lr_multiplier(cfg, step)
-            for g in optimizer.param_groups:
-                g["lr"] = g["peak_lr"] * mult
-
-            # Forward/backward over the micro-batches, each weighted by the global totals.
-            batches = [next(it) for _ in range(cfg.grad_accum)]
-            text_total, audio_total = _totals(batches, lm, cfg, d).tolist()
-            window = step_context(cfg, step, full_context)
-            if cfg.model.train_context_min is not None:
-                set_attention_context(lm.transformer, window)
-            step_terms: LossTerms | None = None
-            kl_total = torch.zeros((), device=d.device)
-            for batch in batches:
-                codes = batch.codes.to(d.device)
-                if carry is not None:
-                    carry.begin(batch.reset.to(d.device), batch.lanes)
-                out, terms = forward_output_terms(lm, codes, cfg)
-                objective = terms.objective(text_total, audio_total)
-                if cfg.kl_to_base > 0:
-                    kl = covered_kl_sum(out, gate0_output(lm, codes, cfg), window or full_context,
-                                        rows=None if carry is None else batch.reset)  # fmt: skip
-                    objective = objective + cfg.kl_to_base * kl / max(
-                        text_total + audio_total, 1e-9
-                    )
-                    kl_total += kl.detach()
-                objective.backward()
-                if carry is not None:
-                    carry.commit()
-                step_terms = terms.detach() if step_terms is None else step_terms + terms.detach()
-                tokens_since += codes.shape[0] * codes.shape[-1] * TOKENS_PER_FRAME * d.world_size
-            assert step_terms is not None
-            metrics = step_terms.all_reduce().metrics()
-            if cfg.kl_to_base > 0:  # nats per scored token weight, over all ranks
-                kl_all = float(all_reduce_sum(kl_total.reshape(1)).cpu())
-                metrics["kl_to_base"] = kl_all / max(text_total + audio_total, 1e-9)
-            if cfg.model.train_context_min is not None:
-                metrics["train_context"] = float(window)
-
-            # Guards, clipping, step.
-            sq = grad_norms(groups.params)
-            sq_all = all_reduce_sum(torch.stack(list(sq.values())).to(d.device)).cpu()
-            norms = {f"grad_norm/{g}": float(v.sqrt()) for g, v in zip(sq, sq_all)}
-            total_norm = float(sq_all.sum().sqrt())
-            if math.isfinite(metrics["loss"]) and math.isfinite(total_norm):
-                if cfg.max_norm > 0 and total_norm > cfg.max_norm:
-                    scale = cfg.max_norm / (total_norm + 1e-6)
-                    for _, p in named:
-                        if p.grad is not None:
-                            p.grad.mul_(scale)
-                optimizer.step()
-                bad_in_row = 0
-            else:
-                skipped, bad_in_row = skipped + 1, bad_in_row + 1
-                if carry is not None:
-                    carry.clear()
-                if writer is not None:
-                    writer.message(
-                        f"step {step}: non-finite loss {metrics['loss']} or gradient norm "
-                        f"{total_norm}: step skipped ({bad_in_row} in a row)"
-                    )
-            optimizer.zero_grad(set_to_none=True)
-            if bad_in_row >= cfg.max_bad_steps:
-                raise TrainingStopped(
-                    f"{bad_in_row} non-finite steps in a row (max_bad_steps {cfg.max_bad_steps}) "
-                    f"at step {step}; last good checkpoint: {last_ckpt or 'none'}"
-                )
-
-            # Logging.
-            gates = gate_values(lm)
-            now = time.perf_counter()
-            record = {
-                "step": step, **metrics, "grad_norm": total_norm, **norms,
-                **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},
-                "lr": optimizer.param_groups[0]["lr"], **gates,
-                "tokens_per_s": tokens_since / max(now - t_last, 1e-9),
-                "bad_files": float(bad_files.num_bad), "skipped_steps": float(skipped),
-            }  # fmt: skip
-            final_metrics = record
-            if writer is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                writer.log_metrics(record)
-                t_last, tokens_since = now, 0
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if guard.fallen(step, gates):  # every rank: the gain check is a collective forward
-                gain = None if carry is not None else branch_gain(lm, batches[-1], cfg, d)
-                warning = guard.verdict(step, gates, gain)
-                if warning is not None and writer is not None:
-                    writer.message(warning)
-                    writer.log_metrics({"step": step, "split": "guard", "ttt_branch_gain": gain})
-
-            # Evaluation and checkpoints.
-            if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                eval_metrics = evaluate(lm, cfg, d, codec, carry)
-                if writer is not None:
-                    writer.log_metrics({"step": step, "split": "eval", **eval_metrics})
-                    writer.message(f"step {step}: eval loss {eval_metrics['loss']:.4f}"
-                                   + _harm_note(eval_metrics))  # fmt: skip
-            if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps:
-                last_ckpt = _save(ckpt_root, step, named, optimizer, loader, carry, skipped,
-                                  optimizer.param_groups, d, lm, cfg)  # fmt: skip
-    except KeyboardInterrupt:
-        if writer is not None:
-            writer.message(
-                f"interrupted at step {step} of {cfg.max_steps}; last complete checkpoint: "
-                f"{last_ckpt or 'none (nothing to resume: start again)'}"
-                + ("; continue it with the same command and --resume" if last_ckpt else "")
-            )
-        raise
-    except DataError as e:
-        raise TrainingStopped(
-            f"data: {e}; skipped files listed in {bad_path}; last good checkpoint: "
-            f"{last_ckpt or 'none'}"
-        ) from e
-    finally:
-        bar.close()
-        loader.close()
-        if bad_files.num_bad:
-            bad_files.write(bad_path, loader.total)
-        if writer is not None:
-            if bad_files.num_bad:
-                writer.message(f"skipped files: {bad_files.summary()} (list: {bad_path})")
-            writer.close()
+        run.writer.close()
+    run.loader.close()
     barrier()
-    return TrainResult(run_dir, step, last_ckpt, final_metrics, eval_metrics, skipped, d.is_main,
-                       list(bad_files.files), loader.total)  # fmt: skip
+    return TrainResult(run.run_dir, run.step, start, {}, {}, run.skipped, run.d.is_main, [],
+                       run.loader.total)  # fmt: skip
+
+
+def _train_step(run: _Run, batches: Iterator[Batch]) -> tuple[Batch, dict[str, float]]:
+    """Optimizer step ``run.step``: ``grad_accum`` micro-batches, each weighted by the global
+    totals, then the finiteness guard, clipping and the update. Returns the last micro-batch
+    and the step's metrics (loss terms over all ranks, gradient norms, learning rates)."""
+    cfg, d, lm, optimizer = run.cfg, run.d, run.lm, run.optimizer
+    mult = lr_multiplier(cfg, run.step)
+    for g in optimizer.param_groups:
+        g["lr"] = g["peak_lr"] * mult
+
+    # Forward/backward over the micro-batches, each weighted by the global totals.
+    micro = [next(batches) for _ in range(cfg.grad_accum)]
+    text_total, audio_total = _totals(micro, lm, cfg, d).tolist()
+    window = step_context(cfg, run.step, run.full_context)
+    if cfg.model.train_context_min is not None:
+        set_attention_context(lm.transformer, window)
+    step_terms: LossTerms | None = None
+    kl_total = torch.zeros((), device=d.device)
+    for batch in micro:
+        codes = batch.codes.to(d.device)
+        if run.carry is not None:
+            run.carry.begin(batch.reset.to(d.device), batch.lanes)
+        out, terms = forward_output_terms(lm, codes, cfg)
+        objective = terms.objective(text_total, audio_total)
+        if cfg.kl_to_base > 0:
+            kl = covered_kl_sum(out, gate0_output(lm, codes, cfg), window or run.full_context,
+                                rows=None if run.carry is None else batch.reset)  # fmt: skip
+            objective = objective + cfg.kl_to_base * kl / max(text_total + audio_total, 1e-9)
+            kl_total += kl.detach()
+        objective.backward()
+        if run.carry is not None:
+            run.carry.commit()
+        step_terms = terms.detach() if step_terms is None else step_terms + terms.detach()
+        run.tokens_since += codes.shape[0] * codes.shape[-1] * TOKENS_PER_FRAME * d.world_size
+    assert step_terms is not None
+    metrics = step_terms.all_reduce().metrics()
+    if cfg.kl_to_base > 0:  # nats per scored token weight, over all ranks
+        kl_all = float(all_reduce_sum(kl_total.reshape(1)).cpu())
+        metrics["kl_to_base"] = kl_all / max(text_total + audio_total, 1e-9)
+    if cfg.model.train_context_min is not None:
+        metrics["train_context"] = float(window)
+
+    # Guards, clipping, step.
+    sq = grad_norms(run.groups.params)
+    sq_all = all_reduce_sum(torch.stack(list(sq.values())).to(d.device)).cpu()
+    norms = {f"grad_norm/{g}": float(v.sqrt()) for g, v in zip(sq, sq_all)}
+    total_norm = float(sq_all.sum().sqrt())
+    if math.isfinite(metrics["loss"]) and math.isfinite(total_norm):
+        if cfg.max_norm > 0 and total_norm > cfg.max_norm:
+            scale = cfg.max_norm / (total_norm + 1e-6)
+            for _, p in run.named:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        optimizer.step()
+        run.bad_in_row = 0
+    else:
+        run.skipped, run.bad_in_row = run.skipped + 1, run.bad_in_row + 1
+        if run.carry is not None:
+            run.carry.clear()
+        if run.writer is not None:
+            run.writer.message(
+                f"step {run.step}: non-finite loss {metrics['loss']} or gradient norm "
+                f"{total_norm}: step skipped ({run.bad_in_row} in a row)"
+            )
+    optimizer.zero_grad(set_to_none=True)
+    if run.bad_in_row >= cfg.max_bad_steps:
+        raise TrainingStopped(
+            f"{run.bad_in_row} non-finite steps in a row (max_bad_steps {cfg.max_bad_steps}) "
+            f"at step {run.step}; last good checkpoint: {run.last_ckpt or 'none'}"
+        )
+    return micro[-1], {**metrics, "grad_norm": total_norm, **norms}
+
+
+def _log_step(run: _Run, metrics: dict[str, float], bar: Any) -> dict[str, float]:
+    """The step's record (metrics, learning rates, gates, throughput) to the metrics files
+    every ``log_every`` steps, and to the progress bar; returns the gate values."""
+    gates = gate_values(run.lm)
+    now = time.perf_counter()
+    optimizer = run.optimizer
+    record = {
+        "step": run.step, **metrics,
+        **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},
+        "lr": optimizer.param_groups[0]["lr"], **gates,
+        "tokens_per_s": run.tokens_since / max(now - run.t_last, 1e-9),
+        "bad_files": float(run.bad_files.num_bad), "skipped_steps": float(run.skipped),
+    }  # fmt: skip
+    run.final_metrics = record
+    if run.writer is not None and (
+        run.step % run.cfg.log_every == 0 or run.step == run.cfg.max_steps
+    ):
+        run.writer.log_metrics(record)
+        run.t_last, run.tokens_since = now, 0
+    bar.update(1)
+    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+    return gates
+
+
+def _check_collapse(run: _Run, gates: dict[str, float], last_batch: Batch) -> None:
+    """When a gate falls towards 0, whether the TTT branch still helps (``CollapseGuard``);
+    every rank takes part (the gain check is a collective forward)."""
+    if run.guard.fallen(run.step, gates):
+        gain = None if run.carry is not None else branch_gain(run.lm, last_batch, run.cfg, run.d)
+        warning = run.guard.verdict(run.step, gates, gain)
+        if warning is not None and run.writer is not None:
+            run.writer.message(warning)
+            run.writer.log_metrics({"step": run.step, "split": "guard", "ttt_branch_gain": gain})
+
+
+def _evaluate_and_checkpoint(run: _Run) -> None:
+    """Evaluation every ``eval_every`` steps and a checkpoint every ``ckpt_every`` (both at the
+    last step)."""
+    cfg, step = run.cfg, run.step
+    if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+        run.eval_metrics = evaluate(run.lm, cfg, run.d, run.codec, run.carry)
+        if run.writer is not None:
+            run.writer.log_metrics({"step": step, "split": "eval", **run.eval_metrics})
+            run.writer.message(f"step {step}: eval loss {run.eval_metrics['loss']:.4f}"
+                               + _harm_note(run.eval_metrics))  # fmt: skip
+    if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.max_steps:
+        run.last_ckpt = _save(run.run_dir / "checkpoints", step, run.named, run.optimizer,
+                              run.loader, run.carry, run.skipped, run.optimizer.param_groups,
+                              run.d, run.model, cfg)  # fmt: skip
+
+
+def _close(run: _Run) -> None:
+    """The data threads, the list of skipped files and the log."""
+    run.loader.close()
+    if run.bad_files.num_bad:
+        run.bad_files.write(run.bad_path, run.loader.total)
+    if run.writer is not None:
+        if run.bad_files.num_bad:
+            run.writer.message(f"skipped files: {run.bad_files.summary()} (list: {run.bad_path})")
+        run.writer.close()
 
 
 def _check_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -659,13 +767,11 @@ def _check_ttt_layers_against_base(cfg: TrainConfig) -> None:
     """``ttt.layers`` against the base's layer count, from its config files (no weights)."""
     if cfg.ttt is None:
         return
-    from ..checkpoints.runs import config_base
-
     if cfg.model.source == "local" and not Path(str(cfg.model.path)).is_dir():
         raise FileNotFoundError(
             f"model.path: {cfg.model.path!r} is not a checkpoint or run directory"
         )
-    num_layers = config_base(cfg).lm_kwargs.get("num_layers")
+    num_layers = describe_spec(cfg.spec).lm_kwargs.get("num_layers")
     if isinstance(num_layers, int):
         cfg.check_ttt_layers(num_layers)
 
@@ -673,8 +779,6 @@ def _check_ttt_layers_against_base(cfg: TrainConfig) -> None:
 def _check_data_paths(cfg: TrainConfig) -> None:
     """Every ``data.train`` / ``data.eval`` index or shards directory exists and parses (the
     index files only, no audio), before the model is built."""
-    from .data import ShardSource, read_index
-
     for key, paths in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
         for path in paths:
             try:
@@ -708,7 +812,7 @@ def _resume_differences(ckpt: Path, cfg: TrainConfig) -> list[str]:
 
 def _save(root: Path, step: int, named: list, optimizer: torch.optim.Optimizer,
           loader: WindowLoader, carry: StateCarry | None, skipped: int, param_groups: list,
-          d: Dist, lm: nn.Module, cfg: TrainConfig) -> Path:  # fmt: skip
+          d: Dist, model: LoadedModel, cfg: TrainConfig) -> Path:  # fmt: skip
     rank_tensors = _rng_state(d)
     if carry is not None:
         rank_tensors.update({f"carry.{k}": v for k, v in carry.state_dict().items()})
@@ -718,7 +822,7 @@ def _save(root: Path, step: int, named: list, optimizer: torch.optim.Optimizer,
         "lr": {g["name"]: g["lr"] for g in param_groups},
         "config": cfg.to_dict(),
     }
-    return save_checkpoint(root, step, named, optimizer, state, rank_tensors, d, lm,
+    return save_checkpoint(root, step, named, optimizer, state, rank_tensors, d, model,
                            cfg.keep_last)  # fmt: skip
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import sphn
 
-from .data import MAIN_SPEAKER, SAMPLE_RATE
+from ..format import SAMPLE_RATE
+from .pipeline import MAIN_SPEAKER
 
 OTHER_SPEAKER = "SPEAKER_OTHER"
 WORDS = [

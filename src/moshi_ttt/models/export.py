@@ -1,9 +1,10 @@
-"""``export_run``: any trained run -> one directory moshi-ttt loads as a base.
+"""Exports: a trained run (``export_run``) or an adapter on its base (``export_merged``) -> one
+directory moshi-ttt loads as a base.
 
 The directory holds ``model.safetensors`` (every weight, LoRA merged into the base linears) and
 ``config.json`` (moshi's LM kwargs + a ``"moshi_ttt"`` entry recording the TTT layers, so they
 are rebuilt on load; the Mimi and tokenizer files of a non-tiny base are copied beside them). It
-is ``model.source: local`` / ``--base`` for a new run (``loading.load_merged``); plain moshi
+is ``model.source: local`` / ``--base`` for a new run (``load.load_merged``); plain moshi
 cannot load it when it has TTT layers.
 
 ``moshi_ttt`` entry: ``format_version``, ``base`` (what the run trained on: ``tiny:SEED``, a repo
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .adapter import write_merged
-from .runs import config_base
+from .adapter import read_adapter, write_merged
+from .load import describe_base, describe_spec, load_adapter, load_run
 
 
 def export_run(
@@ -38,11 +39,24 @@ def export_run(
     ``out_dir`` are replaced (``config.json``, which marks a complete export, is written last).
     Returns ``out_dir``.
     """
-    from ..train.checkpoint import load_trained
-
-    lm, cfg, _, ckpt = load_trained(run, device)
-    record = config_base(cfg)  # config files only: no second weight load
+    model, ckpt = load_run(run, device)
+    record = describe_spec(model.spec)  # config files only: no second weight load
     step = int(ckpt.name.removeprefix("step_")) if ckpt.name.startswith("step_") else None
-    base = str(getattr(lm, "moshi_ttt_base", record.codec))
-    return write_merged(lm, out_dir, record, base, copy_codec, dtype,
+    return write_merged(model.lm, out_dir, record, model.base, copy_codec, dtype,
                         exported_from=str(ckpt.resolve()), step=step)  # fmt: skip
+
+
+def export_merged(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    copy_codec: bool = True,
+) -> Path:
+    """Base + adapter -> one directory (``model.safetensors``, ``config.json``); LoRA merged.
+
+    ``copy_codec``: copy the base's Mimi weights and tokenizer next to it (when it has them).
+    """
+    meta, _ = read_adapter(adapter_dir)
+    model = load_adapter(adapter_dir, device=device, dtype=dtype)
+    return write_merged(model.lm, out_dir, describe_base(meta["base"]), meta["base"], copy_codec)

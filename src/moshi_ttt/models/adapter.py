@@ -11,11 +11,12 @@ An adapter directory holds
   (``{"rank", "scaling"}`` or null), ``tensors`` (name -> shape, dtype) and the ``sha256`` of
   ``adapter.safetensors``.
 
-``export_merged`` (an adapter on its base) and ``export.export_run`` (a training run) write one
+``export.export_merged`` (an adapter on its base) and ``export.export_run`` (a training run)
+write one
 directory with ``write_merged``: ``model.safetensors`` with every weight, LoRA merged into the
 base weights; ``config.json`` = the LM kwargs + a ``"moshi_ttt"`` entry with the TTT config;
-Mimi and the tokenizer copied when the base has them. ``loading.load_merged`` and
-``load_base_lm`` load it; plain moshi cannot (the TTT keys are unknown to it).
+Mimi and the tokenizer copied when the base has them. ``load.load_merged`` and
+``load.load_base_lm`` load it; plain moshi cannot (the TTT keys are unknown to it).
 """
 
 from __future__ import annotations
@@ -27,27 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from moshi.models import loaders
 from moshi.models.lm import LMModel
 from moshi.modules.lora import replace_lora_with_linear
 from safetensors.torch import save_file
+from torch import nn
 
 from ..integration.apply import apply_ttt, named_ttt_parameters, ttt_modules
 from ..integration.config import TTTConfig
-from .loading import (
-    MERGED_KEY,
-    MERGED_WEIGHTS,
-    BaseRecord,
-    apply_lora,
-    check_tensors,
-    describe_base,
-    load_base_lm,
-    load_safetensors,
-    lora_modules,
-    lora_settings,
-    read_json,
-    require_file,
-)
+from .build import recorded_ttt_config
+from .files import check_tensors, load_safetensors, read_json, require_file
+from .lora import apply_lora, lora_modules, lora_settings
+from .sources import MERGED_KEY, MERGED_WEIGHTS, BaseRecord
+from .spec import LoadedModel
 
 WEIGHTS_NAME = "adapter.safetensors"
 META_NAME = "adapter.json"
@@ -92,19 +84,21 @@ def ttt_record(lm: torch.nn.Module) -> tuple[dict[str, Any] | None, list[int] | 
 
 # -- save -------------------------------------------------------------------------------------
 def save_adapter(
-    lm: LMModel,
+    model: LoadedModel | nn.Module,
     out_dir: str | Path,
     base: str | None = None,
     tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``adapter.safetensors`` + ``adapter.json`` into ``out_dir``; returns the directory.
 
-    ``base``: the base model id/path/``"tiny:SEED"`` (default: ``lm.moshi_ttt_base``, set by
-    ``load_base_lm``). ``tensors``: the adapter's whole tensors by name when the model's own
-    are sharded (FSDP); default: read from the model. Tensors keep their dtype; the JSON is
-    written last.
+    ``model``: a ``LoadedModel`` (its ``base`` is recorded) or a bare module with ``base``
+    given. ``base``: the base model id/path/``"tiny:SEED"`` (default: ``model.base``).
+    ``tensors``: the adapter's whole tensors by name when the model's own are sharded (FSDP);
+    default: read from the model. Tensors keep their dtype; the JSON is written last.
     """
-    base = base if base is not None else getattr(lm, "moshi_ttt_base", None)
+    lm = model.lm if isinstance(model, LoadedModel) else model
+    if base is None and isinstance(model, LoadedModel):
+        base = model.base
     if not base:
         raise ValueError("save_adapter needs the base model id or path (base=...)")
     ttt_config, ttt_layers = ttt_record(lm)
@@ -170,33 +164,24 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, tor
     return meta, tensors
 
 
-def load_adapter(
-    adapter_dir: str | Path,
-    lm: LMModel | None = None,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.bfloat16,
-) -> tuple[LMModel, loaders.CheckpointInfo | None]:
-    """Apply an adapter: returns ``(lm, checkpoint_info)``.
+def apply_adapter(
+    lm: LMModel, adapter_dir: str | Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> LMModel:
+    """Put an adapter (``read_adapter``'s ``meta`` and ``tensors``) on ``lm``; returns ``lm``.
 
-    Without ``lm`` the base is loaded from ``adapter.json``'s ``base`` (``load_base_lm``;
-    ``checkpoint_info`` is None for tiny bases and for a given ``lm``). LoRA and TTT are applied
-    as recorded (LoRA on the base linears only, TTT on the recorded layer indices) unless ``lm``
-    already has them with the same settings, then every adapter tensor is loaded strictly: a
-    missing or extra key, a shape or size mismatch is a ``ValueError`` naming it (a given
-    ``lm`` may then be left with LoRA/TTT applied: load a fresh one).
+    LoRA and TTT are applied as recorded (LoRA on the base linears only, TTT on the recorded
+    layer indices) unless ``lm`` already has them with the same settings, then every adapter
+    tensor is loaded strictly: a missing or extra key, a shape or size mismatch is a
+    ``ValueError`` naming it (``lm`` may then be left with LoRA/TTT applied: load a fresh one).
     """
-    meta, tensors = read_adapter(adapter_dir)
-    info = None
-    if lm is None:
-        lm, info = load_base_lm(meta["base"], device=device, dtype=dtype)
     where = f"adapter {adapter_dir}"
     _check_layers(lm, meta, where)
     if meta["lora"] is not None and not lora_modules(lm):
         apply_lora(lm, rank=int(meta["lora"]["rank"]), scaling=float(meta["lora"]["scaling"]))
     elif lora_settings(lm) != meta["lora"]:
         raise ValueError(f"{where}: LoRA {meta['lora']} but the model has {lora_settings(lm)}")
-    if meta["ttt_config"] is not None:
-        config = TTTConfig.from_dict({**meta["ttt_config"], "layers": list(meta["ttt_layers"])})
+    config = recorded_ttt_config(meta)
+    if config is not None:
         if not ttt_modules(lm):
             apply_ttt(lm, config)
         elif not _same_ttt(lm, config):
@@ -209,7 +194,7 @@ def load_adapter(
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value.to(params[name].device))
-    return lm.eval(), info
+    return lm
 
 
 def _same_ttt(lm: LMModel, config: TTTConfig) -> bool:
@@ -238,22 +223,6 @@ def _check_arch(lm: LMModel, meta: dict[str, Any], where: str) -> None:
 
 
 # -- merged checkpoints -------------------------------------------------------------------------
-def export_merged(
-    adapter_dir: str | Path,
-    out_dir: str | Path,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.bfloat16,
-    copy_codec: bool = True,
-) -> Path:
-    """Base + adapter -> one directory (``model.safetensors``, ``config.json``); LoRA merged.
-
-    ``copy_codec``: copy the base's Mimi weights and tokenizer next to it (when it has them).
-    """
-    meta, _ = read_adapter(adapter_dir)
-    lm, _ = load_adapter(adapter_dir, device=device, dtype=dtype)
-    return write_merged(lm, out_dir, describe_base(meta["base"]), meta["base"], copy_codec)
-
-
 def write_merged(
     lm: LMModel,
     out_dir: str | Path,

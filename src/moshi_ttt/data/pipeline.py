@@ -38,14 +38,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-SAMPLE_RATE = 24_000
-FRAME_RATE = 12.5
-FRAME_SIZE = 1920  # samples per frame
-TEXT_PAD = 3
-TEXT_EPAD = 0
-ZERO_TOKEN = -1
-NUM_CODEBOOKS = 8  # per speaker
-NUM_STREAMS = 1 + 2 * NUM_CODEBOOKS
+from ..format import (
+    FRAME_RATE,
+    FRAME_SIZE,
+    NUM_CODEBOOKS,
+    NUM_STREAMS,
+    SAMPLE_RATE,
+    TEXT_EPAD,
+    TEXT_PAD,
+    ZERO_TOKEN,
+    frames_for_duration,
+)
+
 MAIN_SPEAKER = "SPEAKER_MAIN"
 BAD_REASONS = ("missing", "unreadable", "empty", "too_short", "channels", "alignments")
 SHARDS_INDEX = "shards.json"
@@ -74,11 +78,6 @@ class BadFile(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
-
-
-def frames_for_duration(duration_sec: float) -> int:
-    """Frames in ``duration_sec`` seconds, rounded up (moshi-finetune's window length)."""
-    return max(1, math.ceil(duration_sec * FRAME_RATE - 1e-9))
 
 
 # -- index ----------------------------------------------------------------------------------

@@ -1,0 +1,113 @@
+"""Long-context evaluation: teacher-forced loss against position over whole files.
+
+Definition (the same CE and masks as ``LMModel.forward`` + ``train.loss``): for codes
+``[17, T]``, the text CE at frame t and the CE of each of Moshi's 8 codebooks at frame t, in
+nats, scored iff the target is not -1 and not lost to its stream's delay (acoustic codebooks
+lag one frame: their last frame is never predicted). **Unweighted**: no x100 on codebook 0,
+no 0.5 on text padding. The user stream is never scored.
+
+How (``stream_losses``): the file's codes are put in moshi's delay pattern once; the temporal
+transformer reads the delayed columns chunk by chunk in moshi streaming mode (attention KV
+caches widened to ``context + chunk - 1``, TTT state carried), and the depformer runs
+teacher-forced on each chunk; per-chunk CE is kept, never the logits of the file. This equals
+token-by-token streaming (``chunk_frames=1``) and, where the parallel forward is defined the
+same way, ``LMModel.forward`` (tests check both).
+
+Variants of one model in the same run (``Variant``): ``ttt`` (full memory), ``reset_every_N``
+(TTT state restarted every N frames, attention untouched) and ``no_ttt`` (gates forced to 0:
+the base model). The headline is the loss difference, control minus full memory, at positions
+beyond the attention context (3,000 frames for Moshi), on one metric: ``"auto"`` (the default,
+``choose_metric``) takes the audio CE when audio tokens are scored beyond the context, else the
+text CE (e.g. text-only shards whose audio rows are -1); callers may name one of ``METRICS``.
+
+Modules: ``scoring`` (one file, in chunks), ``statistics`` (sums over files, metrics,
+intervals), ``evaluate`` (every variant on every file -> ``LongContextResult``), ``report``
+(markdown, plots).
+"""
+
+from .evaluate import evaluate_long_context, evaluate_variants
+from .report import (
+    write_long_context_report,
+    write_long_context_section,
+    write_result_section,
+    write_run_info,
+)
+from .scoring import (
+    CONTROLS,
+    ChunkObserver,
+    FileLosses,
+    Variant,
+    _step_ce,
+    attention_context,
+    attention_window,
+    check_codes,
+    is_gate_zero_base,
+    long_context_variants,
+    measure_speedup,
+    segments,
+    splice_history,
+    stream_losses,
+)
+from .statistics import (
+    AUTO,
+    COLUMN_LABELS,
+    METRIC_LABELS,
+    METRICS,
+    NUM_AUDIO,
+    LongContextResult,
+    PositionLosses,
+    auto_equal_length,
+    binned_intervals,
+    check_metric,
+    choose_metric,
+    file_intervals,
+    harm_line,
+    memory_gains,
+    metric_note,
+    per_file_data,
+    ppl,
+    resolve_metric,
+    summary_lines,
+)
+
+__all__ = [
+    "AUTO",
+    "COLUMN_LABELS",
+    "CONTROLS",
+    "METRICS",
+    "METRIC_LABELS",
+    "NUM_AUDIO",
+    "ChunkObserver",
+    "FileLosses",
+    "LongContextResult",
+    "PositionLosses",
+    "Variant",
+    "_step_ce",
+    "attention_context",
+    "attention_window",
+    "auto_equal_length",
+    "binned_intervals",
+    "check_codes",
+    "check_metric",
+    "choose_metric",
+    "evaluate_long_context",
+    "evaluate_variants",
+    "file_intervals",
+    "harm_line",
+    "is_gate_zero_base",
+    "long_context_variants",
+    "measure_speedup",
+    "memory_gains",
+    "metric_note",
+    "per_file_data",
+    "ppl",
+    "resolve_metric",
+    "segments",
+    "splice_history",
+    "stream_losses",
+    "summary_lines",
+    "write_long_context_report",
+    "write_long_context_section",
+    "write_result_section",
+    "write_run_info",
+]

@@ -1,0 +1,424 @@
+"""The long-context report: its markdown section (tables, headline text), the plots
+(loss and gain against position, per codebook) and the run information.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ...format import FRAME_RATE
+from ..report import Report
+from ..stats import fmt_interval
+from .scoring import Variant
+from .statistics import (
+    AUTO,
+    COLUMN_LABELS,
+    METRIC_LABELS,
+    METRICS,
+    LongContextResult,
+    PositionLosses,
+    binned_intervals,
+    check_metric,
+    file_intervals,
+    memory_gains,
+    metric_note,
+    ppl,
+    resolve_metric,
+)
+
+
+def write_long_context_section(
+    report: Report,
+    curves: dict[str, PositionLosses],
+    *,
+    context: int,
+    bin_frames: int = 250,
+    reference: str | None = None,
+    prefix: str = "",
+    title: str = "Loss against position",
+    metric: str = AUTO,
+    equal_lengths: Sequence[int] = (),
+) -> dict[str, Any]:
+    """Add the loss-vs-position section (tables, plots) for named curves (any models or
+    variants over the same files) to ``report``; the others are compared against
+    ``reference`` (default: the first) on ``metric`` (``audio_ce``, ``cb0``, ``cb1_7``,
+    ``text_ce``, or ``"auto"``: ``choose_metric``, audio CE when audio tokens are scored
+    beyond the context, else text CE). Table columns where no curve scores anything (e.g.
+    the audio columns of text-only data) are left out. Returns (and stores under
+    ``report.data``) the numbers, ``metric`` resolved.
+    Plots: ``{prefix}loss_vs_position.png``, ``{prefix}gain_vs_position.png`` (with two or more
+    curves), ``{prefix}codebooks_vs_position.png`` (when audio is scored). Curves with per-file
+    data get 95 % bootstrap intervals over files (totals, differences, bands on the plot).
+    ``equal_lengths``: for each L, a sub-section of the same over the files of at least L
+    frames cropped to L (``PositionLosses.equal_length``; prefix ``eq<L>_``)."""
+    if not curves:
+        raise ValueError("no curve to report")
+    requested = check_metric(metric)
+    metric = resolve_metric(metric, curves, context)
+    col = COLUMN_LABELS[metric]
+    reference = reference or next(iter(curves))
+    binned = {k: v.binned(bin_frames) for k, v in curves.items()}
+    gains = memory_gains(curves, reference, context)
+    totals = {k: v.totals() for k, v in curves.items()}
+    beyond = {k: v.totals(context) for k, v in curves.items()}
+    within = {k: v.totals(0, context) for k, v in curves.items()}
+    window = f"{context} frames = {context / FRAME_RATE:g} s" if context else "unlimited"
+    intervals = file_intervals(curves, reference, context, metric)
+    report.add_text(
+        f"## {title}\n\nAttention context: {window}. Unweighted CE in nats per "
+        f"token; perplexity = exp(CE) of the same tokens; position bins of {bin_frames} frames "
+        f"({bin_frames / FRAME_RATE:g} s); means are token-weighted over files; intervals are "
+        "95 % bootstrap intervals over files. " + metric_note(metric, requested, curves, context)
+    )
+    audio = any(t["audio_tokens"] > 0 for t in totals.values())
+    text = any(t["text_tokens"] > 0 for t in totals.values())
+    beyond_keys = [k for k in ("audio_ce", "cb0", "text_ce") if k != metric]
+    columns: list[tuple[str, list[Any]]] = [
+        (COLUMN_LABELS[k], [t[k] for t in totals.values()]) for k in METRICS
+    ]
+    columns += [
+        (f"{col} < ctx", [t[metric] for t in within.values()]),
+        (f"{col} >= ctx", [t[metric] for t in beyond.values()]),
+    ]
+    columns += [
+        (
+            f"{col} >= ctx [95 % CI]",
+            [
+                fmt_interval(intervals["totals"].get(k, {}).get("beyond_context", {}), 1, 4)
+                for k in totals
+            ],
+        ),
+        (f"ppl {col} >= ctx", [ppl(t[metric]) for t in beyond.values()]),
+    ]
+    columns += [
+        (f"{COLUMN_LABELS[k]} >= ctx", [t[k] for t in beyond.values()]) for k in beyond_keys
+    ]
+    if audio:
+        columns.append(("audio tokens", [int(t["audio_tokens"]) for t in totals.values()]))
+    if text:
+        columns.append(("text tokens", [int(t["text_tokens"]) for t in totals.values()]))
+    _add_columns(report, "curve", list(totals), columns)
+    tokens = "text_tokens" if metric == "text_ce" else "audio_tokens"
+    reaches = max(c.length for c in curves.values()) > context
+    report.add_text(
+        _headline_text(
+            gains, reference, context, beyond[reference][tokens], metric, reaches,
+            intervals["difference"],
+        )
+    )  # fmt: skip
+    if gains:
+        diff = intervals["difference"]
+        g_columns = [
+            (f"{col} >= ctx", [g["beyond_context"][metric] for g in gains.values()]),
+            (
+                "95 % CI (files)",
+                [
+                    fmt_interval(diff.get(k, {}).get("beyond_context", {}), 1, 4, "difference")
+                    for k in gains
+                ],
+            ),
+            ("p", [_p(diff.get(k, {}).get("beyond_context", {})) for k in gains]),
+            (f"{col} < ctx", [g["within_context"][metric] for g in gains.values()]),
+        ]
+        g_columns += [
+            (f"{COLUMN_LABELS[k]} >= ctx", [g["beyond_context"][k] for g in gains.values()])
+            for k in beyond_keys
+        ]
+        _add_columns(report, f"curve - {reference}", list(gains), g_columns)
+        foreign = {
+            k: d["beyond_foreign_history"] for k, d in diff.items() if "beyond_foreign_history" in d
+        }
+        for k, d in foreign.items():
+            report.add_text(
+                f"Foreign-history control `{k}`: beyond the replaced history and one attention "
+                f"window (>= {d['start_frame']} frames, where attention sees only this file), "
+                f"{k} - {reference} = {fmt_interval(d, 1, 4, 'difference')} nats, "
+                f"p = {_p(d)} ({d['n']} files; > 0: the model uses this file's past)."
+            )
+    bands = {k: binned_intervals(v, bin_frames, metric) for k, v in curves.items()}
+    _plot_losses(report, binned, context, prefix, bands, metric)
+    if gains:
+        _plot_gains(report, binned, reference, context, prefix, metric)
+    if np.isfinite(np.asarray(binned[reference]["codebooks"], dtype=float)).any():
+        _plot_codebooks(report, binned[reference], reference, context, prefix)
+    data = {
+        "reference": reference,
+        "metric": metric,
+        "context_frames": context,
+        "bin_frames": bin_frames,
+        "totals": totals,
+        "totals_beyond_context": beyond,
+        "totals_within_context": within,
+        "gains": gains,
+        "intervals": intervals,
+        "perplexity": {
+            k: {"all": ppl(totals[k][metric]), "beyond_context": ppl(beyond[k][metric])}
+            for k in curves
+        },
+        "curves": binned,
+        "curve_intervals": bands,
+        "population": "all files reaching each bin (late bins: long files only)"
+        if not prefix.startswith("eq")
+        else "equal length: the same files in every bin",
+        "equal_lengths": [],
+    }
+    report.data[f"{prefix}long_context"] = data
+    for L in equal_lengths:
+        eq = {k: v.equal_length(L) for k, v in curves.items() if v.file_blocks}
+        eq = {k: v for k, v in eq.items() if v.file_blocks}
+        if not eq or reference not in eq:
+            report.add_text(f"Equal-length curves at {L} frames: no file is that long.")
+            continue
+        n = len(eq[reference].file_blocks)
+        sub = write_long_context_section(
+            report, eq, context=context, bin_frames=bin_frames, reference=reference,
+            prefix=f"{prefix}eq{L}_", metric=metric,
+            title=f"Equal-length curves: {n} files of >= {L} frames ({L / FRAME_RATE:g} s), "
+            f"cropped to {L}; every bin averages the same files",
+        )  # fmt: skip
+        data["equal_lengths"].append({"frames": L, "files": n, "prefix": f"{prefix}eq{L}_"})
+        del sub
+    return data
+
+
+def _p(ci: dict[str, Any]) -> str:
+    p = ci.get("p_value")
+    return "-" if p is None or not math.isfinite(p) else f"{p:.3g}"
+
+
+def _add_columns(
+    report: Report, first: str, names: list[str], columns: list[tuple[str, list[Any]]]
+) -> None:
+    """A table with ``names`` as first column and ``columns`` (header, values) after it,
+    leaving out the float columns with no finite value (nothing scored in them)."""
+
+    def scored(values: list[Any]) -> bool:
+        return any(not isinstance(v, float) or np.isfinite(v) for v in values)
+
+    kept = [(h, v) for h, v in columns if scored(v)]
+    rows = [[name, *(v[i] for _, v in kept)] for i, name in enumerate(names)]
+    report.add_table([first, *(h for h, _ in kept)], rows)
+
+
+def write_result_section(
+    report: Report, result: LongContextResult, bin_frames: int, metric: str | None = None
+) -> None:
+    """The loss-vs-position section of ``result``'s variants (against its primary, on
+    ``metric``, default the result's), or a line saying that no usable file was evaluated."""
+    if not result.files:
+        report.add_text("No usable file: nothing was evaluated.")
+        return
+    write_long_context_section(
+        report, result.variants, context=result.context, bin_frames=bin_frames,
+        reference=result.primary, metric=metric or result.metric,
+        equal_lengths=result.resolved_equal_lengths(),
+    )  # fmt: skip
+
+
+def _headline_text(
+    gains: dict,
+    reference: str,
+    context: int,
+    tokens_beyond: float,
+    metric: str = "audio_ce",
+    reaches: bool = False,
+    intervals: dict[str, Any] | None = None,
+) -> str:
+    if not gains:
+        return f"Headline: one curve only ({reference}): nothing to compare."
+    if tokens_beyond == 0:
+        if reaches:
+            return (
+                f"Headline: no {METRIC_LABELS[metric]} token is scored beyond the attention "
+                f"context ({context} frames): the memory beyond the window is not measured "
+                "by this run on this metric."
+            )
+        return (
+            f"Headline: no file reaches past the attention context ({context} frames): "
+            "the memory beyond the window is not measured by this run."
+        )
+    parts = []
+    for name, g in gains.items():
+        d = g["beyond_context"][metric]
+        verdict = "better" if d > 0 else "worse" if d < 0 else "equal" if d == 0 else "n/a"
+        ci = (intervals or {}).get(name, {}).get("beyond_context", {})
+        extra = ""
+        if math.isfinite(ci.get("lo", math.nan)):
+            extra = f", 95 % CI [{ci['lo']:+.4f}, {ci['hi']:+.4f}], p = {_p(ci)}"
+        parts.append(f"{name} - {reference} = {d:+.4f} nats ({reference} {verdict}{extra})")
+    return (
+        f"**Headline** ({METRIC_LABELS[metric]} beyond the attention context, >= {context} "
+        f"frames, {int(tokens_beyond)} tokens): " + "; ".join(parts) + "."
+    )
+
+
+def _centers(b: dict[str, Any]) -> np.ndarray:
+    return (np.asarray(b["start"]) + np.asarray(b["end"]) - 1) / 2
+
+
+def _mark_context(ax: Any, context: int) -> None:
+    if context:
+        ax.axvline(context, color="k", ls="--", lw=1, label=f"attention context ({context})")
+
+
+def _plot_losses(
+    report: Report,
+    binned: dict,
+    context: int,
+    prefix: str,
+    bands: dict[str, dict[str, Any]] | None = None,
+    metric: str | None = None,
+) -> None:
+    def scored(key: str) -> bool:
+        return any(np.isfinite(np.asarray(b[key], dtype=float)).any() for b in binned.values())
+
+    panels = [
+        ("audio_ce", "audio CE (8 codebooks)"),
+        ("cb0", "codebook 0 (semantic)"),
+        ("cb1_7", "codebooks 1-7"),
+        ("text_ce", "text CE"),
+    ]
+    panels = [p for p in panels if scored(p[0])] or panels[:1]
+    fig, axes = report.figure(4.0 * len(panels), 3.6, ncols=len(panels))
+    for ax, (key, label) in zip(np.atleast_1d(axes), panels):
+        for name, b in binned.items():
+            (line,) = ax.plot(_centers(b), np.asarray(b[key], dtype=float), marker=".", label=name)
+            band = (bands or {}).get(name, {})
+            if key == metric and len(band.get("lo", [])) == len(b[key]):
+                lo, hi = (np.asarray(band[k], dtype=float) for k in ("lo", "hi"))
+                ax.fill_between(_centers(b), lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+        _mark_context(ax, context)
+        ax.set(title=label, xlabel="position (frames, 80 ms)", ylabel="CE (nats)")
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    report.add_figure(
+        fig,
+        f"{prefix}loss_vs_position.png",
+        "Loss against position (shaded: 95 % bootstrap interval over files, headline metric)",
+    )
+
+
+def _plot_gains(
+    report: Report, binned: dict, reference: str, context: int, prefix: str, metric: str
+) -> None:
+    fig, ax = report.figure()
+    ref = np.asarray(binned[reference][metric], dtype=float)
+    for name, b in binned.items():
+        if name != reference:
+            mine = np.asarray(b[metric], dtype=float)
+            n = min(len(mine), len(ref))
+            ax.plot(_centers(b)[:n], mine[:n] - ref[:n], marker=".", label=f"{name} - {reference}")
+    ax.axhline(0, color="grey", lw=0.8)
+    _mark_context(ax, context)
+    label = METRIC_LABELS[metric]
+    ax.set(
+        xlabel="position (frames, 80 ms)",
+        ylabel=f"{label} difference (nats)",
+        title=f"Gain of {reference} on {label} (> 0: {reference} better)",
+    )
+    ax.legend(fontsize=7)
+    report.add_figure(
+        fig, f"{prefix}gain_vs_position.png", f"{label} difference against {reference}"
+    )
+
+
+def _plot_codebooks(report: Report, b: dict, name: str, context: int, prefix: str) -> None:
+    fig, ax = report.figure()
+    for k, values in enumerate(b["codebooks"]):
+        ax.plot(_centers(b), np.asarray(values, dtype=float), label=f"cb{k}")
+    _mark_context(ax, context)
+    ax.set(xlabel="position (frames, 80 ms)", ylabel="CE (nats)", title=f"Per codebook: {name}")
+    ax.legend(fontsize=7, ncol=3)
+    report.add_figure(fig, f"{prefix}codebooks_vs_position.png", f"Per-codebook CE ({name})")
+
+
+def write_run_info(report: Report, result: LongContextResult, setup: dict[str, Any]) -> None:
+    """Setup, files, bad files, timing and speed-up sections, and ``report.data`` entries."""
+    rows = [[k, _flat(v)] for k, v in setup.items()]
+    rows += [
+        ["files evaluated", len(result.files)],
+        ["frames", sum(f["frames"] for f in result.files)],
+        ["longest file (frames)", max((f["frames"] for f in result.files), default=0)],
+        ["chunk (frames)", result.chunk_frames],
+        [
+            "variants",
+            "; ".join(
+                f"{k}: {_describe(v, result.gate_zero_is_base)}" for k, v in result.specs.items()
+            ),
+        ],
+    ]
+    report.add_text("## Setup")
+    report.add_table(["", ""], [[str(k), str(v)] for k, v in rows])
+    bad = result.bad.get("bad_files", [])
+    report.add_text(f"## Bad files\n\n{len(bad)} skipped, {len(result.files)} used.")
+    if bad:
+        report.add_table(
+            ["file", "reason", "detail"], [[b["name"], b["reason"], b["detail"]] for b in bad]
+        )
+    report.add_text("## Speed")
+    report.add_table(
+        ["variant", "frames", "seconds", "frames/s"],
+        [[k, int(t["frames"]), t["seconds"], t["frames_per_s"]] for k, t in result.timing.items()],
+    )
+    if result.speedup:
+        s = result.speedup
+        report.add_text(
+            f"Chunked ({int(s['chunk_frames'])} frames) vs token-by-token streaming on the "
+            f"first {int(s['frames'])} frames of the first file: {s['chunked_frames_per_s']:.1f}"
+            f" vs {s['token_frames_per_s']:.1f} frames/s, **speed-up x{s['speedup']:.1f}**; "
+            f"largest CE difference {s['max_abs_diff']:.2e} nats."
+        )
+    report.data["setup"] = setup
+
+
+def _flat(value: Any) -> str:
+    """A table cell for a setup value: dicts as ``key: value`` pairs."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_flat(v)}" for k, v in value.items())
+    return str(value)
+
+
+def _describe(v: Variant, gate_zero_is_base: bool = True) -> str:
+    parts = ["gates " + ("learned" if v.gate is None else f"forced to {v.gate:g}")]
+    if v.gate == 0:
+        parts.append(
+            "= the base model" if gate_zero_is_base else "= base + LoRA, NOT the base model"
+        )
+    if v.reset_every:
+        parts.append(f"TTT reset every {v.reset_every} frames")
+    if v.context:
+        parts.append(f"attention window {v.context} frames")
+    if v.foreign_history:
+        parts.append(f"first {v.foreign_history} frames from another file (not scored)")
+    return ", ".join(parts)
+
+
+def write_long_context_report(
+    result: LongContextResult,
+    out_dir: Any,
+    *,
+    bin_frames: int | None = None,
+    setup: dict[str, Any] | None = None,
+    title: str = "Long-context evaluation",
+    extra: Callable[[Report], None] | None = None,
+    metric: str | None = None,
+) -> Report:
+    """``out_dir/report.md`` + ``report.json`` + plots for a ``LongContextResult``;
+    ``extra(report)`` may add sections before writing; ``bin_frames`` defaults to the
+    result's, ``metric`` (the headline metric, ``"auto"`` or one of ``METRICS``) too.
+    ``report.json``: ``metric`` (resolved), ``setup``, ``long_context``, ``result`` (with
+    ``result.summary``). Returns the written ``Report``."""
+    bin_frames = bin_frames or result.bin_frames
+    metric = check_metric(metric or result.metric)
+    report = Report(title, out_dir)
+    report.data["metric"] = result.chosen_metric(metric)
+    write_run_info(report, result, setup or {})
+    write_result_section(report, result, bin_frames, metric)
+    if extra is not None:
+        extra(report)
+    report.data["result"] = result.to_dict(bin_frames, metric)
+    report.write()
+    return report

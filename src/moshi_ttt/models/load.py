@@ -1,0 +1,260 @@
+"""The one place a model comes from: a source or a ``ModelSpec`` -> a module on a device.
+
+- ``load_base_lm(source)``: a base (sources in ``models.sources``): tiny, Hub repo, checkpoint
+  directory, export (``load_merged``), or a training run as a frozen base (``load_run_base``);
+- ``build(spec, device)``: the model a ``ModelSpec`` describes (base, LoRA, TTT), which
+  ``train`` then selects trainables in and ``load_run`` fills with a run's trained weights;
+- ``load_adapter(dir)``: an adapter on the base it names;
+- ``describe_base`` / ``describe_spec`` / ``describe_run``: the same, from config files only;
+- ``load_codec`` / ``codec_for_source``: the Mimi and tokenizer that go with a model.
+
+Each returns a ``LoadedModel``: the module with its ``CheckpointInfo``, ``base`` (what it was
+loaded from, what an adapter trained on it names as its base) and ``codec`` (``"tiny:SEED"`` or
+the source whose Mimi/tokenizer go with it, for ``load_codec``); nothing is set on the module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from moshi.models import loaders
+from moshi.models.compression import MimiModel
+from moshi.models.lm import LMModel
+from moshi.modules.lora import replace_lora_with_linear
+
+from ..integration.tiny import build_tiny_lm, tiny_lm_kwargs
+from .adapter import apply_adapter, read_adapter
+from .build import add_lora_and_memory, mark_trained, meta_base
+from .codec import load_codec_files
+from .files import check_tensors, load_safetensors, no_pickle_loads
+from .lora import apply_lora
+from .runs import find_checkpoint, load_trainable, run_spec
+from .sources import (
+    DEFAULT_REPO,
+    MERGED_KEY,
+    BaseRecord,
+    checkpoint_info,
+    codec_of,
+    is_run_dir,
+    lm_kwargs_of,
+    model_errors,
+    no_overrides,
+    tiny_seed,
+)
+from .spec import LoadedModel, ModelSpec, resolve_dtype
+
+
+def load_base_lm(
+    source: str | Path = DEFAULT_REPO,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    lora: dict[str, Any] | None = None,
+    overrides: Mapping[str, str | Path | None] | None = None,
+    *,
+    legacy_7b: bool = False,
+) -> LoadedModel:
+    """Load a base Moshi LM (eval mode, ``dtype`` on ``device``) with its ``CheckpointInfo``
+    (None for tiny models and runs trained on one); sources in ``models.sources``.
+
+    ``lora``: ``{"rank": r, "scaling": s}`` adds fresh LoRA adapters to the base linears
+    (``apply_lora``). A LoRA stored in the checkpoint itself (moshi-finetune's ``lora_name``) is
+    merged into the base weights, as is the LoRA a run trained.
+    """
+    seed = tiny_seed(str(source))
+    if seed is not None:
+        no_overrides(overrides, source)
+        lm = build_tiny_lm(seed).to(device=device, dtype=dtype)
+        model = LoadedModel(lm, None, str(source), f"tiny:{seed}")
+    elif is_run_dir(source):
+        no_overrides(overrides, source)
+        model = load_run_base(source, device=device, dtype=dtype)
+    else:
+        info = checkpoint_info(source, overrides, legacy_7b=legacy_7b)
+        if info.raw_config and MERGED_KEY in info.raw_config:
+            return load_merged(source, device=device, dtype=dtype, lora=lora, info=info)
+        with no_pickle_loads(), model_errors(source):
+            lm = info.get_moshi(device=device, dtype=dtype, fuse_lora=True)
+        resolved = str(Path(source).resolve()) if Path(source).is_dir() else str(source)
+        model = LoadedModel(lm, info, resolved, resolved)
+    if lora:
+        apply_lora(model.lm, **lora)
+    model.lm.eval()
+    return model
+
+
+def load_merged(
+    directory: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    lora: dict[str, Any] | None = None,
+    info: loaders.CheckpointInfo | None = None,
+) -> LoadedModel:
+    """Load an exported directory (``moshi-ttt export``, ``export_merged``): built on the meta
+    device, TTT applied, every weight loaded strictly with ``assign``. ``lora``: fresh LoRA
+    adapters to add (``apply_lora``); ``info``: its ``CheckpointInfo`` if already read."""
+    root = Path(directory)
+    info = info if info is not None else checkpoint_info(root)
+    merged = (info.raw_config or {}).get(MERGED_KEY)
+    if not isinstance(merged, dict) or "ttt_layers" not in merged:
+        raise ValueError(f"{root}/config.json: not a merged moshi-ttt checkpoint (no {MERGED_KEY})")
+    with model_errors(root):
+        lm = meta_base(lm_kwargs_of(root, info), merged, dtype)
+    state = load_safetensors(info.moshi_weights, device)
+    check_tensors(lm.state_dict(), state, str(info.moshi_weights))
+    for key, value in state.items():
+        if value.dtype.is_floating_point and not key.startswith(("condition_provider.", "fuser.")):
+            state[key] = value.to(dtype)
+    lm.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"{info.moshi_weights}: no values for {left[:3]}")
+    if lora:
+        apply_lora(lm, **lora)
+    return LoadedModel(lm.eval(), info, str(root.resolve()), codec_of(root, info))
+
+
+def describe_base(
+    source: str | Path,
+    overrides: Mapping[str, str | Path | None] | None = None,
+    *,
+    legacy_7b: bool = False,
+) -> BaseRecord:
+    """``BaseRecord`` of any ``load_base_lm`` source, from config files only (no weights)."""
+    seed = tiny_seed(str(source))
+    if seed is not None:
+        no_overrides(overrides, source)
+        return BaseRecord(tiny_lm_kwargs(), f"tiny:{seed}", None)
+    if is_run_dir(source):
+        no_overrides(overrides, source)
+        return describe_run(source)
+    info = checkpoint_info(source, overrides, legacy_7b=legacy_7b)
+    return BaseRecord(lm_kwargs_of(source, info), codec_of(source, info), info)
+
+
+def describe_spec(spec: ModelSpec) -> BaseRecord:
+    """``BaseRecord`` of the base a ``ModelSpec`` names (tiny overrides and file overrides
+    included), from config files only."""
+    m = spec.model
+    if m.source == "tiny":
+        return BaseRecord(tiny_lm_kwargs(**m.tiny_overrides), f"tiny:{spec.seed}", None)
+    return describe_base(spec.source, spec.overrides, legacy_7b=m.source == "hf")
+
+
+def describe_run(run: str | Path) -> BaseRecord:
+    """``BaseRecord`` of a run's model: its base's architecture, codec and checkpoint info."""
+    return describe_spec(run_spec(find_checkpoint(run)))
+
+
+def load_base(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """The base LM named by ``spec.model`` (eval mode) and its ``CheckpointInfo`` (None if
+    tiny). ``source: local`` takes a checkpoint directory with a config.json, an export, a run
+    directory or a ``checkpoints/step_*`` directory."""
+    m = spec.model
+    if m.source == "tiny":
+        lm = build_tiny_lm(spec.seed, **m.tiny_overrides).to(device=device, dtype=dtype)
+        return LoadedModel(lm, None, spec.source, spec.source)
+    if m.source == "local" and not Path(spec.source).is_dir():
+        raise FileNotFoundError(f"model.path: {m.path!r} is not a checkpoint or run directory")
+    return load_base_lm(spec.source, device=device, dtype=dtype, overrides=spec.overrides,
+                        legacy_7b=m.source == "hf")  # fmt: skip
+
+
+def build(spec: ModelSpec, device: torch.device, dtype: torch.dtype | None = None) -> LoadedModel:
+    """The model of ``spec``: its base -> LoRA (base linears only) -> TTT (new parameters
+    initialised from ``spec.seed``), on ``device``. ``dtype``: of the base (default:
+    ``model.dtype`` resolved for ``device``). Nothing is frozen or unfrozen here."""
+    dtype = dtype or resolve_dtype(spec.model.dtype, device)
+    model = load_base(spec, device, dtype)
+    add_lora_and_memory(model.lm, spec, device, model.base)
+    return dataclasses.replace(model, spec=spec)
+
+
+def load_run(run: str | Path, device: torch.device | str = "cpu") -> tuple[LoadedModel, Path]:
+    """``(the model a run trained, in eval mode, its checkpoint directory)``; the model's
+    ``spec`` is the run's, its ``info`` / ``base`` / ``codec`` those of the run's base.
+
+    ``run``: a run directory (its newest checkpoint) or a ``checkpoints/step_*`` directory.
+    The model is rebuilt from the run's recorded spec (``build``), its trained groups (float32)
+    get the checkpoint's ``trainable.safetensors``; every parameter is then frozen.
+    """
+    ckpt = find_checkpoint(run)
+    spec = run_spec(ckpt)
+    model = build(spec, torch.device(device))
+    groups = mark_trained(model.lm, spec)
+    load_trainable(ckpt, [item for group in groups.values() for item in group])
+    for p in model.lm.parameters():
+        p.requires_grad_(False)
+    model.lm.eval()
+    return model, ckpt
+
+
+def load_run_base(
+    run: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+) -> LoadedModel:
+    """The model run ``run`` trained, LoRA merged (``W + scaling B A``), as a frozen base in
+    eval mode, with the ``CheckpointInfo`` of the run's own base (or None).
+
+    Its ``base`` is the resolved checkpoint directory (what an adapter trained on it records),
+    its ``codec`` the codec of the run's base. A run directory means its
+    newest checkpoint *when loaded*: name a ``checkpoints/step_*`` directory, or export it, for
+    a base that stays fixed while the run goes on.
+    """
+    model, ckpt = load_run(run, device)
+    lm = model.lm
+    replace_lora_with_linear(lm)
+    lm = lm.to(dtype=dtype)
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(lm.eval(), model.info, str(ckpt.resolve()), model.codec, model.spec)
+
+
+def load_adapter(
+    adapter_dir: str | Path,
+    lm: LMModel | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+) -> LoadedModel:
+    """An adapter on its base (``adapter.apply_adapter``: LoRA and TTT as recorded, every
+    tensor loaded strictly).
+
+    Without ``lm`` the base is loaded from ``adapter.json``'s ``base`` (``load_base_lm``).
+    With ``lm`` (a base already loaded) the adapter goes onto it: ``info`` is then None and
+    ``base`` / ``codec`` are the adapter's recorded base.
+    """
+    meta, tensors = read_adapter(adapter_dir)
+    if lm is None:
+        model = load_base_lm(meta["base"], device=device, dtype=dtype)
+    else:
+        model = LoadedModel(lm, None, str(meta["base"]), str(meta["base"]))
+    apply_adapter(model.lm, adapter_dir, meta, tensors)
+    model.lm.eval()
+    return model
+
+
+def load_codec(
+    model: LoadedModel, device: torch.device | str = "cpu"
+) -> tuple[MimiModel, Any | None]:
+    """Mimi and the text tokenizer (None when the checkpoint has none) that go with ``model``.
+
+    Tiny bases (also adapters, runs and exports made from one) get ``build_tiny_mimi`` and
+    ``build_tiny_tokenizer`` with the base's seed; others the checkpoint's Mimi weights.
+    """
+    lm = model.lm
+    sizes = {"card": lm.card, "n_q": lm.n_q, "dep_q": lm.dep_q, "text_card": lm.text_card}
+    return load_codec_files(model.codec, model.info, sizes, device)
+
+
+def codec_for_source(
+    source: str | Path,
+    device: torch.device | str = "cpu",
+    overrides: Mapping[str, str | Path | None] | None = None,
+) -> tuple[MimiModel, Any | None]:
+    """Mimi and the text tokenizer of any ``load_base_lm`` source, without its LM weights."""
+    record = describe_base(source, overrides)
+    return load_codec_files(record.codec, record.info, record.lm_kwargs, device)
