@@ -11,12 +11,8 @@ from typing import Any
 
 import torch
 
-from ..data.pipeline import (
-    BAD_FILES,
-    ShardSource,
-    WindowLoader,
-    read_index,
-)
+from ..data.files import BAD_FILES, read_index
+from ..data.pipeline import ShardSource, WindowLoader
 from ..integration.carry import StateCarry
 from ..models.load import describe_spec
 from ..models.spec import LoadedModel

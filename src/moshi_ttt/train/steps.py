@@ -13,13 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data.pipeline import (
-    BadFileCounter,
-    Batch,
-    DataError,
-    WindowLoader,
-    open_source,
-)
+from ..data.files import BadFileCounter, DataError
+from ..data.pipeline import Batch, WindowLoader, open_source
 from ..format import NUM_STREAMS, ZERO_TOKEN
 from ..integration.apply import set_gates
 from ..integration.carry import StateCarry

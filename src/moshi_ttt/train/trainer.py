@@ -27,13 +27,8 @@ from moshi.modules.transformer import set_attention_context
 from torch import nn
 from tqdm import tqdm
 
-from ..data.pipeline import (
-    BAD_FILES,
-    BadFileCounter,
-    Batch,
-    DataError,
-    WindowLoader,
-)
+from ..data.files import BAD_FILES, BadFileCounter, DataError
+from ..data.pipeline import Batch, WindowLoader
 from ..errors import TrainingStopped
 from ..format import TOKENS_PER_FRAME
 from ..integration.carry import StateCarry
