@@ -42,9 +42,10 @@ import streaming  # noqa: E402
 import train_step  # noqa: E402
 from moshi.utils.compile import no_compile  # noqa: E402
 
+from moshi_ttt.format import TOKENS_PER_FRAME  # noqa: E402
 from moshi_ttt.integration import TTTConfig  # noqa: E402
 from moshi_ttt.train.parallel import apply_activation_checkpointing, apply_fsdp  # noqa: E402
-from moshi_ttt.train.trainer import TOKENS_PER_FRAME, build_optimizer, forward_terms  # noqa: E402
+from moshi_ttt.train.steps import build_optimizer, forward_terms  # noqa: E402
 
 SIZES = {  # what each section runs at
     "7b": {

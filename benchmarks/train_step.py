@@ -22,12 +22,13 @@ import torch
 from moshi.models import loaders
 from moshi.models.lm import LMModel
 
+from moshi_ttt.format import TOKENS_PER_FRAME
 from moshi_ttt.integration import apply_ttt
 from moshi_ttt.models.lora import apply_lora
 from moshi_ttt.train.config import TrainConfig
 from moshi_ttt.train.model import build_model, select_trainable
 from moshi_ttt.train.parallel import apply_activation_checkpointing
-from moshi_ttt.train.trainer import TOKENS_PER_FRAME, build_optimizer, forward_terms
+from moshi_ttt.train.steps import build_optimizer, forward_terms
 
 VARIANTS = {
     "lora": {"lora": {"enable": True, "rank": 128}, "ttt": None},

@@ -48,6 +48,7 @@ def load_revision(rev: str):
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("dual_rev", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass in it looks its module up there
     spec.loader.exec_module(module)
     return module
 

@@ -9,7 +9,8 @@ import os
 import pytest
 import torch
 
-from moshi_ttt.data.pipeline import DataError, ShardSource
+from moshi_ttt.data.files import DataError
+from moshi_ttt.data.pipeline import ShardSource
 from moshi_ttt.demo.corpus import (
     TOKEN_OFFSET,
     CorpusSpec,

@@ -90,7 +90,7 @@ def test_text_log_likelihood_per_fill(tiny):
 def test_invalid_combination_is_refused(tmp_path):
     with pytest.raises(ValueError, match="text fill 'zero'"):
         ScoringConfig(text="zero", score="text+audio")
-    with pytest.raises(ValueError, match="score must be one of"):
+    with pytest.raises(ValueError, match="score: expected one of"):
         ScoringConfig(text="pad", score="text")
     with pytest.raises(ValueError, match="text fill 'zero'"):  # before loading any model
         _run(["sblimp", str(tmp_path), "--tiny", "--out", str(tmp_path / "o"), "--score",

@@ -16,15 +16,8 @@ from moshi.utils.compile import no_compile
 from safetensors.torch import save_file
 
 from moshi_ttt.cli import main
-from moshi_ttt.data.pipeline import (
-    BadFile,
-    DataError,
-    ToyEncoder,
-    ToyTokenizer,
-    WindowLoader,
-    open_source,
-    read_alignments,
-)
+from moshi_ttt.data.files import BadFile, DataError, ToyEncoder, ToyTokenizer, read_alignments
+from moshi_ttt.data.pipeline import WindowLoader, open_source
 from moshi_ttt.data.toy import write_toy_dataset
 from moshi_ttt.integration.tiny import tiny_lm_kwargs
 from moshi_ttt.models.files import no_pickle_loads

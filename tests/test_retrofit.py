@@ -19,7 +19,8 @@ from moshi_ttt.train.checkpoint import load_trained_model
 from moshi_ttt.train.config import TrainConfig
 from moshi_ttt.train.metrics import CollapseGuard
 from moshi_ttt.train.model import build_model
-from moshi_ttt.train.trainer import branch_gain, train
+from moshi_ttt.train.steps import branch_gain
+from moshi_ttt.train.trainer import train
 
 T = 29
 SMALL = {"context": 8, "num_layers": 2, "depformer_num_layers": 1, "depformer_dim": 16,
@@ -200,7 +201,7 @@ def test_7b_configs_carry_the_recommended_retrofit(name):
 
 
 def test_trainer_advises_the_recipe_for_a_frozen_retrofit(tmp_path, shards):
-    from moshi_ttt.train.trainer import retrofit_advice
+    from moshi_ttt.train.steps import retrofit_advice
 
     cfg = TrainConfig.from_dict(cfg_dict(tmp_path, shards))  # frozen tiny base, full window
     advice = retrofit_advice(cfg, 8)

@@ -22,7 +22,8 @@ from moshi_ttt.integration.hybrid import GatedTTT
 from moshi_ttt.recipes import FORCED_TRAIN, RETROFIT_TRAIN, retrofit_training
 from moshi_ttt.train.config import TrainConfig
 from moshi_ttt.train.loss import covered_kl_sum
-from moshi_ttt.train.trainer import gate0_output, step_context, train
+from moshi_ttt.train.steps import gate0_output, step_context
+from moshi_ttt.train.trainer import train
 
 
 @pytest.fixture(autouse=True)

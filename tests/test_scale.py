@@ -22,7 +22,8 @@ from moshi_ttt.train.config import TrainConfig
 from moshi_ttt.train.model import build_model, parameter_groups
 from moshi_ttt.train.parallel import apply_fsdp, check_unit_dtypes, fsdp_units
 from moshi_ttt.train.plan import activation_per_frame, build_meta_model, make_plan
-from moshi_ttt.train.trainer import build_optimizer, forward_terms, train
+from moshi_ttt.train.steps import build_optimizer, forward_terms
+from moshi_ttt.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TTT = {"layers": "1,3", "kind": "mlp", "mini_batch_size": 8, "gate_init": 0.1}

@@ -397,5 +397,5 @@ def test_cli_serve_checks_flags_before_loading(capsys):
     from moshi_ttt.cli import main
 
     assert main(["serve", "--tiny", "--static", "none", "--max-sessions", "0"]) == 2
-    assert "--max-sessions must be >= 1" in capsys.readouterr().err
+    assert "--max-sessions: expected a value >= 1, got int 0" in capsys.readouterr().err
     assert main(["serve", "--tiny", "--static", "/nonexistent-ui"]) == 2

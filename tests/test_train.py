@@ -22,7 +22,8 @@ from moshi_ttt.train import trainer as trainer_mod
 from moshi_ttt.train.checkpoint import load_trained_model
 from moshi_ttt.train.config import TrainConfig
 from moshi_ttt.train.model import build_model
-from moshi_ttt.train.trainer import forward_terms, lr_multiplier, train
+from moshi_ttt.train.steps import forward_terms, lr_multiplier
+from moshi_ttt.train.trainer import train
 
 TTT = {"layers": "1,3", "kind": "mlp", "mini_batch_size": 8, "gate_init": 0.1}
 

@@ -173,7 +173,10 @@ def test_typo_names_full_key_and_closest(data, expected):
         ({**BASE, "eval_every": 10}, "eval_every: evaluation needs data.eval"),
         ({**BASE, "ttt": None}, "nothing to train"),
         ({**BASE, "ttt": {"kind": "mlpp"}}, "ttt.kind: expected one of"),
-        ({**BASE, "ttt": {"mini_batch_size": 0}}, "ttt.mini_batch_size: expected an int >= 1"),
+        (
+            {**BASE, "ttt": {"mini_batch_size": 0}},
+            "ttt.mini_batch_size: expected a value >= 1, got int 0",
+        ),
         ({**BASE, "ttt": {"layers": "middel"}}, "ttt.layers: bad layer spec"),
         ({**BASE, "ttt": "mlp"}, "ttt: expected a mapping"),
     ],

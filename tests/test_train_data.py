@@ -12,23 +12,25 @@ import numpy as np
 import pytest
 import torch
 
+from moshi_ttt.data.files import (
+    BadFileCounter,
+    DataError,
+    ToyEncoder,
+    ToyTokenizer,
+    build_text_stream,
+    encode_stereo,
+    load_stereo,
+    read_index,
+)
 from moshi_ttt.data.pipeline import (
     FRAME_SIZE,
     SAMPLE_RATE,
     AudioSource,
-    BadFileCounter,
-    DataError,
     ShardSource,
-    ToyEncoder,
-    ToyTokenizer,
     WindowLoader,
-    build_text_stream,
     cut_windows,
-    encode_stereo,
     frames_for_duration,
-    load_stereo,
     open_source,
-    read_index,
     tokenize_index,
 )
 from moshi_ttt.data.toy import WORDS, write_alignments, write_stereo, write_toy_dataset

@@ -1,7 +1,8 @@
-"""Validated config trees made of dataclasses, loaded from YAML-like mappings.
+"""The one config validator: config trees made of dataclasses, loaded from YAML-like mappings.
 
-One validation approach for every config of the project (``TrainConfig`` and the sections it
-nests, ``TTTConfig`` included):
+Every config of the project is validated here (``TrainConfig`` and the sections it nests,
+``ModelSpec``, ``TTTConfig``, ``ServeConfig``, ``ScoringConfig``), and every message has one
+form: ``key: expected WHAT, got TYPE VALUE`` (or ``unknown key 'k': did you mean 'key'?``).
 
 - ``build(cls, data)``: keys are checked recursively; an unknown or misspelt key is a
   ``ValueError`` naming the full dotted key (``data.state_cary``) and the closest valid key,
@@ -9,12 +10,17 @@ nests, ``TTTConfig`` included):
   (names used by other tools, e.g. moshi-finetune's ``num_microbatches``).
 - ``validate(obj)``: the field types (from the annotations: ``int``, ``float``, ``bool``, ``str``,
   ``Literal``, ``X | None``, ``list[X]``, ``tuple[X, ...]``, ``dict``, nested dataclasses) and the
-  bounds declared with ``option(..., ge=0)`` are checked, numbers are normalised in place (an int
-  or a YAML string such as ``"1e-4"`` for a float field becomes a float), and a dataclass that has
-  its own ``validate()`` (``TTTConfig``) runs it, its messages renamed to the dotted key.
+  bounds declared with ``option(..., ge=0)`` are checked, values are normalised in place (an int
+  for a float field becomes a float, a list for a tuple field a tuple; frozen dataclasses too),
+  then each dataclass's ``rules()`` (the checks between keys or beyond a type) runs, its
+  messages (keys relative to that dataclass) prefixed with the dotted key of the section.
 - ``apply_overrides(mapping, ["optim.weight_decay=0.0"])``: ``--set`` style edits, values parsed
   with ``yaml.safe_load``.
 - ``to_dict(obj)``: plain YAML/JSON-safe types.
+
+Why not a library (pydantic v2): written both ways for the ``optim`` section, the library
+version needs more lines per section plus a translator of its error types to keep these
+messages (docs/architecture.md, "One config validator").
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -31,6 +38,7 @@ from typing import Any, Literal, Union
 import yaml
 
 _BOUNDS = ("ge", "gt", "le", "lt")
+_YAML_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def option(
@@ -110,7 +118,7 @@ def build(
 
     Types and bounds are not checked here (``validate`` does it, normally from the root's
     ``__post_init__``) but a dataclass's own constructor checks (``TTTConfig``) are, with their
-    messages renamed to the dotted key.
+    messages renamed to the dotted key (``TTTConfig.kind`` -> ``ttt.kind``).
     """
     root = root or cls
     where = prefix[:-1] if prefix else cls.__name__
@@ -146,19 +154,21 @@ def _rename(message: str, cls: type, prefix: str) -> str:
 
 # -- types and bounds -----------------------------------------------------------------------
 def validate(obj: Any, prefix: str = "") -> None:
-    """Check (and normalise in place) every field of dataclass ``obj`` and of those it nests."""
+    """Check (and normalise in place) every field of dataclass ``obj`` and of those it nests,
+    then run ``obj.rules()`` if it has one. ``prefix``: the dotted key of ``obj`` (``"ttt."``),
+    or the class name (``"TTTConfig."``) for a config validated on its own."""
     hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         key = f"{prefix}{f.name}"
         value = _coerce(getattr(obj, f.name), hints[f.name], key)
         _check_bounds(value, f.metadata, key)
-        setattr(obj, f.name, value)
-    own = getattr(obj, "validate", None)
-    if prefix and callable(own):  # a nested dataclass's own checks (the root runs its own)
+        object.__setattr__(obj, f.name, value)  # frozen dataclasses are normalised too
+    rules = getattr(obj, "rules", None)
+    if callable(rules):
         try:
-            own()
+            rules()
         except ValueError as e:
-            raise ValueError(_rename(str(e), type(obj), prefix)) from None
+            raise ValueError(f"{prefix}{e}") from None
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -232,11 +242,8 @@ def _to_float(value: Any) -> float | None:
         return None
     if isinstance(value, (int, float)):
         number = float(value)
-    elif isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-        try:
-            number = float(value.strip())
-        except ValueError:
-            return None
+    elif isinstance(value, str) and _YAML_EXPONENT.match(value.strip()):
+        number = float(value.strip())  # YAML 1.1 (PyYAML) reads 1e-4 (no dot) as a string
     else:
         return None
     return number if math.isfinite(number) else None
@@ -270,7 +277,9 @@ def describe(hint: Any) -> str:
     if origin is Literal:
         return f"one of {list(args)}"
     if origin is list:
-        return f"a list of {describe(args[0])}s" if args else "a list"
+        if not args:
+            return "a list"
+        return "a list of " + describe(args[0]).removeprefix("an ").removeprefix("a ") + "s"
     if origin is tuple:
         return f"a list of {len(args)} values" if args and args[-1] is not Ellipsis else "a list"
     if origin is dict or hint is dict:

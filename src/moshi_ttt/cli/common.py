@@ -18,7 +18,14 @@ from pathlib import Path
 
 import torch
 
-from ..models.spec import DTYPES, LoadedModel, resolve_device, resolve_dtype
+from ..models.spec import (
+    DTYPES,
+    LoadedModel,
+    ModelConfig,
+    ModelSpec,
+    resolve_device,
+    resolve_dtype,
+)
 from ..outputs import check_no_clobber
 
 REPORT_FILES = ("report.md", "report.json")  # what marks a previous report in --out
@@ -48,17 +55,48 @@ def add_model_args(p: argparse.ArgumentParser, tiny_default_ttt: bool = True) ->
                    help="LM dtype; auto: bfloat16 on GPU, float32 on CPU")  # fmt: skip
 
 
+def model_spec(args: argparse.Namespace, tiny_default_ttt: bool = True) -> ModelSpec | None:
+    """The ``ModelSpec`` the flags name: the value a training config's ``seed`` / ``model`` /
+    ``ttt`` / ``lora`` sections parse into (``--tiny``: ``source: tiny``, seed 0; ``--base``:
+    ``source: local`` for a directory, else ``source: hf``; ``--ttt-config``: ``ttt``), or the
+    spec a ``--run`` recorded; None for ``--adapter`` (its base and memory are in adapter.json).
+    """
+    from ..integration import TTTConfig
+    from ..models.runs import find_checkpoint, run_spec
+
+    if (args.adapter or args.run) and args.ttt_config:
+        raise ValueError("--ttt-config cannot be combined with --adapter/--run (they record it)")
+    if args.run:
+        return run_spec(find_checkpoint(args.run))
+    if args.adapter:
+        return None
+    try:
+        ttt = TTTConfig.from_yaml(args.ttt_config) if args.ttt_config else None
+    except ValueError as e:
+        raise ValueError(f"--ttt-config {args.ttt_config}: {e}") from e
+    if ttt is None and args.tiny and tiny_default_ttt:
+        ttt = TTTConfig()
+    dtype = args.dtype if args.dtype in ("auto", "bfloat16", "float32") else "auto"
+    if args.tiny:
+        model = ModelConfig(source="tiny", dtype=dtype)
+    elif Path(args.base).is_dir():
+        model = ModelConfig(source="local", path=args.base, dtype=dtype)
+    else:
+        model = ModelConfig(source="hf", hf_repo=args.base, dtype=dtype)
+    return ModelSpec(seed=0, model=model, ttt=ttt)
+
+
 def load_model_from_args(
     args: argparse.Namespace, tiny_default_ttt: bool = True
 ) -> tuple[LoadedModel, torch.device, torch.dtype]:
-    """``(the model named by add_model_args, in eval mode; device; dtype)``."""
-    from ..integration import TTTConfig, apply_ttt
-    from ..models.load import load_adapter, load_base_lm, load_run
+    """``(the model named by add_model_args, in eval mode; device; dtype)``, loaded through
+    ``models.load`` from ``model_spec(args)`` (``build``, or ``load_run`` for a run) or, for
+    ``--adapter``, ``load_adapter``."""
+    from ..models.load import build, load_adapter, load_run
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if (args.adapter or args.run) and args.ttt_config:
-        raise ValueError("--ttt-config cannot be combined with --adapter/--run (they record it)")
+    spec = model_spec(args, tiny_default_ttt)
     if args.run:
         model, _ = load_run(args.run, device=device)
         model.lm = model.lm.to(dtype=dtype).eval()
@@ -67,20 +105,12 @@ def load_model_from_args(
         if not Path(args.adapter).is_dir():
             raise FileNotFoundError(f"--adapter {args.adapter}: no such directory")
         return load_adapter(args.adapter, device=device, dtype=dtype), device, dtype
-    try:
-        ttt = TTTConfig.from_yaml(args.ttt_config) if args.ttt_config else None
+    try:  # the new TTT weights are seeded (spec.seed): the same command gives the same numbers
+        model = build(spec, device, dtype)
     except ValueError as e:
-        raise ValueError(f"--ttt-config {args.ttt_config}: {e}") from e
-    if ttt is None and args.tiny and tiny_default_ttt:
-        ttt = TTTConfig()
-    model = load_base_lm("tiny" if args.tiny else args.base, device=device, dtype=dtype)
-    if ttt is not None:
-        try:  # the new TTT weights from a fixed seed: the same command gives the same numbers
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(0)
-                apply_ttt(model.lm, ttt)
-        except ValueError as e:
-            raise ValueError(f"--ttt-config {args.ttt_config or '(default)'}: layers: {e}") from e
+        if spec.ttt is None or "layer spec" not in str(e):
+            raise
+        raise ValueError(f"--ttt-config {args.ttt_config or '(default)'}: layers: {e}") from e
     model.lm.eval()
     return model, device, dtype
 

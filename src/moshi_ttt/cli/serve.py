@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import schema
+from ..schema import option
 from .common import add_model_args, describe_model, load_model_from_args
 
 
@@ -111,27 +114,43 @@ def _static_dir(static: str | None) -> str | None:
     return str(dist)
 
 
+# ServeConfig fields whose flag is not ``--`` + the field name with dashes
+_FLAGS = {"max_backlog_frames": "--max-backlog", "send_timeout_s": "--send-timeout"}
+
+
+@dataclass
+class ServerFlags:
+    """The flags of the server around the engine (``ServeConfig`` has the engine's)."""
+
+    port: int = option(8998, ge=1, le=65535)
+    session_ttl: float = option(24 * 3600.0, gt=0)
+    session_store_mb: float = option(1024.0, gt=0)
+
+    def __post_init__(self) -> None:
+        schema.validate(self)
+
+
 def build_config(args: argparse.Namespace) -> Any:
+    """The ``ServeConfig`` of the flags; a bad flag is a ``ValueError`` naming it (schema's
+    message with the field renamed to its flag)."""
     from ..serve import ServeConfig
 
-    config = ServeConfig(
-        max_sessions=args.max_sessions,
-        max_message_bytes=args.max_message_bytes,
-        max_backlog_frames=args.max_backlog,
-        max_send_backlog=args.max_send_backlog,
-        greedy=args.greedy,
-        temp=args.temp,
-        temp_text=args.temp_text,
-        seed=args.seed,
-    )
-    config.check()
-    if not 1 <= args.port <= 65535:
-        raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    if not args.session_store_mb > 0:
-        raise ValueError(f"--session-store-mb must be > 0, got {args.session_store_mb}")
-    if not args.session_ttl > 0:
-        raise ValueError(f"--session-ttl must be > 0, got {args.session_ttl}")
-    return config
+    try:
+        ServerFlags(args.port, args.session_ttl, args.session_store_mb)
+        return ServeConfig(
+            max_sessions=args.max_sessions,
+            max_message_bytes=args.max_message_bytes,
+            max_backlog_frames=args.max_backlog,
+            max_send_backlog=args.max_send_backlog,
+            greedy=args.greedy,
+            temp=args.temp,
+            temp_text=args.temp_text,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        key, sep, rest = str(e).partition(":")
+        flag = _FLAGS.get(key, "--" + key.replace("_", "-"))
+        raise ValueError(f"{flag}{sep}{rest}" if sep else str(e)) from None
 
 
 def run_serve(args: argparse.Namespace) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..data.pipeline import BAD_FILES
+from ..data.files import BAD_FILES
 from ..outputs import check_no_clobber
 from .common import print_bad_files, resolve_device
 
@@ -154,7 +154,8 @@ def run_plan(args: argparse.Namespace) -> None:
 
 
 def run_tokenize(args: argparse.Namespace) -> None:
-    from ..data.pipeline import SHARDS_INDEX, read_index, tokenize_index
+    from ..data.files import read_index
+    from ..data.pipeline import SHARDS_INDEX, tokenize_index
     from ..models.load import codec_for_source
 
     if args.max_bad_fraction is not None and not 0 <= args.max_bad_fraction <= 1:

@@ -16,7 +16,7 @@ import numpy as np
 import sphn
 
 from ..format import SAMPLE_RATE
-from .pipeline import MAIN_SPEAKER
+from .files import MAIN_SPEAKER
 
 OTHER_SPEAKER = "SPEAKER_OTHER"
 WORDS = [

@@ -32,7 +32,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from ..data.pipeline import SHARDS_INDEX, DataError, ShardSource
+from ..data.files import DataError
+from ..data.pipeline import SHARDS_INDEX, ShardSource
 from ..format import FRAME_RATE, NUM_STREAMS, ZERO_TOKEN
 
 TOKEN_OFFSET = 4

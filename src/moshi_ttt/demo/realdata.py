@@ -47,7 +47,8 @@ from moshi.models import loaders
 from moshi.models.lm import LMModel
 from moshi.utils.compile import no_compile
 
-from ..data.pipeline import DataError, ShardSource
+from ..data.files import DataError
+from ..data.pipeline import ShardSource
 from ..eval.dyneval import DynEvalConfig, evaluate_dyneval, sweep_dyneval
 from ..eval.long_context import (
     PositionLosses,

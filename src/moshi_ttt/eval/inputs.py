@@ -30,14 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.pipeline import (
-    SHARDS_INDEX,
-    BadFile,
-    BadFileCounter,
-    ShardSource,
-    encode_chunked,
-    read_index,
-)
+from ..data.files import BadFile, BadFileCounter, encode_chunked, read_index
+from ..data.pipeline import SHARDS_INDEX, ShardSource
 from ..format import FRAME_SIZE, NUM_CODEBOOKS, NUM_STREAMS, SAMPLE_RATE, TEXT_PAD, ZERO_TOKEN
 from ..generate import CHANNEL_TEXT, CHANNELS, DEFAULT_CHANNEL, read_audio
 

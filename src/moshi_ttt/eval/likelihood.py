@@ -22,12 +22,13 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import schema
 from ..format import TEXT_PAD, ZERO_TOKEN
 from ..generate import read_wav
 from ..integration.streaming import delayed_inputs
@@ -60,32 +61,26 @@ class ScoringConfig:
       joint of the audio with that text; meaningless, so refused, with ``text="zero"``).
     """
 
-    stream: str = "moshi"
-    other_stream: str = "zero"
-    text: str = "zero"
+    stream: Literal[STREAMS] = "moshi"
+    other_stream: Literal[FILLS] = "zero"
+    text: Literal[TEXT_FILLS] = "zero"
     codebooks: tuple[int, ...] = (0,)
-    score: str = "audio"
+    score: Literal[SCORED] = "audio"
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (
-            ("stream", self.stream, STREAMS),
-            ("other_stream", self.other_stream, FILLS),
-            ("text", self.text, TEXT_FILLS),
-            ("score", self.score, SCORED),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        schema.validate(self)
+
+    def rules(self) -> None:
+        """The text fill must put text to score; codebooks distinct, sorted (``schema``)."""
         if self.score == "text+audio" and self.text == "zero":
             raise ValueError(
-                "score 'text+audio' needs text tokens to score, but text fill 'zero' puts none "
+                "score: 'text+audio' needs text tokens to score, but text fill 'zero' puts none "
                 "(-1 is the zero embedding, never scored): use text fill 'pad' or 'greedy', or "
                 "score 'audio'"
             )
-        cbs = tuple(self.codebooks)
-        if not cbs or any(not isinstance(k, int) or k < 0 for k in cbs) or len(set(cbs)) < len(cbs):
-            raise ValueError(
-                f"codebooks must be distinct non-negative ints, got {self.codebooks!r}"
-            )
+        cbs = self.codebooks
+        if not cbs or min(cbs) < 0 or len(set(cbs)) < len(cbs):
+            raise ValueError(f"codebooks: expected distinct non-negative ints, got {cbs!r}")
         object.__setattr__(self, "codebooks", tuple(sorted(cbs)))
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,10 +157,13 @@ def check_config(lm: Any, config: ScoringConfig) -> None:
     """``ValueError`` if ``lm`` cannot score audio as ``config`` asks."""
     size = stream_size(lm)
     if max(config.codebooks) >= size:
-        raise ValueError(f"codebooks {config.codebooks}: a stream has {size} (0..{size - 1})")
+        raise ValueError(
+            f"codebooks: expected indices in 0..{size - 1} (a stream of this model has {size} "
+            f"codebooks), got {config.codebooks}"
+        )
     if config.stream == "user" and int(lm.dep_q) < 2 * size:
         raise ValueError(
-            f"stream 'user' needs a model whose depformer also predicts the user stream "
+            f"stream: 'user' needs a model whose depformer also predicts the user stream "
             f"(dep_q = {2 * size}); this one has dep_q = {lm.dep_q} and predicts only Moshi's "
             "stream, so user-stream audio has no likelihood: use stream 'moshi'"
         )

@@ -13,14 +13,15 @@ Layer specs (``parse_layer_spec``), for a transformer of L layers (indices 0 .. 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+from .. import schema
+from ..schema import option
 
 KINDS = ("linear", "mlp", "inplace")
 PLACEMENTS = ("before_attention", "after_attention", "after_ffn")
@@ -80,58 +81,34 @@ class TTTConfig:
     """
 
     layers: str | list[int] = "0"
-    kind: str = "linear"
-    mini_batch_size: int = 16
-    base_lr: float | None = None
+    kind: Literal[KINDS] = "linear"
+    mini_batch_size: int = option(16, ge=1)
+    base_lr: float | None = option(None, gt=0)
     gate_init: float = 1.0
-    num_heads: int | None = None
-    checkpoint_group_size: int = 4
-    placement: str = "before_attention"
-    chunk_size: int = 256
-    inplace_lr: float = 0.3
-    inplace_target: str = "ffn_input"
-    inplace_conv_kernel: int = 5
-    output_init: str = "normal"
-    output_scale: str = "fixed"
-    input: str = "residual"
+    num_heads: int | None = option(None, ge=1)
+    checkpoint_group_size: int = option(4, ge=0)
+    placement: Literal[PLACEMENTS] = "before_attention"
+    chunk_size: int = option(256, ge=1)
+    inplace_lr: float = option(0.3, gt=0)
+    inplace_target: Literal[INPLACE_TARGETS] = "ffn_input"
+    inplace_conv_kernel: int = option(5, ge=1)
+    output_init: Literal[OUTPUT_INITS] = "normal"
+    output_scale: Literal[OUTPUT_SCALES] = "fixed"
+    input: Literal[INPUTS] = "residual"
 
     def __post_init__(self) -> None:
         self.validate()
 
     # -- validation -------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first field with a wrong type or impossible value."""
-        if isinstance(self.layers, tuple):
-            self.layers = list(self.layers)
-        if isinstance(self.layers, list):
-            if not all(_is_int(i) for i in self.layers):
-                raise ValueError(f"TTTConfig.layers: expected a list of ints, got {self.layers!r}")
-        elif isinstance(self.layers, str):
+        """Raise ``ValueError`` naming the first field with a wrong type or impossible value
+        (``moshi_ttt.schema``; a field set after construction is checked again here)."""
+        schema.validate(self, "TTTConfig.")
+
+    def rules(self) -> None:
+        """Beyond the types: the layer spec's syntax (its range needs the model)."""
+        if isinstance(self.layers, str):
             _check_spec_syntax(self.layers)
-        else:
-            raise ValueError(
-                f"TTTConfig.layers: expected a layer spec string or a list of ints, "
-                f"got {type(self.layers).__name__} {self.layers!r}"
-            )
-        _choice("kind", self.kind, KINDS)
-        _choice("placement", self.placement, PLACEMENTS)
-        _choice("inplace_target", self.inplace_target, INPLACE_TARGETS)
-        _choice("output_init", self.output_init, OUTPUT_INITS)
-        _choice("output_scale", self.output_scale, OUTPUT_SCALES)
-        _choice("input", self.input, INPUTS)
-        for name, low in (
-            ("mini_batch_size", 1),
-            ("checkpoint_group_size", 0),
-            ("chunk_size", 1),
-            ("inplace_conv_kernel", 1),
-        ):
-            _int_at_least(name, getattr(self, name), low)
-        if self.num_heads is not None:
-            _int_at_least("num_heads", self.num_heads, 1)
-        self.gate_init = _float("gate_init", self.gate_init)
-        self.inplace_lr = _float("inplace_lr", self.inplace_lr, positive=True)
-        if self.base_lr is not None:
-            self.base_lr = _float("base_lr", self.base_lr, positive=True)
 
     # -- (de)serialisation ------------------------------------------------------------------
     @classmethod
@@ -141,15 +118,7 @@ class TTTConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TTTConfig:
         """Build from a mapping; an unknown key is a ``ValueError`` naming the closest field."""
-        if not isinstance(data, dict):
-            raise ValueError(f"TTTConfig expects a mapping, got {type(data).__name__}")
-        names = cls.field_names()
-        for key in data:
-            if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-                hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {names}"
-                raise ValueError(f"unknown TTTConfig key {key!r}: {hint}")
-        return cls(**data)
+        return schema.build(cls, data)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (YAML/JSON safe)."""
@@ -177,7 +146,7 @@ def _check_spec_syntax(spec: str) -> None:
     s = spec.strip().lower()
     if s in ("all", "middle", "upper") or _PREFIX_SPEC.match(s) or _LIST_SPEC.match(s):
         return
-    raise ValueError(f"TTTConfig.layers: bad layer spec {spec!r}; expected one of {_NAMED_SPECS}")
+    raise ValueError(f"layers: bad layer spec {spec!r}; expected one of {_NAMED_SPECS}")
 
 
 def parse_layer_spec(spec: str | list[int] | tuple[int, ...], num_layers: int) -> list[int]:
@@ -231,23 +200,3 @@ def parse_layer_spec(spec: str | list[int] | tuple[int, ...], num_layers: int) -
 # -- small validators -----------------------------------------------------------------------
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"TTTConfig.{name}: expected one of {choices}, got {value!r}")
-
-
-def _int_at_least(name: str, value: Any, low: int) -> None:
-    if not _is_int(value) or value < low:
-        raise ValueError(f"TTTConfig.{name}: expected an int >= {low}, got {value!r}")
-
-
-def _float(name: str, value: Any, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"TTTConfig.{name}: expected a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or (positive and value <= 0):
-        kind = "a positive finite number" if positive else "a finite number"
-        raise ValueError(f"TTTConfig.{name}: expected {kind}, got {value!r}")
-    return value

@@ -75,6 +75,23 @@ class ModelConfig:
     train_context: int | None = option(None, ge=1)
     train_context_min: int | None = option(None, ge=1)
 
+    def rules(self) -> None:
+        """The rules between keys (types and bounds: ``schema``)."""
+        if self.source == "local" and not self.path:
+            raise ValueError("path: expected a checkpoint directory for model.source: local")
+        if self.source == "hf" and not self.hf_repo:
+            raise ValueError("hf_repo: expected a repo id for model.source: hf")
+        if self.source == "tiny":
+            for key in OVERRIDE_KEYS:
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key}: only for model.source hf or local, not tiny")
+        lo, hi = self.train_context_min, self.train_context
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(
+                f"train_context_min: {lo} > model.train_context {hi}: the range of "
+                "training windows is empty"
+            )
+
 
 @dataclass
 class LoraConfig:
@@ -87,18 +104,6 @@ class LoraConfig:
     enable: bool = False
     rank: int = option(64, ge=1)
     scaling: float = option(2.0, gt=0)
-
-
-def check_model(m: ModelConfig) -> None:
-    """The rules between keys of the ``model`` section (types and bounds: ``schema``)."""
-    if m.source == "local" and not m.path:
-        raise ValueError("model.path: expected a checkpoint directory for model.source: local")
-    if m.source == "hf" and not m.hf_repo:
-        raise ValueError("model.hf_repo: expected a repo id for model.source: hf")
-    if m.source == "tiny":
-        for key in OVERRIDE_KEYS:
-            if getattr(m, key) is not None:
-                raise ValueError(f"model.{key}: only for model.source hf or local, not tiny")
 
 
 @dataclass
@@ -120,7 +125,6 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         schema.validate(self)
-        check_model(self.model)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:

@@ -38,7 +38,9 @@ import numpy as np
 import sphn
 from aiohttp import web
 
+from .. import schema
 from ..generate import token_text
+from ..schema import option
 from .engine import Engine, RowOutput, is_text
 from .sessions import SessionStore
 
@@ -54,35 +56,23 @@ SESSION_ID_HEADER = "X-Moshi-TTT-Session-Id"
 
 @dataclass
 class ServeConfig:
-    """Limits and sampling of ``moshi-ttt serve`` (the CLI flags of the same names)."""
+    """Limits and sampling of ``moshi-ttt serve`` (the CLI flags of the same names), checked on
+    construction (``moshi_ttt.schema``)."""
 
-    max_sessions: int = 4
-    max_message_bytes: int = 1 << 18  # one websocket message (an Opus page is ~300 bytes)
-    max_backlog_frames: int = 25  # input frames waiting per session; older ones are dropped
-    max_send_backlog: int = 50  # output frames a client may leave unsent before it is closed
-    send_timeout_s: float = 10.0  # one send blocked longer: the client stopped reading
-    send_buffer_bytes: int = 1 << 16  # kernel send buffer of a chat socket (0: system default)
-    undecoded_bytes_limit: int = 1 << 16  # Ogg bytes without any audio: not Opus
+    max_sessions: int = option(4, ge=1)
+    max_message_bytes: int = option(1 << 18, ge=1)  # one websocket message (Opus page ~300 B)
+    max_backlog_frames: int = option(25, ge=1)  # input frames waiting per session; oldest dropped
+    max_send_backlog: int = option(50, ge=1)  # output frames a client may leave unsent
+    send_timeout_s: float = option(10.0, gt=0)  # one send blocked longer: client stopped reading
+    send_buffer_bytes: int = option(1 << 16, ge=0)  # kernel send buffer (0: system default)
+    undecoded_bytes_limit: int = option(1 << 16, ge=1)  # Ogg bytes without any audio: not Opus
     greedy: bool = False
-    temp: float = 0.8
-    temp_text: float = 0.7
+    temp: float = option(0.8, ge=0)
+    temp_text: float = option(0.7, ge=0)
     seed: int = 42424242
 
-    def check(self) -> None:
-        for name in (
-            "max_sessions",
-            "max_message_bytes",
-            "max_backlog_frames",
-            "max_send_backlog",
-            "undecoded_bytes_limit",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if not self.send_timeout_s > 0:
-            raise ValueError("--send-timeout must be > 0")
-        for name in ("temp", "temp_text"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+    def __post_init__(self) -> None:
+        schema.validate(self)
 
 
 class Session:
@@ -140,7 +130,7 @@ class ChatServer:
         store: SessionStore,
         static: str | None = None,
     ):
-        config.check()
+        schema.validate(config)  # a field may have been set after construction
         self.config, self.store, self.tokenizer, self.static = config, store, tokenizer, static
         import torch
 

@@ -21,7 +21,7 @@ import yaml
 from .. import schema
 from ..format import frames_for_duration
 from ..integration.config import TTTConfig, parse_layer_spec
-from ..models.spec import LoraConfig, ModelConfig, ModelSpec, check_model
+from ..models.spec import LoraConfig, ModelConfig, ModelSpec
 from ..schema import option, read_yaml
 
 # Names used by moshi-finetune (and common guesses) -> ours, for "did you mean" messages.
@@ -106,6 +106,11 @@ class OptimConfig:
     pct_start: float = option(0.05, ge=0, lt=1)
     min_lr_ratio: float = option(0.0, ge=0, le=1)
 
+    def rules(self) -> None:
+        b1, b2 = self.betas
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            raise ValueError(f"betas: expected two numbers in [0, 1), got {[b1, b2]}")
+
 
 @dataclass
 class TrainConfig:
@@ -175,9 +180,12 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Types and bounds of every key (``schema.validate``), then cross-key rules."""
+        """Types and bounds of every key, then the rules of each section (``schema.validate``);
+        also run on construction."""
         schema.validate(self)
-        check_model(self.model)
+
+    def rules(self) -> None:
+        """The rules between keys of different sections."""
         if not self.data.train:
             raise ValueError("data.train: expected at least one JSONL index or shards directory")
         if self.eval_every > 0 and not self.data.eval:
@@ -186,12 +194,6 @@ class TrainConfig:
         if self.ttt is None and not self.lora.enable and not (m.train_embeddings or m.train_base):
             raise ValueError(
                 "ttt: null with lora.enable false and no train_embeddings: nothing to train"
-            )
-        lo, hi = m.train_context_min, m.train_context
-        if lo is not None and hi is not None and lo > hi:
-            raise ValueError(
-                f"model.train_context_min: {lo} > model.train_context {hi}: the range of "
-                "training windows is empty"
             )
         if self.kl_to_base > 0 and (self.ttt is None or self.ttt.kind == "inplace"):
             raise ValueError(
@@ -202,9 +204,6 @@ class TrainConfig:
             self._check_state_carry()
         if self.ttt is not None:
             self._check_ttt_update_is_used()
-        b1, b2 = self.optim.betas
-        if not (0 <= b1 < 1 and 0 <= b2 < 1):
-            raise ValueError(f"optim.betas: expected two numbers in [0, 1), got {[b1, b2]}")
 
     def check_ttt_layers(self, num_layers: int) -> list[int]:
         """The converted layer indices of ``ttt.layers`` for a base of ``num_layers`` layers;

@@ -23,6 +23,8 @@ mini-batches is recomputed in the backward pass, so only the states at group bou
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -82,14 +84,28 @@ def _rows_at_token_weights(kind, x_aug, m1, W, acc, eta, tok, x2, Gs, z_base=Non
     return z2
 
 
-def _mini_batch(kind, n, W, acc, commit, tok, tok_last, lnw, shift, kq, lr, lrt, klr, eta, m1,
-                probe, out=None):  # fmt: skip
+@dataclass(frozen=True, eq=False)
+class _Scan:
+    """What every mini-batch of one scan shares (made once per ``ttt_dual`` call): the kind,
+    the mini-batch size ``n``, the token scales ``tok [n, 1]`` and ``tok_last`` (tok_n), the
+    LayerNorm weight ``lnw`` (premultiplied without ``probe``) and whether to probe losses."""
+
+    kind: str
+    n: int
+    tok: torch.Tensor
+    tok_last: torch.Tensor
+    lnw: torch.Tensor
+    probe: bool
+
+
+def _mini_batch(s: _Scan, W, acc, commit, shift, kq, lr, lrt, klr, eta, m1, out=None):
     """One mini-batch on ``[BH, ...]`` tensors: kq ``[BH, 2n, d+2]`` (augmented keys then
     queries), lr ``[BH, n, 1]``, lrt ``= lr * tok_n``, klr ``= (k~ * lrt)^T [BH, d+2, n]`` (MLP;
-    None: the commit scales G1 instead), eta/m1 ``[BH, n, n]``. Without ``probe``, lnw and
+    None: the commit scales G1 instead), eta/m1 ``[BH, n, n]``. Without ``s.probe``, lnw and
     shift come premultiplied (``ln_l2_grad`` with ``scaled``).
     Returns (zbar, W, acc, lprev, lafter).
     Without autograd the weights are updated in place (they are this scan's own tensors)."""
+    kind, n, tok, tok_last, lnw, probe = s.kind, s.n, s.tok, s.tok_last, s.lnw, s.probe
     k_aug, q_aug = kq[:, :n], kq[:, n:]
     zq = None
     if kind == "mlp" and not torch.is_grad_enabled():  # one product; GELU reads strided halves
@@ -277,14 +293,14 @@ def ttt_dual(
     # eager only: compiled, out= arguments do not fix the layout of what they trace).
     zbuf = None if torch.is_grad_enabled() or compiling else q.new_empty(nmb, BH, n, d)
 
+    scan = _Scan(kind, n, tok, tok_last, lnw, probe)
+
     def run(start: int, stop: int, W: Weights, acc: Weights | None):
         zs, lps, las = [], [], []
         for i in range(start, stop):
             commit = i < nmb - 1 or commit_last
-            zbar, W, acc, lp, la = _mini_batch(
-                kind, n, W, acc, commit, tok, tok_last, lnw, *mb_args(i), probe,
-                None if zbuf is None else zbuf[i],
-            )  # fmt: skip
+            out = None if zbuf is None else zbuf[i]
+            zbar, W, acc, lp, la = _mini_batch(scan, W, acc, commit, *mb_args(i), out)
             zs.append(zbar)
             lps.append(lp)
             las.append(la)

@@ -1,0 +1,164 @@
+"""A training run's directory and checkpoints, seen from the loop in ``trainer``: a fresh or
+resumed run directory, the preflight checks from config files (TTT layers against the base, the
+data paths), the differences a resume may not have, saving a checkpoint with its RNG state.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.files import BAD_FILES, read_index
+from ..data.pipeline import ShardSource, WindowLoader
+from ..integration.carry import StateCarry
+from ..models.load import describe_spec
+from ..models.spec import LoadedModel
+from ..outputs import existing
+from .checkpoint import (
+    CorruptCheckpoint,
+    checkpoint_config,
+    find_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+)
+from .config import TrainConfig
+from .parallel import (
+    Dist,
+)
+from .steps import is_shards
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "train.log", "tensorboard", "checkpoints", BAD_FILES)
+
+
+# Keys that do not change what a resumed run computes (all others must match the checkpoint's).
+RESUME_FREE_KEYS = (
+    "run_dir", "log_every", "eval_every", "eval_max_batches", "ckpt_every", "keep_last",
+    "max_bad_steps", "data.eval", "data.num_workers", "data.max_bad_fraction",
+    "data.encode_chunk_sec", "model.gradient_checkpointing",
+)  # fmt: skip
+
+
+def check_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """A new run must not mix with (or replace) a previous one without ``overwrite``."""
+    if list_checkpoints(run_dir / "checkpoints") and not overwrite:
+        raise ValueError(
+            f"run_dir {run_dir}: {run_dir / 'checkpoints'} already holds checkpoints: pass "
+            "--resume to continue that run, --force to start afresh (deletes it), or choose "
+            "another run_dir"
+        )
+    found = existing(run_dir, RUN_FILES)
+    if found and not overwrite:
+        raise ValueError(
+            f"run_dir {run_dir}: already holds a run ({', '.join(found)}): pass --resume to "
+            "continue it, --force to start afresh (deletes those), or choose another run_dir"
+        )
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    for name in (*RUN_FILES, *[p.name for p in run_dir.glob("bad_files.rank*.json")]):
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def checkpoint_to_resume(run_dir: Path, resume: bool | str | Path) -> Path | None:
+    """The checkpoint to resume from (checked complete), None for a new run."""
+    if not resume:
+        return None
+    if resume is not True:
+        ckpt = Path(resume)
+        if not (ckpt / "state.json").is_file():
+            raise FileNotFoundError(
+                f"--resume-from {ckpt}: not a checkpoint directory (expected "
+                f"{run_dir}/checkpoints/step_* with a state.json)"
+            )
+        return find_checkpoint(ckpt, use="pass --resume-from")
+    root = run_dir / "checkpoints"
+    if not list_checkpoints(root):
+        raise FileNotFoundError(f"--resume: no checkpoint in {root}")
+    try:
+        return find_checkpoint(run_dir, use="pass --resume-from")
+    except CorruptCheckpoint as e:
+        raise ValueError(f"--resume: {e}") from e
+
+
+def check_ttt_layers_against_base(cfg: TrainConfig) -> None:
+    """``ttt.layers`` against the base's layer count, from its config files (no weights)."""
+    if cfg.ttt is None:
+        return
+    if cfg.model.source == "local" and not Path(str(cfg.model.path)).is_dir():
+        raise FileNotFoundError(
+            f"model.path: {cfg.model.path!r} is not a checkpoint or run directory"
+        )
+    num_layers = describe_spec(cfg.spec).lm_kwargs.get("num_layers")
+    if isinstance(num_layers, int):
+        cfg.check_ttt_layers(num_layers)
+
+
+def check_data_paths(cfg: TrainConfig) -> None:
+    """Every ``data.train`` / ``data.eval`` index or shards directory exists and parses (the
+    index files only, no audio), before the model is built."""
+    for key, paths in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        for path in paths:
+            try:
+                ShardSource(path) if is_shards(path) else read_index(path)
+            except (OSError, ValueError) as e:
+                raise type(e)(f"{key}: {e}") from None
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def resume_differences(ckpt: Path, cfg: TrainConfig) -> list[str]:
+    """``"key: CHECKPOINT -> NOW"`` for every setting that differs from the checkpoint's
+    config and changes the data order, shapes or results (not in ``RESUME_FREE_KEYS``)."""
+    old = _flat(checkpoint_config(ckpt).to_dict())
+    new = _flat(cfg.to_dict())
+    keys = sorted(set(old) | set(new))
+    free = tuple(RESUME_FREE_KEYS)
+    return [
+        f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now"
+        for k in keys
+        if old.get(k) != new.get(k) and not k.startswith(free)
+    ]
+
+
+def save_run_checkpoint(root: Path, step: int, named: list, optimizer: torch.optim.Optimizer,
+          loader: WindowLoader, carry: StateCarry | None, skipped: int, param_groups: list,
+          d: Dist, model: LoadedModel, cfg: TrainConfig) -> Path:  # fmt: skip
+    rank_tensors = rng_state(d)
+    if carry is not None:
+        rank_tensors.update({f"carry.{k}": v for k, v in carry.state_dict().items()})
+    state = {
+        "data": loader.state_dict(),
+        "skipped_steps": skipped,
+        "lr": {g["name"]: g["lr"] for g in param_groups},
+        "config": cfg.to_dict(),
+    }
+    return save_checkpoint(root, step, named, optimizer, state, rank_tensors, d, model,
+                           cfg.keep_last)  # fmt: skip
+
+
+def rng_state(d: Dist) -> dict[str, torch.Tensor]:
+    out = {"rng.cpu": torch.get_rng_state()}
+    if d.device.type == "cuda":
+        out["rng.cuda"] = torch.cuda.get_rng_state(d.device)
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], d: Dist) -> None:
+    if "rng.cpu" in tensors:
+        torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and d.device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"], d.device)
