@@ -24,7 +24,6 @@ from moshi_ttt.data.files import (
 )
 from moshi_ttt.data.pipeline import (
     FRAME_SIZE,
-    SAMPLE_RATE,
     AudioSource,
     ShardSource,
     WindowLoader,
@@ -34,6 +33,7 @@ from moshi_ttt.data.pipeline import (
     tokenize_index,
 )
 from moshi_ttt.data.toy import WORDS, write_alignments, write_stereo, write_toy_dataset
+from moshi_ttt.format import SAMPLE_RATE
 
 P, E = 3, 0  # text PAD, EPAD
 MAIN, OTHER = "SPEAKER_MAIN", "SPEAKER_OTHER"

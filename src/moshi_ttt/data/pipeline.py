@@ -26,16 +26,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import zlib
-from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import sphn
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -43,30 +40,21 @@ from tqdm import tqdm
 from ..format import (
     FRAME_RATE,
     FRAME_SIZE,
-    NUM_CODEBOOKS,
     NUM_STREAMS,
-    SAMPLE_RATE,
-    TEXT_EPAD,
-    TEXT_PAD,
     ZERO_TOKEN,
     frames_for_duration,
 )
 from .files import (
-    Alignment,
-    AudioEncoder,
     BAD_FILES,
-    BAD_REASONS,
+    MAIN_SPEAKER,
+    AudioEncoder,
     BadFile,
     BadFileCounter,
     DataError,
     IndexEntry,
-    MAIN_SPEAKER,
     Tokenizer,
-    ToyEncoder,
-    ToyTokenizer,
     alignments_path,
     build_text_stream,
-    encode_chunked,
     encode_stereo,
     load_stereo,
     read_alignments,
@@ -511,5 +499,3 @@ def tokenize_index(
     tmp.write_text(json.dumps(summary, indent=1))
     os.replace(tmp, out / SHARDS_INDEX)
     return stats
-
-
