@@ -282,4 +282,5 @@ def test_shipped_configs_validate_and_tiny_config_trains(tmp_path, monkeypatch, 
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "done: 2 steps" in out
+    assert "note: TTT on a frozen base" not in out  # the tiny config follows the recipe
     assert [r["step"] for r in metrics(tmp_path / "run", "eval")] == [2]
