@@ -173,3 +173,13 @@ def test_one_file_eval_says_no_interval(tmp_path, capsys):
     assert "p = 0" not in printed and "95 % CI [" not in printed
     md = (out / "report.md").read_text()
     assert "(n = 1: no interval)" in md and "p = 0" not in md
+
+
+def test_a_bootstrap_p_below_its_resolution_is_never_printed_as_zero():
+    from moshi_ttt.eval.stats import N_BOOT, format_p, paired_difference
+
+    d = paired_difference(np.full(30, -1.0) + np.linspace(0, 0.1, 30), np.zeros(30))
+    assert d["p_value"] == 0  # no resample on the other side of 0
+    assert format_p(d["p_value"]) == f"< {2 / N_BOOT:.2g}" == "< 0.001"
+    assert format_p(0.0123) == "0.0123" and format_p(float("nan")) == "-" and format_p(None) == "-"
+    assert format_p(0.0, bootstrap=False) == "0"  # an exact test's p is printed as it is

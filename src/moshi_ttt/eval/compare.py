@@ -28,7 +28,14 @@ import numpy as np
 
 from .pair_report import PUBLISHED, TITLES
 from .report import Report
-from .stats import fmt_interval, mcnemar_exact, no_interval, paired_difference, ratio_difference
+from .stats import (
+    fmt_interval,
+    format_p,
+    mcnemar_exact,
+    no_interval,
+    paired_difference,
+    ratio_difference,
+)
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
@@ -231,7 +238,7 @@ def compare_lines(c: dict[str, Any]) -> list[str]:
         mc = c["mcnemar"]
         lines.append(
             f"  McNemar (exact): A right / B wrong {mc['a_right_b_wrong']}, A wrong / B right "
-            f"{mc['a_wrong_b_right']}, p = {_p(mc['p_value'])}"
+            f"{mc['a_wrong_b_right']}, p = {format_p(mc['p_value'], bootstrap=False)}"
         )
         if not c["same_protocol"]:
             lines.append("  WARNING: the two reports use different protocols")
@@ -259,7 +266,7 @@ def _difference(d: dict[str, Any], scale: float, digits: int, unit: str) -> str:
 
 
 def _p(p: Any) -> str:
-    return "-" if p is None or not math.isfinite(p) else f"{p:.3g}"
+    return format_p(p)
 
 
 def write_compare_report(c: dict[str, Any], out_dir: str | Path) -> Report:

@@ -64,6 +64,16 @@ def _percentiles(samples: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+def format_p(p: float | None, bootstrap: bool = True, n_boot: int = N_BOOT) -> str:
+    """A p-value as text: ``"-"`` when there is none; a bootstrap p below its resolution
+    (``2 / n_boot``: no resample on the other side of 0) as ``"< 0.001"``, never ``"0"``."""
+    if p is None or not math.isfinite(p):
+        return "-"
+    if bootstrap and p < 2 / n_boot:
+        return f"< {2 / n_boot:.2g}"
+    return f"{p:.3g}"
+
+
 def _p_value(samples: np.ndarray, observed: float) -> float:
     """Two-sided bootstrap p-value of "no difference": twice the smaller share of the
     bootstrap differences on either side of 0 (1 when all are 0)."""

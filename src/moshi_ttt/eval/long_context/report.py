@@ -12,7 +12,7 @@ import numpy as np
 
 from ...format import FRAME_RATE
 from ..report import Report
-from ..stats import fmt_interval
+from ..stats import fmt_interval, format_p
 from .scoring import Variant
 from .statistics import (
     AUTO,
@@ -186,8 +186,7 @@ def write_long_context_section(
 
 
 def _p(ci: dict[str, Any]) -> str:
-    p = ci.get("p_value")
-    return "-" if p is None or not math.isfinite(p) else f"{p:.3g}"
+    return format_p(ci.get("p_value"))
 
 
 def _add_columns(

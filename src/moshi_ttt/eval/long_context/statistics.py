@@ -18,7 +18,7 @@ import torch
 
 from ...format import NUM_CODEBOOKS
 from ...recipes import HARM_TOLERANCE
-from ..stats import ratio_difference, ratio_interval
+from ..stats import format_p, ratio_difference, ratio_interval
 from .scoring import FileLosses, Variant
 
 NUM_AUDIO = NUM_CODEBOOKS  # Moshi's codebooks, the scored audio
@@ -574,7 +574,7 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         extra = ""
         if ci and math.isfinite(ci.get("lo", math.nan)):
             extra = (
-                f" [95 % CI {ci['lo']:+.4f}, {ci['hi']:+.4f}; p = {ci['p_value']:.3g}; "
+                f" [95 % CI {ci['lo']:+.4f}, {ci['hi']:+.4f}; p = {format_p(ci['p_value'])}; "
                 f"{ci['n']} files]"
             )
         lines.append(
