@@ -89,8 +89,28 @@ def fmt(xs: list[float]) -> str:
     return f"{np.mean(xs):.4f}" + (f" ({min(xs):.4f}..{max(xs):.4f})" if len(xs) > 1 else "")
 
 
+def records(root: Path) -> list[dict]:
+    """One flat record per (corpus, variant, seed, row) of every results.json under ``root``."""
+    out = []
+    for path in sorted(root.glob("*/*/seed*/results.json")):
+        corpus, variant, seed = path.parts[-4], path.parts[-3], int(path.parts[-2][4:])
+        r = json.loads(path.read_text())
+        for row, v in r["rows"].items():
+            rec = {"corpus": corpus, "variant": variant, "seed": seed, "row": row}
+            for key in ("ce_within", "ce_beyond", "vs_base_within", "vs_base_beyond",
+                        "gain_share", "train_seconds", "gate"):  # fmt: skip
+                if key in v:
+                    rec[key] = v[key]
+            out.append(rec)
+    return out
+
+
 def table(args: argparse.Namespace) -> None:
     root = Path(args.out)
+    if args.jsonl:
+        lines = [json.dumps(rec) for rec in records(root)]
+        Path(args.jsonl).write_text("\n".join(lines) + "\n")
+        print(f"{len(lines)} records -> {args.jsonl}")
     found: dict = {}
     shares: dict = {}
     for path in sorted(root.glob("*/*/seed*/results.json")):
@@ -136,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     r.set_defaults(func=run)
     t = sub.add_parser("table")
     t.add_argument("out")
+    t.add_argument("--jsonl", help="also write every run's rows as JSON lines to this file")
     t.set_defaults(func=table)
     args = p.parse_args(argv)
     args.func(args)
