@@ -173,7 +173,7 @@ def read_text_corpus(
     root: str | Path, spec: CorpusSpec, out_dir: str | Path, progress: bool = False
 ) -> CorpusSummary:
     """Read the text files under ``root`` into three shards directories ``out_dir/{train,val,
-    test}`` (``moshi_ttt.train.data.ShardSource``), one sequence of ``spec.frames`` frames per
+    test}`` (``moshi_ttt.data.pipeline.ShardSource``), one sequence of ``spec.frames`` frames per
     shard; returns the summary. Raises ``DataError`` (naming ``root`` and what was expected)
     when there is no usable sequence in some split."""
     root = Path(root)

@@ -14,7 +14,7 @@ t. The Bayes-optimal predictor (``oracle_nll``) therefore gets better along the 
 the best predictor restricted to the last C frames (``oracle_nll(..., window=C)``) stays flat
 once t > C. The gap between the two is what a memory can win.
 
-Format: a shards directory (``moshi_ttt.train.data.ShardSource``): ``shards.json`` and one
+Format: a shards directory (``moshi_ttt.data.pipeline.ShardSource``): ``shards.json`` and one
 ``NNNNNN.safetensors`` per sequence holding ``codes`` ``[17, T]`` int32. Row 0 (text) holds the
 symbols as text tokens ``token_offset + symbol`` (the default offset 4 avoids Moshi's EPAD 0 and
 PAD 3, which the loss weighs differently); rows 1-8 (Moshi's audio) are -1: no input and no
