@@ -120,7 +120,7 @@ def plot_bin_frames(requested: int, longest: int, min_bins: int = 4) -> int:
     """The position bin of the curves: ``requested``, unless it leaves fewer than ``min_bins``
     bins on the longest file (``longest`` frames), then a bin that gives that file about
     ``2 * min_bins`` bins (a 96-frame file: 12-frame bins instead of one 250-frame dot)."""
-    if longest <= 0 or math.ceil(longest / requested) >= min_bins:
+    if requested < 1 or longest <= 0 or math.ceil(longest / requested) >= min_bins:
         return requested
     return max(1, math.ceil(longest / (2 * min_bins)))
 
