@@ -9,6 +9,7 @@ import math
 import shlex
 import struct
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import sphn
@@ -27,6 +28,7 @@ from moshi_ttt.eval.long_context import (
     segments,
     stream_losses,
 )
+from moshi_ttt.eval.report import Report
 from moshi_ttt.integration import TTTConfig, apply_ttt, build_tiny_lm, ttt_modules
 from moshi_ttt.models.codec import build_tiny_mimi
 from moshi_ttt.train.loss import _masked_ce
@@ -331,6 +333,100 @@ def test_cli_long_context_inner_loss_gating(librilight, tmp_path, capsys):
     assert list(data["result"]["curves"]) == ["gate=0", "learned", "gate=1"]
     assert set(data["samples"]) == {"gate=0", "learned", "gate=1"}
     assert (out / "sample_gate_0.wav").is_file() and "Generated samples" in md
+
+
+# -- plots that show something ----------------------------------------------------------------
+def _plot_areas(fig) -> list[tuple[tuple[float, ...], list[tuple[float, ...]]]]:
+    """Per axes of ``fig``: its box and its legend's box, as figure fractions (x0, y0, x1, y1)."""
+    out = []
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        boxes = []
+        if legend is not None:
+            b = legend.get_window_extent().transformed(fig.transFigure.inverted())
+            boxes.append((b.x0, b.y0, b.x1, b.y1))
+        p = ax.get_position()
+        out.append(((p.x0, p.y0, p.x1, p.y1), boxes))
+    return out
+
+
+def _shows_data(png, areas, min_pixels: int = 20) -> bool:
+    """True when every axes of the PNG holds coloured pixels (a curve, a marker) outside its
+    legend; black/grey (frame, context line, zero line), white and pale bands do not count."""
+    img = plt.imread(str(png))[..., :3]
+    h, w = img.shape[:2]
+    colour = (img.max(-1) - img.min(-1)) > 0.2
+
+    def rows_cols(box, pad):
+        x0, y0, x1, y1 = box
+        return (slice(int((1 - y1) * h) - pad, int((1 - y0) * h) + pad + 1),
+                slice(int(x0 * w) - pad, int(x1 * w) + pad + 1))  # fmt: skip
+
+    for box, legends in areas:
+        rows, cols = rows_cols(box, -3)  # inside the frame
+        inside = np.zeros_like(colour)
+        inside[rows, cols] = True
+        for legend in legends:
+            lr, lc = rows_cols(legend, 4)
+            inside[max(lr.start, 0) : lr.stop, max(lc.start, 0) : lc.stop] = False
+        if int((colour & inside).sum()) < min_pixels:
+            return False
+    return True
+
+
+def test_shows_data_fails_on_an_empty_frame_and_a_lone_point_without_marker(tmp_path):
+    for draw in ([], [[5.0]]):  # nothing; one point without a marker: no pixel of the curve
+        fig, ax = plt.subplots()
+        for y in draw:
+            ax.plot([1.0], y, label="curve")
+        ax.axvline(1.0, color="k", ls="--", label="context")
+        ax.legend()
+        fig.savefig(tmp_path / "p.png", dpi=110)
+        assert not _shows_data(tmp_path / "p.png", _plot_areas(fig)), draw
+        plt.close(fig)
+    fig, ax = plt.subplots()
+    ax.plot([1.0], [5.0], marker="o", label="curve")
+    ax.legend()
+    fig.savefig(tmp_path / "p.png", dpi=110)
+    assert _shows_data(tmp_path / "p.png", _plot_areas(fig))
+    plt.close(fig)
+
+
+def test_every_plot_shows_its_curves_on_short_files(librilight, tmp_path, monkeypatch):
+    areas, labels = {}, {}
+    real = Report.add_figure
+
+    def recording(self, fig, filename, caption):
+        fig.set_dpi(110)  # as saved: legend boxes and the figure in the same pixels
+        fig.tight_layout()  # as add_figure does before saving
+        fig.canvas.draw()  # lays the legends out
+        path = self.out / filename
+        areas[path] = _plot_areas(fig)
+        labels[path] = [line.get_label() for ax in fig.axes for line in ax.lines]
+        return real(self, fig, filename, caption)
+
+    monkeypatch.setattr(Report, "add_figure", recording)
+    cfg = tmp_path / "ttt.yaml"
+    TTTConfig(layers="1,3", kind="mlp", mini_batch_size=4, gate_init=0.5).to_yaml(cfg)
+    common = [str(librilight), "--tiny", "--ttt-config", str(cfg), "--device", "cpu"]
+    common += shlex.split("--chunk-frames 8 --no-progress --speedup-frames 0")  # bins: default
+    lc, gating = tmp_path / "lc", tmp_path / "gating"
+    assert main(["eval", "long-context", *common, "--out", str(lc), "--reset-every", "16"]) == 0
+    assert main(["eval", "gating", *common, "--out", str(gating), "--gates", "0,1e-12,1"]) == 0
+    for out in (lc, gating):
+        data = json.loads((out / "report.json").read_text())
+        written = [out / p for p in data["plots"]]
+        assert "codebooks_vs_position.png" in data["plots"] and set(written) <= set(areas)
+        for png in written:
+            assert _shows_data(png, areas[png]), png
+        lc_data = data["long_context"]
+        assert lc_data["bin_frames_requested"] == 250 and lc_data["bin_frames"] == 5
+        assert len(lc_data["curves"]["gate=1" if out == gating else "ttt"]["start"]) == 8
+        md = (out / "report.md").read_text()
+        assert "position bins of 5 frames (0.4 s; requested 250; files are only 38 frames)" in md
+    # gate 1e-12 gives gate 0's curve: the legend says so (and its marker differs)
+    assert "gate=1e-12 (= gate=0)" in labels[gating / "loss_vs_position.png"]
+    assert len([x for x in labels[lc / "codebooks_vs_position.png"] if x.startswith("cb")]) == 8
 
 
 def test_cli_bad_data_is_reported_not_a_crash(tmp_path, capsys):

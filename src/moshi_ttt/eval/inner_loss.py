@@ -41,7 +41,7 @@ from .long_context import (
     write_result_section,
     write_run_info,
 )
-from .report import Report
+from .report import Report, coincidence_labels, curve_style, plot_bin_frames
 
 NAMES = ("l0", "lprev", "lafter")
 
@@ -236,6 +236,8 @@ def write_inner_loss_section(
     check_metric(metric)
     model_curves = model_curves or {}
     model_metric = resolve_metric(metric, model_curves, context) if model_curves else None
+    lengths = [len(c) for c in curves.count.values()] + [v.length for v in model_curves.values()]
+    requested, bin_frames = bin_frames, plot_bin_frames(bin_frames, max(lengths, default=0))
     binned = curves.binned(bin_frames)
     model_binned = {k: v.binned(bin_frames) for k, v in model_curves.items()}
     verdicts = {layer: verdict(c) for layer, c in binned.items()}
@@ -243,7 +245,13 @@ def write_inner_loss_section(
         "## Inner loss (Figure 5)\n\nInner reconstruction MSE of each TTT layer, mean "
         "over heads and files, against the TTT step (input frame): `l0` (initial "
         "weights), `lprev` (weights at the start of the token's mini-batch), `lafter` "
-        "(weights the token's output uses)."
+        "(weights the token's output uses). "
+        + (
+            f"Position bins of {bin_frames} frames (requested {requested}; files are only "
+            f"{max(lengths)} frames)."
+            if bin_frames != requested
+            else f"Position bins of {bin_frames} frames."
+        )
         + (
             f" Beside it: the model's {METRIC_LABELS[model_metric]} (`{model_metric}`) of the "
             "same run."
@@ -260,14 +268,17 @@ def write_inner_loss_section(
             fig, (ax, ax2) = report.figure(11.0, 3.8, ncols=2)
             axes = [ax, ax2]
         x = (np.asarray(c["start"]) + np.asarray(c["end"]) - 1) / 2
-        for n in NAMES:
-            ax.plot(x, np.asarray(c[n], dtype=float), marker=".", label=n)
+        labels = coincidence_labels({n: c[n] for n in NAMES})
+        for i, n in enumerate(NAMES):
+            ax.plot(x, np.asarray(c[n], dtype=float), label=labels[n], **curve_style(i, len(x)))
         ax.set(title=f"{layer}: inner loss", xlabel="position (frames)", ylabel="MSE")
         ax.legend(fontsize=7)
         if model_metric is not None:
-            for name, b in model_binned.items():
+            labels = coincidence_labels({k: b[model_metric] for k, b in model_binned.items()})
+            for i, (name, b) in enumerate(model_binned.items()):
                 xb = (np.asarray(b["start"]) + np.asarray(b["end"]) - 1) / 2
-                ax2.plot(xb, np.asarray(b[model_metric], dtype=float), marker=".", label=name)
+                y = np.asarray(b[model_metric], dtype=float)
+                ax2.plot(xb, y, label=labels[name], **curve_style(i, len(y)))
             label = METRIC_LABELS[model_metric]
             ax2.set(
                 title=f"model: {label} (same run)", xlabel="position (frames)", ylabel="CE (nats)"
@@ -285,6 +296,7 @@ def write_inner_loss_section(
     data = {
         "metric": model_metric,
         "bin_frames": bin_frames,
+        "bin_frames_requested": requested,
         "curves": binned,
         "verdicts": verdicts,
         "seconds_per_frame": 1 / FRAME_RATE,
@@ -297,10 +309,10 @@ def _plot_comparison(
     report, binned, model_binned, reference, baseline, context, prefix, metric
 ) -> None:
     fig, ax = report.figure()
-    for layer, c in binned.items():
+    for i, (layer, c) in enumerate(binned.items()):
         l0, lp = np.asarray(c["l0"], dtype=float), np.asarray(c["lprev"], dtype=float)
         x = (np.asarray(c["start"]) + np.asarray(c["end"]) - 1) / 2
-        ax.plot(x, (l0 - lp) / l0, marker=".", label=f"{layer}: (l0 - lprev) / l0")
+        ax.plot(x, (l0 - lp) / l0, label=f"{layer}: (l0 - lprev) / l0", **curve_style(i, len(x)))
     if metric is not None and reference in model_binned and baseline in model_binned:
         ref = np.asarray(model_binned[reference][metric], dtype=float)
         base = np.asarray(model_binned[baseline][metric], dtype=float)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -65,6 +66,63 @@ class Report:
         md = f"# {self.title}\n\n" + "\n".join(self.parts)
         _atomic_write(self.out / "report.json", json.dumps(jsonable(self.data), indent=1))
         return _atomic_write(self.out / "report.md", md)
+
+
+# Curves are told apart by line style and marker as well as colour, so curves that coincide
+# (e.g. two gate values with the same loss) stay visible: each later one is drawn thinner, with
+# a smaller hollow marker, on top of the earlier ones.
+LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+FEW_POINTS = 20  # up to this many points a curve gets markers (a single point stays visible)
+
+
+def curve_style(index: int, points: int) -> dict[str, Any]:
+    """``ax.plot`` keyword arguments for the ``index``-th curve of an axes with ``points``
+    points: its own line style, and with few points (<= ``FEW_POINTS``) its own hollow marker,
+    smaller for later curves so one drawn over another leaves it visible."""
+    style: dict[str, Any] = {
+        "linestyle": LINESTYLES[index % len(LINESTYLES)],
+        "linewidth": max(0.8, 2.0 - 0.3 * index),
+    }
+    if points <= FEW_POINTS:
+        style |= {
+            "marker": MARKERS[index % len(MARKERS)],
+            "markersize": max(3.0, 9.0 - 1.5 * index),
+            "fillstyle": "none" if index else "full",
+        }
+    return style
+
+
+def coincidence_labels(curves: dict[str, Any]) -> dict[str, str]:
+    """Legend labels for named curves (sequences of numbers): a curve equal to an earlier one
+    (same length, equal within 1e-9 relative, NaN where it is NaN) is labelled
+    ``"name (= earlier)"``, so coinciding curves are named as such."""
+    labels: dict[str, str] = {}
+    seen: list[tuple[str, np.ndarray]] = []
+    for name, values in curves.items():
+        a = np.asarray(values, dtype=float)
+        same = next(
+            (
+                other
+                for other, b in seen
+                if a.shape == b.shape
+                and a.size
+                and np.allclose(a, b, rtol=1e-9, atol=0.0, equal_nan=True)
+            ),
+            None,
+        )
+        labels[name] = f"{name} (= {same})" if same else name
+        seen.append((name, a))
+    return labels
+
+
+def plot_bin_frames(requested: int, longest: int, min_bins: int = 4) -> int:
+    """The position bin of the curves: ``requested``, unless it leaves fewer than ``min_bins``
+    bins on the longest file (``longest`` frames), then a bin that gives that file about
+    ``2 * min_bins`` bins (a 96-frame file: 12-frame bins instead of one 250-frame dot)."""
+    if requested < 1 or longest <= 0 or math.ceil(longest / requested) >= min_bins:
+        return requested
+    return max(1, math.ceil(longest / (2 * min_bins)))
 
 
 def fmt(value: Any, digits: int = 4) -> str:

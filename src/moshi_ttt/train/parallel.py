@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from datetime import timedelta
 
 import torch
@@ -140,12 +140,38 @@ def apply_fsdp(lm: nn.Module, mesh: object | None = None) -> None:
     _register_fsdp_classes(lm)
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     kwargs = {"mp_policy": policy} if mesh is None else {"mp_policy": policy, "mesh": mesh}
+    lm.register_forward_hook(_copy_view_outputs, prepend=True)  # before FSDP's post-forward
     for _, unit in fsdp_units(lm):
         fully_shard(unit, **kwargs)
     for m in lm.modules():
         if hasattr(m, "set_gradient_divide_factor"):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+
+
+def _copy_view_outputs(module: nn.Module, args: object, output: object) -> object:
+    """Give the root's output tensors that are views (and need a gradient) storage of their own.
+
+    moshi's ``LMModel.forward`` returns ``text_logits`` as ``linear(x)[:, None]`` (its undelay is
+    the identity for the text stream), a view. FSDP2's root post-forward hook registers its
+    pre-backward hook on each output and warns, on every rank, that an in-place op on a view
+    would drop that hook. Nothing here writes into the output, but a copy removes the hazard
+    and the warning at its cause; it costs one copy of the text logits per forward (the view's
+    base is freed with it: nothing saves it for backward). Registered with ``prepend=True`` so
+    it runs before FSDP's hook. The values and gradients are unchanged.
+    """
+
+    def own(t: object) -> object:
+        if isinstance(t, torch.Tensor) and t.requires_grad and t._base is not None:
+            return t.clone()
+        return t
+
+    if isinstance(output, torch.Tensor):
+        return own(output)
+    if is_dataclass(output) and not isinstance(output, type):
+        changes = {f.name: own(getattr(output, f.name)) for f in fields(output)}
+        return replace(output, **changes)
+    return output
 
 
 def _register_fsdp_classes(model: nn.Module) -> None:

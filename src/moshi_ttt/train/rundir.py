@@ -15,6 +15,7 @@ from ..data.files import BAD_FILES, read_index
 from ..data.pipeline import ShardSource, WindowLoader
 from ..integration.carry import StateCarry
 from ..models.load import describe_spec
+from ..models.runs import read_state
 from ..models.spec import LoadedModel
 from ..outputs import existing
 from .checkpoint import (
@@ -28,7 +29,7 @@ from .config import TrainConfig
 from .parallel import (
     Dist,
 )
-from .steps import is_shards
+from .steps import is_shards, lr_multiplier
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "train.log", "tensorboard", "checkpoints", BAD_FILES)
 
@@ -123,15 +124,44 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
 def resume_differences(ckpt: Path, cfg: TrainConfig) -> list[str]:
     """``"key: CHECKPOINT -> NOW"`` for every setting that differs from the checkpoint's
     config and changes the data order, shapes or results (not in ``RESUME_FREE_KEYS``)."""
-    old = _flat(checkpoint_config(ckpt).to_dict())
+    before = checkpoint_config(ckpt)
+    old = _flat(before.to_dict())
     new = _flat(cfg.to_dict())
     keys = sorted(set(old) | set(new))
     free = tuple(RESUME_FREE_KEYS)
-    return [
-        f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now"
-        for k in keys
-        if old.get(k) != new.get(k) and not k.startswith(free)
-    ]
+    out = []
+    for k in keys:
+        if old.get(k) == new.get(k) or k.startswith(free):
+            continue
+        line = f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now"
+        if k == "max_steps":
+            why = _max_steps_change(before, cfg, int(read_state(ckpt)["step"]))
+            if why is None:
+                continue  # an exact continuation: the steps already trained are unchanged
+            line += f" ({why})"
+        out.append(line)
+    return out
+
+
+def _max_steps_change(before: TrainConfig, cfg: TrainConfig, step: int) -> str | None:
+    """None when resuming at ``step`` with ``cfg.max_steps`` is exact: the learning rate of
+    every step already trained (1..``step``) is the same under both configs, so the run is the
+    one ``cfg`` would train from scratch (the data order does not depend on ``max_steps``).
+    Otherwise why not, and what to do instead."""
+    if all(lr_multiplier(before, s) == lr_multiplier(cfg, s) for s in range(1, step + 1)):
+        return None
+    schedule = cfg.optim.schedule
+    if schedule == "constant":
+        cause = "its warm-up lasts pct_start x max_steps steps"
+    else:
+        cause = f"the {schedule} schedule decays over max_steps"
+    return (
+        f"the learning rate of the {step} steps already trained depends on max_steps: {cause}; "
+        "pass --allow-inexact-resume to continue on the new schedule, or start a new run "
+        "from this checkpoint (moshi-ttt export CHECKPOINT --out DIR, then train with "
+        "model.source=local and model.path=DIR); a schedule that extends exactly is "
+        "optim.schedule=constant with optim.pct_start=0"
+    )
 
 
 def save_run_checkpoint(root: Path, step: int, named: list, optimizer: torch.optim.Optimizer,

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ...format import FRAME_RATE
-from ..report import Report
+from ..report import Report, coincidence_labels, curve_style, plot_bin_frames
 from ..stats import fmt_interval, format_p
 from .scoring import Variant
 from .statistics import (
@@ -61,6 +61,8 @@ def write_long_context_section(
     metric = resolve_metric(metric, curves, context)
     col = COLUMN_LABELS[metric]
     reference = reference or next(iter(curves))
+    requested, longest = bin_frames, max(v.length for v in curves.values())
+    bin_frames = plot_bin_frames(requested, longest)
     binned = {k: v.binned(bin_frames) for k, v in curves.items()}
     gains = memory_gains(curves, reference, context)
     totals = {k: v.totals() for k, v in curves.items()}
@@ -71,7 +73,13 @@ def write_long_context_section(
     report.add_text(
         f"## {title}\n\nAttention context: {window}. Unweighted CE in nats per "
         f"token; perplexity = exp(CE) of the same tokens; position bins of {bin_frames} frames "
-        f"({bin_frames / FRAME_RATE:g} s); means are token-weighted over files; intervals are "
+        f"({bin_frames / FRAME_RATE:g} s"
+        + (
+            f"; requested {requested}; files are only {longest} frames"
+            if bin_frames != requested
+            else ""
+        )
+        + "); means are token-weighted over files; intervals are "
         "95 % bootstrap intervals over files. " + metric_note(metric, requested, curves, context)
     )
     audio = any(t["audio_tokens"] > 0 for t in totals.values())
@@ -150,6 +158,7 @@ def write_long_context_section(
         "metric": metric,
         "context_frames": context,
         "bin_frames": bin_frames,
+        "bin_frames_requested": requested,
         "totals": totals,
         "totals_beyond_context": beyond,
         "totals_within_context": within,
@@ -175,7 +184,7 @@ def write_long_context_section(
             continue
         n = len(eq[reference].file_blocks)
         sub = write_long_context_section(
-            report, eq, context=context, bin_frames=bin_frames, reference=reference,
+            report, eq, context=context, bin_frames=requested, reference=reference,
             prefix=f"{prefix}eq{L}_", metric=metric,
             title=f"Equal-length curves: {n} files of >= {L} frames ({L / FRAME_RATE:g} s), "
             f"cropped to {L}; every bin averages the same files",
@@ -284,8 +293,11 @@ def _plot_losses(
     panels = [p for p in panels if scored(p[0])] or panels[:1]
     fig, axes = report.figure(4.0 * len(panels), 3.6, ncols=len(panels))
     for ax, (key, label) in zip(np.atleast_1d(axes), panels):
-        for name, b in binned.items():
-            (line,) = ax.plot(_centers(b), np.asarray(b[key], dtype=float), marker=".", label=name)
+        labels = coincidence_labels({name: b[key] for name, b in binned.items()})
+        for i, (name, b) in enumerate(binned.items()):
+            y = np.asarray(b[key], dtype=float)
+            style = curve_style(i, len(y))
+            (line,) = ax.plot(_centers(b), y, label=labels[name], **style)
             band = (bands or {}).get(name, {})
             if key == metric and len(band.get("lo", [])) == len(b[key]):
                 lo, hi = (np.asarray(band[k], dtype=float) for k in ("lo", "hi"))
@@ -305,11 +317,15 @@ def _plot_gains(
 ) -> None:
     fig, ax = report.figure()
     ref = np.asarray(binned[reference][metric], dtype=float)
+    diffs = {}
     for name, b in binned.items():
         if name != reference:
             mine = np.asarray(b[metric], dtype=float)
             n = min(len(mine), len(ref))
-            ax.plot(_centers(b)[:n], mine[:n] - ref[:n], marker=".", label=f"{name} - {reference}")
+            diffs[f"{name} - {reference}"] = (_centers(b)[:n], mine[:n] - ref[:n])
+    labels = coincidence_labels({k: v[1] for k, v in diffs.items()})
+    for i, (name, (x, y)) in enumerate(diffs.items()):
+        ax.plot(x, y, label=labels[name], **curve_style(i, len(y)))
     ax.axhline(0, color="grey", lw=0.8)
     _mark_context(ax, context)
     label = METRIC_LABELS[metric]
@@ -326,8 +342,10 @@ def _plot_gains(
 
 def _plot_codebooks(report: Report, b: dict, name: str, context: int, prefix: str) -> None:
     fig, ax = report.figure()
-    for k, values in enumerate(b["codebooks"]):
-        ax.plot(_centers(b), np.asarray(values, dtype=float), label=f"cb{k}")
+    curves = {f"cb{k}": np.asarray(values, dtype=float) for k, values in enumerate(b["codebooks"])}
+    labels = coincidence_labels(curves)
+    for i, (cb, y) in enumerate(curves.items()):
+        ax.plot(_centers(b), y, label=labels[cb], **curve_style(i, len(y)))
     _mark_context(ax, context)
     ax.set(xlabel="position (frames, 80 ms)", ylabel="CE (nats)", title=f"Per codebook: {name}")
     ax.legend(fontsize=7, ncol=3)
