@@ -12,7 +12,7 @@ MOSHI_RUNTIME := "numpy>=1.26,<2.3" "safetensors>=0.4,<0.8" "huggingface_hub>=0.
                  "einops>=0.7,<0.9" "sentencepiece>=0.2,<0.3" "sphn>=0.2,<0.3" "tqdm>=4.48" \
                  "aiohttp>=3.10.5,<3.12"
 
-.PHONY: install demo test lint bench clean
+.PHONY: install install-client demo test lint bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --no-build-isolation -e ".[dev]"
 	$(PY) -c "import torch, moshi; assert torch.__version__.startswith('$(TORCH_VERSION)'), torch.__version__"
 	touch $(STAMP)
+
+install-client: $(STAMP)
+	$(PIP) install --quiet --no-build-isolation -e ".[dev,client]"
 
 demo: $(STAMP)
 	$(VENV)/bin/moshi-ttt demo

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import schema
+from ..models import hub
 from ..schema import option
 from .common import add_model_args, describe_model, load_model_from_args
 
@@ -38,7 +40,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--static",
         metavar="DIR|none",
         help="web UI directory; 'none': no UI; default: moshi's UI from the Hub "
-        "(kyutai/moshi-artifacts dist.tgz, as moshi.server)",
+        "(kyutai/moshi-artifacts dist.tgz, as moshi.server), or the API only when the Hub "
+        "cannot be reached",
     )
     p.add_argument(
         "--max-sessions",
@@ -95,18 +98,32 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
+UI_REPO, UI_FILE = "kyutai/moshi-artifacts", "dist.tgz"  # moshi's built web UI
+
+
 def _static_dir(static: str | None) -> str | None:
+    """The directory of the web page: ``--static DIR``, none for ``--static none``, else moshi's
+    web UI from the Hub (or the local cache). When that cannot be had the server starts with
+    the API only, after one line saying how to get a page."""
     if static == "none":
         return None
     if static is not None:
         if not (Path(static) / "index.html").is_file():
             raise FileNotFoundError(f"--static {static}: no index.html in it")
         return static
+    try:
+        dist_tgz = hub.hub_file(UI_REPO, UI_FILE)
+    except OSError as e:  # unreachable Hub (HubFileMissing) or huggingface_hub's errors
+        first = " ".join(str(e).split(";")[0].split())
+        print(
+            f"moshi-ttt serve: no web UI ({first}); serving /api/chat only. For a page pass "
+            "--static DIR (a built moshi client, the directory with its index.html), or "
+            "--static none to silence this",
+            file=sys.stderr,
+        )
+        return None
     import tarfile
 
-    from huggingface_hub import hf_hub_download
-
-    dist_tgz = Path(hf_hub_download("kyutai/moshi-artifacts", "dist.tgz"))
     dist = dist_tgz.parent / "dist"
     if not dist.exists():
         with tarfile.open(dist_tgz, "r:gz") as tar:

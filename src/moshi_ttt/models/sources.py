@@ -31,6 +31,7 @@ from typing import Any
 from moshi.models import loaders
 
 from ..integration.tiny import tiny_lm_kwargs
+from . import hub
 from .files import check_safetensors, check_safetensors_suffix, read_json, require_file
 from .spec import OVERRIDE_KEYS
 
@@ -92,11 +93,42 @@ def checkpoint_info(
             f"{text!r}: no such directory, and not a Hugging Face repo id (org/name)"
         )
     repo = text.removeprefix("hf://")
+    why = hub.hub_offline_reason()
     try:
-        info = loaders.CheckpointInfo.from_hf_repo(repo, **ov)
+        if why is None:
+            info = loaders.CheckpointInfo.from_hf_repo(repo, **ov)
+        else:  # every file from the cache, or one clear error before moshi guesses the 7B
+            _require_cached(repo, ov, why)
+            with hub.offline_mode():
+                info = loaders.CheckpointInfo.from_hf_repo(repo, **ov)
+    except hub.HubFileMissing:
+        raise
     except OSError as e:  # huggingface_hub's errors (offline, no such repo, no such file)
         raise FileNotFoundError(f"cannot get {repo!r} from the Hugging Face Hub: {e}") from e
     return check_info_files(info)
+
+
+def _require_cached(repo: str, ov: Mapping[str, Path | str], why: str) -> None:
+    """With the Hub out of reach (``why``): the files ``from_hf_repo`` reads from ``repo``
+    (config.json, then the weights, Mimi and tokenizer it names, unless overridden) must be in
+    the local cache; the first one missing is a ``hub.HubFileMissing``."""
+    names = {"moshi_weights": loaders.MOSHI_NAME, "mimi_weights": loaders.MIMI_NAME,
+             "tokenizer": loaders.TEXT_TOKENIZER_NAME}  # fmt: skip
+    extra: list[str] = []
+    if "config_path" not in ov:
+        found = hub.cached(repo, "config.json")
+        if found is None:
+            raise hub.missing_error(repo, "config.json", why)
+        if isinstance(found, Path):  # False: the repo has none (moshi's 7B), names as above
+            config = read_json(found)
+            if isinstance(config, dict):
+                names["moshi_weights"] = config.get("moshi_name", names["moshi_weights"])
+                names["mimi_weights"] = config.get("mimi_name", names["mimi_weights"])
+                names["tokenizer"] = config.get("tokenizer_name", names["tokenizer"])
+                extra = [config[k] for k in ("mimi_config_name", "lora_name") if config.get(k)]
+    for name in [n for k, n in names.items() if k not in ov] + extra:
+        if not isinstance(hub.cached(repo, name), Path):
+            raise hub.missing_error(repo, name, why)
 
 
 def check_info_files(info: loaders.CheckpointInfo) -> loaders.CheckpointInfo:
