@@ -317,6 +317,7 @@ def test_cli_long_context_inner_loss_gating(librilight, tmp_path, capsys):
     assert data["metric"] == res["metric"] == "audio_ce"
     assert "audio CE beyond the context (>= 12 frames): ttt " in printed
     assert "| text CE" not in md  # no text is scored: no text column
+    assert data["provenance"]["kind"] == "tiny" and data["provenance"]["weights"] == []
 
     out = tmp_path / "inner"
     assert main(["eval", "inner-loss", *common, "--out", str(out), "--speedup-frames", "0"]) == 0
@@ -324,6 +325,7 @@ def test_cli_long_context_inner_loss_gating(librilight, tmp_path, capsys):
     assert set(data["inner_loss"]["verdicts"]) == {"layer 1", "layer 3"}
     assert "inner_loss_layer_1.png" in data["plots"] and "inner_vs_model_gain.png" in data["plots"]
     assert "l0 > lprev > lafter" in md and "loss_vs_position.png" in data["plots"]
+    assert data["provenance"]["label"] == "tiny:0 (no weights file)"
 
     out = tmp_path / "gating"
     args = shlex.split("--gates 0,learned,1 --max-files 2 --generate --generate-seconds 0.5")
@@ -333,6 +335,7 @@ def test_cli_long_context_inner_loss_gating(librilight, tmp_path, capsys):
     assert list(data["result"]["curves"]) == ["gate=0", "learned", "gate=1"]
     assert set(data["samples"]) == {"gate=0", "learned", "gate=1"}
     assert (out / "sample_gate_0.wav").is_file() and "Generated samples" in md
+    assert data["provenance"]["label"] == "tiny:0 (no weights file)" and "provenance" in md
 
 
 # -- plots that show something ----------------------------------------------------------------

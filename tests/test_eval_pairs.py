@@ -375,5 +375,7 @@ def test_cli_sblimp_and_storycloze(tmp_path, monkeypatch):
     assert data["n_pairs"] == 7 and set(data["subsets"]) == {"all", "sSC", "tSC"}
     assert data["subsets"]["sSC"]["n_pairs"] == 4
     assert data["n_ties"] == {"mean": 1, "sum": 1}
+    assert data["provenance"]["label"] == "tiny:0 (no weights file)"
+    assert "- provenance: tiny:0 (no weights file)" in (out / "report.md").read_text()
     with pytest.raises(FileNotFoundError, match="nowhere"):
         _run(["storycloze", str(tmp_path / "nowhere"), "--tiny", "--out", str(out)])

@@ -257,6 +257,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
     setup)``."""
     from ..eval.inputs import EvalInputs, StreamPlacement
     from ..models.load import load_codec
+    from ..models.provenance import provenance
 
     _check_numbers(args)
     placement = StreamPlacement(args.audio_stream, args.other_stream, args.text)
@@ -276,6 +277,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
     setup = {
         "command": command_line(args),
         "model": model.removeprefix("model: "),
+        "provenance": provenance(loaded),  # report.json's "provenance" (write_run_info)
         # channels_used: the live counter, filled as the files are read (before the report)
         "data": inputs.describe() | {"channels_used": inputs.channels_used},
         "dtype": str(dtype).removeprefix("torch."),

@@ -124,6 +124,7 @@ def run_pairs(args: argparse.Namespace) -> dict[str, Any]:
     from ..eval.likelihood import ScoringConfig, parse_codebooks, stream_size
     from ..eval.pair_report import evaluate_pairs
     from ..models.load import load_codec
+    from ..models.provenance import provenance
     from .common import describe_model, load_model_from_args, print_bad_files
 
     if args.batch_size < 1:
@@ -158,7 +159,7 @@ def run_pairs(args: argparse.Namespace) -> dict[str, Any]:
         args.batch_size,
         progress=not args.no_progress,
         model=model,
-        setup={"command": command_line(args)},
+        setup={"command": command_line(args), "provenance": provenance(loaded)},
         sweep=args.protocol_sweep,
     )
     bad = [{"name": k, "reason": v} for k, v in data["bad_files"].items()]

@@ -332,10 +332,53 @@ def find_reports(paths: list[str | Path]) -> list[dict[str, Any]]:
 
 
 def _label(data: dict[str, Any]) -> str:
+    """A report's model: its provenance label (``models.provenance``) where it records one,
+    else the model line of older reports, else its directory's name."""
+    p = data.get("provenance")
+    if isinstance(p, dict) and p.get("label"):
+        return str(p["label"])
     model = data.get("model") or data.get("setup", {}).get("model", "")
     return (
         str(model).removeprefix("model: ").split(";")[0].strip() or Path(data["_path"]).parent.name
     )
+
+
+def _labels(reports: list[dict[str, Any]]) -> dict[str, str]:
+    """``report path -> label``, distinct: reports whose labels coincide (the same model
+    measured twice, or older reports without provenance) get their directory name added
+    (its path relative to their common parent when the names coincide too)."""
+    labels = {d["_path"]: _label(d) for d in reports}
+    groups: dict[str, list[str]] = defaultdict(list)
+    for path, label in labels.items():
+        groups[label].append(path)
+    for label, paths in groups.items():
+        if len(paths) < 2:
+            continue
+        dirs = [Path(p).parent for p in paths]
+        names = [d.name for d in dirs]
+        if len(set(names)) < len(names):
+            common = Path(*_common_parts([d.parts for d in dirs]))
+            names = [str(d.relative_to(common)) if d != common else d.name for d in dirs]
+        for path, name in zip(paths, names, strict=True):
+            labels[path] = f"{label} [{name}]"
+    return labels
+
+
+def _common_parts(parts: list[tuple[str, ...]]) -> tuple[str, ...]:
+    common: list[str] = []
+    for items in zip(*parts, strict=False):
+        if len(set(items)) != 1:
+            break
+        common.append(items[0])
+    return tuple(common)
+
+
+def _short(label: str, n: int) -> str:
+    """``label`` in at most ``n`` characters, its middle elided (the end names the weights)."""
+    if len(label) <= n:
+        return label
+    head = (n - 1) // 2
+    return label[:head] + "…" + label[len(label) - (n - 1 - head) :]
 
 
 def _protocol_line(d: dict[str, Any]) -> str:
@@ -355,6 +398,7 @@ def summarize(paths: list[str | Path], out_dir: str | Path) -> Report:
     report = Report("Results", out_dir)
     pairs = [d for d in reports if report_kind(d) == "pairs"]
     longs = [d for d in reports if report_kind(d) == "long_context"]
+    labels = _labels(reports)
     rows, data_rows = [], []
     for d in pairs:
         for name, s in d["subsets"].items():
@@ -363,7 +407,8 @@ def summarize(paths: list[str | Path], out_dir: str | Path) -> Report:
             ci = s.get("interval", {})
             row = {
                 "report": d["_path"],
-                "model": _label(d),
+                "model": labels[d["_path"]],
+                "provenance": d.get("provenance"),
                 "benchmark": d["benchmark"],
                 "split": d.get("split", ""),
                 "subset": name,
@@ -406,7 +451,8 @@ def summarize(paths: list[str | Path], out_dir: str | Path) -> Report:
             diff = iv.get("difference", {}).get(v, {}).get("beyond_context", {})
             entry = {
                 "report": d["_path"],
-                "model": _label(d),
+                "model": labels[d["_path"]],
+                "provenance": d.get("provenance"),
                 "variant": v,
                 "metric": m,
                 "ce_beyond": t[m],
@@ -434,7 +480,7 @@ def summarize(paths: list[str | Path], out_dir: str | Path) -> Report:
         report.add_table(
             ["model", "variant", "metric", "CE (nats)", "ppl", "- primary", "p"], lc_rows
         )
-        _plot_long_context(report, longs)
+        _plot_long_context(report, longs, labels)
     report.data.update(kind="summary", pairs=data_rows, long_context=lc_data,
                        reports=[d["_path"] for d in reports])  # fmt: skip
     report.write()
@@ -467,7 +513,7 @@ def _plot_accuracy(report: Report, rows: list[dict[str, Any]]) -> None:
             ys.append(100 * r["accuracy"])
             err[0].append(100 * (r["accuracy"] - r["lo"]) if _finite(r["lo"]) else 0)
             err[1].append(100 * (r["hi"] - r["accuracy"]) if _finite(r["hi"]) else 0)
-        ax.bar(xs, ys, w, yerr=err, capsize=2, label=model[:40])
+        ax.bar(xs, ys, w, yerr=err, capsize=2, label=_short(model, 60))
     ax.axhline(50, color="k", lw=0.8, ls="--")
     ax.set_xticks(range(len(cells)), cells, rotation=20, ha="right", fontsize=7)
     ax.set(ylabel="accuracy (%)", ylim=(0, 100))
@@ -475,7 +521,10 @@ def _plot_accuracy(report: Report, rows: list[dict[str, Any]]) -> None:
     report.add_figure(fig, "accuracy.png", "Accuracy per benchmark and model (95 % CI)")
 
 
-def _plot_long_context(report: Report, longs: list[dict[str, Any]]) -> None:
+def _plot_long_context(
+    report: Report, longs: list[dict[str, Any]], labels: dict[str, str] | None = None
+) -> None:
+    labels = labels or _labels(longs)
     fig, ax = report.figure()
     for d in longs:
         res = d["result"]
@@ -483,7 +532,7 @@ def _plot_long_context(report: Report, longs: list[dict[str, Any]]) -> None:
         for v, c in res["curves"].items():
             x = (np.asarray(c["start"]) + np.asarray(c["end"]) - 1) / 2
             y = np.asarray([np.nan if u is None else u for u in c[m]], dtype=float)
-            (line,) = ax.plot(x, y, marker=".", label=f"{_label(d)[:30]}: {v}")
+            (line,) = ax.plot(x, y, marker=".", label=f"{_short(labels[d['_path']], 50)}: {v}")
             band = res.get("curve_intervals", {}).get(v, {})
             if len(band.get("lo", [])) == len(y):
                 lo = np.asarray([np.nan if u is None else u for u in band["lo"]], dtype=float)

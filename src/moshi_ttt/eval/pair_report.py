@@ -98,7 +98,9 @@ def evaluate_pairs(
     """Score every file of ``pairs``, write the report to ``out_dir``, return its JSON data:
     ``accuracy`` (subset "all", ``reduction``), ``subsets`` (per subset: accuracy_mean,
     accuracy_sum, n_pairs, n_groups), ``alternatives`` (other codebook choices), bad files;
-    ``setup`` (e.g. the command that made it) is recorded as it is. ``sweep``: also
+    ``setup`` (e.g. the command that made it) is recorded as it is, but for its
+    ``provenance`` (``models.provenance.provenance``), which becomes report.json's
+    ``provenance``. ``sweep``: also
     ``protocol_sweep`` (report.json ``sweep``, a "Protocol sweep" section)."""
     config = config or ScoringConfig()
     if reduction not in REDUCTIONS:
@@ -169,9 +171,11 @@ def evaluate_pairs(
         dropped_pairs=acc["mean"]["dropped_pairs"],
         unpaired=pairs.problems,
         wall_s=wall,
-        setup=dict(setup or {}),
+        setup={k: v for k, v in (setup or {}).items() if k != "provenance"},
         items=_items(pairs.pairs, acc),
     )
+    if (setup or {}).get("provenance") is not None:
+        report.data["provenance"] = setup["provenance"]  # type: ignore[index]
     if config.text == "greedy":
         report.data["greedy_text"] = greedy_text_stats(scores)
     if swept is not None:
@@ -358,7 +362,7 @@ def _write_text(
         f"chance 50 %, split {d['split'] or '-'}) over "
         f"{d['n_pairs']} pairs in {d['n_groups']} groups; tied pairs (count 0.5): "
         f"{d['n_ties'][reduction]}.\n\n"
-        f"- data: `{pairs.source}`\n- {model or 'model: ?'}\n"
+        f"- data: `{pairs.source}`\n- {model or 'model: ?'}\n{_provenance_line(d)}"
         f"- files: {d['n_files']} ({len(bad)} bad); pairs dropped for a bad file: "
         f"{d['dropped_pairs']}; unpaired entries: {len(pairs.problems)}; "
         f"scoring took {d['wall_s']:.1f} s"
@@ -555,3 +559,9 @@ def _write_scores(path: Path, scores: dict[str, Score], config: ScoringConfig) -
                     s.text_n,
                 ]
             )
+
+
+def _provenance_line(d: dict[str, Any]) -> str:
+    """``- provenance: LABEL`` and a newline, or nothing for a report without one."""
+    p = d.get("provenance")
+    return f"- provenance: {p['label']}\n" if isinstance(p, dict) and "label" in p else ""

@@ -13,6 +13,8 @@ Modules, lowest first (each imports only those above it in this list):
 - ``adapter``: the adapter format and the merged-directory writer;
 - ``load``: the one entry: ``load_base_lm``, ``build``, ``load_run``, ``load_adapter``, codecs;
 - ``export``: a run or an adapter -> one merged directory (``moshi-ttt export``).
+- ``provenance``: what a report records of a loaded model (source, run, checkpoint, step,
+  sha256 of its weights files), from the ``Origin`` the loaders note on ``LoadedModel``.
 
 Builds on ``moshi_ttt.integration`` (the TTT layers); never imports training, evaluation or
 serving code.
@@ -33,11 +35,13 @@ from .load import (
     load_run,
     load_run_base,
 )
-from .spec import LoadedModel, ModelSpec, resolve_device, resolve_dtype
+from .provenance import provenance, provenance_label
+from .spec import LoadedModel, ModelSpec, Origin, resolve_device, resolve_dtype
 
 __all__ = [
     "LoadedModel",
     "ModelSpec",
+    "Origin",
     "build",
     "codec_for_source",
     "describe_base",
@@ -51,6 +55,8 @@ __all__ = [
     "load_merged",
     "load_run",
     "load_run_base",
+    "provenance",
+    "provenance_label",
     "read_adapter",
     "resolve_device",
     "resolve_dtype",

@@ -27,12 +27,12 @@ from moshi.models.lm import LMModel
 from moshi.modules.lora import replace_lora_with_linear
 
 from ..integration.tiny import build_tiny_lm, tiny_lm_kwargs
-from .adapter import apply_adapter, read_adapter
+from .adapter import WEIGHTS_NAME, apply_adapter, read_adapter
 from .build import add_lora_and_memory, mark_trained, meta_base
 from .codec import load_codec_files
 from .files import check_tensors, load_safetensors, no_pickle_loads
 from .lora import apply_lora
-from .runs import find_checkpoint, load_trainable, run_spec
+from .runs import TRAINABLE, find_checkpoint, load_trainable, read_state, run_spec
 from .sources import (
     DEFAULT_REPO,
     MERGED_KEY,
@@ -45,7 +45,7 @@ from .sources import (
     no_overrides,
     tiny_seed,
 )
-from .spec import LoadedModel, ModelSpec, resolve_dtype
+from .spec import LoadedModel, ModelSpec, Origin, resolve_dtype
 
 
 def load_base_lm(
@@ -68,7 +68,7 @@ def load_base_lm(
     if seed is not None:
         no_overrides(overrides, source)
         lm = build_tiny_lm(seed).to(device=device, dtype=dtype)
-        model = LoadedModel(lm, None, str(source), f"tiny:{seed}")
+        model = LoadedModel(lm, None, str(source), f"tiny:{seed}", origin=_tiny_origin(seed))
     elif is_run_dir(source):
         no_overrides(overrides, source)
         model = load_run_base(source, device=device, dtype=dtype)
@@ -78,8 +78,11 @@ def load_base_lm(
             return load_merged(source, device=device, dtype=dtype, lora=lora, info=info)
         with no_pickle_loads(), model_errors(source):
             lm = info.get_moshi(device=device, dtype=dtype, fuse_lora=True)
-        resolved = str(Path(source).resolve()) if Path(source).is_dir() else str(source)
-        model = LoadedModel(lm, info, resolved, resolved)
+        local = Path(source).is_dir()
+        resolved = str(Path(source).resolve()) if local else str(source)
+        origin = Origin("local" if local else "hf", str(source), None,
+                        resolved if local else None, files=_info_files(info))  # fmt: skip
+        model = LoadedModel(lm, info, resolved, resolved, origin=origin)
     if lora:
         apply_lora(model.lm, **lora)
     model.lm.eval()
@@ -114,7 +117,20 @@ def load_merged(
         raise ValueError(f"{info.moshi_weights}: no values for {left[:3]}")
     if lora:
         apply_lora(lm, **lora)
-    return LoadedModel(lm.eval(), info, str(root.resolve()), codec_of(root, info))
+    origin = Origin("export", str(directory), None, str(root.resolve()), files=_info_files(info))
+    return LoadedModel(lm.eval(), info, str(root.resolve()), codec_of(root, info), origin=origin)
+
+
+def _tiny_origin(seed: int) -> Origin:
+    return Origin(
+        "tiny", f"tiny:{seed}", note=f"tiny model built from seed {seed}: no weights file"
+    )
+
+
+def _info_files(info: loaders.CheckpointInfo) -> tuple[str, ...]:
+    """The weights files ``CheckpointInfo.get_moshi`` loads: the model and a stored LoRA."""
+    files = [info.moshi_weights, info.lora_weights]
+    return tuple(str(Path(f).resolve()) for f in files if f is not None)
 
 
 def describe_base(
@@ -156,7 +172,7 @@ def load_base(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Load
     m = spec.model
     if m.source == "tiny":
         lm = build_tiny_lm(spec.seed, **m.tiny_overrides).to(device=device, dtype=dtype)
-        return LoadedModel(lm, None, spec.source, spec.source)
+        return LoadedModel(lm, None, spec.source, spec.source, origin=_tiny_origin(spec.seed))
     if m.source == "local" and not Path(spec.source).is_dir():
         raise FileNotFoundError(f"model.path: {m.path!r} is not a checkpoint or run directory")
     return load_base_lm(spec.source, device=device, dtype=dtype, overrides=spec.overrides,
@@ -189,6 +205,12 @@ def load_run(run: str | Path, device: torch.device | str = "cpu") -> tuple[Loade
     for p in model.lm.parameters():
         p.requires_grad_(False)
     model.lm.eval()
+    ckpt_dir = ckpt.resolve()
+    run_dir = ckpt_dir.parent.parent if ckpt_dir.parent.name == "checkpoints" else None
+    model.origin = Origin(
+        "run", str(run), str(run_dir) if run_dir else None, str(ckpt_dir),
+        read_state(ckpt)["step"], (str(ckpt_dir / TRAINABLE),), model.origin,
+    )  # fmt: skip
     return model, ckpt
 
 
@@ -211,7 +233,9 @@ def load_run_base(
     lm = lm.to(dtype=dtype)
     for p in lm.parameters():
         p.requires_grad_(False)
-    return LoadedModel(lm.eval(), model.info, str(ckpt.resolve()), model.codec, model.spec)
+    return LoadedModel(
+        lm.eval(), model.info, str(ckpt.resolve()), model.codec, model.spec, model.origin
+    )
 
 
 def load_adapter(
@@ -234,6 +258,9 @@ def load_adapter(
         model = LoadedModel(lm, None, str(meta["base"]), str(meta["base"]))
     apply_adapter(model.lm, adapter_dir, meta, tensors)
     model.lm.eval()
+    root = Path(adapter_dir).resolve()
+    model.origin = Origin("adapter", str(adapter_dir), None, str(root),
+                          files=(str(root / WEIGHTS_NAME),), base=model.origin)  # fmt: skip
     return model
 
 

@@ -179,6 +179,34 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES.get(name) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Where a loaded model's weights come from, as the loaders saw it (no hashing here:
+    ``models.provenance.provenance`` adds the files' sha256 when a report asks).
+
+    Attributes:
+        kind: ``"tiny"``, ``"hf"`` (a Hub repo), ``"local"`` (a checkpoint directory),
+            ``"export"`` (a merged directory), ``"run"`` (a training run) or ``"adapter"``.
+        name: the source as it was named (``"tiny:0"``, a repo id, a path as typed).
+        run_dir: the run directory (runs only), resolved.
+        checkpoint_dir: the directory whose weights were loaded (for a run: the checkpoint
+            actually chosen), resolved; None for tiny models and Hub repos.
+        step: the training step of a run's checkpoint (None where unknown).
+        files: every weights file loaded for this part of the model, in load order.
+        base: the ``Origin`` of the base under a run or an adapter (None otherwise).
+        note: a remark for a model without files (the tiny model: built from a seed).
+    """
+
+    kind: str
+    name: str
+    run_dir: str | None = None
+    checkpoint_dir: str | None = None
+    step: int | None = None
+    files: tuple[str, ...] = ()
+    base: Origin | None = None
+    note: str | None = None
+
+
 @dataclass
 class LoadedModel:
     """A loaded model and where it comes from; nothing about its origin is stored on the module.
@@ -191,6 +219,8 @@ class LoadedModel:
         codec: ``"tiny:SEED"`` or the source whose Mimi and tokenizer go with it
             (``models.load.load_codec``).
         spec: the ``ModelSpec`` it was built from (None for a source loaded as it is).
+        origin: where its weights come from (``Origin``, filled by ``models.load``; None for
+            a module wrapped by hand), for ``models.provenance.provenance``.
     """
 
     lm: nn.Module
@@ -198,3 +228,4 @@ class LoadedModel:
     base: str
     codec: str
     spec: ModelSpec | None = None
+    origin: Origin | None = None

@@ -353,8 +353,17 @@ def _plot_codebooks(report: Report, b: dict, name: str, context: int, prefix: st
 
 
 def write_run_info(report: Report, result: LongContextResult, setup: dict[str, Any]) -> None:
-    """Setup, files, bad files, timing and speed-up sections, and ``report.data`` entries."""
-    rows = [[k, _flat(v)] for k, v in setup.items()]
+    """Setup, files, bad files, timing and speed-up sections, and ``report.data`` entries.
+
+    ``setup["provenance"]`` (``models.provenance.provenance``: the model's source, run,
+    checkpoint, step and weights sha256) goes to ``report.data["provenance"]``; the setup
+    table shows its label."""
+    provenance = setup.get("provenance")
+    rows = [
+        [k, v.get("label", _flat(v)) if k == "provenance" and isinstance(v, dict) else _flat(v)]
+        for k, v in setup.items()
+    ]
+    setup = {k: v for k, v in setup.items() if k != "provenance"}
     rows += [
         ["files evaluated", len(result.files)],
         ["frames", sum(f["frames"] for f in result.files)],
@@ -389,6 +398,8 @@ def write_run_info(report: Report, result: LongContextResult, setup: dict[str, A
             f"largest CE difference {s['max_abs_diff']:.2e} nats."
         )
     report.data["setup"] = setup
+    if provenance is not None:
+        report.data["provenance"] = provenance
 
 
 def _flat(value: Any) -> str:
