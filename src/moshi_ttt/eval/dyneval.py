@@ -37,6 +37,7 @@ from tqdm import tqdm
 from ..integration.config import parse_layer_spec
 from ..integration.streaming import delayed_inputs
 from .long_context import FileLosses, PositionLosses, _step_ce, attention_context, check_codes
+from .long_context.scoring import undelay_losses
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ def dyneval_losses(lm: LMModel, codes: torch.Tensor, cfg: DynEvalConfig,
             for p, p0, flag in zip(params, original, flags):
                 p.copy_(p0)
                 p.requires_grad_(flag)
-    out = _undelay(lm, per_step.cpu(), codes[0].cpu())
+    out = undelay_losses(lm, per_step.cpu(), codes[0].cpu())
     out.rollbacks = rollbacks  # type: ignore[attr-defined]
     return out
 
@@ -181,22 +182,6 @@ def _sgd(params: list[nn.Parameter], grads: Sequence[torch.Tensor | None],
         p.sub_(step.to(p.dtype))
         if cfg.decay:
             p.add_(cfg.decay * (p0 - p))
-
-
-def _undelay(lm: LMModel, per_step: torch.Tensor, codes: torch.Tensor) -> FileLosses:
-    """Per-step CE ``[1 + dq, T]`` -> per-frame ``FileLosses`` (step s of a stream with delay
-    d predicts frame s - d), as ``stream_losses``."""
-    T, a0, dq = codes.shape[-1], lm.audio_offset, lm.dep_q
-    rows = [0, *range(a0, a0 + dq)]
-    target = codes[rows]
-    ce = torch.zeros_like(per_step)
-    mask = torch.zeros_like(per_step, dtype=torch.bool)
-    for i, row in enumerate(rows):
-        d = min(int(lm.delays[row]), T)
-        ce[i, : T - d] = per_step[i, d:]
-        mask[i, : T - d] = target[i, : T - d] != -1
-    ce = torch.where(mask, ce, 0.0)
-    return FileLosses(ce[0], mask[0], ce[1:], mask[1:])
 
 
 def evaluate_dyneval(lm: LMModel, files: Sequence[tuple[str, torch.Tensor]], cfg: DynEvalConfig,

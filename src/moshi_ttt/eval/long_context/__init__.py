@@ -1,17 +1,7 @@
 """Long-context evaluation: teacher-forced loss against position over whole files.
 
-Definition (the same CE and masks as ``LMModel.forward`` + ``train.loss``): for codes
-``[17, T]``, the text CE at frame t and the CE of each of Moshi's 8 codebooks at frame t, in
-nats, scored iff the target is not -1 and not lost to its stream's delay (acoustic codebooks
-lag one frame: their last frame is never predicted). **Unweighted**: no x100 on codebook 0,
-no 0.5 on text padding. The user stream is never scored.
-
-How (``stream_losses``): the file's codes are put in moshi's delay pattern once; the temporal
-transformer reads the delayed columns chunk by chunk in moshi streaming mode (attention KV
-caches widened to ``context + chunk - 1``, TTT state carried), and the depformer runs
-teacher-forced on each chunk; per-chunk CE is kept, never the logits of the file. This equals
-token-by-token streaming (``chunk_frames=1``) and, where the parallel forward is defined the
-same way, ``LMModel.forward`` (tests check both).
+What is scored and how (teacher-forced, unweighted text and codebook CE per frame, streamed in
+chunks with carried state, equal to token-by-token streaming) is defined once, in ``scoring``.
 
 Variants of one model in the same run (``Variant``): ``ttt`` (full memory), ``reset_every_N``
 (TTT state restarted every N frames, attention untouched) and ``no_ttt`` (gates forced to 0:

@@ -139,10 +139,16 @@ def stream_losses(
             audio_ce[:, a:b] = _step_ce(logits[0], delayed[0, a0 : a0 + dq, a:b])
             if observer is not None:
                 observer.chunk(a, b)
-    # Undelay: step s of a stream with delay d predicts frame s - d of the codes.
+    return undelay_losses(lm, torch.cat([text_ce[None], audio_ce]).cpu(), codes[0].cpu())
+
+
+def undelay_losses(lm: LMModel, per_step: torch.Tensor, codes: torch.Tensor) -> FileLosses:
+    """Per-step CE ``[1 + dep_q, T]`` (text, then the scored audio codebooks) -> per-frame
+    ``FileLosses``: step s of a stream with delay d predicts frame s - d of ``codes [17, T]``;
+    frames whose target is -1 are not scored."""
+    T, a0, dq = codes.shape[-1], lm.audio_offset, lm.dep_q
     rows = [0, *range(a0, a0 + dq)]
-    per_step = torch.cat([text_ce[None], audio_ce]).cpu()
-    target = codes[0, rows].cpu()
+    target = codes[rows]
     ce = torch.zeros_like(per_step)
     mask = torch.zeros_like(per_step, dtype=torch.bool)
     for i, row in enumerate(rows):
