@@ -52,7 +52,6 @@ def test_lr0_equals_streaming_and_weights_restored():
     dyneval_losses(lm, codes, DynEvalConfig(lr=0.5, chunk_frames=7, steps=2))
     after = lm.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all(not p.requires_grad for p in lm.parameters()) or True  # flags restored below
     assert [p.requires_grad for p in lm.parameters()] == [
         p.requires_grad for p in build_tiny_lm(0).parameters()
     ]

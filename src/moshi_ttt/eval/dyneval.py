@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from ..integration.config import parse_layer_spec
 from ..integration.streaming import delayed_inputs
-from .long_context import FileLosses, PositionLosses, _step_ce, attention_context, check_codes
+from ..token_weights import step_ce
+from .long_context import FileLosses, PositionLosses, attention_context, check_codes
 from .long_context.scoring import undelay_losses
 
 
@@ -91,12 +92,12 @@ def _chunk_losses(lm: LMModel, inputs: torch.Tensor, delayed: torch.Tensor, a: i
     a0, dq = lm.audio_offset, lm.dep_q
     out, text_logits = lm.forward_text(inputs[:, :, a:b])
     target_text = delayed[0, 0, s:b]
-    text = _step_ce(text_logits[0, 0, s - a :], target_text)
+    text = step_ce(text_logits[0, 0, s - a :], target_text)
     target_audio = delayed[0, a0 : a0 + dq, s:b]
     valid_audio = (target_audio >= 0) & (target_audio < lm.card)
     if bool(valid_audio.any()):
         logits = lm.forward_depformer_training(delayed[:, :, a:b], out)
-        audio = _step_ce(logits[0, :, s - a :], target_audio)
+        audio = step_ce(logits[0, :, s - a :], target_audio)
     else:  # nothing to score: skip the depformer (text-only data)
         audio = torch.zeros_like(target_audio, dtype=text.dtype)
     valid_text = (target_text >= 0) & (target_text < lm.text_card)

@@ -14,10 +14,11 @@ from moshi.modules.streaming import StreamingModule
 from torch import nn
 
 from .config import TTTConfig, parse_layer_spec
+from .e2e import E2ELayer, PrimeMLP, chunk_frames
 from .hybrid import AdoptingLayer, GatedTTT, PassthroughLayer, TTTHybridLayer
 from .inplace import InPlaceHybridLayer, InPlaceTTT
 
-TTT_MODULE_TYPES = (GatedTTT, InPlaceTTT)
+TTT_MODULE_TYPES = (GatedTTT, InPlaceTTT, PrimeMLP)
 
 
 def apply_ttt(lm_model: LMModel, config: TTTConfig | dict[str, Any]) -> list[int]:
@@ -39,6 +40,8 @@ def apply_ttt(lm_model: LMModel, config: TTTConfig | dict[str, Any]) -> list[int
     if any(isinstance(m, StreamingModule) and m.is_streaming for m in lm_model.modules()):
         raise ValueError("apply_ttt cannot convert a model while it is streaming")
     indices = parse_layer_spec(config.layers, len(transformer.layers))
+    if config.kind == "e2e":  # a chunk longer than the window is refused now, naming the key
+        chunk_frames(config.e2e_chunk, transformer.layers[0].self_attn.context)
 
     embeddings = (config.kind == "inplace" and config.inplace_target == "embeddings") or (
         config.kind != "inplace" and config.input == "embeddings"
@@ -60,6 +63,9 @@ def apply_ttt(lm_model: LMModel, config: TTTConfig | dict[str, Any]) -> list[int
 
 def convert_layer(layer: nn.Module, config: TTTConfig) -> AdoptingLayer:
     """One hybrid layer built from a moshi ``StreamingTransformerLayer``."""
+    if config.kind == "e2e":
+        return E2ELayer.from_layer(layer, hidden=config.e2e_hidden, lr=config.e2e_lr,
+                                   post_norm=config.e2e_post_norm)  # fmt: skip
     if config.kind == "inplace":
         return InPlaceHybridLayer.from_layer(
             layer,

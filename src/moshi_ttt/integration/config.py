@@ -5,6 +5,8 @@ Layer specs (``parse_layer_spec``), for a transformer of L layers (indices 0 .. 
 - ``"all"``: every layer;
 - ``"middle"``: the single layer ``L // 2`` (16 of Moshi's 32);
 - ``"upper"``: the last half, layers ``L // 2 .. L - 1`` (16-31 of Moshi's 32; the retrofit's);
+- ``"quarter"``: the last quarter, ``max(1, L // 4)`` layers (24-31 of Moshi's 32; the
+  end-to-end memory's default, as in TTT-E2E);
 - ``"top:N"`` / ``"bottom:N"``: the last / first N layers;
 - ``"every:K"``: layers 0, K, 2K, ... (the In-Place TTT paper's pattern);
 - explicit lists ``[3, 5]`` and strings of indices and inclusive ranges ``"10,20,29-31"``.
@@ -23,13 +25,14 @@ import yaml
 from .. import schema
 from ..schema import option
 
-KINDS = ("linear", "mlp", "inplace")
+KINDS = ("linear", "mlp", "inplace", "e2e")
 PLACEMENTS = ("before_attention", "after_attention", "after_ffn")
 INPLACE_TARGETS = ("ffn_input", "embeddings")
 OUTPUT_INITS = ("normal", "zero")
 OUTPUT_SCALES = ("fixed", "residual_rms")
 INPUTS = ("residual", "embeddings")
-_NAMED_SPECS = ("all", "middle", "upper", "top:N", "bottom:N", "every:K", "'3,5,10-12'", "[3, 5]")
+_NAMED_SPECS = ("all", "middle", "upper", "quarter", "top:N", "bottom:N", "every:K",
+                "'3,5,10-12'", "[3, 5]")  # fmt: skip
 
 
 @dataclass
@@ -40,8 +43,11 @@ class TTTConfig:
         layers: layer spec of the temporal transformer's layers to convert (module docstring).
             Default ``"0"``: the first layer (with ``placement="before_attention"`` the branch
             reads the token embeddings; docs/retrofit.md).
-        kind: ``"linear"`` / ``"mlp"`` (a gated TTT branch, ``moshi_ttt.TTTLayer``) or
-            ``"inplace"`` (In-Place TTT on the FFN's output projection).
+        kind: ``"linear"`` / ``"mlp"`` (a gated TTT branch, ``moshi_ttt.TTTLayer``),
+            ``"inplace"`` (In-Place TTT on the FFN's output projection) or ``"e2e"`` (the
+            end-to-end memory: a prime MLP after the layer whose fast weights take SGD steps on
+            the model's own next-token loss, ``integration.e2e``; its keys start with ``e2e_``;
+            use ``layers: quarter``).
 
     The defaults are a plain TTT-Linear branch before layer 0's attention (the mechanism
     recipe, ``recipes.FORCED_TTT``, with its default mini-batch). The shipped retrofit of a
@@ -78,6 +84,17 @@ class TTTConfig:
             ``placement``) or ``"embeddings"`` (the temporal transformer's input, the summed
             token embeddings: clean token identities at any depth); it always writes into the
             residual stream at ``placement``.
+        e2e_chunk: end-to-end memory: K, the frames scored between two updates (None: C/8 of
+            the model's attention context C; at most the training window).
+        e2e_lr: the inner SGD learning rate (> 0; each layer's is a parameter, meta-trainable).
+        e2e_hidden: the prime MLP's hidden width (None: the model width).
+        e2e_steps: inner SGD steps per chunk.
+        e2e_clip: bound on each sequence's inner gradient norm (0: none).
+        e2e_decay: pull toward the initial fast weights per step, in [0, 1) (Krause's rule).
+        e2e_second_order: meta-training backpropagates through the inner gradients (True) or
+            treats them as constants (False: first order, cheaper).
+        e2e_post_norm: an RMSNorm on the prime MLP's output (off by default: with it, any
+            non-zero update adds a full-norm vector, whatever the learning rate).
     """
 
     layers: str | list[int] = "0"
@@ -95,6 +112,14 @@ class TTTConfig:
     output_init: Literal[OUTPUT_INITS] = "normal"
     output_scale: Literal[OUTPUT_SCALES] = "fixed"
     input: Literal[INPUTS] = "residual"
+    e2e_chunk: int | None = option(None, ge=1)
+    e2e_lr: float = option(0.1, gt=0)
+    e2e_hidden: int | None = option(None, ge=1)
+    e2e_steps: int = option(1, ge=1)
+    e2e_clip: float = option(0.0, ge=0)
+    e2e_decay: float = option(0.0, ge=0, lt=1)
+    e2e_second_order: bool = False
+    e2e_post_norm: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -144,7 +169,7 @@ _LIST_SPEC = re.compile(r"^\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*$")
 
 def _check_spec_syntax(spec: str) -> None:
     s = spec.strip().lower()
-    if s in ("all", "middle", "upper") or _PREFIX_SPEC.match(s) or _LIST_SPEC.match(s):
+    if s in ("all", "middle", "upper", "quarter") or _PREFIX_SPEC.match(s) or _LIST_SPEC.match(s):
         return
     raise ValueError(f"layers: bad layer spec {spec!r}; expected one of {_NAMED_SPECS}")
 
@@ -169,6 +194,8 @@ def parse_layer_spec(spec: str | list[int] | tuple[int, ...], num_layers: int) -
             indices = [num_layers // 2] if num_layers > 0 else []
         elif s == "upper":
             indices = list(range(num_layers // 2, num_layers))
+        elif s == "quarter":
+            indices = list(range(num_layers - max(1, num_layers // 4), num_layers))
         elif m:
             kind, n = m.group(1), int(m.group(2))
             if n < 1 or (kind != "every" and n > num_layers):

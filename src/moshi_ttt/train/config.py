@@ -23,6 +23,7 @@ from ..format import frames_for_duration
 from ..integration.config import TTTConfig, parse_layer_spec
 from ..models.spec import LoraConfig, ModelConfig, ModelSpec
 from ..schema import option, read_yaml
+from ..token_weights import FIRST_CODEBOOK_WEIGHT, TEXT_PADDING_WEIGHT
 
 # Names used by moshi-finetune (and common guesses) -> ours, for "did you mean" messages.
 ALIASES: dict[str, str] = {
@@ -161,8 +162,8 @@ class TrainConfig:
     ttt_lr: float | None = option(None, gt=0)
     lora_lr: float | None = option(None, gt=0)
     max_norm: float = option(1.0, ge=0)
-    first_codebook_weight: float = option(100.0, ge=0)
-    text_padding_weight: float = option(0.5, ge=0)
+    first_codebook_weight: float = option(FIRST_CODEBOOK_WEIGHT, ge=0)
+    text_padding_weight: float = option(TEXT_PADDING_WEIGHT, ge=0)
     log_every: int = option(1, ge=1)
     eval_every: int = option(0, ge=0)
     eval_max_batches: int | None = option(None, ge=1)

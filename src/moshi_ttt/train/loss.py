@@ -28,9 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..format import NUM_CODEBOOKS, TEXT_EPAD, TEXT_PAD, ZERO_TOKEN
-
-TEXT_PADDING_IDS = (TEXT_PAD, TEXT_EPAD)
+from ..format import NUM_CODEBOOKS, ZERO_TOKEN
+from ..token_weights import audio_weights, text_weights
 
 
 class LMOutputLike(Protocol):
@@ -52,20 +51,6 @@ def loss_masks(codes: torch.Tensor, delays: Sequence[int]) -> tuple[torch.Tensor
             keep[k, T - d :] = False
     valid = valid & keep
     return valid[:, :1], valid[:, 1:]
-
-
-def text_weights(target: torch.Tensor, mask: torch.Tensor, padding_weight: float) -> torch.Tensor:
-    """Float32 weights of text targets ``[B, 1, T]``: 0 off-mask, ``padding_weight`` on PAD/EPAD."""
-    is_pad = (target == TEXT_PAD) | (target == TEXT_EPAD)
-    w = torch.where(is_pad, padding_weight, 1.0).to(torch.float32)
-    return w * mask
-
-
-def audio_weights(mask: torch.Tensor, first_codebook_weight: float) -> torch.Tensor:
-    """Float32 weights of audio targets ``[B, 8, T]``: 0 off-mask, the multiplier on codebook 0."""
-    per_cb = torch.ones(mask.shape[1], dtype=torch.float32, device=mask.device)
-    per_cb[0] = first_codebook_weight
-    return mask * per_cb[None, :, None]
 
 
 def weight_totals(

@@ -18,6 +18,8 @@ from ..data.pipeline import Batch, WindowLoader, open_source
 from ..format import NUM_STREAMS, ZERO_TOKEN
 from ..integration.apply import set_gates
 from ..integration.carry import StateCarry
+from ..integration.e2e import e2e_layers
+from ..integration.e2e_scan import InnerLoop, e2e_forward
 from ..integration.hybrid import GatedTTT
 from ..recipes import HARM_TOLERANCE, retrofit_window
 from .config import TrainConfig
@@ -118,9 +120,16 @@ def forward_terms(lm: nn.Module, codes: torch.Tensor, cfg: TrainConfig) -> LossT
 def forward_output_terms(
     lm: nn.Module, codes: torch.Tensor, cfg: TrainConfig
 ) -> tuple[Any, LossTerms]:
-    """``lm(codes)`` under ``autocast_for`` and its ``LossTerms`` (float32)."""
+    """``lm(codes)`` under ``autocast_for`` and its ``LossTerms`` (float32). A model with an
+    end-to-end memory runs its inner loop (``e2e_forward``: every chunk scored before its own
+    update; the graph kept through the updates when gradients are on)."""
     with autocast_for(cfg, codes.device):
-        out = lm(codes)
+        if e2e_layers(lm):
+            loop = InnerLoop.of(lm, first_codebook_weight=cfg.first_codebook_weight,
+                                text_padding_weight=cfg.text_padding_weight)  # fmt: skip
+            out, _ = e2e_forward(lm, codes, loop, train=torch.is_grad_enabled())
+        else:
+            out = lm(codes)
     return out, compute_loss_terms(
         out, codes,
         first_codebook_weight=cfg.first_codebook_weight,
@@ -168,7 +177,8 @@ def retrofit_advice(cfg: TrainConfig, context: int) -> str | None:
     real text (docs/retrofit.md). ``context``: the model's attention window at inference
     (frames; 0 = unlimited)."""
     m = cfg.model
-    if cfg.ttt is None or m.train_base or m.train_context_min or cfg.kl_to_base > 0:
+    if cfg.ttt is None or cfg.ttt.kind == "e2e" or m.train_base or m.train_context_min \
+            or cfg.kl_to_base > 0:  # the end-to-end memory learns on the next-token loss
         return None
     if not context:
         return None

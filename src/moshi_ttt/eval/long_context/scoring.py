@@ -26,7 +26,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from moshi.models.lm import LMModel
 from moshi.modules.transformer import set_attention_context
 from moshi.utils.compile import no_compile
@@ -34,6 +33,7 @@ from moshi.utils.compile import no_compile
 from ...integration.apply import ttt_modules
 from ...integration.streaming import chunked_streaming, delayed_inputs, reset_ttt_states
 from ...models.lora import lora_modules
+from ...token_weights import step_ce
 
 
 @dataclass
@@ -81,17 +81,6 @@ def segments(frames: int, chunk: int, reset_every: int | None = None) -> list[tu
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def _step_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Float32 CE ``[..., C]`` of ``logits [..., C, V]``; 0 where the target is outside
-    ``[0, V)`` (-1, or the initial token standing in for a delayed frame)."""
-    V = logits.shape[-1]
-    valid = (target >= 0) & (target < V)
-    ce = F.cross_entropy(
-        logits.float().reshape(-1, V), target.clamp(0, V - 1).reshape(-1), reduction="none"
-    )
-    return torch.where(valid, ce.view_as(target), 0.0)
-
-
 @torch.no_grad()
 def stream_losses(
     lm: LMModel,
@@ -135,8 +124,8 @@ def stream_losses(
                 reset_ttt_states(lm)
             out, text_logits = lm.forward_text(inputs[:, :, a:b])
             logits = lm.forward_depformer_training(delayed[:, :, a:b], out)  # [1, dq, C, card]
-            text_ce[a:b] = _step_ce(text_logits[0, 0], delayed[0, 0, a:b])
-            audio_ce[:, a:b] = _step_ce(logits[0], delayed[0, a0 : a0 + dq, a:b])
+            text_ce[a:b] = step_ce(text_logits[0, 0], delayed[0, 0, a:b])
+            audio_ce[:, a:b] = step_ce(logits[0], delayed[0, a0 : a0 + dq, a:b])
             if observer is not None:
                 observer.chunk(a, b)
     return undelay_losses(lm, torch.cat([text_ce[None], audio_ce]).cpu(), codes[0].cpu())

@@ -1,0 +1,263 @@
+"""The end-to-end memory against its definition (float64): the scan and frame-by-frame streaming
+equal the plain reference loop; per-element resets; the meta-gradients (first and second order)
+equal finite differences; step 0 is the base; bad settings are refused naming the key; a
+non-finite update is rolled back; the trainer meta-trains it on a frozen base."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from moshi.modules.transformer import RMSNorm
+from moshi.utils.compile import no_compile
+
+from moshi_ttt.eval.e2e import e2e_losses, inner_lr, sweep_e2e
+from moshi_ttt.eval.long_context import stream_losses
+from moshi_ttt.integration import build_tiny_lm
+from moshi_ttt.integration.apply import apply_ttt, named_ttt_parameters, set_gates
+from moshi_ttt.integration.config import TTTConfig, parse_layer_spec
+from moshi_ttt.integration.e2e import e2e_layers
+from moshi_ttt.integration.e2e_scan import (
+    E2EStreamer,
+    GradLog,
+    InnerLoop,
+    chunk_ce,
+    e2e_forward,
+    e2e_reference,
+    e2e_scan,
+)
+from moshi_ttt.integration.streaming import delayed_inputs
+from moshi_ttt.token_weights import step_ce
+from moshi_ttt.ttt.e2e import inner_sgd_step
+
+SETTINGS = {"e2e_chunk": 4, "e2e_lr": 0.5, "e2e_steps": 2, "e2e_clip": 5.0, "e2e_decay": 0.1}
+
+
+@pytest.fixture(autouse=True)
+def _eager():
+    with no_compile():
+        yield
+
+
+def memory_lm(layers: str = "quarter", rope: bool = False, seed: int = 0, **settings):
+    """A tiny float64 model with the memory; without RoPE the shifted recomputation is exact
+    (moshi computes RoPE angles in float32, so with it positions shift by ~1e-6), and its
+    RMSNorms compute in float64 too (moshi's ``rms_norm_f32`` would round to float32)."""
+    kw = {} if rope else {"positional_embedding": "none"}
+    lm = build_tiny_lm(seed, **kw)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        apply_ttt(lm, {"kind": "e2e", "layers": layers, **(settings or SETTINGS)})
+        for _, layer in e2e_layers(lm):  # a memory that already adds something at step 0
+            torch.nn.init.normal_(layer.e2e.w_out, std=0.05)
+    for m in lm.modules():
+        if isinstance(m, RMSNorm):
+            m.dtype = None
+    return lm.double().eval()
+
+
+def batch(lm, B: int = 2, T: int = 30, seed: int = 0, audio: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, lm.card, (B, 17, T), generator=g)
+    codes[:, 0] = torch.randint(0, lm.text_card, (B, T), generator=g)
+    codes[B - 1, 5:9, 3] = -1  # a missing stretch of one codebook
+    if not audio:
+        codes[:, 1:] = -1
+    return codes
+
+
+@pytest.mark.parametrize("layers", ["quarter", "2,3", "1"])
+def test_scan_and_streaming_equal_the_reference(layers):
+    lm = memory_lm(layers)
+    inputs, delayed = delayed_inputs(lm, batch(lm))
+    loop = InnerLoop.of(lm)
+    ref_ce, ref_w = e2e_reference(lm, inputs, delayed, loop)
+    res = e2e_scan(lm, inputs, delayed, loop)
+    torch.testing.assert_close(res.ce, ref_ce, rtol=0, atol=1e-12)
+    for got, want in zip(res.weights, ref_w):
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-12)
+    assert res.updates == loop.steps * (math.ceil(30 / loop.chunk) - 1)
+    # frame by frame on moshi's KV caches, the update from the recorded inputs
+    B, T = inputs.shape[0], inputs.shape[-1]
+    ces = []
+    with lm.streaming(B):
+        streamer = E2EStreamer(lm, loop)
+        for t in range(T):
+            out, text = lm.forward_text(inputs[:, :, t : t + 1])
+            audio = lm.forward_depformer_training(delayed[:, :, t : t + 1], out)
+            ces.append(chunk_ce(lm, text, audio, delayed, t, t + 1))
+            streamer.observe(delayed[:, :, t : t + 1])
+        weights = [st.weights() for st in streamer.states]
+    torch.testing.assert_close(torch.cat(ces, 2), ref_ce, rtol=0, atol=1e-12)
+    assert streamer.updates == res.updates
+    # the streamer's last update is for the chunk ending at T: one more than the scan's
+    assert all(torch.isfinite(w).all() for pair in weights for w in pair)
+
+
+def test_with_rope_the_forms_agree_to_float32_angles():
+    lm = memory_lm("2,3", rope=True)
+    inputs, delayed = delayed_inputs(lm, batch(lm))
+    loop = InnerLoop.of(lm)
+    ref_ce, _ = e2e_reference(lm, inputs, delayed, loop)
+    torch.testing.assert_close(e2e_scan(lm, inputs, delayed, loop).ce, ref_ce, rtol=0,
+                               atol=1e-5)  # fmt: skip
+
+
+def test_untrained_memory_is_exactly_the_base_and_lr_changes_it():
+    torch.manual_seed(0)
+    base = build_tiny_lm(0)
+    lm = build_tiny_lm(0)
+    apply_ttt(lm, {"kind": "e2e", "layers": "quarter", "e2e_chunk": 4})
+    codes = batch(lm, B=1)[0]
+    want = stream_losses(base, codes, chunk_frames=1)
+    assert torch.equal(base(codes[None]).text_logits.nan_to_num(), lm(codes[None]).text_logits.nan_to_num())
+    got = e2e_losses(lm, codes)  # the first chunk is scored before any update: the base
+    torch.testing.assert_close(got.text[:4], want.text[:4], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got.text[8:], want.text[8:], atol=1e-4)  # updates changed it
+
+
+def test_gate_zero_is_the_base():
+    lm = memory_lm()
+    codes = batch(lm)
+    set_gates(lm, 0.0)
+    base = build_tiny_lm(0, positional_embedding="none")
+    for m in base.modules():
+        if isinstance(m, RMSNorm):
+            m.dtype = None
+    base = base.double().eval()
+    torch.testing.assert_close(lm(codes).text_logits.nan_to_num(), base(codes).text_logits.nan_to_num())
+    set_gates(lm, None)
+    assert not torch.allclose(lm(codes).text_logits.nan_to_num(), base(codes).text_logits.nan_to_num())
+
+
+def test_reset_per_element_back_to_the_parameters():
+    lm = memory_lm()
+    inputs, delayed = delayed_inputs(lm, batch(lm))
+    with lm.streaming(2):
+        streamer = E2EStreamer(lm, InnerLoop.of(lm))
+        for t in range(12):
+            lm.forward_text(inputs[:, :, t : t + 1])
+            streamer.observe(delayed[:, :, t : t + 1])
+        st = streamer.states[0]
+        before = st.w_out.clone()
+        m = e2e_layers(lm)[0][1].e2e
+        assert not torch.allclose(before[1], m.w_out)
+        lm.reset_streaming(torch.tensor([False, True]))
+        assert torch.equal(st.w_out[0], before[0])  # element 0 untouched
+        assert torch.equal(st.w_out[1], m.w_out.detach())  # element 1 back to the start
+    assert all(not isinstance(v, torch.Tensor) or not v.requires_grad
+               for v in (st.w_in, st.w_out))  # state, never parameters  # fmt: skip
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_meta_gradient_equals_finite_differences(second_order):
+    lm = memory_lm("quarter", **{**SETTINGS, "e2e_steps": 1, "e2e_clip": 0.0,
+                                 "e2e_second_order": second_order})  # fmt: skip
+    lm.train()
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    params = [p for _, p in named_ttt_parameters(lm)]
+    for p in params:
+        p.requires_grad_(True)
+    codes = batch(lm, B=2, T=17)
+    loop = InnerLoop.of(lm)
+    inputs, delayed = delayed_inputs(lm, codes)
+    log = GradLog()
+
+    def outer(replay: GradLog | None) -> torch.Tensor:
+        """The outer loss: the summed CE of every scored token, from the scan's logits."""
+        res = e2e_scan(lm, inputs, delayed, loop, train=True, grads_log=replay)
+        a0 = lm.audio_offset
+        text = step_ce(res.text_logits[:, 0], delayed[:, 0]).sum()
+        audio = step_ce(res.audio_logits, delayed[:, a0 : a0 + lm.dep_q]).sum()
+        return (text + audio) / 100
+
+    loss = outer(log)
+    grads = torch.autograd.grad(loss, params)
+    g = torch.Generator().manual_seed(3)
+    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    analytic = sum((gi * d).sum() for gi, d in zip(grads, direction))
+    eps = 1e-6
+    values = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(sign * eps * d)
+        replay = None if second_order else GradLog(log.grads, replay=True)
+        with torch.no_grad():
+            values.append(float(outer(replay)))
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.sub_(sign * eps * d)
+    numeric = (values[0] - values[1]) / (2 * eps)
+    assert abs(float(analytic) - numeric) <= 1e-6 * max(1.0, abs(numeric)), (analytic, numeric)
+
+
+def test_first_and_second_order_differ():
+    grads = {}
+    for order in (False, True):
+        lm = memory_lm("quarter", **{**SETTINGS, "e2e_second_order": order})
+        lm.train()
+        for p in lm.parameters():
+            p.requires_grad_(False)
+        params = [p for _, p in named_ttt_parameters(lm)]
+        for p in params:
+            p.requires_grad_(True)
+        out, _ = e2e_forward(lm, batch(lm, T=17), train=True)
+        loss = out.text_logits.nan_to_num().logsumexp(-1).mean()
+        grads[order] = torch.autograd.grad(loss, params)
+    assert any(not torch.allclose(a, b) for a, b in zip(grads[False], grads[True]))
+
+
+def test_nonfinite_update_is_rolled_back_per_sequence():
+    w = [torch.ones(3, 2, 2)]
+    g = [torch.ones(3, 2, 2)]
+    g[0][1, 0, 0] = float("nan")
+    new, ok = inner_sgd_step(w, g, [torch.zeros(1, 2, 2)], [0.5], clip=1.0)
+    assert ok.tolist() == [True, False, True]
+    assert torch.equal(new[0][1], w[0][1])
+    assert torch.isfinite(new[0]).all()
+    norm = (new[0][0] - w[0][0]).norm()
+    assert float(norm) == pytest.approx(0.5, rel=1e-5)  # clipped to 1, times lr
+    lm = memory_lm()
+    inputs, delayed = delayed_inputs(lm, batch(lm))
+    with inner_lr(lm, 1e300):  # updates overflow: each is rolled back, counted
+        res = e2e_scan(lm, inputs, delayed, InnerLoop.of(lm, clip=0.0, decay=0.0))
+    assert res.rollbacks > 0 and torch.isfinite(res.ce).all()
+
+
+def test_bad_settings_are_refused_naming_the_key():
+    with pytest.raises(ValueError, match="e2e_lr"):
+        TTTConfig(kind="e2e", e2e_lr=0.0)
+    with pytest.raises(ValueError, match="e2e_lr"):
+        TTTConfig(kind="e2e", e2e_lr=-1.0)
+    with pytest.raises(ValueError, match="e2e_decay"):
+        TTTConfig(kind="e2e", e2e_decay=1.0)
+    with pytest.raises(ValueError, match="e2e_chunk"):
+        apply_ttt(build_tiny_lm(0), {"kind": "e2e", "layers": "quarter", "e2e_chunk": 13})
+    with pytest.raises(ValueError, match="out of range"):
+        apply_ttt(build_tiny_lm(0), {"kind": "e2e", "layers": "7"})
+    with pytest.raises(ValueError, match="e2e_lr"):
+        with inner_lr(memory_lm(), 0.0):
+            pass
+    assert parse_layer_spec("quarter", 32) == list(range(24, 32))
+    assert parse_layer_spec("quarter", 4) == [3]
+
+
+def test_meta_training_refuses_a_trained_base():
+    lm = memory_lm()
+    lm.train()
+    with pytest.raises(ValueError, match="train_base"):
+        e2e_forward(lm, batch(lm), train=True)
+
+
+def test_sweep_picks_on_the_given_files():
+    lm = build_tiny_lm(0)
+    apply_ttt(lm, {"kind": "e2e", "layers": "quarter"})
+    files = [(f"f{i}", batch(lm, B=1, T=30, seed=i)[0]) for i in range(2)]
+    best, scores = sweep_e2e(lm, files, [0.01, 1.0], [4, 12])
+    assert len(scores) == 4
+    assert min(scores, key=lambda s: s["text_ce"])["lr"] == best["lr"]
+    assert float(e2e_layers(lm)[0][1].e2e.lr()) == pytest.approx(0.1)  # restored
