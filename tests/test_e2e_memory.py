@@ -239,9 +239,8 @@ def test_bad_settings_are_refused_naming_the_key():
         apply_ttt(build_tiny_lm(0), {"kind": "e2e", "layers": "quarter", "e2e_chunk": 13})
     with pytest.raises(ValueError, match="out of range"):
         apply_ttt(build_tiny_lm(0), {"kind": "e2e", "layers": "7"})
-    with pytest.raises(ValueError, match="e2e_lr"):
-        with inner_lr(memory_lm(), 0.0):
-            pass
+    with pytest.raises(ValueError, match="e2e_lr"), inner_lr(memory_lm(), 0.0):
+        pass
     assert parse_layer_spec("quarter", 32) == list(range(24, 32))
     assert parse_layer_spec("quarter", 4) == [3]
 
