@@ -67,6 +67,11 @@ def batch(lm, B: int = 2, T: int = 30, seed: int = 0, audio: bool = True):
     return codes
 
 
+def text_logits(lm, codes):
+    """The plain forward's text logits, NaN (unscored) as 0."""
+    return lm(codes).text_logits.nan_to_num()
+
+
 @pytest.mark.parametrize("layers", ["quarter", "2,3", "1"])
 def test_scan_and_streaming_equal_the_reference(layers):
     lm = memory_lm(layers)
@@ -112,7 +117,7 @@ def test_untrained_memory_is_exactly_the_base_and_lr_changes_it():
     apply_ttt(lm, {"kind": "e2e", "layers": "quarter", "e2e_chunk": 4})
     codes = batch(lm, B=1)[0]
     want = stream_losses(base, codes, chunk_frames=1)
-    assert torch.equal(base(codes[None]).text_logits.nan_to_num(), lm(codes[None]).text_logits.nan_to_num())
+    assert torch.equal(text_logits(base, codes[None]), text_logits(lm, codes[None]))
     got = e2e_losses(lm, codes)  # the first chunk is scored before any update: the base
     torch.testing.assert_close(got.text[:4], want.text[:4], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got.text[8:], want.text[8:], atol=1e-4)  # updates changed it
@@ -127,9 +132,9 @@ def test_gate_zero_is_the_base():
         if isinstance(m, RMSNorm):
             m.dtype = None
     base = base.double().eval()
-    torch.testing.assert_close(lm(codes).text_logits.nan_to_num(), base(codes).text_logits.nan_to_num())
+    torch.testing.assert_close(text_logits(lm, codes), text_logits(base, codes))
     set_gates(lm, None)
-    assert not torch.allclose(lm(codes).text_logits.nan_to_num(), base(codes).text_logits.nan_to_num())
+    assert not torch.allclose(text_logits(lm, codes), text_logits(base, codes))
 
 
 def test_reset_per_element_back_to_the_parameters():
