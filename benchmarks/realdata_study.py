@@ -7,7 +7,8 @@ seeds and retrofit variants, then one table with means and ranges over seeds.
 
 Each (corpus, seed) first runs the shipped recipe with the essential rows (base, dyneval,
 retrofit and its controls; ``--all-rows-seed`` adds every alternative for that seed), then every
-other variant's retrofit rows against the same cached base.
+other variant's retrofit rows against the same cached base; the variant ``e2e`` runs the
+end-to-end memory's rows (``e2e``, ``e2e_meta``, and ``dyneval`` beside them).
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ VARIANTS = {
     "layer0_zero": _shipped(ttt={"layers": "0", "placement": "before_attention"}),
     "all_layers": _shipped(ttt={"layers": "all"}),
     "mlp": _shipped(ttt={"kind": "mlp"}),
+    "e2e": {},  # the end-to-end memory's rows (e2e, e2e_meta) against dyneval, same base
 }  # fmt: skip
+E2E_ROWS = "dyneval,e2e,e2e_meta"
 
 
 def run_markov(args: argparse.Namespace) -> None:
@@ -77,6 +80,8 @@ def run(args: argparse.Namespace) -> None:
             s = dataclasses.replace(DEFAULT, **VARIANTS[variant])
             if variant == "shipped":
                 rows = "all" if seed == args.all_rows_seed else "essential"
+            elif variant == "e2e":
+                rows = E2E_ROWS
             else:
                 rows = "retrofit,retrofit_reset,retrofit_gate0"
             print(f"== {name} {variant} seed {seed}: rows {rows}", flush=True)
@@ -123,9 +128,10 @@ def table(args: argparse.Namespace) -> None:
             )
             continue
         for row, v in r["rows"].items():
-            if not row.startswith("retrofit") and variant != "shipped":
+            own = row.startswith(("retrofit", "e2e"))  # a variant's own rows
+            if not own and variant != "shipped":
                 continue  # the base and the alternatives once per (corpus, seed)
-            key = (corpus, variant if row.startswith("retrofit") else "-", row)
+            key = (corpus, variant if own else "-", row)
             found.setdefault(key, []).append(v)
     print(
         "| corpus | variant | row | seeds | CE < C | CE >= C | vs base < C | vs base >= C "

@@ -59,7 +59,12 @@ def test_every_row_is_written_with_intervals_and_costs(quick):
     chosen = rows["dyneval"]["details"]
     assert chosen["validation_files"] > 0 and chosen["validation"]  # chosen on validation
     assert rows["dyneval"]["train_seconds"] == 0.0 and rows["retrofit"]["train_seconds"] > 0
-    assert set(results["verdict"]) >= {"no_harm", "helps", "lines"}
+    e2e = rows["e2e"]["details"]
+    assert e2e["validation_files"] > 0 and e2e["validation"] and e2e["updates"] > 0
+    assert rows["e2e"]["train_seconds"] == 0.0 and rows["e2e_meta"]["train_seconds"] > 0
+    assert rows["e2e_meta"]["details"]["inner_lr_learned"][0] > 0
+    assert set(results["verdict"]) >= {"no_harm", "helps", "e2e_at_least_dyneval",
+                                       "e2e_meta_gain_ratio", "lines"}  # fmt: skip
     md = (quick / "report.md").read_text()
     assert "does a memory help on real data" in md and "dyneval" in md.lower()
     report = json.loads((quick / "report.json").read_text())

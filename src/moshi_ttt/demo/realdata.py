@@ -11,8 +11,13 @@ compare, on the same held-out files, scored the same way.
    - ``base``: the frozen base, window ``C``;
    - ``window_plain`` / ``window_ntk`` / ``window_yarn``: the frozen base with its window
      extended to the whole file at inference (RoPE unchanged, NTK-aware, YaRN);
-   - ``dyneval``: the frozen base under dynamic evaluation (``eval.dyneval``), its lr and
-     layers chosen on the **validation** split;
+   - ``dyneval``: the frozen base under dynamic evaluation (``eval.dyneval``), its lr, layers
+     and chunk chosen on the **validation** split;
+   - ``e2e``: the frozen base + the end-to-end memory (``integration.e2e``: prime MLPs in the
+     last quarter whose fast weights take SGD steps on the next-token loss), no training: its
+     hidden width, inner lr and chunk K chosen on the **validation** split;
+     ``e2e_meta``: the same memory meta-trained from that choice (initial fast weights and
+     inner lr learned through the inner loop, base frozen, the retrofit's step budget);
    - ``retrofit``: the frozen base + TTT with the shipped defaults (``moshi_ttt.recipes``), and
      its controls ``retrofit_reset`` (state reset every ``C`` frames) and ``retrofit_gate0``;
      ``retrofit_forced``: the mechanism recipe of the Markov demo (``recipes.FORCED_TTT``);
@@ -50,6 +55,7 @@ from moshi.utils.compile import no_compile
 from ..data.files import DataError
 from ..data.pipeline import ShardSource
 from ..eval.dyneval import DynEvalConfig, evaluate_dyneval, sweep_dyneval
+from ..eval.e2e import E2EStats, evaluate_e2e, sweep_e2e
 from ..eval.long_context import (
     PositionLosses,
     evaluate_long_context,
@@ -59,8 +65,10 @@ from ..eval.long_context import (
 from ..eval.report import Report
 from ..eval.window import extended_window
 from ..format import FRAME_RATE
-from ..integration.apply import ttt_modules
+from ..integration.apply import apply_ttt, ttt_modules
 from ..integration.config import parse_layer_spec
+from ..integration.e2e import e2e_layers
+from ..integration.tiny import tiny_lm_kwargs
 from ..models.export import export_run
 from ..recipes import (
     FORCED_TRAIN,
@@ -76,20 +84,23 @@ from ..train.trainer import train
 from .corpus import TEXT_CARD, CorpusSpec, CorpusSummary, default_corpus, read_corpus
 from .markov import cli_prefix
 
-ESSENTIAL = ("base", "dyneval", "retrofit", "retrofit_reset", "retrofit_gate0")
+ESSENTIAL = ("base", "dyneval", "e2e", "e2e_meta", "retrofit", "retrofit_reset",
+             "retrofit_gate0")  # fmt: skip
 ROWS = (
-    "base", "window_plain", "window_ntk", "window_yarn", "dyneval", "retrofit",
+    "base", "window_plain", "window_ntk", "window_yarn", "dyneval", "e2e", "e2e_meta", "retrofit",
     "retrofit_reset", "retrofit_gate0", "retrofit_forced", "lora_long", "full_attention",
     "full_attention_4x", "scratch",
 )  # fmt: skip
-TRAINED = ("base", "retrofit", "retrofit_forced", "lora_long", "full_attention",
+TRAINED = ("base", "e2e_meta", "retrofit", "retrofit_forced", "lora_long", "full_attention",
            "full_attention_4x", "scratch")  # fmt: skip
 ROW_TEXT = {
     "base": "frozen base, attention window C",
     "window_plain": "frozen base, window extended to the file at inference",
     "window_ntk": "frozen base, window extended, NTK-aware RoPE",
     "window_yarn": "frozen base, window extended, YaRN RoPE",
-    "dyneval": "frozen base + dynamic evaluation (no training; lr, layers from validation)",
+    "dyneval": "frozen base + dynamic evaluation (no training; lr, layers, K from validation)",
+    "e2e": "**e2e**: frozen base + end-to-end memory, no training (width, lr, K from validation)",
+    "e2e_meta": "**e2e_meta**: frozen base + end-to-end memory, meta-trained",
     "retrofit": "**retrofit**: frozen base + TTT, shipped defaults",
     "retrofit_reset": "retrofit, TTT state reset every C frames (control)",
     "retrofit_gate0": "retrofit, gate forced to 0 (control)",
@@ -121,6 +132,11 @@ class RealDataSettings:
     val_files: int = 16  # validation sequences for the dyneval sweep
     dyneval_lrs: tuple[float, ...] = (0.03, 0.1, 0.3)
     dyneval_layers: tuple[str, ...] = ("top:1", "top:2", "all")
+    dyneval_chunks: tuple[float, ...] = (0.125, 1.0)  # K as fractions of C (C/8: as e2e)
+    e2e_layers: str = "quarter"
+    e2e_hiddens: tuple[int, ...] = (256, 1024)  # prime MLP widths (the model's is 64)
+    e2e_lrs: tuple[float, ...] = (0.1, 0.3, 1.0)
+    e2e_chunks: tuple[float, ...] = (0.125, 0.25)  # K as fractions of C (TTT-E2E: 1/8)
     chunk_frames: int = 64  # streaming chunk of the evaluation
     bin_frames: int = 32
     max_files: int = 5000
@@ -142,7 +158,7 @@ QUICK = RealDataSettings(
                                   "depformer_num_heads": 1},
     base_steps=4, retrofit_steps=3, batch_size=4, eval_files=8, val_files=3,
     dyneval_lrs=(0.1,), dyneval_layers=("top:1",), chunk_frames=16, bin_frames=16,
-    max_files=400,
+    max_files=400, e2e_hiddens=(64,), e2e_lrs=(0.3,), e2e_chunks=(0.25,), dyneval_chunks=(1.0,),
 )  # fmt: skip
 
 
@@ -169,10 +185,23 @@ def _tiny(s: RealDataSettings, context: int, text_card: int, card: int) -> dict[
                                "card": card}}  # fmt: skip
 
 
+def chunk_of(s: RealDataSettings, fraction: float) -> int:
+    """A chunk K given as a fraction of the window C, in frames (>= 1)."""
+    return max(1, round(fraction * s.context))
+
+
+def e2e_ttt(s: RealDataSettings, choice: dict[str, Any]) -> dict[str, Any]:
+    """The ``ttt`` config of the end-to-end memory for a choice ``{hidden, lr, chunk}``."""
+    return {"kind": "e2e", "layers": s.e2e_layers, "e2e_hidden": int(choice["hidden"]),
+            "e2e_lr": float(choice["lr"]), "e2e_chunk": int(choice["chunk"])}  # fmt: skip
+
+
 def train_config(s: RealDataSettings, name: str, data: Path, out: Path, seed: int,
-                 vocab: tuple[int, int]) -> TrainConfig:  # fmt: skip
-    """The ``moshi-ttt train`` config of run ``name`` (``base``, ``retrofit``, ``lora_long``,
-    ``full_attention``, ``full_attention_4x``, ``scratch``)."""
+                 vocab: tuple[int, int],
+                 e2e: dict[str, Any] | None = None) -> TrainConfig:  # fmt: skip
+    """The ``moshi-ttt train`` config of run ``name`` (``base``, ``e2e_meta``, ``retrofit``,
+    ``lora_long``, ``full_attention``, ``full_attention_4x``, ``scratch``); ``e2e``: the
+    zero-training memory's validation choice, where ``e2e_meta`` starts."""
     text_card, card = vocab
     base_dir = str(out / "base")
     frozen = {"source": "local", "path": base_dir, "train_base": False}
@@ -188,6 +217,10 @@ def train_config(s: RealDataSettings, name: str, data: Path, out: Path, seed: in
         extra = retrofit_training(s.context, s.retrofit)
         model, ttt, steps = {**frozen, **extra["model"]}, dict(s.ttt), s.retrofit_steps
         kl = extra["kl_to_base"]
+    elif name == "e2e_meta":
+        if e2e is None:
+            raise ValueError("e2e_meta starts from the zero-training choice: pass e2e=")
+        model, ttt, steps = dict(frozen), e2e_ttt(s, e2e), s.retrofit_steps
     elif name == "retrofit_forced":
         extra = retrofit_training(s.context, FORCED_TRAIN)
         model, ttt, steps = {**frozen, **extra["model"]}, dict(FORCED_TTT), s.retrofit_steps
@@ -221,12 +254,16 @@ def moshi7b_costs(
     dyneval_layers: str | int,
     ttt_layers: str | int,
     forced_layers: str | int = FORCED_TTT["layers"],
+    e2e_width_ratio: float = 4.0,
+    e2e_layers: str = "quarter",
 ) -> dict[str, dict[str, float]]:
     """Bytes of per-conversation state for Moshi 7B (moshi's own config, built on the meta
     device), at 3,000 and 45,000 frames: KV cache of the temporal transformer (bf16; the window
     caps it at 3,000 frames), a TTT-Linear state per converted layer (float32 W and b per
-    head), and dynamic evaluation's copy of the updated layers' weights (bf16). Layers are
-    counts or layer specs, read against Moshi 7B's 32 layers."""
+    head), dynamic evaluation's copy of the updated layers' weights (bf16), and the end-to-end
+    memory's fast weights (bf16, prime MLPs of ``e2e_width_ratio`` x the model width) with its
+    recorded inputs (the receptive field of the layers after the first memory plus one chunk
+    of C/8, bf16). Layers are counts or layer specs, read against Moshi 7B's 32 layers."""
     kw = dict(loaders._lm_kwargs)
     dim, layers, heads, ctx = kw["dim"], kw["num_layers"], kw["num_heads"], kw["context"]
 
@@ -239,6 +276,10 @@ def moshi7b_costs(
     hd = dim // heads
     per_layer = heads * (hd * hd + hd) * 4
     ttt_state, forced_state = count(ttt_layers) * per_layer, count(forced_layers) * per_layer
+    e2e_idx = parse_layer_spec(e2e_layers, layers)
+    hidden = round(e2e_width_ratio * dim)
+    recorded = ((layers - 1 - e2e_idx[0]) * (ctx - 1) + ctx // 8) * dim * 2
+    e2e_state = len(e2e_idx) * 3 * dim * hidden * 2 + recorded
     out = {}
     for frames in (3000, 45000):
         kv = layers * 2 * dim * 2 * min(frames, ctx)
@@ -249,6 +290,7 @@ def moshi7b_costs(
             "kv_window_plus_ttt": float(kv + ttt_state),
             "kv_window_plus_forced_ttt": float(kv + forced_state),
             "kv_window_plus_dyneval": float(kv + count(dyneval_layers) * layer_params * 2),
+            "kv_window_plus_e2e": float(kv + e2e_state),
         }
     return out
 
@@ -256,6 +298,7 @@ def moshi7b_costs(
 ROW_COST = {"base": "kv_window", "window_plain": "kv_full_attention",
             "window_ntk": "kv_full_attention", "window_yarn": "kv_full_attention",
             "dyneval": "kv_window_plus_dyneval", "retrofit": "kv_window_plus_ttt",
+            "e2e": "kv_window_plus_e2e", "e2e_meta": "kv_window_plus_e2e",
             "retrofit_reset": "kv_window_plus_ttt", "retrofit_gate0": "kv_window",
             "retrofit_forced": "kv_window_plus_forced_ttt",
             "lora_long": "kv_full_attention", "full_attention": "kv_full_attention",
@@ -317,10 +360,17 @@ def _run(out: Path, data: str | Path | None, seed: int, rows: tuple[str, ...],
     # 2. Training runs; the base is cached by its settings.
     runs: dict[str, Path] = {}
     train_seconds: dict[str, float] = {}
+    val = _files(val_dir, s.val_files)
+    extra: dict[str, Any] = {}
     (out / "configs").mkdir(parents=True, exist_ok=True)
     for name in trains:
         k += 1
-        cfg = train_config(s, name, train_dir, out, seed, vocab)
+        if name == "e2e_meta":
+            say(f"      choosing the e2e memory's width, lr and K on {len(val)} validation "
+                "files")  # fmt: skip
+            extra["e2e"] = e2e_choice(runs["base"], s, val, seed, progress)
+        cfg = train_config(s, name, train_dir, out, seed, vocab,
+                           e2e=extra.get("e2e", {}).get("chosen"))  # fmt: skip
         cfg.to_yaml(out / "configs" / f"{name}.yaml")
         if name == "base":
             key = _base_key(s, seed, corpus, vocab)
@@ -350,11 +400,11 @@ def _run(out: Path, data: str | Path | None, seed: int, rows: tuple[str, ...],
     # 3. Evaluation on the held-out files.
     k += 1
     test = _files(test_dir, s.eval_files)
-    val = _files(val_dir, s.val_files)
     say(f"[{k}/{n_steps}] evaluating {len(rows)} rows on {len(test)} held-out files "
         f"({s.frames} frames each)")  # fmt: skip
     start = time.perf_counter()
-    curves, extra, ms_per_frame = _evaluate_rows(rows, runs, s, test, val, progress)
+    curves, extra, ms_per_frame = _evaluate_rows(rows, runs, s, test, val, progress, extra,
+                                                 seed)  # fmt: skip
     timings["evaluation (s)"] = time.perf_counter() - start
 
     # 4. Results and report.
@@ -397,12 +447,41 @@ def source_file(sequence: str) -> str:
     return sequence.rsplit("#", 1)[0]
 
 
+def e2e_memory(base_run: Path, s: RealDataSettings, choice: dict[str, Any],
+               seed: int) -> LMModel:  # fmt: skip
+    """The frozen base with an untrained end-to-end memory (its random ``w_in`` from ``seed``)."""
+    lm, _ = load_trained_model(base_run)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        apply_ttt(lm, e2e_ttt(s, choice))
+    return lm.eval()
+
+
+def e2e_choice(base_run: Path, s: RealDataSettings, val: list, seed: int,
+               progress: bool) -> dict[str, Any]:  # fmt: skip
+    """The zero-training memory's width, inner lr and K with the lowest validation CE beyond
+    the window; every setting's score."""
+    scores = []
+    chunks = sorted({chunk_of(s, f) for f in s.e2e_chunks})
+    for hidden in s.e2e_hiddens:
+        lm = e2e_memory(base_run, s, {"hidden": hidden, "lr": s.e2e_lrs[0], "chunk": chunks[0]},
+                        seed)  # fmt: skip
+        _, found = sweep_e2e(lm, val, s.e2e_lrs, chunks, progress=progress)
+        scores += [{"hidden": hidden, **x} for x in found]
+    best = min((x for x in scores if math.isfinite(x["text_ce"])), key=lambda x: x["text_ce"])
+    chosen = {"hidden": best["hidden"], "lr": best["lr"], "chunk": best["chunk"]}
+    label = f"width {chosen['hidden']}, lr {chosen['lr']:g}, K {chosen['chunk']}"
+    return {"chosen": chosen, "label": label, "validation": scores,
+            "validation_files": len(val)}  # fmt: skip
+
+
 def _evaluate_rows(rows: tuple[str, ...], runs: dict[str, Path], s: RealDataSettings,
-                   test: list, val: list, progress: bool) -> tuple[dict, dict, dict]:  # fmt: skip
+                   test: list, val: list, progress: bool, extra: dict[str, Any],
+                   seed: int) -> tuple[dict, dict, dict]:  # fmt: skip
     kw = {"chunk_frames": s.chunk_frames, "bin_frames": s.bin_frames, "progress": progress,
           "equal_lengths": ()}  # fmt: skip
     curves: dict[str, PositionLosses] = {}
-    extra: dict[str, Any] = {}
+    extra = dict(extra)
     ms: dict[str, float] = {}
     base_lm, _ = load_trained_model(runs["base"])
 
@@ -423,14 +502,31 @@ def _evaluate_rows(rows: tuple[str, ...], runs: dict[str, Path], s: RealDataSett
                 curves[name] = timed(name, lambda: evaluate_long_context(
                     base_lm, test, controls=(), **kw).variants["no_ttt"])  # fmt: skip
     if "dyneval" in rows:
-        grid = [DynEvalConfig(lr=lr, layers=layers, chunk_frames=s.context)
-                for layers in s.dyneval_layers for lr in s.dyneval_lrs]  # fmt: skip
+        grid = [DynEvalConfig(lr=lr, layers=layers, chunk_frames=chunk_of(s, f))
+                for f in s.dyneval_chunks for layers in s.dyneval_layers
+                for lr in s.dyneval_lrs]  # fmt: skip
         best, scores = sweep_dyneval(base_lm, val, grid, progress=progress)
         extra["dyneval"] = {"chosen": best.__dict__.copy(), "label": best.label(),
                             "validation": scores, "validation_files": len(val)}  # fmt: skip
         curves["dyneval"] = timed("dyneval", lambda: evaluate_dyneval(
             base_lm, test, best, progress=progress,
             block_frames=math.gcd(s.bin_frames, s.context)))  # fmt: skip
+    blocks = math.gcd(s.bin_frames, s.context)
+    if "e2e" in rows:
+        if "e2e" not in extra:
+            extra["e2e"] = e2e_choice(runs["base"], s, val, seed, progress)
+        stats = E2EStats()
+        lm = e2e_memory(runs["base"], s, extra["e2e"]["chosen"], seed)
+        curves["e2e"] = timed("e2e", lambda: evaluate_e2e(
+            lm, test, progress=progress, block_frames=blocks, stats=stats))  # fmt: skip
+        extra["e2e"].update(_e2e_stats(stats))
+    if "e2e_meta" in runs:
+        stats = E2EStats()
+        lm, _ = load_trained_model(runs["e2e_meta"])
+        curves["e2e_meta"] = timed("e2e_meta", lambda: evaluate_e2e(
+            lm.eval(), test, progress=progress, block_frames=blocks, stats=stats))  # fmt: skip
+        learned = [float(m.e2e.lr()) for _, m in e2e_layers(lm)]
+        extra["e2e_meta"] = {"inner_lr_learned": learned, **_e2e_stats(stats)}
     if "retrofit" in runs:
         lm, _ = load_trained_model(runs["retrofit"])
         res = timed("retrofit", lambda: evaluate_long_context(
@@ -452,6 +548,16 @@ def _evaluate_rows(rows: tuple[str, ...], runs: dict[str, Path], s: RealDataSett
                 load_trained_model(runs[n])[0], test, controls=(), **kw))  # fmt: skip
             curves[name] = res.variants["no_ttt" if name.startswith("full") else "ttt"]
     return curves, extra, ms
+
+
+def _width(s: RealDataSettings) -> int:
+    """The tiny model's width (``tiny_lm_kwargs`` with the benchmark's overrides)."""
+    return int(tiny_lm_kwargs(**s.model)["dim"])
+
+
+def _e2e_stats(stats: E2EStats) -> dict[str, Any]:
+    return {"updates": stats.updates, "ms_per_update": stats.ms_per_update(),
+            "rollbacks": stats.rollbacks}  # fmt: skip
 
 
 def _gate(lm: torch.nn.Module) -> float | None:
@@ -477,9 +583,12 @@ def _results(s: RealDataSettings, rows: tuple[str, ...], curves: dict, extra: di
     C = s.context
     units = {k: c.grouped(source_file) for k, c in curves.items()}
     stats = file_intervals(units, "base", C, "text_ce")
+    e2e_hidden = extra.get("e2e", {}).get("chosen", {}).get("hidden", 4 * _width(s))
     costs = moshi7b_costs(
         dyneval_layers=extra.get("dyneval", {}).get("chosen", {}).get("layers") or 0,
         ttt_layers=s.ttt.get("layers", "0"),
+        e2e_width_ratio=e2e_hidden / _width(s),
+        e2e_layers=s.e2e_layers,
     )
     table = {}
     for name in curves:
@@ -492,7 +601,7 @@ def _results(s: RealDataSettings, rows: tuple[str, ...], curves: dict, extra: di
             "vs_base_within": diff.get("within_context"),
             "vs_base_beyond": diff.get("beyond_context"),
             "train_seconds": train_seconds.get(
-                run, 0.0 if name.startswith(("window", "dyn")) else None
+                run, 0.0 if name.startswith(("window", "dyn")) or name == "e2e" else None
             ),
             "ms_per_frame": ms.get(run),
             "state_bytes_moshi7b": {f: c[ROW_COST[name]] for f, c in costs.items()},
@@ -515,32 +624,54 @@ def _results(s: RealDataSettings, rows: tuple[str, ...], curves: dict, extra: di
 
 
 def verdict(table: dict[str, Any]) -> dict[str, Any]:
-    """The targets of the real-data issue for the ``retrofit`` row: inside the window at most
-    ``HARM_TOLERANCE`` worse than the base; beyond it better than the base (interval excluding 0)
-    and at least as good as ``dyneval``."""
-    lines, out = [], {}
-    r = table.get("retrofit")
-    if r is None:
-        return {"lines": ["no retrofit row"], "no_harm": None, "helps": None}
-    within = r["vs_base_within"]["difference"]
-    beyond = r["vs_base_beyond"]
-    out["no_harm"] = bool(within <= HARM_TOLERANCE and beyond["difference"] <= 0)
-    helps = bool(beyond["hi"] < 0)
-    if "dyneval" in table:
-        helps = helps and r["ce_beyond"]["mean"] <= table["dyneval"]["ce_beyond"]["mean"]
-    out["helps"] = helps
-    harm = "no harm" if within <= HARM_TOLERANCE else "HARM"
-    lines.append(f"retrofit vs base inside the window: {within:+.4f} nats ({harm}, "
-                 f"tolerance {HARM_TOLERANCE})")  # fmt: skip
-    lines.append(f"retrofit vs base beyond the window: {beyond['difference']:+.4f} nats "
-                 f"[{beyond['lo']:+.4f}, {beyond['hi']:+.4f}]")  # fmt: skip
-    if "dyneval" in table:
-        d = table["dyneval"]["vs_base_beyond"]
+    """The targets, for the rows present.
+
+    ``retrofit`` (the real-data issue): inside the window at most ``HARM_TOLERANCE`` worse than
+    the base; beyond it better than the base (interval excluding 0) and at least as good as
+    ``dyneval``. ``e2e`` (the end-to-end issue): beyond the window at least as good as
+    ``dyneval``; ``e2e_meta``: at least 1.5x the gain of ``e2e`` beyond the window; both at most
+    ``HARM_TOLERANCE`` worse than the base inside it."""
+    lines: list[str] = []
+    out: dict[str, Any] = {"no_harm": None, "helps": None}
+    dyn = table.get("dyneval")
+    if dyn is not None:
+        d = dyn["vs_base_beyond"]
         lines.append(f"dyneval vs base beyond the window: {d['difference']:+.4f} nats "
                      f"[{d['lo']:+.4f}, {d['hi']:+.4f}]")  # fmt: skip
-    lines.append(f"do no harm: {'MET' if out['no_harm'] else 'NOT MET'}; help (beats the base "
-                 f"and dyneval): {'MET' if helps else 'NOT MET'}")  # fmt: skip
-    out["lines"] = lines
+    for name in ("retrofit", "e2e", "e2e_meta"):
+        r = table.get(name)
+        if r is None:
+            continue
+        within, beyond = r["vs_base_within"]["difference"], r["vs_base_beyond"]
+        harm = "no harm" if within <= HARM_TOLERANCE else "HARM"
+        lines.append(f"{name} vs base: inside the window {within:+.4f} nats ({harm}, tolerance "
+                     f"{HARM_TOLERANCE}); beyond {beyond['difference']:+.4f} "
+                     f"[{beyond['lo']:+.4f}, {beyond['hi']:+.4f}]")  # fmt: skip
+        no_harm = bool(within <= HARM_TOLERANCE and beyond["difference"] <= 0)
+        beats_dyn = dyn is None or r["ce_beyond"]["mean"] <= dyn["ce_beyond"]["mean"]
+        if name == "retrofit":
+            out["no_harm"] = no_harm
+            out["helps"] = bool(beyond["hi"] < 0) and beats_dyn
+            helps = "MET" if out["helps"] else "NOT MET"
+            lines.append(f"retrofit: do no harm {'MET' if no_harm else 'NOT MET'}; help (beats "
+                         f"the base and dyneval) {helps}")  # fmt: skip
+        elif name == "e2e":
+            out["e2e_no_harm"] = no_harm
+            out["e2e_at_least_dyneval"] = bool(beats_dyn)
+            lines.append(f"e2e (no training): at least dyneval beyond the window "
+                         f"{'MET' if beats_dyn else 'NOT MET'}; no harm "
+                         f"{'MET' if no_harm else 'NOT MET'}")  # fmt: skip
+        else:
+            zero = table.get("e2e")
+            gain = zero["vs_base_beyond"]["difference"] if zero else math.nan
+            ratio = beyond["difference"] / gain if gain < 0 else math.nan
+            out["e2e_meta_no_harm"] = no_harm
+            out["e2e_meta_gain_ratio"] = ratio
+            ok = bool(math.isfinite(ratio) and ratio >= 1.5)
+            lines.append(f"e2e_meta: {ratio:.2f}x the zero-training gain beyond the window "
+                         f"(target 1.5x: {'MET' if ok else 'NOT MET'}); no harm "
+                         f"{'MET' if no_harm else 'NOT MET'}")  # fmt: skip
+    out["lines"] = lines or ["no memory row"]
     return out
 
 
@@ -590,6 +721,21 @@ def _write_report(out: Path, s: RealDataSettings, results: dict, curves: dict,
             + ", ".join(f"{v['label']}: {v['text_ce']:.4f}" for v in d["validation"])
             + ")."
         )
+    if "e2e" in results["rows"] or "e2e_meta" in results["rows"]:
+        d = results["rows"].get("e2e", {}).get("details") or {}
+        m = results["rows"].get("e2e_meta", {}).get("details") or {}
+        text = "End-to-end memory: "
+        if d:
+            text += (f"setting chosen on {d['validation_files']} validation files: {d['label']} "
+                     "(validation CE beyond the window: "
+                     + ", ".join(f"width {v['hidden']} lr {v['lr']:g} K {v['chunk']}: "
+                                 f"{v['text_ce']:.4f}" for v in d["validation"])
+                     + f"); {d['ms_per_update']:.1f} ms per update here, "
+                     f"{d['rollbacks']} rollbacks. ")  # fmt: skip
+        if m:
+            lrs = ", ".join(f"{x:.3g}" for x in m["inner_lr_learned"])
+            text += f"Meta-trained inner lr: {lrs}; {m['rollbacks']} rollbacks."
+        report.add_text(text)
     write_long_context_section(report, curves, context=C, bin_frames=s.bin_frames,
                                reference="base", metric="text_ce",
                                title="Loss against position (held-out files)")  # fmt: skip

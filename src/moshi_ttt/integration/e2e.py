@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +44,8 @@ class E2EState(State):
     """Streaming state of one ``PrimeMLP``: the fast weights of each batch element.
 
     ``record``: when True, every call's input (the prime MLP's input, ``[B, T, dim]``) is kept
-    in ``inputs`` for the streamed update (``e2e_scan.E2EStreamer`` turns it on and empties it).
+    in ``inputs`` for the streamed update (``e2e_scan.E2EStreamer`` turns it on and empties it);
+    ``on_reset(mask)`` is called on every reset (the streamer forgets those rows' past).
     """
 
     w_in: torch.Tensor
@@ -51,15 +53,22 @@ class E2EState(State):
     init: tuple[torch.Tensor, torch.Tensor]
     record: bool = False
     inputs: list[torch.Tensor] = field(default_factory=list)
+    on_reset: Callable[[torch.Tensor], None] | None = None
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
+        if self.on_reset is not None:  # the streamer forgets these rows' past
+            self.on_reset(reset_mask)
         m = reset_mask.view(-1, 1, 1)
         self.w_in.copy_(torch.where(m, self.init[0][None].to(self.w_in), self.w_in))
         self.w_out.copy_(torch.where(m, self.init[1][None].to(self.w_out), self.w_out))
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.w_in, self.w_out
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The per-row state tensors (saved and restored with a conversation)."""
+        return (self.w_in, self.w_out)
 
     def set_weights(self, w_in: torch.Tensor, w_out: torch.Tensor) -> None:
         self.w_in.copy_(w_in.detach())
