@@ -15,6 +15,10 @@ Sections (each row: section, variant, measure, value):
    1-rank process group (NCCL on GPU, gloo on CPU): tokens/s and peak memory.
 4. ``eval``: long-context evaluation (``benchmarks/eval_long_context.py``): 45,000 frames
    chunked vs token by token on a prefix, frames/s and the largest CE difference.
+5. ``e2e``: the end-to-end memory (``integration.e2e``; a prime MLP of 4x the width after the
+   last layer, K = C/8 = 375 frames): one inner update (forward and backward over the chunk)
+   against its real-time budget K x 80 ms, and ``LMGen`` steps with the live memory (eager:
+   the memory's hooks do not run inside CUDA graphs), the step that updates included.
 
 Random weights (no download); the 7B is built on the meta device and materialised on the GPU.
 """
@@ -40,10 +44,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eval_long_context  # noqa: E402
 import streaming  # noqa: E402
 import train_step  # noqa: E402
-from moshi.utils.compile import no_compile  # noqa: E402
+from moshi.models.lm import LMGen  # noqa: E402
+from moshi.utils.compile import no_compile, no_cuda_graph  # noqa: E402
 
 from moshi_ttt.format import TOKENS_PER_FRAME  # noqa: E402
 from moshi_ttt.integration import TTTConfig  # noqa: E402
+from moshi_ttt.integration.e2e_scan import (  # noqa: E402
+    InnerLoop,
+    LiveE2E,
+    initial_weights,
+    update,
+)
 from moshi_ttt.train.parallel import apply_activation_checkpointing, apply_fsdp  # noqa: E402
 from moshi_ttt.train.steps import build_optimizer, forward_terms  # noqa: E402
 
@@ -195,7 +206,53 @@ def eval_rows(size: str, s: dict, device: torch.device) -> list[tuple[str, str, 
     return rows
 
 
-SECTIONS = {"stream": stream_rows, "train": train_rows, "fsdp": fsdp_rows, "eval": eval_rows}
+def e2e_rows(size: str, s: dict, device: torch.device) -> list[tuple[str, str, str, str]]:
+    reset_peak(device)
+    dim, K = (4096, 375) if size == "7b" else (64, 16)
+    ttt = TTTConfig(kind="e2e", layers="top:1", e2e_hidden=4 * dim, e2e_chunk=K)
+    lm = streaming.build("7b" if size == "7b" else "tiny", ttt, device, 3000)
+    loop = InnerLoop.of(lm)
+    g = torch.Generator(device=device).manual_seed(0)
+    dtype = next(lm.parameters()).dtype
+    h = torch.randn(1, K, dim, generator=g, device=device).to(dtype)
+    delayed = torch.randint(0, lm.card, (1, lm.num_codebooks, K), generator=g, device=device)
+    delayed[:, 0] = torch.randint(0, lm.text_card, (1, K), generator=g, device=device)
+    init = initial_weights(lm, 1, train=False)
+    times = []
+    for i in range(1 + s["train_steps"] + 2):
+        sync(device)
+        t0 = time.perf_counter()
+        update(lm, h, 0, 0, K, [], init, delayed, loop, False, init)
+        sync(device)
+        if i > 0:
+            times.append(1000 * (time.perf_counter() - t0))
+    name = f"prime MLP x1 (width {4 * dim}), K {K}"
+    rows = [("e2e", name, "update ms: median / max",
+             f"{statistics.median(times):.1f} / {max(times):.1f}"),
+            ("e2e", name, "budget K x 80 ms", f"{K * 80:,.0f}"),
+            ("e2e", name, "peak GiB (update)", f"{peak_gib(device):.2f}")]  # fmt: skip
+    gen = LMGen(lm, top_k=min(250, lm.card), top_k_text=min(25, lm.text_card))
+    user = torch.randint(0, lm.card, (1, 8, 1), generator=g, device=device)
+    steps = []
+    with no_cuda_graph(), torch.no_grad(), gen.streaming(1):
+        live = LiveE2E(lm)
+        for _ in range(K + 2):
+            sync(device)
+            t0 = time.perf_counter()
+            gen.step(user)
+            sync(device)
+            steps.append(1000 * (time.perf_counter() - t0))
+        live.close()
+    rows.append(("e2e", name, f"LMGen step, eager, {K + 2} steps: median / max ms",
+                 f"{statistics.median(steps):.1f} / {max(steps):.1f}"))  # fmt: skip
+    rows.append(("e2e", name, "updates in those steps", str(live.streamer.updates)))
+    del lm, gen
+    reset_peak(device)
+    return rows
+
+
+SECTIONS = {"stream": stream_rows, "train": train_rows, "fsdp": fsdp_rows, "eval": eval_rows,
+            "e2e": e2e_rows}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

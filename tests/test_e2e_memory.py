@@ -341,3 +341,41 @@ def test_live_memory_equals_the_scan_on_what_lmgen_fed():
     delayed = torch.cat([inputs[:, :, 1:], inputs[:, :, -1:]], 2)  # the last target unused
     res = e2e_scan(lm, inputs, delayed, InnerLoop.of(lm))
     torch.testing.assert_close(res.text_logits[0, 0, :15], logits[0, :15], rtol=1e-4, atol=1e-4)
+
+
+def test_engine_and_generate_run_the_memory_and_save_it_per_row(tmp_path):
+    """The server's engine updates the memory while it streams; a row's memory is saved and
+    restored bit for bit like a TTT state; ``generate`` reports the updates."""
+    import numpy as np
+    import sphn
+
+    from moshi_ttt.generate import generate
+    from moshi_ttt.models.load import load_base_lm, load_codec
+    from moshi_ttt.serve.engine import Engine
+
+    model = load_base_lm("tiny", dtype=torch.float32)
+    lm = model.lm
+    apply_ttt(lm, {"kind": "e2e", "layers": "quarter", "e2e_chunk": 2})
+    lm.eval()
+    mimi, _ = load_codec(model)
+    frame = int(mimi.frame_size)
+    g = np.random.default_rng(0)
+    engine = Engine(lm, mimi, 2, greedy=True)
+    try:
+        for _ in range(12):
+            engine.step(0.1 * g.standard_normal((2, frame)).astype(np.float32),
+                        np.array([True, True]))  # fmt: skip
+        assert engine.live is not None and engine.live.streamer.updates > 0
+        saved = engine.ttt_state(0)
+        assert any("e2e" in k for k in saved)
+        m = e2e_layers(lm)[0][1].e2e
+        assert not torch.equal(saved[next(k for k in saved if k.endswith(".1"))], m.w_out)
+        engine.join(1, saved)  # row 1 resumes row 0's conversation memory
+        again = engine.ttt_state(1)
+        assert all(torch.equal(again[k], saved[k]) for k in saved)
+    finally:
+        engine.close()
+    wav = tmp_path / "in.wav"
+    sphn.write_wav(str(wav), 0.1 * g.standard_normal(frame * 10).astype(np.float32), 24000)
+    stats = generate(lm, mimi, None, wav, tmp_path / "out.wav", progress=False)
+    assert stats["e2e_updates"] > 0 and stats["e2e_rollbacks"] == 0

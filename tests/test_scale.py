@@ -303,7 +303,8 @@ def test_gpu_check_runs_its_cpu_variant(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = out.read_text()
     for section in ("| stream | base |", "| stream | TTT-Linear x1 |", "| train |", "| fsdp |",
-                    "| eval |", "tokens/s", "peak GiB", "max CE diff"):  # fmt: skip
+                    "| eval |", "tokens/s", "peak GiB", "max CE diff", "| e2e |",
+                    "update ms"):  # fmt: skip
         assert section in table, section
 
 

@@ -18,9 +18,11 @@ import sphn
 import torch
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMGen, LMModel
-from moshi.utils.compile import no_compile
+from moshi.utils.compile import no_compile, no_cuda_graph
 
 from .format import SAMPLE_RATE, TEXT_EPAD, TEXT_PAD
+from .integration.e2e import e2e_layers
+from .integration.e2e_scan import LiveE2E
 
 CHANNELS = ("left", "right", "mix")
 DEFAULT_CHANNEL = "right"  # moshi-finetune's stereo layout: left = Moshi, right = the user
@@ -151,7 +153,9 @@ def generate(
 
     Returns stats: ``frames``, ``audio_s`` (input length), ``wall_s``, ``rtf`` (wall / audio,
     < 1 = faster than real time), ``ms_per_frame``, ``text``, ``text_tokens`` (ids per frame),
-    ``output_wav``, ``text_path``, ``input_channel`` (``read_audio``'s: mono, left, right, mix).
+    ``output_wav``, ``text_path``, ``input_channel`` (``read_audio``'s: mono, left, right, mix);
+    with an end-to-end memory (which learns while it streams, ``LiveE2E``) also ``e2e_updates``,
+    ``e2e_ms_per_update`` and ``e2e_rollbacks``.
     """
     if lm.training:
         raise ValueError("generate needs the model in eval mode (lm.eval())")
@@ -181,7 +185,9 @@ def generate(
     out_pcm, tokens = [], []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        with eager, mimi.streaming(1), gen.streaming(1):
+        graphs = no_cuda_graph() if e2e_layers(lm) else contextlib.nullcontext()
+        with eager, graphs, mimi.streaming(1), gen.streaming(1):
+            live = LiveE2E(lm) if e2e_layers(lm) else None  # the end-to-end memory learns
             steps = range(frames + 1)
             if progress:
                 from tqdm import tqdm
@@ -198,6 +204,8 @@ def generate(
             if device.type == "cuda":
                 torch.cuda.synchronize()
             wall = time.perf_counter() - start
+            if live is not None:
+                live.close()
     wav = torch.cat(out_pcm, dim=-1)[0, 0].numpy()
     output_wav = Path(output_wav)
     output_wav.parent.mkdir(parents=True, exist_ok=True)
@@ -219,4 +227,9 @@ def generate(
         "output_wav": str(output_wav),
         "text_path": None if text_path is None else str(text_path),
         "input_channel": used,
+        **({} if live is None else {
+            "e2e_updates": live.streamer.updates,
+            "e2e_ms_per_update": 1000 * live.streamer.update_seconds
+            / max(1, live.streamer.updates),
+            "e2e_rollbacks": live.streamer.rollbacks}),
     }

@@ -69,6 +69,10 @@ class TTTState(State):
         super().reset(reset_mask)
         self.fast.copy_(self.fast.select(~reset_mask, self.fast.zeros_like()))
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The per-row state tensors (saved and restored with a conversation)."""
+        return tuple(self.fast.tensors())
+
 
 class TTTLayer(StreamingModule[TTTState]):
     """Causal TTT layer. ``forward(x [B, T, dim]) -> [B, T, dim]``.

@@ -25,9 +25,10 @@ from moshi.modules.transformer import RingKVCache, StreamingMultiheadAttention
 from torch import nn
 
 from ..layer import TTTLayer, TTTState
+from .e2e import E2EState, PrimeMLP
 from .inplace import InPlaceTTT
 
-TTT_STATE_TYPES = (TTTLayer, InPlaceTTT)  # the streaming modules that hold fast weights
+TTT_STATE_TYPES = (TTTLayer, InPlaceTTT, PrimeMLP)  # the streaming modules with fast weights
 
 
 def widen_kv_caches(model: nn.Module, batch_size: int, chunk: int) -> int:
@@ -72,9 +73,9 @@ def chunked_streaming(model: nn.Module, batch_size: int, chunk: int) -> Iterator
         yield model
 
 
-def ttt_states(model: nn.Module) -> list[tuple[str, TTTState]]:
+def ttt_states(model: nn.Module) -> list[tuple[str, TTTState | E2EState]]:
     """``(module name, streaming state)`` of every fast-weight memory of ``model`` that is
-    streaming (``TTTLayer`` and In-Place TTT), read through moshi's public
+    streaming (``TTTLayer``, In-Place TTT, the end-to-end memory), read through moshi's public
     ``is_streaming`` / ``get_streaming_state``."""
     return [
         (name, m.get_streaming_state()[""])

@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from moshi.models.compression import MimiModel
 from moshi.models.lm import LMGen, LMModel
-from moshi.utils.compile import no_compile
+from moshi.utils.compile import no_compile, no_cuda_graph
 from torch import nn
 
 from ..generate import TEXT_EPAD, TEXT_PAD
+from ..integration.e2e import e2e_layers
+from ..integration.e2e_scan import LiveE2E
 from ..integration.streaming import ttt_states
 
 
@@ -38,7 +40,7 @@ def ttt_state(model: nn.Module, row: int) -> dict[str, torch.Tensor]:
     return {
         f"{name}.{i}": t[row].detach().to("cpu", copy=True).contiguous()
         for name, state in ttt_state_modules(model)
-        for i, t in enumerate(state.fast.tensors())
+        for i, t in enumerate(state.tensors())
     }
 
 
@@ -48,7 +50,7 @@ def load_ttt_state(model: nn.Module, row: int, tensors: dict[str, torch.Tensor])
     targets = {
         f"{name}.{i}": t
         for name, state in ttt_state_modules(model)
-        for i, t in enumerate(state.fast.tensors())
+        for i, t in enumerate(state.tensors())
     }
     if set(targets) != set(tensors):
         raise ValueError(
@@ -119,14 +121,20 @@ class Engine:
             no_compile if self.device.type == "cpu" else contextlib.nullcontext
         )  # moshi compiles lazily; eager on CPU as in ``generate``
         with torch.no_grad(), self._eager():
+            if e2e_layers(lm) and self.device.type == "cuda":
+                self._stack.enter_context(no_cuda_graph())  # the live memory's hooks must run
             self._stack.enter_context(mimi.streaming(batch_size))
             self._stack.enter_context(self.gen.streaming(batch_size))
+        # the end-to-end memory learns while it streams (its updates are timed there)
+        self.live = LiveE2E(lm) if e2e_layers(lm) else None
         self.first = np.zeros(batch_size, dtype=bool)  # the row's next frame is its first
         self.closed = False
 
     def close(self) -> None:
         """Leave streaming mode (the model can then stream elsewhere)."""
         if not self.closed:
+            if self.live is not None:
+                self.live.close()
             self._stack.close()
             self.closed = True
 
