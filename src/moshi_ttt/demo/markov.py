@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shlex
 import shutil
 import sys
@@ -40,6 +41,7 @@ import torch
 from moshi.utils.compile import no_compile
 
 from ..data.pipeline import ShardSource
+from ..eval.e2e import evaluate_e2e
 from ..eval.inner_loss import evaluate_inner_loss, write_inner_loss_section
 from ..eval.long_context import PositionLosses, evaluate_long_context, write_long_context_section
 from ..eval.report import Report
@@ -50,6 +52,7 @@ from ..recipes import FORCED_TRAIN, FORCED_TTT, retrofit_training
 from ..train.checkpoint import load_trained_model
 from ..train.config import TrainConfig
 from ..train.trainer import train
+from .e2e_rows import chunk_frames_of, e2e_choice, e2e_memory, e2e_ttt
 from .markov_task import MarkovTask, write_shards
 
 TARGET_SHARE = 0.5  # the retrofit must capture at least half of the available gain
@@ -79,6 +82,12 @@ class DemoSettings:
     ttt: dict[str, Any] = field(default_factory=lambda: dict(FORCED_TTT))
     retrofit: dict[str, Any] = field(default_factory=lambda: dict(FORCED_TRAIN))
     scratch: bool = True  # also train the from-scratch TTT model (the upper bound)
+    e2e: bool = True  # the end-to-end memory's rows: zero-training (e2e) and meta-trained
+    val_sequences: int = 16  # validation sequences for the e2e choice (their own seed)
+    e2e_layers: str = "quarter"
+    e2e_hiddens: tuple[int, ...] = (256, 1024)
+    e2e_lrs: tuple[float, ...] = (0.1, 0.3, 1.0)
+    e2e_chunks: tuple[float, ...] = (0.125, 0.25, 0.5)  # K as fractions of C
     chunk_frames: int = 64
     bin_frames: int = 16
 
@@ -107,24 +116,32 @@ QUICK = DemoSettings(
     steps=4,
     batch_size=4,
     bin_frames=8,
+    val_sequences=2,
+    e2e_hiddens=(64,),
+    e2e_lrs=(0.3,),
+    e2e_chunks=(0.25,),
 )
 
-RUNS = ("base", "retrofit", "scratch")
+RUNS = ("base", "retrofit", "scratch", "e2e_meta")
 
 
-def train_config(s: DemoSettings, name: str, data: Path, out: Path, seed: int) -> TrainConfig:
+def train_config(s: DemoSettings, name: str, data: Path, out: Path, seed: int,
+                 e2e: dict[str, Any] | None = None) -> TrainConfig:  # fmt: skip
     """The ``moshi-ttt train`` config of run ``name``: ``base`` (attention only, from scratch),
-    ``retrofit`` (``OUT/base`` frozen + TTT, shorter training window) or ``scratch`` (TTT and
-    base trained together from scratch)."""
+    ``retrofit`` (``OUT/base`` frozen + TTT, shorter training window), ``scratch`` (TTT and
+    base trained together from scratch) or ``e2e_meta`` (``OUT/base`` frozen + the end-to-end
+    memory of the zero-training choice ``e2e``, meta-trained at the full window)."""
     if name not in RUNS:
         raise ValueError(f"unknown demo run {name!r}: expected one of {RUNS}")
+    if name == "e2e_meta" and e2e is None:
+        raise ValueError("e2e_meta starts from the zero-training choice: pass e2e=")
     tiny = {
         "source": "tiny",
         "tiny_overrides": {**s.model, "text_card": max(64, s.task.text_card)},
         "train_base": True,
     }
     frozen = {"source": "local", "path": str(out / "base"), "train_base": False,
-              **s.training["model"]}  # fmt: skip
+              **(s.training["model"] if name == "retrofit" else {})}  # fmt: skip
     return TrainConfig.from_dict(
         {
             "run_dir": str(out / "runs" / name),
@@ -141,11 +158,12 @@ def train_config(s: DemoSettings, name: str, data: Path, out: Path, seed: int) -
             "keep_last": 1,
             "kl_to_base": s.training["kl_to_base"] if name == "retrofit" else 0.0,
             "model": {
-                **(frozen if name == "retrofit" else tiny),
+                **(frozen if name in ("retrofit", "e2e_meta") else tiny),
                 "dtype": "float32",
                 "gradient_checkpointing": False,
             },
-            "ttt": None if name == "base" else s.ttt,
+            "ttt": (None if name == "base" else e2e_ttt(s.e2e_layers, e2e or {})
+                    if name == "e2e_meta" else s.ttt),
             "data": {"train": [str(data)], "num_workers": 0, "state_carry": "none"},
             "optim": {"schedule": "cosine", "pct_start": 0.1, "weight_decay": 0.0},
         }
@@ -204,7 +222,7 @@ def _run(out_dir: str | Path, seed: int, s: DemoSettings, quick: bool, progress:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     say = print if progress else (lambda *a, **k: None)
-    names = RUNS if s.scratch else RUNS[:2]
+    names = [n for n in RUNS if (n != "scratch" or s.scratch) and (n != "e2e_meta" or s.e2e)]
     steps = 4 + len(names)
 
     # 1. Data.
@@ -212,6 +230,10 @@ def _run(out_dir: str | Path, seed: int, s: DemoSettings, quick: bool, progress:
         f"{s.task.seq_len} frames, {s.task.num_symbols} symbols, a fresh table each")  # fmt: skip
     train_dir = write_shards(out / "data" / "train", s.task, s.train_sequences, seed=2 * seed)
     eval_dir = write_shards(out / "data" / "eval", s.task, s.eval_sequences, seed=2 * seed + 1)
+    val_dir = write_shards(out / "data" / "val", s.task, s.val_sequences, seed=10_000 + seed)
+    val_source = ShardSource(val_dir)
+    val = [(val_source.name(i), val_source.codes(i)) for i in range(len(val_source))]
+    e2e: dict[str, Any] = {}
 
     # 2-4. Training through the real trainer; the base is exported, then retrofitted frozen.
     runs, timings = {}, {}
@@ -219,9 +241,16 @@ def _run(out_dir: str | Path, seed: int, s: DemoSettings, quick: bool, progress:
     what = {"base": "the attention-only base, from scratch",
             "retrofit": f"the retrofit: frozen base + TTT (training window {s.train_context} "
                         f"frames, inference {s.context})",
-            "scratch": "the upper bound: TTT + base trained together from scratch"}  # fmt: skip
+            "scratch": "the upper bound: TTT + base trained together from scratch",
+            "e2e_meta": "the end-to-end memory, meta-trained on the frozen base"}  # fmt: skip
     for k, name in enumerate(names):
-        cfg = train_config(s, name, train_dir, out, seed)
+        if name == "e2e_meta":
+            say(f"      choosing the e2e memory's width, lr and K on {len(val)} validation "
+                "sequences")  # fmt: skip
+            e2e = e2e_choice(runs["base"], s.e2e_layers, s.e2e_hiddens, s.e2e_lrs,
+                             [chunk_frames_of(s.context, f) for f in s.e2e_chunks], val, seed,
+                             progress, metric=s.task.metric)  # fmt: skip
+        cfg = train_config(s, name, train_dir, out, seed, e2e.get("chosen"))
         cfg.to_yaml(out / "configs" / f"{name}.yaml")
         say(f"[{k + 2}/{steps}] training {what[name]}: {s.steps} steps of {s.batch_size} x "
             f"{cfg.frames_per_window} frames")  # fmt: skip
@@ -257,6 +286,12 @@ def _run(out_dir: str | Path, seed: int, s: DemoSettings, quick: bool, progress:
             "ttt"
         ]
         gates["scratch"] = _gate(scratch_lm)
+    if e2e:
+        blocks = math.gcd(s.bin_frames, s.context)
+        zero = e2e_memory(runs["base"], s.e2e_layers, e2e["chosen"], seed)
+        curves["e2e"] = evaluate_e2e(zero, files, block_frames=blocks)
+        meta_lm, _ = load_trained_model(runs["e2e_meta"])
+        curves["e2e_meta"] = evaluate_e2e(meta_lm.eval(), files, block_frames=blocks)
     curves.update(oracle_curves(s.task, files, s.context))
     timings["evaluation (s)"] = time.perf_counter() - start
 
@@ -264,6 +299,8 @@ def _run(out_dir: str | Path, seed: int, s: DemoSettings, quick: bool, progress:
     say(f"[{steps}/{steps}] writing the report")
     timings["total (s)"] = time.perf_counter() - t0
     results = _results(s, curves, gates, runs, eval_dir, out)
+    if e2e:
+        results["e2e_choice"] = e2e
     results["timings"] = timings
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     report = Report("moshi-ttt demo: TTT retrofitted into a frozen, pretrained model", out)
@@ -335,7 +372,8 @@ def _results(s: DemoSettings, curves: dict[str, PositionLosses], gates: dict, ru
     variant = {"base": "no_ttt", "retrofit": "ttt", "retrofit_reset": f"reset_every_{C}",
                "retrofit_gate0": "no_ttt", "scratch": "ttt"}  # fmt: skip
     frozen = {"base": False, "retrofit": True, "retrofit_reset": True, "retrofit_gate0": True,
-              "scratch": False, "oracle_full": False, "oracle_window": False}  # fmt: skip
+              "scratch": False, "oracle_full": False, "oracle_window": False, "e2e": True,
+              "e2e_meta": True}  # fmt: skip
     rows = {}
     for name, (within, beyond) in ce.items():
         run = name.split("_")[0] if name.startswith("retrofit") else name
@@ -373,6 +411,8 @@ ROW_TEXT = {
     "retrofit_reset": "retrofit, TTT state reset every context (control)",
     "retrofit_gate0": "retrofit, gate forced to 0 (control: the frozen base)",
     "scratch": "upper bound: TTT + base trained together from scratch",
+    "e2e": "frozen base + end-to-end memory, no training (width, lr, K from validation)",
+    "e2e_meta": "frozen base + end-to-end memory, meta-trained",
     "oracle_full": "Bayes-optimal, whole sequence",
     "oracle_window": "Bayes-optimal, last context frames only",
 }

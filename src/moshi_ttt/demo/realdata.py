@@ -55,7 +55,7 @@ from moshi.utils.compile import no_compile
 from ..data.files import DataError
 from ..data.pipeline import ShardSource
 from ..eval.dyneval import DynEvalConfig, evaluate_dyneval, sweep_dyneval
-from ..eval.e2e import E2EStats, evaluate_e2e, sweep_e2e
+from ..eval.e2e import E2EStats, evaluate_e2e
 from ..eval.long_context import (
     PositionLosses,
     evaluate_long_context,
@@ -65,7 +65,7 @@ from ..eval.long_context import (
 from ..eval.report import Report
 from ..eval.window import extended_window
 from ..format import FRAME_RATE
-from ..integration.apply import apply_ttt, ttt_modules
+from ..integration.apply import ttt_modules
 from ..integration.config import parse_layer_spec
 from ..integration.e2e import e2e_layers
 from ..integration.tiny import tiny_lm_kwargs
@@ -82,6 +82,7 @@ from ..train.checkpoint import load_trained_model
 from ..train.config import TrainConfig
 from ..train.trainer import train
 from .corpus import TEXT_CARD, CorpusSpec, CorpusSummary, default_corpus, read_corpus
+from .e2e_rows import chunk_frames_of, e2e_choice, e2e_memory, e2e_ttt
 from .markov import cli_prefix
 
 ESSENTIAL = ("base", "dyneval", "e2e", "e2e_meta", "retrofit", "retrofit_reset",
@@ -187,13 +188,7 @@ def _tiny(s: RealDataSettings, context: int, text_card: int, card: int) -> dict[
 
 def chunk_of(s: RealDataSettings, fraction: float) -> int:
     """A chunk K given as a fraction of the window C, in frames (>= 1)."""
-    return max(1, round(fraction * s.context))
-
-
-def e2e_ttt(s: RealDataSettings, choice: dict[str, Any]) -> dict[str, Any]:
-    """The ``ttt`` config of the end-to-end memory for a choice ``{hidden, lr, chunk}``."""
-    return {"kind": "e2e", "layers": s.e2e_layers, "e2e_hidden": int(choice["hidden"]),
-            "e2e_lr": float(choice["lr"]), "e2e_chunk": int(choice["chunk"])}  # fmt: skip
+    return chunk_frames_of(s.context, fraction)
 
 
 def train_config(s: RealDataSettings, name: str, data: Path, out: Path, seed: int,
@@ -220,7 +215,7 @@ def train_config(s: RealDataSettings, name: str, data: Path, out: Path, seed: in
     elif name == "e2e_meta":
         if e2e is None:
             raise ValueError("e2e_meta starts from the zero-training choice: pass e2e=")
-        model, ttt, steps = dict(frozen), e2e_ttt(s, e2e), s.retrofit_steps
+        model, ttt, steps = dict(frozen), e2e_ttt(s.e2e_layers, e2e), s.retrofit_steps
     elif name == "retrofit_forced":
         extra = retrofit_training(s.context, FORCED_TRAIN)
         model, ttt, steps = {**frozen, **extra["model"]}, dict(FORCED_TTT), s.retrofit_steps
@@ -368,7 +363,7 @@ def _run(out: Path, data: str | Path | None, seed: int, rows: tuple[str, ...],
         if name == "e2e_meta":
             say(f"      choosing the e2e memory's width, lr and K on {len(val)} validation "
                 "files")  # fmt: skip
-            extra["e2e"] = e2e_choice(runs["base"], s, val, seed, progress)
+            extra["e2e"] = _e2e_choice(runs["base"], s, val, seed, progress)
         cfg = train_config(s, name, train_dir, out, seed, vocab,
                            e2e=extra.get("e2e", {}).get("chosen"))  # fmt: skip
         cfg.to_yaml(out / "configs" / f"{name}.yaml")
@@ -447,32 +442,10 @@ def source_file(sequence: str) -> str:
     return sequence.rsplit("#", 1)[0]
 
 
-def e2e_memory(base_run: Path, s: RealDataSettings, choice: dict[str, Any],
-               seed: int) -> LMModel:  # fmt: skip
-    """The frozen base with an untrained end-to-end memory (its random ``w_in`` from ``seed``)."""
-    lm, _ = load_trained_model(base_run)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        apply_ttt(lm, e2e_ttt(s, choice))
-    return lm.eval()
-
-
-def e2e_choice(base_run: Path, s: RealDataSettings, val: list, seed: int,
-               progress: bool) -> dict[str, Any]:  # fmt: skip
-    """The zero-training memory's width, inner lr and K with the lowest validation CE beyond
-    the window; every setting's score."""
-    scores = []
-    chunks = sorted({chunk_of(s, f) for f in s.e2e_chunks})
-    for hidden in s.e2e_hiddens:
-        lm = e2e_memory(base_run, s, {"hidden": hidden, "lr": s.e2e_lrs[0], "chunk": chunks[0]},
-                        seed)  # fmt: skip
-        _, found = sweep_e2e(lm, val, s.e2e_lrs, chunks, progress=progress)
-        scores += [{"hidden": hidden, **x} for x in found]
-    best = min((x for x in scores if math.isfinite(x["text_ce"])), key=lambda x: x["text_ce"])
-    chosen = {"hidden": best["hidden"], "lr": best["lr"], "chunk": best["chunk"]}
-    label = f"width {chosen['hidden']}, lr {chosen['lr']:g}, K {chosen['chunk']}"
-    return {"chosen": chosen, "label": label, "validation": scores,
-            "validation_files": len(val)}  # fmt: skip
+def _e2e_choice(base_run: Path, s: RealDataSettings, val: list, seed: int,
+                progress: bool) -> dict[str, Any]:  # fmt: skip
+    return e2e_choice(base_run, s.e2e_layers, s.e2e_hiddens, s.e2e_lrs,
+                      [chunk_of(s, f) for f in s.e2e_chunks], val, seed, progress)  # fmt: skip
 
 
 def _evaluate_rows(rows: tuple[str, ...], runs: dict[str, Path], s: RealDataSettings,
@@ -514,9 +487,9 @@ def _evaluate_rows(rows: tuple[str, ...], runs: dict[str, Path], s: RealDataSett
     blocks = math.gcd(s.bin_frames, s.context)
     if "e2e" in rows:
         if "e2e" not in extra:
-            extra["e2e"] = e2e_choice(runs["base"], s, val, seed, progress)
+            extra["e2e"] = _e2e_choice(runs["base"], s, val, seed, progress)
         stats = E2EStats()
-        lm = e2e_memory(runs["base"], s, extra["e2e"]["chosen"], seed)
+        lm = e2e_memory(runs["base"], s.e2e_layers, extra["e2e"]["chosen"], seed)
         curves["e2e"] = timed("e2e", lambda: evaluate_e2e(
             lm, test, progress=progress, block_frames=blocks, stats=stats))  # fmt: skip
         extra["e2e"].update(_e2e_stats(stats))

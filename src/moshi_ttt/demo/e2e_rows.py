@@ -1,0 +1,59 @@
+"""The end-to-end memory's rows in the demos (``realdata``, ``markov``): the zero-training
+setting chosen on a validation split, and the memory added to a frozen base."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from moshi.models.lm import LMModel
+
+from ..eval.e2e import sweep_e2e
+from ..integration.apply import apply_ttt
+from ..train.checkpoint import load_trained_model
+
+
+def chunk_frames_of(context: int, fraction: float) -> int:
+    """A chunk K given as a fraction of the window C, in frames (>= 1)."""
+    return max(1, round(fraction * context))
+
+
+def e2e_ttt(layers: str, choice: dict[str, Any]) -> dict[str, Any]:
+    """The ``ttt`` config of the end-to-end memory for a choice ``{hidden, lr, chunk}``."""
+    return {"kind": "e2e", "layers": layers, "e2e_hidden": int(choice["hidden"]),
+            "e2e_lr": float(choice["lr"]), "e2e_chunk": int(choice["chunk"])}  # fmt: skip
+
+
+def e2e_memory(base_run: Path, layers: str, choice: dict[str, Any], seed: int) -> LMModel:
+    """The frozen base of ``base_run`` with an untrained end-to-end memory (its random
+    ``w_in`` drawn from ``seed``), in eval mode."""
+    lm, _ = load_trained_model(base_run)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        apply_ttt(lm, e2e_ttt(layers, choice))
+    return lm.eval()
+
+
+def e2e_choice(base_run: Path, layers: str, hiddens: Sequence[int], lrs: Sequence[float],
+               chunks: Sequence[int], val: list, seed: int, progress: bool,
+               metric: str = "text_ce") -> dict[str, Any]:  # fmt: skip
+    """The zero-training memory's width, inner lr and K with the lowest validation ``metric``
+    beyond the window, and every setting's score."""
+    scores = []
+    chunks = sorted(set(chunks))
+    for hidden in hiddens:
+        lm = e2e_memory(base_run, layers, {"hidden": hidden, "lr": lrs[0], "chunk": chunks[0]},
+                        seed)  # fmt: skip
+        _, found = sweep_e2e(lm, val, lrs, chunks, metric=metric, progress=progress)
+        scores += [{"hidden": hidden, **x} for x in found]
+    finite = [x for x in scores if math.isfinite(x[metric])]
+    if not finite:
+        raise ValueError("e2e: every validation setting gave a non-finite loss")
+    best = min(finite, key=lambda x: x[metric])
+    chosen = {"hidden": best["hidden"], "lr": best["lr"], "chunk": best["chunk"]}
+    label = f"width {chosen['hidden']}, lr {chosen['lr']:g}, K {chosen['chunk']}"
+    return {"chosen": chosen, "label": label, "validation": scores, "metric": metric,
+            "validation_files": len(val)}  # fmt: skip
