@@ -24,7 +24,9 @@ def test_quick_demo_writes_results_and_report(quick):
     results = json.loads((quick / "results.json").read_text())
     rows = results["rows"]
     assert {"base", "oracle_full", "retrofit", "retrofit_reset", "retrofit_gate0",
-            "scratch"} <= set(rows)  # fmt: skip
+            "scratch", "e2e", "e2e_meta"} <= set(rows)  # fmt: skip
+    assert rows["e2e"]["frozen_base"] and rows["e2e_meta"]["frozen_base"]
+    assert results["e2e_choice"]["validation"] and results["e2e_choice"]["validation_files"] > 0
     base, oracle = rows["base"]["ce_beyond"], rows["oracle_full"]["ce_beyond"]
     assert results["available_gain"] == pytest.approx(base - oracle)
     for name, row in rows.items():
