@@ -379,3 +379,20 @@ def test_engine_and_generate_run_the_memory_and_save_it_per_row(tmp_path):
     sphn.write_wav(str(wav), 0.1 * g.standard_normal(frame * 10).astype(np.float32), 24000)
     stats = generate(lm, mimi, None, wav, tmp_path / "out.wav", progress=False)
     assert stats["e2e_updates"] > 0 and stats["e2e_rollbacks"] == 0
+
+
+def test_eval_long_context_runs_the_memory_and_its_gate0_control():
+    from moshi_ttt.eval.long_context import evaluate_long_context
+
+    lm = build_tiny_lm(0)
+    apply_ttt(lm, {"kind": "e2e", "layers": "quarter", "e2e_chunk": 4, "e2e_lr": 0.5})
+    lm.eval()
+    files = [(f"f{i}", batch(lm, B=1, T=24, seed=i)[0]) for i in range(2)]
+    res = evaluate_long_context(lm, files, chunk_frames=8, bin_frames=8, progress=False)
+    assert set(res.variants) == {"ttt", "no_ttt"}  # no reset control for this memory
+    want = e2e_losses(lm, files[0][1])
+    got = res.variants["ttt"]
+    assert got.totals(0)["text_ce"] != res.variants["no_ttt"].totals(0)["text_ce"]
+    one = evaluate_long_context(lm, files[:1], chunk_frames=8, bin_frames=8, progress=False)
+    assert one.variants["ttt"].totals(0)["text_ce"] == pytest.approx(
+        float(want.text[want.text_mask].mean()), rel=1e-6)  # fmt: skip

@@ -1,8 +1,9 @@
 """Evaluating the end-to-end memory (``integration.e2e_scan``) on long files.
 
-``e2e_losses`` scores one file with the scan (every chunk before its own update, the fast
-weights reset per file), in the per-position form of the long-context evaluation, so its curves
-and totals compare with ``stream_losses`` and ``dyneval_losses``. ``sweep_e2e`` picks the inner
+``e2e_losses`` (in ``long_context.scoring``, beside ``stream_losses``) scores one file with the
+scan (every chunk before its own update, the fast weights reset per file), in the per-position
+form of the long-context evaluation, so its curves and totals compare with ``stream_losses`` and
+``dyneval_losses``. ``sweep_e2e`` picks the inner
 learning rate and the chunk K on a *validation* split, the zero-training use (dynamic evaluation
 on fast weights).
 """
@@ -12,50 +13,16 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from moshi.models.lm import LMModel
-from moshi.utils.compile import no_compile
 from tqdm import tqdm
 
 from ..integration.e2e import e2e_layers
-from ..integration.e2e_scan import InnerLoop, e2e_scan
-from ..integration.streaming import delayed_inputs
-from .long_context import FileLosses, PositionLosses, attention_context, check_codes
-from .long_context.scoring import undelay_losses
-
-
-@dataclass
-class E2EStats:
-    """Counts over the files of an evaluation: inner updates, their wall time, rollbacks."""
-
-    updates: int = 0
-    update_seconds: float = 0.0
-    rollbacks: int = 0
-
-    def ms_per_update(self) -> float:
-        return 1000 * self.update_seconds / self.updates if self.updates else float("nan")
-
-
-def e2e_losses(lm: LMModel, codes: torch.Tensor, loop: InnerLoop | None = None,
-               stats: E2EStats | None = None) -> FileLosses:  # fmt: skip
-    """Per-position losses of one file ``codes [17, T]`` under the end-to-end memory."""
-    check_codes(lm, codes)
-    if lm.training:
-        raise ValueError("evaluation needs the model in eval mode (lm.eval())")
-    loop = loop or InnerLoop.of(lm)
-    device = next(lm.parameters()).device
-    codes = codes.to(device=device, dtype=torch.long)[None]
-    inputs, delayed = delayed_inputs(lm, codes)
-    eager = no_compile() if device.type == "cpu" else contextlib.nullcontext()
-    with eager, torch.no_grad():
-        res = e2e_scan(lm, inputs, delayed, loop, train=False)
-    if stats is not None:
-        stats.updates += res.updates
-        stats.update_seconds += res.update_seconds
-        stats.rollbacks += res.rollbacks
-    return undelay_losses(lm, res.ce[0].cpu(), codes[0].cpu())
+from ..integration.e2e_scan import InnerLoop
+from .long_context import PositionLosses, attention_context
+from .long_context.scoring import E2EStats, e2e_losses
 
 
 def evaluate_e2e(lm: LMModel, files: Sequence[tuple[str, torch.Tensor]],

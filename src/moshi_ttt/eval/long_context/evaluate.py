@@ -12,6 +12,7 @@ import torch
 from moshi.models.lm import LMModel
 
 from ...integration.apply import set_gates, ttt_modules
+from ...integration.e2e import e2e_layers
 from .scoring import (
     ChunkObserver,
     Variant,
@@ -19,6 +20,7 @@ from .scoring import (
     attention_context,
     attention_window,
     check_codes,
+    e2e_losses,
     is_gate_zero_base,
     long_context_variants,
     measure_speedup,
@@ -78,6 +80,12 @@ def evaluate_variants(
     forced = [k for k, v in variants.items() if v.gate is not None or v.reset_every]
     if forced and not has_ttt:
         raise ValueError(f"variants {forced} change TTT gates or states: the model has no TTT")
+    e2e = bool(e2e_layers(lm))  # the end-to-end memory learns by its scan (``e2e_losses``)
+    resets = [k for k, v in variants.items() if v.reset_every]
+    if e2e and resets:
+        raise ValueError(f"variants {resets}: the end-to-end memory has no reset control "
+                         "(its fast weights start over with every file); use --controls "
+                         "no_ttt")  # fmt: skip
     seconds = dict.fromkeys(variants, 0.0)
     first: torch.Tensor | None = None
     total = len(files) if hasattr(files, "__len__") else None  # type: ignore[arg-type]
@@ -97,15 +105,18 @@ def evaluate_variants(
         ctx = observer.watch(lm) if watch else contextlib.nullcontext()  # type: ignore[union-attr]
         start = _clock(lm)
         with ctx, attention_window(lm, spec.context):
-            losses = stream_losses(
-                lm,
-                codes,
-                chunk_frames=chunk_frames,
-                reset_every=spec.reset_every,
-                observer=observer if watch else None,
-                progress=progress and codes.shape[-1] > 20 * chunk_frames,
-                desc=vname,
-            )
+            if e2e and spec.gate != 0:
+                losses = e2e_losses(lm, codes)
+            else:
+                losses = stream_losses(
+                    lm,
+                    codes,
+                    chunk_frames=chunk_frames,
+                    reset_every=spec.reset_every,
+                    observer=observer if watch else None,
+                    progress=progress and codes.shape[-1] > 20 * chunk_frames,
+                    desc=vname,
+                )
         seconds[vname] += _clock(lm) - start
         if watch:
             observer.end_file(codes.shape[-1])  # type: ignore[union-attr]
@@ -167,8 +178,11 @@ def evaluate_long_context(
     ``long_context_variants``: ``reset``, ``no_ttt``, ``window``, ``foreign``) over ``files``
     (``(name, codes [17, T])``). A model without TTT layers gives the curve ``no_ttt`` (and
     its window / foreign-history controls). ``equal_lengths``: frames of the equal-length
-    curves of the report (``"auto"``: ``auto_equal_length``; ``()``: none). See
-    ``evaluate_variants`` for the rest."""
+    curves of the report (``"auto"``: ``auto_equal_length``; ``()``: none). An end-to-end
+    memory has no ``reset`` control (its fast weights start over with every file): it is left
+    out. See ``evaluate_variants`` for the rest."""
+    if e2e_layers(lm):
+        controls = [c for c in controls if c != "reset"]
     variants = long_context_variants(
         lm, reset_every, controls, window=window, foreign_history=foreign_history
     )

@@ -31,6 +31,7 @@ from moshi.modules.transformer import set_attention_context
 from moshi.utils.compile import no_compile
 
 from ...integration.apply import ttt_modules
+from ...integration.e2e_scan import InnerLoop, e2e_scan
 from ...integration.streaming import chunked_streaming, delayed_inputs, reset_ttt_states
 from ...models.lora import lora_modules
 from ...token_weights import step_ce
@@ -129,6 +130,38 @@ def stream_losses(
             if observer is not None:
                 observer.chunk(a, b)
     return undelay_losses(lm, torch.cat([text_ce[None], audio_ce]).cpu(), codes[0].cpu())
+
+
+@dataclass
+class E2EStats:
+    """Counts over the files of an evaluation: inner updates, their wall time, rollbacks."""
+
+    updates: int = 0
+    update_seconds: float = 0.0
+    rollbacks: int = 0
+
+    def ms_per_update(self) -> float:
+        return 1000 * self.update_seconds / self.updates if self.updates else float("nan")
+
+
+def e2e_losses(lm: LMModel, codes: torch.Tensor, loop: InnerLoop | None = None,
+               stats: E2EStats | None = None) -> FileLosses:  # fmt: skip
+    """Per-position losses of one file ``codes [17, T]`` under the end-to-end memory."""
+    check_codes(lm, codes)
+    if lm.training:
+        raise ValueError("evaluation needs the model in eval mode (lm.eval())")
+    loop = loop or InnerLoop.of(lm)
+    device = next(lm.parameters()).device
+    codes = codes.to(device=device, dtype=torch.long)[None]
+    inputs, delayed = delayed_inputs(lm, codes)
+    eager = no_compile() if device.type == "cpu" else contextlib.nullcontext()
+    with eager, torch.no_grad():
+        res = e2e_scan(lm, inputs, delayed, loop, train=False)
+    if stats is not None:
+        stats.updates += res.updates
+        stats.update_seconds += res.update_seconds
+        stats.rollbacks += res.rollbacks
+    return undelay_losses(lm, res.ce[0].cpu(), codes[0].cpu())
 
 
 def undelay_losses(lm: LMModel, per_step: torch.Tensor, codes: torch.Tensor) -> FileLosses:
