@@ -396,3 +396,18 @@ def test_eval_long_context_runs_the_memory_and_its_gate0_control():
     one = evaluate_long_context(lm, files[:1], chunk_frames=8, bin_frames=8, progress=False)
     assert one.variants["ttt"].totals(0)["text_ce"] == pytest.approx(
         float(want.text[want.text_mask].mean()), rel=1e-6)  # fmt: skip
+
+
+def test_train_config_refuses_e2e_settings_that_cannot_learn(tmp_path):
+    from moshi_ttt.train.config import TrainConfig
+
+    base = {"run_dir": str(tmp_path / "r"), "duration_sec": 2.56, "model": {"source": "tiny"},
+            "data": {"train": [str(tmp_path)]}}  # fmt: skip
+    with pytest.raises(ValueError, match="ttt.e2e_chunk"):
+        TrainConfig.from_dict({**base, "ttt": {"kind": "e2e", "e2e_chunk": 32}})
+    with pytest.raises(ValueError, match="state_carry"):
+        TrainConfig.from_dict({**base, "ttt": {"kind": "e2e"},
+                               "data": {"train": [str(tmp_path)], "state_carry": "detached"}})
+    with pytest.raises(ValueError, match="e2e_lr"):
+        TrainConfig.from_dict({**base, "ttt": {"kind": "e2e", "e2e_lr": -0.1}})
+    assert TrainConfig.from_dict({**base, "ttt": {"kind": "e2e", "e2e_chunk": 8}}).ttt.kind == "e2e"

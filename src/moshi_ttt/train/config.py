@@ -233,7 +233,16 @@ class TrainConfig:
         nothing of the memory (the gradient reaching the TTT parameters is only the base's)."""
         frames = self.frames_per_window
         carried = self.data.state_carry == "detached"
-        if self.ttt.kind == "inplace":
+        if self.ttt.kind == "e2e":
+            if carried:
+                raise ValueError(
+                    "data.state_carry: detached carries TTT states across the windows of a "
+                    "file, but the end-to-end memory starts over with every training window; "
+                    "use data.state_carry: none")  # fmt: skip
+            if self.ttt.e2e_chunk is None:
+                return  # C/8 of the model's context: checked when the model is built
+            key, size = "ttt.e2e_chunk", self.ttt.e2e_chunk
+        elif self.ttt.kind == "inplace":
             key, size = "ttt.chunk_size", self.ttt.chunk_size
         else:
             key, size = "ttt.mini_batch_size", self.ttt.mini_batch_size
