@@ -19,7 +19,8 @@ PACKAGE = Path(moshi_ttt.__file__).parent
 # Lowest first. A unit is a top-level module or subpackage of moshi_ttt; "" is the package root
 # (its re-exports).
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "schema", "outputs", "format", "token_weights"),  # utilities, stream facts
+    ("errors", "schema", "outputs", "format"),  # small utilities and the stream format's facts
+    ("token_weights",),  # how much each scored token counts (the outer and inner losses)
     ("ttt",),  # TTT math, plain torch (no Moshi import; test_ttt_ops checks that)
     ("layer",),  # TTTLayer: the math as a streaming module
     ("integration",),  # TTT inside Moshi's transformer

@@ -326,3 +326,9 @@ def test_shipped_configs_validate_and_tiny_config_trains(tmp_path, monkeypatch, 
     assert "done: 2 steps" in out
     assert "note: TTT on a frozen base" not in out  # the tiny config follows the recipe
     assert [r["step"] for r in metrics(tmp_path / "run", "eval")] == [2]
+    # the end-to-end memory's config meta-trains it on the frozen base
+    args = ["train", str(root / "configs/tiny_e2e.yaml"), "--no-progress", "--set=max_steps=2",
+            "--set=eval_every=2", f"--set=run_dir={tmp_path / 'e2e'}"]  # fmt: skip
+    assert main(args) == 0
+    assert "done: 2 steps" in capsys.readouterr().out
+    assert [r["step"] for r in metrics(tmp_path / "e2e", "eval")] == [2]

@@ -41,7 +41,7 @@ import torch
 from moshi.utils.compile import no_compile
 
 from ..data.pipeline import ShardSource
-from ..eval.e2e import evaluate_e2e
+from ..eval.e2e import evaluate_e2e, evaluate_static
 from ..eval.inner_loss import evaluate_inner_loss, write_inner_loss_section
 from ..eval.long_context import PositionLosses, evaluate_long_context, write_long_context_section
 from ..eval.report import Report
@@ -292,6 +292,8 @@ def _run(out_dir: str | Path, seed: int, s: DemoSettings, quick: bool, progress:
         curves["e2e"] = evaluate_e2e(zero, files, block_frames=blocks)
         meta_lm, _ = load_trained_model(runs["e2e_meta"])
         curves["e2e_meta"] = evaluate_e2e(meta_lm.eval(), files, block_frames=blocks)
+        curves["e2e_meta_static"] = evaluate_static(meta_lm, files, block_frames=blocks,
+                                                    chunk_frames=s.chunk_frames)  # fmt: skip
     curves.update(oracle_curves(s.task, files, s.context))
     timings["evaluation (s)"] = time.perf_counter() - start
 
@@ -373,7 +375,7 @@ def _results(s: DemoSettings, curves: dict[str, PositionLosses], gates: dict, ru
                "retrofit_gate0": "no_ttt", "scratch": "ttt"}  # fmt: skip
     frozen = {"base": False, "retrofit": True, "retrofit_reset": True, "retrofit_gate0": True,
               "scratch": False, "oracle_full": False, "oracle_window": False, "e2e": True,
-              "e2e_meta": True}  # fmt: skip
+              "e2e_meta": True, "e2e_meta_static": True}  # fmt: skip
     rows = {}
     for name, (within, beyond) in ce.items():
         run = name.split("_")[0] if name.startswith("retrofit") else name
@@ -413,6 +415,7 @@ ROW_TEXT = {
     "scratch": "upper bound: TTT + base trained together from scratch",
     "e2e": "frozen base + end-to-end memory, no training (width, lr, K from validation)",
     "e2e_meta": "frozen base + end-to-end memory, meta-trained",
+    "e2e_meta_static": "e2e_meta with its updates off (control: its trained weights alone)",
     "oracle_full": "Bayes-optimal, whole sequence",
     "oracle_window": "Bayes-optimal, last context frames only",
 }

@@ -55,7 +55,7 @@ from moshi.utils.compile import no_compile
 from ..data.files import DataError
 from ..data.pipeline import ShardSource
 from ..eval.dyneval import DynEvalConfig, evaluate_dyneval, sweep_dyneval
-from ..eval.e2e import E2EStats, evaluate_e2e
+from ..eval.e2e import E2EStats, evaluate_e2e, evaluate_static
 from ..eval.long_context import (
     PositionLosses,
     evaluate_long_context,
@@ -85,10 +85,11 @@ from .corpus import TEXT_CARD, CorpusSpec, CorpusSummary, default_corpus, read_c
 from .e2e_rows import chunk_frames_of, e2e_choice, e2e_memory, e2e_ttt
 from .markov import cli_prefix
 
-ESSENTIAL = ("base", "dyneval", "e2e", "e2e_meta", "retrofit", "retrofit_reset",
-             "retrofit_gate0")  # fmt: skip
+ESSENTIAL = ("base", "dyneval", "e2e", "e2e_meta", "e2e_meta_static", "retrofit",
+             "retrofit_reset", "retrofit_gate0")  # fmt: skip
 ROWS = (
-    "base", "window_plain", "window_ntk", "window_yarn", "dyneval", "e2e", "e2e_meta", "retrofit",
+    "base", "window_plain", "window_ntk", "window_yarn", "dyneval", "e2e", "e2e_meta",
+    "e2e_meta_static", "retrofit",
     "retrofit_reset", "retrofit_gate0", "retrofit_forced", "lora_long", "full_attention",
     "full_attention_4x", "scratch",
 )  # fmt: skip
@@ -102,6 +103,7 @@ ROW_TEXT = {
     "dyneval": "frozen base + dynamic evaluation (no training; lr, layers, K from validation)",
     "e2e": "**e2e**: frozen base + end-to-end memory, no training (width, lr, K from validation)",
     "e2e_meta": "**e2e_meta**: frozen base + end-to-end memory, meta-trained",
+    "e2e_meta_static": "e2e_meta with its updates off (control: its trained weights alone)",
     "retrofit": "**retrofit**: frozen base + TTT, shipped defaults",
     "retrofit_reset": "retrofit, TTT state reset every C frames (control)",
     "retrofit_gate0": "retrofit, gate forced to 0 (control)",
@@ -294,6 +296,7 @@ ROW_COST = {"base": "kv_window", "window_plain": "kv_full_attention",
             "window_ntk": "kv_full_attention", "window_yarn": "kv_full_attention",
             "dyneval": "kv_window_plus_dyneval", "retrofit": "kv_window_plus_ttt",
             "e2e": "kv_window_plus_e2e", "e2e_meta": "kv_window_plus_e2e",
+            "e2e_meta_static": "kv_window",
             "retrofit_reset": "kv_window_plus_ttt", "retrofit_gate0": "kv_window",
             "retrofit_forced": "kv_window_plus_forced_ttt",
             "lora_long": "kv_full_attention", "full_attention": "kv_full_attention",
@@ -341,7 +344,8 @@ def _run(out: Path, data: str | Path | None, seed: int, rows: tuple[str, ...],
     timings: dict[str, float] = {}
     root = Path(data) if data is not None else default_corpus()
     trains = [r for r in TRAINED if r in rows or (r == "retrofit" and any(
-        x.startswith("retrofit") for x in rows))]  # fmt: skip
+        x.startswith("retrofit") for x in rows)) or (r == "e2e_meta" and "e2e_meta_static"
+        in rows)]  # fmt: skip
     n_steps = 3 + len(trains)
     k = 1
 
@@ -500,6 +504,11 @@ def _evaluate_rows(rows: tuple[str, ...], runs: dict[str, Path], s: RealDataSett
             lm.eval(), test, progress=progress, block_frames=blocks, stats=stats))  # fmt: skip
         learned = [float(m.e2e.lr()) for _, m in e2e_layers(lm)]
         extra["e2e_meta"] = {"inner_lr_learned": learned, **_e2e_stats(stats)}
+        if "e2e_meta_static" in rows:
+            curves["e2e_meta_static"] = evaluate_static(lm, test, block_frames=blocks,
+                                                        chunk_frames=s.chunk_frames)  # fmt: skip
+        if "e2e_meta" not in rows:
+            del curves["e2e_meta"]
     if "retrofit" in runs:
         lm, _ = load_trained_model(runs["retrofit"])
         res = timed("retrofit", lambda: evaluate_long_context(
@@ -567,7 +576,8 @@ def _results(s: RealDataSettings, rows: tuple[str, ...], curves: dict, extra: di
     for name in curves:
         tot = stats["totals"].get(name, {})
         diff = stats["difference"].get(name, {})
-        run = {"retrofit_reset": "retrofit", "retrofit_gate0": "retrofit"}.get(name, name)
+        run = {"retrofit_reset": "retrofit", "retrofit_gate0": "retrofit",
+               "e2e_meta_static": "e2e_meta"}.get(name, name)  # fmt: skip
         table[name] = {
             "ce_within": tot.get("within_context"),
             "ce_beyond": tot.get("beyond_context"),
@@ -644,6 +654,16 @@ def verdict(table: dict[str, Any]) -> dict[str, Any]:
             lines.append(f"e2e_meta: {ratio:.2f}x the zero-training gain beyond the window "
                          f"(target 1.5x: {'MET' if ok else 'NOT MET'}); no harm "
                          f"{'MET' if no_harm else 'NOT MET'}")  # fmt: skip
+            static = table.get("e2e_meta_static")
+            if static is not None:  # what the updates add to the trained weights alone
+                own = {p: r[f"ce_{p}"]["mean"] - static[f"ce_{p}"]["mean"]
+                       for p in ("within", "beyond")}  # fmt: skip
+                out["e2e_meta_updates_gain"] = own
+                lines.append(f"e2e_meta minus its static control (the test-time updates' own "
+                             f"part): inside the window {own['within']:+.4f}, beyond "
+                             f"{own['beyond']:+.4f} nats; the static control alone vs base: "
+                             f"{static['vs_base_within']['difference']:+.4f} / "
+                             f"{static['vs_base_beyond']['difference']:+.4f}")  # fmt: skip
     out["lines"] = lines or ["no memory row"]
     return out
 

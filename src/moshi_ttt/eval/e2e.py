@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..integration.e2e import e2e_layers
 from ..integration.e2e_scan import InnerLoop
 from .long_context import PositionLosses, attention_context
-from .long_context.scoring import E2EStats, e2e_losses
+from .long_context.scoring import E2EStats, e2e_losses, stream_losses
 
 
 def evaluate_e2e(lm: LMModel, files: Sequence[tuple[str, torch.Tensor]],
@@ -34,6 +34,17 @@ def evaluate_e2e(lm: LMModel, files: Sequence[tuple[str, torch.Tensor]],
     curve = PositionLosses(lm.dep_q, block_frames or attention_context(lm) or 50)
     for name, codes in tqdm(files, desc=desc, unit="file", leave=False, disable=not progress):
         curve.add(e2e_losses(lm, codes, loop, stats), name)
+    return curve
+
+
+def evaluate_static(lm: LMModel, files: Sequence[tuple[str, torch.Tensor]],
+                    block_frames: int | None = None, chunk_frames: int = 64) -> PositionLosses:
+    """The model with its memory's initial fast weights, never updated (plain streaming): the
+    control of a meta-trained memory, what its trained parameters give without learning at
+    test time."""
+    curve = PositionLosses(lm.dep_q, block_frames or attention_context(lm) or 50)
+    for name, codes in files:
+        curve.add(stream_losses(lm, codes, chunk_frames=chunk_frames), name)
     return curve
 
 
