@@ -252,6 +252,30 @@ def test_two_processes_match_one(dataset, tmp_path):
     assert '"world_size": 2' in (tmp_path / "two/checkpoints/step_000003/state.json").read_text()
 
 
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_end_to_end_memory(dataset, tmp_path):
+    """The memory's parameters stay whole on every rank (FSDP2 ignores them; their gradients
+    are summed over the ranks) while its inner gradients run backward inside the forward."""
+    cfg = config(tmp_path / "x", [dataset["clean"]], max_steps=3, lora={"enable": False},
+                 model={"train_base": False}, data={"state_carry": "none"},
+                 ttt={"kind": "e2e", "layers": "top:1", "e2e_chunk": 4, "e2e_hidden": 128})  # fmt: skip
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg.to_yaml(cfg_path)
+    assert main(["train", str(cfg_path), "--no-progress", f"--set=run_dir={tmp_path / 'one'}"]) == 0
+    two = _torchrun(2, cfg_path, f"run_dir={tmp_path / 'two'}", "batch_size=1")
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(m1) == len(m2) == 3
+    for r1, r2 in zip(m1, m2):
+        for key in ("loss", "grad_norm"):
+            assert r1[key] == pytest.approx(r2[key], rel=1e-5, abs=1e-5), (key, r1, r2)
+    w1 = load_file(str(tmp_path / "one/checkpoints/step_000003/trainable.safetensors"))
+    w2 = load_file(str(tmp_path / "two/checkpoints/step_000003/trainable.safetensors"))
+    assert w1.keys() == w2.keys() and any("e2e" in k for k in w1)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
 # -- guards -----------------------------------------------------------------------------------
 def test_non_finite_steps_are_skipped_then_stop_the_run(dataset, tmp_path, monkeypatch):
     real = trainer_mod.forward_output_terms

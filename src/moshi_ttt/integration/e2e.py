@@ -96,7 +96,7 @@ class PrimeMLP(StreamingModule[E2EState]):
         kw = {"device": ref.device, "dtype": ref.dtype}
         self.w_in = nn.Parameter(torch.empty(dim, 2 * hidden, **kw))
         self.w_out = nn.Parameter(torch.empty(hidden, dim, **kw))
-        self.log_lr = nn.Parameter(torch.empty((), **kw))
+        self.log_lr = nn.Parameter(torch.empty(1, **kw))  # 1-D: FSDP2 shards no scalar
         self.gate_override: float | None = None
         if ref.device.type != "meta":
             self.reset_parameters()
@@ -112,8 +112,8 @@ class PrimeMLP(StreamingModule[E2EState]):
         self.log_lr.fill_(math.log(self.lr_init))
 
     def lr(self) -> torch.Tensor:
-        """The inner learning rate (``exp(log_lr)``: always > 0)."""
-        return self.log_lr.exp()
+        """The inner learning rate, a scalar (``exp(log_lr)``: always > 0)."""
+        return self.log_lr.exp()[0]
 
     def initial(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The initial fast weights ``([1, dim, 2h], [1, h, dim])`` (the parameters)."""
@@ -167,10 +167,14 @@ class E2ELayer(AdoptingLayer):
         ttt_embeddings: torch.Tensor | None = None,
         fast: list[Segment] | None = None,
         prime: bool = True,
+        layer: bool = True,
     ) -> torch.Tensor:
-        """moshi's layer, then the memory (``prime=False``: the layer alone; ``fast``: the
-        scan's per-frame fast weights)."""
-        x = super().forward(x, cross_attention_src, ttt_embeddings)
+        """moshi's layer, then the memory (``prime=False``: the layer alone; ``layer=False``:
+        the memory alone, on the layer's output ``x``, as the scan recomputes it; ``fast``: the
+        scan's per-frame fast weights). Called through the module (never ``.e2e`` directly),
+        so FSDP2 gathers the layer's parameters."""
+        if layer:
+            x = super().forward(x, cross_attention_src, ttt_embeddings)
         return self.e2e(x, fast=fast) if prime else x
 
 

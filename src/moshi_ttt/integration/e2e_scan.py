@@ -172,7 +172,7 @@ def chunk_logits(lm: LMModel, h: torch.Tensor, a: int, s: int, e: int, history: 
     cur = (s, e, current)
     order = {idx: k for k, idx in enumerate(sorted(layers))}
     with not_streaming(lm.transformer.layers[first:]):  # a recomputation, not new frames
-        x = layers[first].e2e(h, fast=_segments(history, cur, a, e, order[first]))
+        x = layers[first](h, fast=_segments(history, cur, a, e, order[first]), layer=False)
         for idx in range(first + 1, len(lm.transformer.layers)):
             layer = lm.transformer.layers[idx]
             if idx in layers:
@@ -292,24 +292,31 @@ class _Stop(Exception):
 
 
 def trunk(lm: LMModel, inputs: torch.Tensor) -> torch.Tensor:
-    """The first memory layer's prime-MLP input ``[B, S, dim]`` for ``inputs [B, 17, S]``: the
-    model's own forward, stopped there (under ``no_grad``: the base is frozen)."""
-    first = e2e_layers(lm)[0][1].e2e
+    """The first memory layer's prime-MLP input ``[B, S, dim]`` for ``inputs [B, 17, S]``
+    (under ``no_grad``: the base is frozen): the model's own embeddings (its forward, stopped
+    as the transformer starts), then the layers up to the first memory layer, each called as a
+    module (so FSDP2 gathers each unit whole and none is left half run)."""
+    first, _ = e2e_layers(lm)[0]
     captured: list[torch.Tensor] = []
 
     def grab(module: nn.Module, args: tuple) -> None:
         captured.append(args[0])
         raise _Stop
 
-    handle = first.register_forward_pre_hook(grab)
+    handle = lm.transformer.register_forward_pre_hook(grab)
     try:
         with torch.no_grad(), contextlib.suppress(_Stop):
             lm.forward_text(inputs)
     finally:
         handle.remove()
     if not captured:
-        raise RuntimeError("the model's forward did not reach its end-to-end memory")
-    return captured[0]
+        raise RuntimeError("the model's forward did not reach its transformer")
+    x = captured[0]
+    layers = lm.transformer.layers
+    with torch.no_grad():
+        for i in range(first):
+            x = layers[i](x)
+        return layers[first](x, prime=False)
 
 
 def e2e_scan(lm: LMModel, inputs: torch.Tensor, delayed: torch.Tensor, loop: InnerLoop,
@@ -374,9 +381,13 @@ def e2e_forward(lm: LMModel, codes: torch.Tensor, loop: InnerLoop | None = None,
     """``LMModel.forward(codes)`` for a model with an end-to-end memory: the same ``LMOutput``
     (logits aligned with ``codes [B, 17, T]``, NaN and False off the scored positions), every
     chunk scored before its own update. ``train``: keep the graph through the inner loop (the
-    memory's parameters get the outer gradient; the base must be frozen)."""
+    memory's parameters get the outer gradient; the base must be frozen).
+
+    The scan runs *as* the model's forward (``lm(codes)`` with the scan in place of
+    ``LMModel.forward`` for the call), so whatever wraps the model's call (FSDP2's gathering of
+    the parameters, its gradient hooks) wraps the scan too."""
     loop = loop or InnerLoop.of(lm)
-    if train:
+    if train and torch.is_grad_enabled():
         memory = {id(p) for _, m in e2e_layers(lm) for p in m.e2e.parameters()}
         trained = [n for n, p in lm.named_parameters() if p.requires_grad and id(p) not in memory]
         if trained:
@@ -384,6 +395,23 @@ def e2e_forward(lm: LMModel, codes: torch.Tensor, loop: InnerLoop | None = None,
                 f"the end-to-end memory is meta-trained on a frozen base, but {len(trained)} "
                 f"base parameters are trained (e.g. {trained[0]}); set model.train_base: false "
                 "and lora.enable: false")  # fmt: skip
+    found: list[ScanResult] = []
+
+    def scan_forward(codes: torch.Tensor) -> LMOutput:
+        out, res = _scan_output(lm, codes, loop, train)
+        found.append(res)
+        return out
+
+    lm.forward = scan_forward  # type: ignore[method-assign]  # for this call only
+    try:
+        out = lm(codes)
+    finally:
+        del lm.forward
+    return out, found[0]
+
+
+def _scan_output(lm: LMModel, codes: torch.Tensor, loop: InnerLoop,
+                 train: bool) -> tuple[LMOutput, ScanResult]:  # fmt: skip
     inputs, delayed = delayed_inputs(lm, codes)
     res = e2e_scan(lm, inputs, delayed, loop, train=train)
     dq, a0 = lm.dep_q, lm.audio_offset

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -82,12 +83,20 @@ def gate_values(lm: nn.Module) -> dict[str, float]:
 
 
 def grad_norms(groups: dict[str, list[tuple[str, nn.Parameter]]]) -> dict[str, torch.Tensor]:
-    """Squared gradient norms per group, summed over this rank's shards (all-reduce them)."""
+    """Squared gradient norms per group, summed over this rank's shards (all-reduce them). A
+    gradient that is not sharded under several processes is whole on every rank (FSDP2's
+    replicated parameters): its square counts once in the all-reduced sum."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     out = {}
     for group, named in groups.items():
-        local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                 for _, p in named if p.grad is not None]  # fmt: skip
-        squares = [g.detach().float().pow(2).sum() for g in local]
+        squares = []
+        for _, p in named:
+            if p.grad is None:
+                continue
+            if hasattr(p.grad, "to_local"):
+                squares.append(p.grad.to_local().detach().float().pow(2).sum())
+            else:
+                squares.append(p.grad.detach().float().pow(2).sum() / world)
         out[group] = torch.stack(squares).sum().cpu() if squares else torch.zeros(())
     return out
 

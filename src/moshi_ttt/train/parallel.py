@@ -27,6 +27,7 @@ from moshi.modules.transformer import StreamingTransformerLayer
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from ..integration.e2e import e2e_layers
 from ..models.files import row_sharded
 from ..models.spec import resolve_device
 
@@ -141,12 +142,32 @@ def apply_fsdp(lm: nn.Module, mesh: object | None = None) -> None:
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     kwargs = {"mp_policy": policy} if mesh is None else {"mp_policy": policy, "mesh": mesh}
     lm.register_forward_hook(_copy_view_outputs, prepend=True)  # before FSDP's post-forward
+    replicated = set(replicated_parameters(lm))
     for _, unit in fsdp_units(lm):
-        fully_shard(unit, **kwargs)
+        fully_shard(unit, ignored_params=replicated or None, **kwargs)
+    if replicated:  # the memory's inner gradients run backward inside the forward: FSDP2's
+        lm.set_reshard_after_backward(False)  # end-of-backward must not free the root's weights
     for m in lm.modules():
         if hasattr(m, "set_gradient_divide_factor"):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # gloo has no pre-multiplied sum
+
+
+def replicated_parameters(lm: nn.Module) -> list[nn.Parameter]:
+    """The parameters FSDP2 leaves whole on every rank: the end-to-end memory's (its initial
+    fast weights and inner lr are read outside its layer's forward, by the scan, where a
+    sharded parameter would not be gathered). Small; their gradients are summed over the ranks
+    by ``sum_replicated_grads``."""
+    return [p for _, m in e2e_layers(lm) for p in m.e2e.parameters()]
+
+
+def sum_replicated_grads(lm: nn.Module) -> None:
+    """All-reduce (sum, as FSDP2's reduction here) the gradients of ``replicated_parameters``."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for p in replicated_parameters(lm):
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
 
 
 def _copy_view_outputs(module: nn.Module, args: object, output: object) -> object:

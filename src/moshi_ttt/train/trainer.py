@@ -50,6 +50,7 @@ from .parallel import (
     apply_fsdp,
     barrier,
     init_distributed,
+    sum_replicated_grads,
 )
 from .rundir import (
     check_data_paths,
@@ -356,6 +357,7 @@ def _train_step(run: _Run, batches: Iterator[Batch]) -> tuple[Batch, dict[str, f
         step_terms = terms.detach() if step_terms is None else step_terms + terms.detach()
         run.tokens_since += codes.shape[0] * codes.shape[-1] * TOKENS_PER_FRAME * d.world_size
     assert step_terms is not None
+    sum_replicated_grads(lm)  # the end-to-end memory's parameters are whole on every rank
     metrics = step_terms.all_reduce().metrics()
     if cfg.kl_to_base > 0:  # nats per scored token weight, over all ranks
         kl_all = float(all_reduce_sum(kl_total.reshape(1)).cpu())
