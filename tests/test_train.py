@@ -258,7 +258,8 @@ def test_two_processes_match_one_with_the_end_to_end_memory(dataset, tmp_path):
     are summed over the ranks) while its inner gradients run backward inside the forward."""
     cfg = config(tmp_path / "x", [dataset["clean"]], max_steps=3, lora={"enable": False},
                  model={"train_base": False}, data={"state_carry": "none"},
-                 ttt={"kind": "e2e", "layers": "top:1", "e2e_chunk": 4, "e2e_hidden": 128})  # fmt: skip
+                 ttt={"kind": "e2e", "layers": "top:1", "e2e_chunk": 4,
+                      "e2e_hidden": 128})  # fmt: skip
     cfg_path = tmp_path / "cfg.yaml"
     cfg.to_yaml(cfg_path)
     assert main(["train", str(cfg_path), "--no-progress", f"--set=run_dir={tmp_path / 'one'}"]) == 0
