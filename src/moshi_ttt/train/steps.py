@@ -122,12 +122,14 @@ def forward_output_terms(
 ) -> tuple[Any, LossTerms]:
     """``lm(codes)`` under ``autocast_for`` and its ``LossTerms`` (float32). A model with an
     end-to-end memory runs its inner loop (``e2e_forward``: every chunk scored before its own
-    update; the graph kept through the updates when gradients are on)."""
+    update; the graph kept through the updates when gradients are on); the output then carries
+    ``e2e_rollbacks``, the sequence-chunks whose inner update was not finite."""
     with autocast_for(cfg, codes.device):
         if e2e_layers(lm):
             loop = InnerLoop.of(lm, first_codebook_weight=cfg.first_codebook_weight,
                                 text_padding_weight=cfg.text_padding_weight)  # fmt: skip
-            out, _ = e2e_forward(lm, codes, loop, train=torch.is_grad_enabled())
+            out, res = e2e_forward(lm, codes, loop, train=torch.is_grad_enabled())
+            out.e2e_rollbacks = res.rollbacks  # non-finite inner updates rolled back (logged)
         else:
             out = lm(codes)
     return out, compute_loss_terms(

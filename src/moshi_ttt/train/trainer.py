@@ -340,11 +340,13 @@ def _train_step(run: _Run, batches: Iterator[Batch]) -> tuple[Batch, dict[str, f
         set_attention_context(lm.transformer, window)
     step_terms: LossTerms | None = None
     kl_total = torch.zeros((), device=d.device)
+    rollbacks = 0
     for batch in micro:
         codes = batch.codes.to(d.device)
         if run.carry is not None:
             run.carry.begin(batch.reset.to(d.device), batch.lanes)
         out, terms = forward_output_terms(lm, codes, cfg)
+        rollbacks += getattr(out, "e2e_rollbacks", 0)
         objective = terms.objective(text_total, audio_total)
         if cfg.kl_to_base > 0:
             kl = covered_kl_sum(out, gate0_output(lm, codes, cfg), window or run.full_context,
@@ -364,6 +366,9 @@ def _train_step(run: _Run, batches: Iterator[Batch]) -> tuple[Batch, dict[str, f
         metrics["kl_to_base"] = kl_all / max(text_total + audio_total, 1e-9)
     if cfg.model.train_context_min is not None:
         metrics["train_context"] = float(window)
+    if cfg.ttt is not None and cfg.ttt.kind == "e2e":  # inner updates rolled back, all ranks
+        metrics["e2e_rollbacks"] = float(all_reduce_sum(torch.tensor([float(rollbacks)],
+                                                                     device=d.device)).cpu())
 
     # Guards, clipping, step.
     sq = grad_norms(run.groups.params)
