@@ -263,3 +263,52 @@ def test_export_cli(base_run, tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) == 2
     assert "no such run" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# -- every byte checked (issue: reliability) ---------------------------------------------------
+def flip_middle_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_any_written_file_is_named(adapter_run, base_export, tmp_path):
+    """Checkpoints and exports record every file's sha256 in manifest.json (written last);
+    adapters carry their weights' sha256; saved sessions their tensors'. One flipped byte in
+    the middle of each kind of file is found and the file named."""
+    from moshi_ttt.models.files import MANIFEST
+    from moshi_ttt.models.runs import checkpoint_problem
+    from moshi_ttt.serve.sessions import SessionStore
+
+    # a checkpoint: every file listed, each damaged copy named
+    ckpt = sorted((adapter_run / "checkpoints").glob("step_*"))[-1]
+    listed = json.loads((ckpt / MANIFEST).read_text())["files"]
+    assert {p.name for p in ckpt.iterdir() if p.name != MANIFEST} == set(listed)
+    assert checkpoint_problem(ckpt) is None
+    for name in ("trainable.safetensors", "optimizer.safetensors", "state.json"):
+        copy = tmp_path / f"ckpt-{name}"
+        shutil.copytree(ckpt, copy)
+        flip_middle_byte(copy / name)
+        problem = checkpoint_problem(copy)
+        assert problem is not None and name in problem, (name, problem)
+    # an export: loading it names the weights file
+    export = tmp_path / "export"
+    shutil.copytree(base_export, export)
+    assert "model.safetensors" in json.loads((export / MANIFEST).read_text())["files"]
+    flip_middle_byte(export / "model.safetensors")
+    with pytest.raises(ValueError, match="model.safetensors: its bytes differ"):
+        load_base_lm(str(export), dtype=torch.float32)
+    # an adapter (the checkpoint's adapter files)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(ckpt, adapter)
+    flip_middle_byte(adapter / "adapter.safetensors")
+    with pytest.raises(ValueError, match="adapter.safetensors"):
+        load_adapter(adapter)
+    # a saved conversation
+    store = SessionStore(tmp_path / "states")
+    token = store.issue()
+    path = store.save(token, {"w": torch.arange(4096, dtype=torch.float32)}, {"frames": 3})
+    assert store.load(token)[1] == {"frames": 3}
+    flip_middle_byte(path)
+    with pytest.raises(ValueError, match="tensor bytes differ"):
+        store.load(token)

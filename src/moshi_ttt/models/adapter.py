@@ -21,7 +21,6 @@ Mimi and the tokenizer copied when the base has them. ``load.load_merged`` and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -36,7 +35,14 @@ from torch import nn
 from ..integration.apply import apply_ttt, named_ttt_parameters, ttt_modules
 from ..integration.config import TTTConfig
 from .build import recorded_ttt_config
-from .files import check_tensors, load_safetensors, read_json, require_file
+from .files import (
+    check_tensors,
+    load_safetensors,
+    read_json,
+    require_file,
+    sha256_file,
+    write_manifest,
+)
 from .lora import apply_lora, lora_modules, lora_settings
 from .sources import MERGED_KEY, MERGED_WEIGHTS, BaseRecord
 from .spec import LoadedModel
@@ -127,7 +133,7 @@ def save_adapter(
             k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
             for k, t in tensors.items()
         },
-        "sha256": _sha256(weights),
+        "sha256": sha256_file(weights),
     }
     (out / META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
     return out
@@ -153,7 +159,7 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, tor
                if k not in meta]  # fmt: skip
     if missing:
         raise ValueError(f"{meta_path}: missing fields {missing}")
-    if _sha256(weights) != meta["sha256"]:
+    if sha256_file(weights, cache=False) != meta["sha256"]:
         raise ValueError(
             f"{weights}: checksum differs from {META_NAME} (corrupt or from another adapter)"
         )
@@ -269,13 +275,7 @@ def write_merged(
         **entry,
     }
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    names = [MERGED_WEIGHTS, "config.json"]
+    names += [config[k] for k in ("mimi_name", "tokenizer_name") if k in config]
+    write_manifest(out, names)  # last: every file's sha256, checked when it is loaded
     return out
-
-
-# -- helpers ----------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()

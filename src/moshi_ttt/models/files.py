@@ -10,7 +10,9 @@ an FSDP2 shard (``local_rows``), so no rank reads a whole sharded tensor.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,3 +189,58 @@ def _natural_sorted(names: set[str]) -> list[str]:
     return sorted(
         names, key=lambda s: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
     )
+
+
+# -- every byte checked -------------------------------------------------------------------------
+CHUNK = 1 << 20  # bytes per read while hashing
+MANIFEST = "manifest.json"  # a directory's files and their sha256, written last
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_file(path: str | Path, cache: bool = True) -> str:
+    """The sha256 (hex) of a file, read in ``CHUNK``-byte pieces; cached per path, size and
+    modification time unless ``cache`` is False (checking bytes against a manifest)."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if not cache or key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+def write_manifest(directory: str | Path, names: list[str]) -> Path:
+    """Write ``directory/manifest.json``: the sha256 and size of each of ``names`` (files in
+    ``directory``), atomically (a temporary file renamed), after the files themselves."""
+    directory = Path(directory)
+    files = {n: {"sha256": sha256_file(directory / n, cache=False),
+                 "bytes": (directory / n).stat().st_size} for n in sorted(set(names))}  # fmt: skip
+    tmp = directory / f".{MANIFEST}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps({"files": files}, indent=1) + "\n")
+    os.replace(tmp, directory / MANIFEST)
+    return directory / MANIFEST
+
+
+def manifest_problem(directory: str | Path) -> str | None:
+    """Why ``directory``'s files do not match its manifest (None: they match, or there is no
+    manifest, as in directories written before manifests): names the first file whose bytes
+    differ from the recorded sha256, or that is missing."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{path}: unreadable manifest ({e})"
+    for name, entry in files.items():
+        f = directory / name
+        if not f.is_file():
+            return f"{f}: missing (listed in {MANIFEST})"
+        if sha256_file(f, cache=False) != entry.get("sha256"):
+            return (f"{f}: its bytes differ from the sha256 recorded in {MANIFEST} when it was "
+                    "written (changed or damaged since)")  # fmt: skip
+    return None

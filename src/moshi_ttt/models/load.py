@@ -30,7 +30,7 @@ from ..integration.tiny import build_tiny_lm, tiny_lm_kwargs
 from .adapter import WEIGHTS_NAME, apply_adapter, read_adapter
 from .build import add_lora_and_memory, mark_trained, meta_base
 from .codec import load_codec_files
-from .files import check_tensors, load_safetensors, no_pickle_loads
+from .files import check_tensors, load_safetensors, manifest_problem, no_pickle_loads
 from .lora import apply_lora
 from .runs import TRAINABLE, find_checkpoint, load_trainable, read_state, run_spec
 from .sources import (
@@ -100,6 +100,9 @@ def load_merged(
     device, TTT applied, every weight loaded strictly with ``assign``. ``lora``: fresh LoRA
     adapters to add (``apply_lora``); ``info``: its ``CheckpointInfo`` if already read."""
     root = Path(directory)
+    problem = manifest_problem(root)  # every byte as written (exports since manifests)
+    if problem is not None:
+        raise ValueError(f"{problem}; export the run again (moshi-ttt export)")
     info = info if info is not None else checkpoint_info(root)
     merged = (info.raw_config or {}).get(MERGED_KEY)
     if not isinstance(merged, dict) or "ttt_layers" not in merged:

@@ -11,30 +11,13 @@ second report on the same load does not read the weights again.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
+from .files import sha256_file
 from .spec import LoadedModel, Origin
 
-CHUNK = 1 << 20  # bytes per read while hashing
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-
-
-def sha256_file(path: str | Path) -> str:
-    """The sha256 (hex) of a file, read in ``CHUNK``-byte pieces; cached per path, size and
-    modification time."""
-    path = Path(path).resolve()
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
-        _DIGESTS[key] = digest.hexdigest()
-    return _DIGESTS[key]
-
+__all__ = ["sha256_file"]  # re-exported: provenance records it for every weights file
 
 def origin_provenance(origin: Origin) -> dict[str, Any]:
     """``origin`` as a JSON object, each weights file with its sha256 and size (bytes)."""

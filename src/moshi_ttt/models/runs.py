@@ -20,7 +20,13 @@ import torch
 from torch import nn
 
 from ..schema import read_yaml
-from .files import check_safetensors, open_safetensors, read_local, safetensors_problem
+from .files import (
+    check_safetensors,
+    manifest_problem,
+    open_safetensors,
+    read_local,
+    safetensors_problem,
+)
 from .sources import RUN_CONFIG, RUN_STATE
 from .spec import ModelSpec
 
@@ -64,9 +70,10 @@ def read_state(path: str | Path) -> dict[str, Any]:
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
-    """Why checkpoint ``path`` cannot be used (None if it looks complete): ``state.json``
+    """Why checkpoint ``path`` cannot be used (None if it is complete): ``state.json``
     readable, ``trainable.safetensors`` and the optimizer / rank / adapter safetensors files
-    complete (headers and sizes; tensor data is not read)."""
+    complete (headers and sizes), then every file's bytes against the sha256 of its
+    ``manifest.json`` (checkpoints written before manifests: the first checks only)."""
     path = Path(path)
     try:
         state = read_state(path)
@@ -81,7 +88,7 @@ def checkpoint_problem(path: str | Path) -> str | None:
             problem = safetensors_problem(path / name)
             if problem is not None:
                 return f"{path / name}: {problem}"
-    return None
+    return manifest_problem(path)  # every byte, against the sha256 written with it
 
 
 def previous_good_checkpoint(root: str | Path, before: Path) -> Path | None:

@@ -31,6 +31,16 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """One sha256 over every tensor's name, dtype, shape and bytes (sorted by name)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class SessionStore:
     """Issue tokens; save, load, expire and size-limit the TTT states saved under them."""
 
@@ -75,7 +85,8 @@ class SessionStore:
             return None
         path = self.root / f"{h}{SUFFIX}"
         tmp = path.with_suffix(f".tmp{os.getpid()}.{threading.get_ident()}")
-        metadata = {"token_sha256": h, "saved_at": repr(time.time()), "meta": json.dumps(meta)}
+        metadata = {"token_sha256": h, "saved_at": repr(time.time()), "meta": json.dumps(meta),
+                    "tensors_sha256": tensors_sha256(tensors)}  # fmt: skip
         save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata=metadata)
         os.replace(tmp, path)
         with self._lock:
@@ -95,7 +106,12 @@ class SessionStore:
             metadata = f.metadata() or {}
         if metadata.get("token_sha256") != token_hash(token):
             raise ValueError(f"{path}: saved for another session token; refusing to load it")
-        return load_file(str(path)), json.loads(metadata.get("meta", "{}"))
+        tensors = load_file(str(path))
+        recorded = metadata.get("tensors_sha256")
+        if recorded is not None and tensors_sha256(tensors) != recorded:
+            raise ValueError(f"{path}: its tensor bytes differ from the sha256 recorded when it "
+                             "was saved (damaged since); the session's memory is lost")  # fmt: skip
+        return tensors, json.loads(metadata.get("meta", "{}"))
 
     def prune(self, keep: Path | None = None) -> int:
         """Delete expired states, then the oldest until the total fits; returns files deleted."""

@@ -30,7 +30,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..models.adapter import adapter_parameters, save_adapter
-from ..models.files import check_safetensors, load_safetensors, open_safetensors, read_local
+from ..models.files import (
+    check_safetensors,
+    load_safetensors,
+    open_safetensors,
+    read_local,
+    write_manifest,
+)
 from ..models.load import load_run
 from ..models.runs import (
     OPTIMIZER,
@@ -121,6 +127,7 @@ def save_checkpoint(
             save_adapter(model, tmp, tensors=params)
         record = {**state, "step": step, "world_size": d.world_size, "data": data_states}
         (tmp / STATE).write_text(json.dumps(record, indent=1))
+        write_manifest(tmp, [f.name for f in tmp.iterdir() if f.is_file()])  # last
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in list_checkpoints(root)[:-keep_last]:
