@@ -50,7 +50,7 @@ VARIANTS = {
     "mlp": _shipped(ttt={"kind": "mlp"}),
     "e2e": {},  # the end-to-end memory's rows (e2e, e2e_meta) against dyneval, same base
 }  # fmt: skip
-E2E_ROWS = "dyneval,e2e,e2e_meta"
+E2E_ROWS = "dyneval,e2e,e2e_meta,e2e_meta_static"
 
 
 def run_markov(args: argparse.Namespace) -> None:
