@@ -4,8 +4,11 @@ runs, nothing a user made is replaced, skipped data is counted exactly and liste
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -401,3 +404,33 @@ def test_existing_outputs_are_never_replaced_silently(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "mine")]) == 2
     one_error(capsys, "thesis.tex", "not a previous demo output")
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "x"
+
+
+# -- docs examples run as written ---------------------------------------------------------------
+def smoke_snippets() -> list[tuple[str, str]]:
+    """``(doc, command)`` of every shell snippet in the README and docs marked ``# a CPU smoke
+    run`` (one command, possibly continued with a backslash): those need no GPU or network."""
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        lines = doc.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if "# a CPU smoke run" not in line:
+                continue
+            start = i
+            while start > 0 and lines[start - 1].rstrip().endswith("\\"):
+                start -= 1
+            cmd = " ".join(x.rstrip().rstrip("\\") for x in lines[start : i + 1])
+            found.append((doc.name, cmd.split("#")[0].strip()))
+    return found
+
+
+def test_docs_smoke_snippets_run_as_written(tmp_path):
+    snippets = smoke_snippets()
+    assert snippets, "no '# a CPU smoke run' snippet found in the docs"
+    for doc, cmd in snippets:
+        cmd = cmd.replace("/tmp/", f"{tmp_path}/").replace(
+            "moshi-ttt ", f"{sys.executable} -m moshi_ttt.cli ")
+        proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        assert proc.returncode == 0, (doc, cmd, proc.stderr[-2000:])
