@@ -277,6 +277,35 @@ def test_two_processes_match_one_with_the_end_to_end_memory(dataset, tmp_path):
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-5, msg=k)
 
 
+@pytest.mark.slow
+def test_a_data_limit_on_one_rank_stops_every_rank_together(dataset, tmp_path):
+    """Rank r reads files r, r + 2, ... (no shuffle): rank 1 gets two good files, then missing
+    ones. Both ranks stop at the same step boundary with rank 1's message and exit 2; the last
+    complete checkpoint (written before the stop) is kept and named."""
+    good = [json.loads(x) for x in Path(dataset["clean"]).read_text().splitlines()]
+    root = Path(dataset["clean"]).parent
+    files = [{**e, "path": str(root / e["path"])} for e in good]  # 4 good files
+    bad = [{**good[0], "path": str(tmp_path / f"missing_{i}.wav")} for i in range(2)]
+    order = [files[0], files[1], files[2], files[3], files[0], bad[0], files[2], bad[1]]
+    index = tmp_path / "half_bad.jsonl"
+    index.write_text("".join(json.dumps(x) + "\n" for x in order))
+    cfg = config(tmp_path / "x", [str(index)], max_steps=8, ckpt_every=1, keep_last=10,
+                 data={"shuffle": False, "max_bad_fraction": 0.25,
+                       "state_carry": "none"})  # fmt: skip
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg.to_yaml(cfg_path)
+    proc = _torchrun(2, cfg_path, f"run_dir={tmp_path / 'two'}", "batch_size=1")
+    assert proc.returncode != 0
+    stops = [x.split("stopped:")[1] for x in proc.stderr.splitlines() if "stopped:" in x]
+    assert len(stops) == 2, proc.stderr[-3000:]  # one line per rank
+    assert all("rank 1: " in x and "unusable" in x for x in stops), stops
+    same = [x.split("; skipped files")[0] for x in stops]  # each rank names its own bad list
+    assert same[0] == same[1]
+    assert "exitcode  : 2" in proc.stderr
+    kept = sorted((tmp_path / "two" / "checkpoints").glob("step_*"))
+    assert kept and all(f"last good checkpoint: {kept[-1]}" in x for x in stops), (kept, stops)
+
+
 # -- guards -----------------------------------------------------------------------------------
 def test_non_finite_steps_are_skipped_then_stop_the_run(dataset, tmp_path, monkeypatch):
     real = trainer_mod.forward_output_terms

@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"moshi-ttt {name}: stopped: {describe_error(e)}", file=sys.stderr)
-        return 1
+        return 2  # every rank the same: the stop is decided together at a step boundary
     except _user_errors() as e:
         if args.debug:
             raise

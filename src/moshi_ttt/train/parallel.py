@@ -82,6 +82,22 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def first_failure(error: str | None, device: torch.device) -> str | None:
+    """Collective, at a step boundary: every rank passes its own error (None: none); every rank
+    gets the first failing rank's, as ``"rank R: message"`` (None when no rank failed), so
+    that all ranks stop together with the same message. One small all-reduce when no rank
+    failed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return error
+    flag = all_reduce_sum(torch.tensor([0.0 if error is None else 1.0], device=device))
+    if float(flag.cpu()) == 0:
+        return None
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    rank, first = next((r, e) for r, e in enumerate(errors) if e is not None)
+    return f"rank {rank}: {first}"
+
+
 def broadcast_object(obj: object) -> object:
     """Rank 0's ``obj`` on every rank."""
     if dist.is_available() and dist.is_initialized():

@@ -49,6 +49,7 @@ from .parallel import (
     apply_activation_checkpointing,
     apply_fsdp,
     barrier,
+    first_failure,
     init_distributed,
     sum_replicated_grads,
 )
@@ -332,8 +333,17 @@ def _train_step(run: _Run, batches: Iterator[Batch]) -> tuple[Batch, dict[str, f
     for g in optimizer.param_groups:
         g["lr"] = g["peak_lr"] * mult
 
+    # The micro-batches; a data limit tripped on any rank stops every rank, here, together.
+    error, micro = None, []
+    try:
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+    except DataError as e:
+        error = str(e)
+    failure = first_failure(error, d.device)
+    if failure is not None:
+        raise DataError(failure)
+
     # Forward/backward over the micro-batches, each weighted by the global totals.
-    micro = [next(batches) for _ in range(cfg.grad_accum)]
     text_total, audio_total = step_totals(micro, lm, cfg, d).tolist()
     window = step_context(cfg, run.step, run.full_context)
     if cfg.model.train_context_min is not None:
