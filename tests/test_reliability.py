@@ -224,7 +224,7 @@ def test_train_stops_on_bad_data_and_lists_the_skipped_files(tmp_path, capsys):
     bad = {f"b{i}": kind for i, kind in enumerate(["empty", "corrupt", "mono"] * 3 + ["short"])}
     data = write_toy_dataset(tmp_path / "data", [1.28, 1.28], bad=bad)
     cfg = tiny_run(tmp_path, data)
-    assert main(["train", str(cfg), "--no-progress"]) == 1
+    assert main(["train", str(cfg), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "stopped" in err and "max_bad_fraction" in err and "bad_files.json" in err
     listed = json.loads((tmp_path / "run" / "bad_files.json").read_text())
