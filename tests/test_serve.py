@@ -399,3 +399,72 @@ def test_cli_serve_checks_flags_before_loading(capsys):
     assert main(["serve", "--tiny", "--static", "none", "--max-sessions", "0"]) == 2
     assert "--max-sessions: expected a value >= 1, got int 0" in capsys.readouterr().err
     assert main(["serve", "--tiny", "--static", "/nonexistent-ui"]) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigkill_loses_at_most_the_last_snapshot(tmp_path):
+    """A real server process, killed with SIGKILL mid-conversation, restarted on the same
+    --state-dir: the conversation resumes from its last snapshot (--snapshot-every)."""
+    import signal
+    import subprocess
+    import sys
+
+    state_dir, port = tmp_path / "states", _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "moshi_ttt.cli", "serve", "--tiny", "--static", "none",
+           "--host", "127.0.0.1", "--port", str(port), "--state-dir", str(state_dir),
+           "--snapshot-every", "0.3", "--max-sessions", "1", "--greedy"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_TORCH_COMPILE": "1"}
+
+    async def up(http: aiohttp.ClientSession) -> bool:
+        try:
+            await stats(http, url)
+            return True
+        except aiohttp.ClientError:
+            return False
+
+    async def first_life() -> str:
+        async with aiohttp.ClientSession() as http:
+            await wait_for(lambda: up(http), "the server", timeout=120)
+            async with http.post(f"{url}/api/sessions") as r:
+                token = (await r.json())["session"]
+            async with http.ws_connect(f"{url}/api/chat?session={token}") as ws:
+                assert await ws.receive_bytes() == b"\x00"
+                for page in opus_pages(audio(3, 12)):
+                    await ws.send_bytes(b"\x01" + page)
+
+                async def snapshotted() -> bool:
+                    return (await stats(http, url))["snapshots"] >= 1
+
+                await wait_for(snapshotted, "a snapshot", timeout=60)
+                server.send_signal(signal.SIGKILL)  # mid-conversation: nothing saved on leave
+                server.wait(timeout=30)
+            return token
+
+    async def second_life(token: str) -> dict:
+        async with aiohttp.ClientSession() as http:
+            await wait_for(lambda: up(http), "the restarted server", timeout=120)
+            async with http.ws_connect(f"{url}/api/chat?session={token}") as ws:
+                assert await ws.receive_bytes() == b"\x00"  # an unknown token would be refused
+                return await stats(http, url)
+
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        token = asyncio.run(asyncio.wait_for(first_life(), 240))
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode == -signal.SIGKILL
+    assert list(state_dir.glob("*.safetensors")), "no snapshot on disk"
+    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        after = asyncio.run(asyncio.wait_for(second_life(token), 240))
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+    assert after["restored"] == 1

@@ -56,6 +56,14 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         "directory removed on exit)",
     )
     p.add_argument(
+        "--snapshot-every",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="save each resumable conversation's memory this often while it is open, besides "
+        "when it leaves, so a crash loses at most this much (default 30; 0: only on leave)",
+    )
+    p.add_argument(
         "--session-ttl",
         type=float,
         default=24 * 3600,
@@ -163,6 +171,7 @@ def build_config(args: argparse.Namespace) -> Any:
             temp=args.temp,
             temp_text=args.temp_text,
             seed=args.seed,
+            snapshot_every_s=args.snapshot_every,
         )
     except ValueError as e:
         key, sep, rest = str(e).partition(":")

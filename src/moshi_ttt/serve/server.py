@@ -70,6 +70,7 @@ class ServeConfig:
     temp: float = option(0.8, ge=0)
     temp_text: float = option(0.7, ge=0)
     seed: int = 42424242
+    snapshot_every_s: float = option(30.0, ge=0)  # resumable memories saved while open (0: off)
 
     def __post_init__(self) -> None:
         schema.validate(self)
@@ -102,6 +103,7 @@ class Session:
         self.frames_in = self.frames_out = self.dropped = 0
         self.ogg_bytes = self.samples_in = 0
         self.resumed_frames = 0  # frames of the conversation before this connection
+        self.snapshot_frames = 0  # frames_in at its last snapshot
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -159,6 +161,7 @@ class ChatServer:
                 "bad_clients",
                 "not_reading",
                 "saved",
+                "snapshots",
                 "restored",
                 "connections",
             ),
@@ -166,6 +169,7 @@ class ChatServer:
         )
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._snapshots: asyncio.Task | None = None
 
     # -- application ---------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -188,15 +192,18 @@ class ChatServer:
     async def _start(self, _: web.Application) -> None:
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run_engine())
+        self._snapshots = (asyncio.create_task(self._snapshot_loop())
+                           if self.config.snapshot_every_s > 0 else None)  # fmt: skip
 
     async def _stop(self, _: web.Application) -> None:
         for s in list(self.rows):
             if s is not None:
                 self._fail(s, "server shutting down", 1001, bad=False)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._snapshots):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self.pool.submit(self.engine.close).result()
         self.pool.shutdown(wait=True)
 
@@ -408,19 +415,40 @@ class ChatServer:
             )
         return ws
 
+    async def _snapshot_loop(self) -> None:
+        """Every ``snapshot_every_s``: save the memory of each open resumable conversation that
+        heard something since its last save (atomic writes: a crash keeps the previous one)."""
+        while True:
+            await asyncio.sleep(self.config.snapshot_every_s)
+            for s in list(self.rows):
+                if s is None or s.token is None or s.closed or s.frames_in == s.snapshot_frames:
+                    continue
+                try:
+                    await self._save(s)
+                    s.snapshot_frames = s.frames_in
+                    self.counters["snapshots"] += 1
+                except Exception:
+                    log.exception("session %d: snapshot failed", s.id)
+
+    async def _save(self, s: Session) -> Path | None:
+        """Save the row's memory under the session's token (from the engine's thread)."""
+        loop = asyncio.get_running_loop()
+        tensors = await loop.run_in_executor(self.pool, self.engine.ttt_state, s.row)
+        meta = {"frames": s.resumed_frames + s.frames_in}
+        assert s.token is not None
+        return await loop.run_in_executor(None, self.store.save, s.token, tensors, meta)
+
     async def _leave(self, s: Session) -> None:
         """Free the row; with a token, save the row's TTT state first."""
-        loop = asyncio.get_running_loop()
         self.reserved.add(s.row)
         self.rows[s.row] = None
         try:
             if s.token is not None and s.frames_in > 0:
-                tensors = await loop.run_in_executor(self.pool, self.engine.ttt_state, s.row)
-                meta = {"frames": s.resumed_frames + s.frames_in}
-                path = await loop.run_in_executor(None, self.store.save, s.token, tensors, meta)
+                path = await self._save(s)
                 if path is not None:
                     self.counters["saved"] += 1
-                    log.info("session %d: TTT state saved (%d frames)", s.id, meta["frames"])
+                    log.info("session %d: TTT state saved (%d frames)", s.id,
+                             s.resumed_frames + s.frames_in)  # fmt: skip
         except Exception:
             log.exception("session %d: saving its state failed", s.id)
         finally:
