@@ -128,7 +128,8 @@ def table(args: argparse.Namespace) -> None:
             )
             continue
         for row, v in r["rows"].items():
-            own = row.startswith(("retrofit", "e2e"))  # a variant's own rows
+            # a variant's own rows (the e2e variant's dyneval also sweeps K = C/8)
+            own = row.startswith(("retrofit", "e2e")) or (variant == "e2e" and row == "dyneval")
             if not own and variant != "shipped":
                 continue  # the base and the alternatives once per (corpus, seed)
             key = (corpus, variant if own else "-", row)
