@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py --tiny --clients 4 --seconds 10      # starts its own server
     python benchmarks/serve_load.py --url http://127.0.0.1:8998 --clients 2 --wav user.wav
+    python benchmarks/serve_load.py --tiny --clients 4 --soak 600           # a 10-minute soak
 
 Each client sends one 80 ms frame of Ogg/Opus every 80 ms (real time; ``--fast``: as fast as it
 can) and decodes Moshi's audio as it arrives. Printed: the server's per-frame processing time
@@ -9,12 +10,20 @@ can) and decodes Moshi's audio as it arrives. Printed: the server's per-frame pr
 < 1 keeps up), the client-side latency (p50/p99 of: time the output audio reaches sample s minus
 the time the input audio up to sample s was sent; includes the model's one-frame delay and Opus
 buffering), and frames dropped. Loopback only; every loop is bounded in count and time.
+
+``--soak SECONDS``: for that long, each of ``--clients`` clients keeps doing one of: talk (a
+new resumable conversation, 1-4 s of audio), resume its last conversation (``?session=``, after
+the server saved it on leave), send garbage (a message that is not Opus), stall (send, never
+read). Printed: frames served, p99 frame time, dropped frames, conversations resumed and
+**lost** (a saved conversation refused on resume: must be 0), refusals (server full), and the
+server's RSS at start and end (the tiny server runs in this process).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -103,6 +112,86 @@ async def load(url: str, pcm: np.ndarray, clients: int, fast: bool, timeout: flo
     }
 
 
+def rss_mib() -> float:
+    """This process's resident memory (MiB), from /proc (0 where there is none)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+async def soak(url: str, clients: int, seconds: float, seed: int = 0) -> dict:
+    """The ``--soak`` mix of the module docstring; returns its counts."""
+    end = time.monotonic() + seconds
+    counts = dict.fromkeys(("talk", "resume", "garbage", "stall", "refused_full", "lost",
+                            "resumed", "errors"), 0)  # fmt: skip
+
+    async def converse(http: aiohttp.ClientSession, query: str, pcm: np.ndarray,
+                       read: bool) -> str:  # fmt: skip
+        async with http.ws_connect(f"{url}/api/chat{query}") as ws:
+            first = await asyncio.wait_for(ws.receive(), 30)
+            if first.type != aiohttp.WSMsgType.BINARY:
+                return f"closed {first.data}"
+            writer = sphn.OpusStreamWriter(RATE)
+            for i in range(len(pcm) // FRAME):
+                page = writer.append_pcm(pcm[i * FRAME : (i + 1) * FRAME])
+                if len(page):
+                    await ws.send_bytes(b"\x01" + page)
+                await asyncio.sleep(0.08)
+                if read:
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(ws.receive(), 0.001)
+            return "ok"
+
+    async def one(i: int) -> None:
+        rng = np.random.default_rng(seed + i)
+        saved: str | None = None
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < end:
+                kind = str(rng.choice(["talk", "resume", "garbage", "stall"], p=[.45, .35, .1, .1]))
+                if kind == "resume" and saved is None:
+                    kind = "talk"
+                pcm = synthetic(float(rng.uniform(1, 4)), int(rng.integers(1 << 30)))
+                try:
+                    if kind == "talk":
+                        async with http.post(f"{url}/api/sessions") as r:
+                            token = (await r.json())["session"]
+                        got = await converse(http, f"?session={token}", pcm, read=True)
+                        if got == "ok":
+                            saved = token
+                    elif kind == "resume":
+                        got = await converse(http, f"?session={saved}", pcm, read=True)
+                        if got == "ok":
+                            counts["resumed"] += 1
+                        elif "1008" in got:  # a saved conversation refused: lost
+                            counts["lost"] += 1
+                    elif kind == "garbage":
+                        async with http.ws_connect(f"{url}/api/chat") as ws:
+                            await asyncio.wait_for(ws.receive(), 30)
+                            await ws.send_bytes(b"\x01" + bytes(rng.integers(0, 256, 4000,
+                                                                             dtype=np.uint8)))
+                            await asyncio.wait_for(ws.receive(), 30)
+                        got = "ok"
+                    else:
+                        got = await converse(http, "", pcm, read=False)
+                    if "1013" in got:
+                        counts["refused_full"] += 1
+                    counts[kind] += 1
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    counts["errors"] += 1
+                await asyncio.sleep(float(rng.uniform(0, 0.5)))
+
+    await asyncio.gather(*(one(i) for i in range(clients)))
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/api/stats") as r:
+        stats = await r.json()
+    return {**counts, "frames_served": stats["frames"], "frame_ms_p99": stats["frame_ms"]["p99"],
+            "frames_dropped": stats["frames_dropped"], "saved": stats["saved"],
+            "restored": stats["restored"], "bad_clients": stats["bad_clients"]}  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     where = p.add_mutually_exclusive_group(required=True)
@@ -115,6 +204,8 @@ def main() -> None:
     p.add_argument("--fast", action="store_true", help="send as fast as possible, not real time")
     p.add_argument("--timeout", type=float, default=300.0, help="give up after this long")
     p.add_argument("--json", action="store_true", help="print the figures as JSON only")
+    p.add_argument("--soak", type=float, metavar="SECONDS",
+                   help="clients join, leave, resume and misbehave for this long")  # fmt: skip
     args = p.parse_args()
     if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost")):
         p.error("--url must be a loopback address (127.0.0.1 / localhost)")
@@ -143,9 +234,19 @@ def main() -> None:
             cfg = ServeConfig(max_sessions=args.max_sessions or args.clients)
             srv = ChatServer(lm, mimi, tok, cfg, SessionStore(tmp))
             with ServerThread(srv) as t:
-                res = asyncio.run(load(t.url, pcm, args.clients, args.fast, args.timeout))
+                if args.soak:
+                    before = rss_mib()
+                    res = asyncio.run(soak(t.url, args.clients, args.soak))
+                    res.update(rss_mib_start=round(before, 1), rss_mib_end=round(rss_mib(), 1))
+                else:
+                    res = asyncio.run(load(t.url, pcm, args.clients, args.fast, args.timeout))
+    elif args.soak:
+        res = asyncio.run(soak(args.url, args.clients, args.soak))
     else:
         res = asyncio.run(load(args.url, pcm, args.clients, args.fast, args.timeout))
+    if args.soak:
+        print(json.dumps(res) if args.json else "\n".join(f"{k}: {v}" for k, v in res.items()))
+        return
     if args.json:
         print(json.dumps(res))
         return
