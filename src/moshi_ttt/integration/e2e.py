@@ -75,6 +75,13 @@ class E2EState(State):
         self.w_out.copy_(w_out.detach())
 
 
+def fast_copy(w: torch.Tensor, batch: int) -> torch.Tensor:
+    """``w [1, ...]`` repeated for ``batch`` sequences, detached, in float32 at least (fast
+    weights accumulate small updates: bf16 would round them away)."""
+    dtype = torch.promote_types(w.dtype, torch.float32)
+    return w.detach().to(dtype).expand(batch, *w.shape[1:]).clone()
+
+
 class PrimeMLP(StreamingModule[E2EState]):
     """``x [B, T, dim] -> x + memory(x)`` (module docstring).
 
@@ -120,7 +127,7 @@ class PrimeMLP(StreamingModule[E2EState]):
         return self.w_in[None], self.w_out[None]
 
     def _init_streaming_state(self, batch_size: int) -> E2EState:
-        w_in, w_out = (w.detach()[None].repeat(batch_size, 1, 1) for w in (self.w_in, self.w_out))
+        w_in, w_out = (fast_copy(w[None], batch_size) for w in (self.w_in, self.w_out))
         return E2EState(batch_size, w_in.device, w_in, w_out,
                         (self.w_in.detach(), self.w_out.detach()))  # fmt: skip
 

@@ -47,7 +47,7 @@ from ..token_weights import (
 )
 from ..ttt.e2e import inner_sgd_step
 from .config import TTTConfig
-from .e2e import E2ELayer, Segment, chunk_frames, e2e_layers
+from .e2e import E2ELayer, Segment, chunk_frames, e2e_layers, fast_copy
 from .streaming import delayed_inputs
 
 Weights = list[tuple[torch.Tensor, torch.Tensor]]  # per memory layer: (w_in, w_out), [B, ...]
@@ -219,15 +219,15 @@ def _has_audio(lm: LMModel, delayed: torch.Tensor, s: int, e: int) -> bool:
 
 def initial_weights(lm: LMModel, batch: int, train: bool) -> Weights:
     """Every memory layer's initial fast weights for ``batch`` sequences (the parameters:
-    graph-connected when ``train``, else detached copies)."""
+    graph-connected when ``train``, else detached copies in float32 at least, so that small
+    updates are not lost to a bf16 model's rounding)."""
     out = []
     for _, layer in e2e_layers(lm):
         w_in, w_out = layer.e2e.initial()
         if train:
             out.append((w_in.expand(batch, -1, -1), w_out.expand(batch, -1, -1)))
         else:
-            out.append((w_in.detach().expand(batch, -1, -1).clone(),
-                        w_out.detach().expand(batch, -1, -1).clone()))  # fmt: skip
+            out.append(tuple(fast_copy(w, batch) for w in (w_in, w_out)))  # type: ignore[arg-type]
     return out
 
 
