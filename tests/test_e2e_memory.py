@@ -265,7 +265,7 @@ def test_sweep_picks_on_the_given_files():
     best, scores = sweep_e2e(lm, files, [0.01, 1.0], [4, 12])
     assert len(scores) == 4
     assert min(scores, key=lambda s: s["text_ce"])["lr"] == best["lr"]
-    assert float(e2e_layers(lm)[0][1].e2e.lr()) == pytest.approx(0.1)  # restored
+    assert float(e2e_layers(lm)[0][1].e2e.lr().detach()) == pytest.approx(0.1)  # restored
 
 
 def run_lmgen(lm, steps: int, user, active=None):

@@ -502,7 +502,7 @@ def _evaluate_rows(rows: tuple[str, ...], runs: dict[str, Path], s: RealDataSett
         lm, _ = load_trained_model(runs["e2e_meta"])
         curves["e2e_meta"] = timed("e2e_meta", lambda: evaluate_e2e(
             lm.eval(), test, progress=progress, block_frames=blocks, stats=stats))  # fmt: skip
-        learned = [float(m.e2e.lr()) for _, m in e2e_layers(lm)]
+        learned = [float(m.e2e.lr().detach()) for _, m in e2e_layers(lm)]
         extra["e2e_meta"] = {"inner_lr_learned": learned, **_e2e_stats(stats)}
         if "e2e_meta_static" in rows:
             curves["e2e_meta_static"] = evaluate_static(lm, test, block_frames=blocks,
