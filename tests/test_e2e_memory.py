@@ -258,13 +258,27 @@ def test_meta_training_refuses_a_trained_base():
         e2e_forward(lm, batch(lm), train=True)
 
 
-def test_sweep_picks_on_the_given_files():
+def test_sweep_picks_on_the_given_files_without_harm_inside_the_window():
+    from moshi_ttt.eval.e2e import choose_setting
+
     lm = build_tiny_lm(0)
     apply_ttt(lm, {"kind": "e2e", "layers": "quarter"})
     files = [(f"f{i}", batch(lm, B=1, T=30, seed=i)[0]) for i in range(2)]
     best, scores = sweep_e2e(lm, files, [0.01, 1.0], [4, 12])
     assert len(scores) == 4
-    assert min(scores, key=lambda s: s["text_ce"])["lr"] == best["lr"]
+    chosen = next(s for s in scores if (s["lr"], s["chunk"]) == (best["lr"], best["chunk"]))
+    safe = [s for s in scores if s["harm_within"] <= 0.005]
+    if safe:  # the best beyond the window among those that do no harm inside it
+        assert chosen["harm_within"] <= 0.005
+        assert chosen["text_ce"] == min(s["text_ce"] for s in safe)
+    else:
+        assert chosen["harm_within"] == min(s["harm_within"] for s in scores)
+    free = choose_setting(scores, harm_tolerance=None)  # without the rule: the lowest beyond
+    assert free["text_ce"] == min(s["text_ce"] for s in scores)
+    # a setting that harms inside the window is passed over for a safe one
+    fake = [{"lr": 1, "chunk": 1, "text_ce": 1.0, "within": 2.0, "harm_within": 0.1},
+            {"lr": 2, "chunk": 1, "text_ce": 1.5, "within": 1.9, "harm_within": 0.0}]
+    assert choose_setting(fake)["lr"] == 2 and choose_setting(fake, harm_tolerance=None)["lr"] == 1
     assert float(e2e_layers(lm)[0][1].e2e.lr().detach()) == pytest.approx(0.1)  # restored
 
 

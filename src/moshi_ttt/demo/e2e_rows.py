@@ -3,7 +3,6 @@ setting chosen on a validation split, and the memory added to a frozen base."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import torch
 from moshi.models.lm import LMModel
 
-from ..eval.e2e import sweep_e2e
+from ..eval.e2e import choose_setting, sweep_e2e
 from ..integration.apply import apply_ttt
 from ..train.checkpoint import load_trained_model
 
@@ -40,8 +39,9 @@ def e2e_memory(base_run: Path, layers: str, choice: dict[str, Any], seed: int) -
 def e2e_choice(base_run: Path, layers: str, hiddens: Sequence[int], lrs: Sequence[float],
                chunks: Sequence[int], val: list, seed: int, progress: bool,
                metric: str = "text_ce") -> dict[str, Any]:  # fmt: skip
-    """The zero-training memory's width, inner lr and K with the lowest validation ``metric``
-    beyond the window, and every setting's score."""
+    """The zero-training memory's width, inner lr and K, chosen on the validation files by
+    ``eval.e2e.choose_setting`` (the lowest ``metric`` beyond the window among the settings
+    that do no harm inside it), and every setting's score."""
     scores = []
     chunks = sorted(set(chunks))
     for hidden in hiddens:
@@ -49,10 +49,7 @@ def e2e_choice(base_run: Path, layers: str, hiddens: Sequence[int], lrs: Sequenc
                         seed)  # fmt: skip
         _, found = sweep_e2e(lm, val, lrs, chunks, metric=metric, progress=progress)
         scores += [{"hidden": hidden, **x} for x in found]
-    finite = [x for x in scores if math.isfinite(x[metric])]
-    if not finite:
-        raise ValueError("e2e: every validation setting gave a non-finite loss")
-    best = min(finite, key=lambda x: x[metric])
+    best = choose_setting(scores, metric)
     chosen = {"hidden": best["hidden"], "lr": best["lr"], "chunk": best["chunk"]}
     label = f"width {chosen['hidden']}, lr {chosen['lr']:g}, K {chosen['chunk']}"
     return {"chosen": chosen, "label": label, "validation": scores, "metric": metric,

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..integration.e2e import e2e_layers
 from ..integration.e2e_scan import InnerLoop
+from ..recipes import HARM_TOLERANCE
 from .long_context import PositionLosses, attention_context
 from .long_context.scoring import E2EStats, e2e_losses, stream_losses
 
@@ -67,22 +68,47 @@ def inner_lr(lm: LMModel, lr: float) -> Iterator[None]:
 
 
 def sweep_e2e(lm: LMModel, files: Sequence[tuple[str, torch.Tensor]], lrs: Sequence[float],
-              chunks: Sequence[int], metric: str = "text_ce",
-              progress: bool = False) -> tuple[dict, list[dict]]:  # fmt: skip
-    """Score every ``(lr, K)`` on ``files`` (a *validation* split); return the setting with the
-    lowest ``metric`` beyond the attention context (``{"lr", "chunk"}``) and every score."""
+              chunks: Sequence[int], metric: str = "text_ce", progress: bool = False,
+              harm_tolerance: float | None = HARM_TOLERANCE,
+              ) -> tuple[dict, list[dict]]:  # fmt: skip
+    """Score every ``(lr, K)`` on ``files`` (a *validation* split) inside and beyond the
+    attention context, against the model without updates (its memory's initial weights: the
+    base for an untrained memory); return the chosen setting ``{"lr", "chunk"}`` and every
+    score (``metric`` beyond, ``within`` and the differences to the base ``harm_within`` and
+    ``gain_beyond``).
+
+    The choice: the lowest ``metric`` beyond the context among the settings no worse than the
+    base inside it by more than ``harm_tolerance`` (where the attention sees everything the
+    memory saw, a memory can only compete with it); if none is, the least harmful inside.
+    ``harm_tolerance=None``: the lowest ``metric`` beyond, whatever the harm."""
     if not lrs or not chunks:
         raise ValueError("sweep_e2e: the grid is empty")
     base = InnerLoop.of(lm)
     C = attention_context(lm)
+    static = evaluate_static(lm, files)
+    base_within, base_beyond = static.totals(0, C)[metric], static.totals(C)[metric]
     scores = []
     grid = [(lr, k) for k in chunks for lr in lrs]
     for lr, k in tqdm(grid, desc="e2e sweep (validation)", unit="setting", disable=not progress):
         with inner_lr(lm, lr):
             curve = evaluate_e2e(lm, files, replace(base, chunk=int(k)))
-        scores.append({"lr": lr, "chunk": int(k), metric: curve.totals(C)[metric]})
-    finite = [s for s in scores if math.isfinite(s[metric])]
-    if not finite:
-        raise ValueError("sweep_e2e: every setting gave a non-finite loss")
-    best = min(finite, key=lambda s: s[metric])
+        within, beyond = curve.totals(0, C)[metric], curve.totals(C)[metric]
+        scores.append({"lr": lr, "chunk": int(k), metric: beyond, "within": within,
+                       "harm_within": within - base_within,
+                       "gain_beyond": beyond - base_beyond})  # fmt: skip
+    best = choose_setting(scores, metric, harm_tolerance)
     return {"lr": best["lr"], "chunk": best["chunk"]}, scores
+
+
+def choose_setting(scores: Sequence[dict], metric: str = "text_ce",
+                   harm_tolerance: float | None = HARM_TOLERANCE) -> dict:  # fmt: skip
+    """The rule of ``sweep_e2e`` over its scores (of one or several sweeps)."""
+    finite = [s for s in scores if math.isfinite(s[metric]) and math.isfinite(s["within"])]
+    if not finite:
+        raise ValueError("e2e: every validation setting gave a non-finite loss")
+    if harm_tolerance is None:
+        return min(finite, key=lambda s: s[metric])
+    safe = [s for s in finite if s["harm_within"] <= harm_tolerance]
+    if safe:
+        return min(safe, key=lambda s: s[metric])
+    return min(finite, key=lambda s: s["harm_within"])
