@@ -87,7 +87,8 @@ class DemoSettings:
     e2e_layers: str = "quarter"
     e2e_hiddens: tuple[int, ...] = (256, 1024)
     e2e_lrs: tuple[float, ...] = (0.1, 0.3, 1.0)
-    e2e_chunks: tuple[float, ...] = (0.125, 0.25, 0.5)  # K as fractions of C
+    e2e_chunks: tuple[float, ...] = (0.25, 0.5)  # K as fractions of C (C/8 = 2 frames: slow)
+    e2e_meta_steps: int = 100  # the meta-training's budget (a step scans 256 / K chunks)
     chunk_frames: int = 64
     bin_frames: int = 16
 
@@ -117,6 +118,7 @@ QUICK = DemoSettings(
     batch_size=4,
     bin_frames=8,
     val_sequences=2,
+    e2e_meta_steps=3,
     e2e_hiddens=(64,),
     e2e_lrs=(0.3,),
     e2e_chunks=(0.25,),
@@ -146,7 +148,7 @@ def train_config(s: DemoSettings, name: str, data: Path, out: Path, seed: int,
         {
             "run_dir": str(out / "runs" / name),
             "seed": seed,
-            "max_steps": s.steps,
+            "max_steps": s.e2e_meta_steps if name == "e2e_meta" else s.steps,
             "duration_sec": s.task.seq_len / FRAME_RATE,
             "batch_size": s.batch_size,
             "lr": s.lr,
