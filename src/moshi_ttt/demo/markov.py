@@ -254,7 +254,7 @@ def _run(out_dir: str | Path, seed: int, s: DemoSettings, quick: bool, progress:
                              progress, metric=s.task.metric)  # fmt: skip
         cfg = train_config(s, name, train_dir, out, seed, e2e.get("chosen"))
         cfg.to_yaml(out / "configs" / f"{name}.yaml")
-        say(f"[{k + 2}/{steps}] training {what[name]}: {s.steps} steps of {s.batch_size} x "
+        say(f"[{k + 2}/{steps}] training {what[name]}: {cfg.max_steps} steps of {s.batch_size} x "
             f"{cfg.frames_per_window} frames")  # fmt: skip
         start = time.perf_counter()
         train(cfg, progress=progress, device="cpu")
