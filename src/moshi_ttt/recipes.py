@@ -1,6 +1,14 @@
-"""The recommended retrofit: TTT added to a pretrained, *frozen* Moshi (docs/retrofit.md).
+"""The recommended memories for a pretrained, *frozen* Moshi (docs/retrofit.md).
 
-Two recipes, both measured (``benchmarks/realdata_study.py``, ``benchmarks/retrofit_study.py``):
+**The end-to-end memory** (``E2E_MEMORY``, ``e2e_memory``; the shipped default): a prime MLP
+after the last layer whose fast weights take SGD steps on the model's own next-token loss every
+C/8 frames, zero-init output (the model starts as the base); used with no training (its inner
+lr and chunk chosen on validation files, no harm inside the window) or meta-trained (its
+initial weights and inner lr learned through the inner loop). On real text it helps beyond the
+window with no training, more than dynamic evaluation, and more again meta-trained.
+
+Two layer-local TTT recipes, both measured (``benchmarks/realdata_study.py``,
+``benchmarks/retrofit_study.py``):
 
 - ``RETROFIT_TTT`` + ``RETROFIT_TRAIN`` (**the shipped default**): branches after the attention of
   the upper half of the layers, output projection initialised to zero (the model starts exactly
@@ -57,6 +65,22 @@ FORCED_TRAIN: dict[str, Any] = {
     "train_context_min_fraction": None,
     "kl_to_base": 0.0,
 }
+
+
+# The end-to-end memory: after the last layer (an update then recomputes only its chunk: real
+# time at 7B, docs/benchmarks.md), inner lr 0.3 (the tiny benchmark's validation choice, every
+# corpus and seed). Width: a multiple of the model's (the benchmark chose 16x over 4x on
+# validation; the 7B config uses 4x, 0.8 GB of float32 fast weights per conversation).
+E2E_MEMORY: dict[str, Any] = {"kind": "e2e", "layers": "top:1", "e2e_lr": 0.3}
+E2E_WIDTH_RATIO = 4
+
+
+def e2e_memory(dim: int, context: int, width_ratio: float = E2E_WIDTH_RATIO) -> dict[str, Any]:
+    """The ``ttt`` config of the end-to-end memory for a model of width ``dim`` whose attention
+    sees ``context`` frames (K = C/8; Moshi 7B: width 16384, K 375)."""
+    if dim < 1 or context < 1:
+        raise ValueError(f"dim and context must be >= 1, got {dim}, {context}")
+    return {**E2E_MEMORY, "e2e_hidden": round(width_ratio * dim), "e2e_chunk": max(1, context // 8)}
 
 
 def retrofit_training(context: int, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
