@@ -233,24 +233,29 @@ def initial_weights(lm: LMModel, batch: int, train: bool) -> Weights:
 
 def update(lm: LMModel, h: torch.Tensor, a: int, s: int, e: int, history: History,
            weights: Weights, delayed: torch.Tensor, loop: InnerLoop, train: bool,
-           init: Weights,
-           grads_log: GradLog | None = None) -> tuple[Weights, torch.Tensor, int]:  # fmt: skip
+           init: Weights, grads_log: GradLog | None = None,
+           scored: torch.Tensor | None = None) -> tuple[Weights, torch.Tensor, int]:  # fmt: skip
     """``loop.steps`` inner steps on chunk ``[s, e)``: ``(new weights, ok [B], rollbacks)``.
 
     ``grads_log``: a ``GradLog`` that records every inner gradient, or replays recorded ones
     instead of computing them (tests: the first-order meta-gradient is the gradient of the
-    outer loss with the inner gradients held fixed)."""
+    outer loss with the inner gradients held fixed). ``scored``: the chunk's CE already
+    computed from ``weights`` (with a graph to them): the first step's forward is not redone."""
     audio = _has_audio(lm, delayed, s, e)
     lrs = [m.e2e.lr() for _, m in e2e_layers(lm)]
     ok_all = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
-    for _ in range(loop.steps):
+    for step in range(loop.steps):
         with torch.enable_grad():
             flat = [w for pair in weights for w in pair]
-            if not train:
-                flat = [w.detach().requires_grad_(True) for w in flat]
-                weights = [(flat[2 * k], flat[2 * k + 1]) for k in range(len(weights))]
-            text, au = chunk_logits(lm, h, a, s, e, history, weights, delayed, audio)
-            loss = inner_loss(lm, chunk_ce(lm, text, au, delayed, s, e), delayed, s, e, loop)
+            if step == 0 and scored is not None:
+                ce = scored
+            else:
+                if not train:
+                    flat = [w.detach().requires_grad_(True) for w in flat]
+                    weights = [(flat[2 * k], flat[2 * k + 1]) for k in range(len(weights))]
+                text, au = chunk_logits(lm, h, a, s, e, history, weights, delayed, audio)
+                ce = chunk_ce(lm, text, au, delayed, s, e)
+            loss = inner_loss(lm, ce, delayed, s, e, loop)
             finite = torch.isfinite(loss)
             grads = torch.autograd.grad(
                 torch.where(finite, loss, 0.0).sum(), flat, allow_unused=True,
@@ -345,30 +350,38 @@ def _scan(lm: LMModel, inputs: torch.Tensor, delayed: torch.Tensor, loop: InnerL
     for s in range(0, S, loop.chunk):
         e = min(S, s + loop.chunk)
         a = 0 if R < 0 else max(0, s - R)
-        with torch.set_grad_enabled(train):
+        last = e >= S  # no update after the last chunk
+        # One forward scores the chunk and, with a graph to the weights, gives the first inner
+        # gradient (evaluation: to leaf copies of the weights, dropped after the update).
+        start = time.perf_counter()
+        with torch.set_grad_enabled(train or not last):
+            if not train and not last:
+                weights = [(wi.detach().requires_grad_(True), wo.detach().requires_grad_(True))
+                           for wi, wo in weights]  # fmt: skip
             text, au = chunk_logits(lm, h[:, a:e], a, s, e, history, weights, delayed,
                                     need_audio)  # fmt: skip
             ce = chunk_ce(lm, text, au, delayed, s, e)
-        bad = ~torch.isfinite(ce.detach()).reshape(B, -1).all(1)
-        if bool(bad.any()) and previous is not None:  # the last update broke these sequences
-            rollbacks += int(bad.sum())
-            weights = [tuple(torch.where(bad.view(-1, 1, 1), p, w) for p, w in zip(pw, ww))
-                       for pw, ww in zip(previous, weights)]  # type: ignore[misc]  # fmt: skip
-            with torch.set_grad_enabled(train):
+            bad = ~torch.isfinite(ce.detach()).reshape(B, -1).all(1)
+            if bool(bad.any()) and previous is not None:  # the last update broke these rows
+                rollbacks += int(bad.sum())
+                weights = [tuple(torch.where(bad.view(-1, 1, 1), p, w) for p, w in zip(pw, ww))
+                           for pw, ww in zip(previous, weights)]  # type: ignore[misc]  # fmt: skip
                 text, au = chunk_logits(lm, h[:, a:e], a, s, e, history, weights, delayed,
                                         need_audio)  # fmt: skip
                 ce = chunk_ce(lm, text, au, delayed, s, e)
-        texts.append(text)
-        audios.append(au if au is not None else text.new_zeros(B, lm.dep_q, e - s, lm.card))
+        keep = (lambda t: t) if train else (lambda t: t.detach())  # noqa: E731
+        texts.append(keep(text))
+        audios.append(keep(au) if au is not None
+                      else text.new_zeros(B, lm.dep_q, e - s, lm.card))  # fmt: skip
         ces.append(ce.detach())
-        if e < S:
-            start = time.perf_counter()
+        if not last:
             new, _, n_bad = update(lm, h[:, a:e], a, s, e, history, weights, delayed, loop,
-                                   train, init, grads_log)  # fmt: skip
+                                   train, init, grads_log, scored=ce)  # fmt: skip
             seconds += time.perf_counter() - start
             rollbacks += n_bad
             updates += loop.steps * B
-            history.append((s, e, weights))
+            history.append((s, e, weights if train else
+                            [(wi.detach(), wo.detach()) for wi, wo in weights]))  # fmt: skip
             if R >= 0:  # forget what no later chunk's receptive field reaches
                 history = [c for c in history if c[1] > e - R]
             previous, weights = weights, new
