@@ -84,7 +84,7 @@ class DemoSettings:
     scratch: bool = True  # also train the from-scratch TTT model (the upper bound)
     e2e: bool = True  # the end-to-end memory's rows: zero-training (e2e) and meta-trained
     val_sequences: int = 16  # validation sequences for the e2e choice (their own seed)
-    e2e_layers: str = "quarter"
+    e2e_layers: str = "top:1"
     e2e_hiddens: tuple[int, ...] = (256, 1024)
     e2e_lrs: tuple[float, ...] = (0.1, 0.3, 1.0)
     e2e_chunks: tuple[float, ...] = (0.25, 0.5)  # K as fractions of C (C/8 = 2 frames: slow)

@@ -136,7 +136,7 @@ class RealDataSettings:
     dyneval_lrs: tuple[float, ...] = (0.03, 0.1, 0.3)
     dyneval_layers: tuple[str, ...] = ("top:1", "top:2", "all")
     dyneval_chunks: tuple[float, ...] = (0.125, 1.0)  # K as fractions of C (C/8: as e2e)
-    e2e_layers: str = "quarter"
+    e2e_layers: str = "top:1"  # the last layer (the last quarter of 4; the 7B's live choice)
     e2e_hiddens: tuple[int, ...] = (256, 1024)  # prime MLP widths (the model's is 64)
     e2e_lrs: tuple[float, ...] = (0.1, 0.3, 1.0)
     e2e_chunks: tuple[float, ...] = (0.125, 0.25)  # K as fractions of C (TTT-E2E: 1/8)
@@ -252,13 +252,13 @@ def moshi7b_costs(
     ttt_layers: str | int,
     forced_layers: str | int = FORCED_TTT["layers"],
     e2e_width_ratio: float = 4.0,
-    e2e_layers: str = "quarter",
+    e2e_layers: str = "top:1",
 ) -> dict[str, dict[str, float]]:
     """Bytes of per-conversation state for Moshi 7B (moshi's own config, built on the meta
     device), at 3,000 and 45,000 frames: KV cache of the temporal transformer (bf16; the window
     caps it at 3,000 frames), a TTT-Linear state per converted layer (float32 W and b per
     head), dynamic evaluation's copy of the updated layers' weights (bf16), and the end-to-end
-    memory's fast weights (bf16, prime MLPs of ``e2e_width_ratio`` x the model width) with its
+    memory's fast weights (float32, prime MLPs of ``e2e_width_ratio`` x the model width) with its
     recorded inputs (the receptive field of the layers after the first memory plus one chunk
     of C/8, bf16). Layers are counts or layer specs, read against Moshi 7B's 32 layers."""
     kw = dict(loaders._lm_kwargs)
@@ -276,7 +276,7 @@ def moshi7b_costs(
     e2e_idx = parse_layer_spec(e2e_layers, layers)
     hidden = round(e2e_width_ratio * dim)
     recorded = ((layers - 1 - e2e_idx[0]) * (ctx - 1) + ctx // 8) * dim * 2
-    e2e_state = len(e2e_idx) * 3 * dim * hidden * 2 + recorded
+    e2e_state = len(e2e_idx) * 3 * dim * hidden * 4 + recorded
     out = {}
     for frames in (3000, 45000):
         kv = layers * 2 * dim * 2 * min(frames, ctx)
