@@ -408,14 +408,18 @@ def test_existing_outputs_are_never_replaced_silently(tmp_path, capsys):
 
 # -- docs examples run as written ---------------------------------------------------------------
 def smoke_snippets() -> list[tuple[str, str]]:
-    """``(doc, command)`` of every shell snippet in the README and docs marked ``# a CPU smoke
-    run`` (one command, possibly continued with a backslash): those need no GPU or network."""
+    """``(doc, command)`` of every shell snippet (in a fenced code block) of the README and docs
+    marked ``# a CPU smoke run`` (one command, possibly continued with a backslash): those
+    need no GPU or network."""
     root = Path(__file__).resolve().parents[1]
     found = []
     for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
         lines = doc.read_text().splitlines()
+        fenced = False
         for i, line in enumerate(lines):
-            if "# a CPU smoke run" not in line:
+            if line.lstrip().startswith("```"):
+                fenced = not fenced
+            if not fenced or "# a CPU smoke run" not in line:
                 continue
             start = i
             while start > 0 and lines[start - 1].rstrip().endswith("\\"):
