@@ -117,7 +117,8 @@ ROW_TEXT = {
 
 @dataclass(frozen=True)
 class RealDataSettings:
-    """Everything the benchmark does; ``DEFAULT`` fits ``make demo`` (<= 12 min, 2 cores)."""
+    """Everything the benchmark does; ``DEFAULT`` is ``make demo`` (about 14 min on 2 cores,
+    the end-to-end memory's meta-training the longest part)."""
 
     frames: int = 512  # frames (bytes) per sequence
     context: int = 64  # the base's attention window C
