@@ -49,12 +49,8 @@ from moshi.utils.compile import no_compile, no_cuda_graph  # noqa: E402
 
 from moshi_ttt.format import TOKENS_PER_FRAME  # noqa: E402
 from moshi_ttt.integration import TTTConfig  # noqa: E402
-from moshi_ttt.integration.e2e_scan import (  # noqa: E402
-    InnerLoop,
-    LiveE2E,
-    initial_weights,
-    update,
-)
+from moshi_ttt.integration.e2e_scan import InnerLoop, initial_weights, update  # noqa: E402
+from moshi_ttt.integration.e2e_stream import LiveE2E  # noqa: E402
 from moshi_ttt.train.parallel import apply_activation_checkpointing, apply_fsdp  # noqa: E402
 from moshi_ttt.train.steps import build_optimizer, forward_terms  # noqa: E402
 

@@ -19,7 +19,6 @@ from moshi_ttt.integration.apply import apply_ttt, named_ttt_parameters, set_gat
 from moshi_ttt.integration.config import TTTConfig, parse_layer_spec
 from moshi_ttt.integration.e2e import e2e_layers
 from moshi_ttt.integration.e2e_scan import (
-    E2EStreamer,
     GradLog,
     InnerLoop,
     chunk_ce,
@@ -27,6 +26,7 @@ from moshi_ttt.integration.e2e_scan import (
     e2e_reference,
     e2e_scan,
 )
+from moshi_ttt.integration.e2e_stream import E2EStreamer
 from moshi_ttt.integration.streaming import delayed_inputs
 from moshi_ttt.token_weights import step_ce
 from moshi_ttt.ttt.e2e import inner_sgd_step
@@ -288,7 +288,7 @@ def run_lmgen(lm, steps: int, user, active=None):
     model inputs seen (the tokens each step read) and the live object's counters."""
     from moshi.models.lm import LMGen
 
-    from moshi_ttt.integration.e2e_scan import LiveE2E
+    from moshi_ttt.integration.e2e_stream import LiveE2E
 
     B = user.shape[0]
     gen = LMGen(lm, use_sampling=False, support_out_of_sync=True)

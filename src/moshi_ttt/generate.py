@@ -22,7 +22,7 @@ from moshi.utils.compile import no_compile, no_cuda_graph
 
 from .format import SAMPLE_RATE, TEXT_EPAD, TEXT_PAD
 from .integration.e2e import e2e_layers
-from .integration.e2e_scan import LiveE2E
+from .integration.e2e_stream import LiveE2E
 
 CHANNELS = ("left", "right", "mix")
 DEFAULT_CHANNEL = "right"  # moshi-finetune's stereo layout: left = Moshi, right = the user

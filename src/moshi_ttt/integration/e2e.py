@@ -44,7 +44,7 @@ class E2EState(State):
     """Streaming state of one ``PrimeMLP``: the fast weights of each batch element.
 
     ``record``: when True, every call's input (the prime MLP's input, ``[B, T, dim]``) is kept
-    in ``inputs`` for the streamed update (``e2e_scan.E2EStreamer`` turns it on and empties it);
+    in ``inputs`` for the streamed update (``e2e_stream.E2EStreamer`` turns it on and empties it);
     ``on_reset(mask)`` is called on every reset (the streamer forgets those rows' past).
     """
 

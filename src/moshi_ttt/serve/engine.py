@@ -26,7 +26,7 @@ from torch import nn
 
 from ..generate import TEXT_EPAD, TEXT_PAD
 from ..integration.e2e import e2e_layers
-from ..integration.e2e_scan import LiveE2E
+from ..integration.e2e_stream import LiveE2E
 from ..integration.streaming import ttt_states
 
 
