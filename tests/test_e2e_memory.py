@@ -157,16 +157,22 @@ def test_reset_per_element_back_to_the_parameters():
                for v in (st.w_in, st.w_out))  # state, never parameters  # fmt: skip
 
 
-@pytest.mark.parametrize("second_order", [False, True])
-def test_meta_gradient_equals_finite_differences(second_order):
-    lm = memory_lm("quarter", **{**SETTINGS, "e2e_steps": 1, "e2e_clip": 0.0,
-                                 "e2e_second_order": second_order})  # fmt: skip
+def train_memory_only(lm) -> list[torch.nn.Parameter]:
+    """Train mode, the base frozen: only the memory's parameters take gradients (returned)."""
     lm.train()
     for p in lm.parameters():
         p.requires_grad_(False)
     params = [p for _, p in named_ttt_parameters(lm)]
     for p in params:
         p.requires_grad_(True)
+    return params
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_meta_gradient_equals_finite_differences(second_order):
+    lm = memory_lm("quarter", **{**SETTINGS, "e2e_steps": 1, "e2e_clip": 0.0,
+                                 "e2e_second_order": second_order})  # fmt: skip
+    params = train_memory_only(lm)
     codes = batch(lm, B=2, T=17)
     loop = InnerLoop.of(lm)
     inputs, delayed = delayed_inputs(lm, codes)
@@ -205,12 +211,7 @@ def test_first_and_second_order_differ():
     grads = {}
     for order in (False, True):
         lm = memory_lm("quarter", **{**SETTINGS, "e2e_second_order": order})
-        lm.train()
-        for p in lm.parameters():
-            p.requires_grad_(False)
-        params = [p for _, p in named_ttt_parameters(lm)]
-        for p in params:
-            p.requires_grad_(True)
+        params = train_memory_only(lm)
         out, _ = e2e_forward(lm, batch(lm, T=17), train=True)
         loss = out.text_logits.nan_to_num().logsumexp(-1).mean()
         grads[order] = torch.autograd.grad(loss, params)

@@ -451,6 +451,7 @@ def _evaluate_rows(rows: tuple[str, ...], runs: dict[str, Path], s: RealDataSett
         ms[name] = 1000 * (time.perf_counter() - start) / (len(test) * s.frames * passes)
         return result
 
+    blocks = math.gcd(s.bin_frames, s.context)  # per-file block sums split exactly at C
     curves["base"] = timed("base", lambda: evaluate_long_context(
         base_lm, test, controls=(), **kw).variants["no_ttt"])  # fmt: skip
     for scaling in ("plain", "ntk", "yarn"):
@@ -468,8 +469,7 @@ def _evaluate_rows(rows: tuple[str, ...], runs: dict[str, Path], s: RealDataSett
                             "validation": scores, "validation_files": len(val)}  # fmt: skip
         curves["dyneval"] = timed("dyneval", lambda: evaluate_dyneval(
             base_lm, test, best, progress=progress,
-            block_frames=math.gcd(s.bin_frames, s.context)))  # fmt: skip
-    blocks = math.gcd(s.bin_frames, s.context)
+            block_frames=blocks))  # fmt: skip
     if "e2e" in rows:
         if "e2e" not in extra:
             extra["e2e"] = _e2e_choice(runs["base"], s, val, seed, progress)
