@@ -151,7 +151,9 @@ async def soak(url: str, clients: int, seconds: float, seed: int = 0) -> dict:
         saved: str | None = None
         async with aiohttp.ClientSession() as http:
             while time.monotonic() < end:
-                kind = str(rng.choice(["talk", "resume", "garbage", "stall"], p=[.45, .35, .1, .1]))
+                kind = str(
+                    rng.choice(["talk", "resume", "garbage", "stall"], p=[0.45, 0.35, 0.1, 0.1])
+                )
                 if kind == "resume" and saved is None:
                     kind = "talk"
                 pcm = synthetic(float(rng.uniform(1, 4)), int(rng.integers(1 << 30)))
@@ -171,8 +173,9 @@ async def soak(url: str, clients: int, seconds: float, seed: int = 0) -> dict:
                     elif kind == "garbage":
                         async with http.ws_connect(f"{url}/api/chat") as ws:
                             await asyncio.wait_for(ws.receive(), 30)
-                            await ws.send_bytes(b"\x01" + bytes(rng.integers(0, 256, 4000,
-                                                                             dtype=np.uint8)))
+                            await ws.send_bytes(
+                                b"\x01" + bytes(rng.integers(0, 256, 4000, dtype=np.uint8))
+                            )
                             await asyncio.wait_for(ws.receive(), 30)
                         got = "ok"
                     else:

@@ -277,8 +277,10 @@ def test_sweep_picks_on_the_given_files_without_harm_inside_the_window():
     free = choose_setting(scores, harm_tolerance=None)  # without the rule: the lowest beyond
     assert free["text_ce"] == min(s["text_ce"] for s in scores)
     # a setting that harms inside the window is passed over for a safe one
-    fake = [{"lr": 1, "chunk": 1, "text_ce": 1.0, "within": 2.0, "harm_within": 0.1},
-            {"lr": 2, "chunk": 1, "text_ce": 1.5, "within": 1.9, "harm_within": 0.0}]
+    fake = [
+        {"lr": 1, "chunk": 1, "text_ce": 1.0, "within": 2.0, "harm_within": 0.1},
+        {"lr": 2, "chunk": 1, "text_ce": 1.5, "within": 1.9, "harm_within": 0.0},
+    ]
     assert choose_setting(fake)["lr"] == 2 and choose_setting(fake, harm_tolerance=None)["lr"] == 1
     assert float(e2e_layers(lm)[0][1].e2e.lr().detach()) == pytest.approx(0.1)  # restored
 
@@ -421,8 +423,13 @@ def test_train_config_refuses_e2e_settings_that_cannot_learn(tmp_path):
     with pytest.raises(ValueError, match="ttt.e2e_chunk"):
         TrainConfig.from_dict({**base, "ttt": {"kind": "e2e", "e2e_chunk": 32}})
     with pytest.raises(ValueError, match="state_carry"):
-        TrainConfig.from_dict({**base, "ttt": {"kind": "e2e"},
-                               "data": {"train": [str(tmp_path)], "state_carry": "detached"}})
+        TrainConfig.from_dict(
+            {
+                **base,
+                "ttt": {"kind": "e2e"},
+                "data": {"train": [str(tmp_path)], "state_carry": "detached"},
+            }
+        )
     with pytest.raises(ValueError, match="e2e_lr"):
         TrainConfig.from_dict({**base, "ttt": {"kind": "e2e", "e2e_lr": -0.1}})
     assert TrainConfig.from_dict({**base, "ttt": {"kind": "e2e", "e2e_chunk": 8}}).ttt.kind == "e2e"

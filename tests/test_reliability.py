@@ -434,7 +434,8 @@ def test_docs_smoke_snippets_run_as_written(tmp_path):
     assert snippets, "no '# a CPU smoke run' snippet found in the docs"
     for doc, cmd in snippets:
         cmd = cmd.replace("/tmp/", f"{tmp_path}/").replace(
-            "moshi-ttt ", f"{sys.executable} -m moshi_ttt.cli ")
+            "moshi-ttt ", f"{sys.executable} -m moshi_ttt.cli "
+        )
         proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=600,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
         assert proc.returncode == 0, (doc, cmd, proc.stderr[-2000:])

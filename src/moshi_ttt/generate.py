@@ -227,9 +227,15 @@ def generate(
         "output_wav": str(output_wav),
         "text_path": None if text_path is None else str(text_path),
         "input_channel": used,
-        **({} if live is None else {
-            "e2e_updates": live.streamer.updates,
-            "e2e_ms_per_update": 1000 * live.streamer.update_seconds
-            / max(1, live.streamer.updates),
-            "e2e_rollbacks": live.streamer.rollbacks}),
+        **(
+            {}
+            if live is None
+            else {
+                "e2e_updates": live.streamer.updates,
+                "e2e_ms_per_update": 1000
+                * live.streamer.update_seconds
+                / max(1, live.streamer.updates),
+                "e2e_rollbacks": live.streamer.rollbacks,
+            }
+        ),
     }

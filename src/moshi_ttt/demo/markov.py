@@ -164,8 +164,13 @@ def train_config(s: DemoSettings, name: str, data: Path, out: Path, seed: int,
                 "dtype": "float32",
                 "gradient_checkpointing": False,
             },
-            "ttt": (None if name == "base" else e2e_ttt(s.e2e_layers, e2e or {})
-                    if name == "e2e_meta" else s.ttt),
+            "ttt": (
+                None
+                if name == "base"
+                else e2e_ttt(s.e2e_layers, e2e or {})
+                if name == "e2e_meta"
+                else s.ttt
+            ),
             "data": {"train": [str(data)], "num_workers": 0, "state_carry": "none"},
             "optim": {"schedule": "cosine", "pct_start": 0.1, "weight_decay": 0.0},
         }

@@ -38,8 +38,12 @@ def evaluate_e2e(lm: LMModel, files: Sequence[tuple[str, torch.Tensor]],
     return curve
 
 
-def evaluate_static(lm: LMModel, files: Sequence[tuple[str, torch.Tensor]],
-                    block_frames: int | None = None, chunk_frames: int = 64) -> PositionLosses:
+def evaluate_static(
+    lm: LMModel,
+    files: Sequence[tuple[str, torch.Tensor]],
+    block_frames: int | None = None,
+    chunk_frames: int = 64,
+) -> PositionLosses:
     """The model with its memory's initial fast weights, never updated (plain streaming): the
     control of a meta-trained memory, what its trained parameters give without learning at
     test time."""

@@ -263,8 +263,12 @@ def update(lm: LMModel, h: torch.Tensor, a: int, s: int, e: int, history: Histor
                 torch.where(finite, loss, 0.0).sum(), flat, allow_unused=True,
                 create_graph=train and loop.second_order, retain_graph=train,
             )  # fmt: skip
-            grads = [None if g is None else torch.where(
-                finite.view((-1,) + (1,) * (g.dim() - 1)), g, float("nan")) for g in grads]
+            grads = [
+                None
+                if g is None
+                else torch.where(finite.view((-1,) + (1,) * (g.dim() - 1)), g, float("nan"))
+                for g in grads
+            ]
             if grads_log is not None:
                 grads = grads_log.apply(grads)
             flat_init = [w for pair in init for w in pair]
@@ -463,8 +467,10 @@ def e2e_reference(lm: LMModel, inputs: torch.Tensor, delayed: torch.Tensor,
         finally:
             for hk in hooks:
                 hk.remove()
-        rows = [step_ce(text[:, 0, s:e], delayed[:, 0, s:e])[:, None],
-                step_ce(audio[:, :, s:e], delayed[:, a0 : a0 + dq, s:e])]
+        rows = [
+            step_ce(text[:, 0, s:e], delayed[:, 0, s:e])[:, None],
+            step_ce(audio[:, :, s:e], delayed[:, a0 : a0 + dq, s:e]),
+        ]
         return torch.cat(rows, 1)
 
     for s in range(0, S, loop.chunk):

@@ -19,6 +19,7 @@ from .spec import LoadedModel, Origin
 
 __all__ = ["sha256_file"]  # re-exported: provenance records it for every weights file
 
+
 def origin_provenance(origin: Origin) -> dict[str, Any]:
     """``origin`` as a JSON object, each weights file with its sha256 and size (bytes)."""
     out: dict[str, Any] = {"kind": origin.kind, "name": origin.name}

@@ -179,8 +179,13 @@ def retrofit_advice(cfg: TrainConfig, context: int) -> str | None:
     real text (docs/retrofit.md). ``context``: the model's attention window at inference
     (frames; 0 = unlimited)."""
     m = cfg.model
-    if cfg.ttt is None or cfg.ttt.kind == "e2e" or m.train_base or m.train_context_min \
-            or cfg.kl_to_base > 0:  # the end-to-end memory learns on the next-token loss
+    if (
+        cfg.ttt is None
+        or cfg.ttt.kind == "e2e"
+        or m.train_base
+        or m.train_context_min
+        or cfg.kl_to_base > 0
+    ):  # the end-to-end memory learns on the next-token loss
         return None
     if not context:
         return None

@@ -377,8 +377,9 @@ def _train_step(run: _Run, batches: Iterator[Batch]) -> tuple[Batch, dict[str, f
     if cfg.model.train_context_min is not None:
         metrics["train_context"] = float(window)
     if cfg.ttt is not None and cfg.ttt.kind == "e2e":  # inner updates rolled back, all ranks
-        metrics["e2e_rollbacks"] = float(all_reduce_sum(torch.tensor([float(rollbacks)],
-                                                                     device=d.device)).cpu())
+        metrics["e2e_rollbacks"] = float(
+            all_reduce_sum(torch.tensor([float(rollbacks)], device=d.device)).cpu()
+        )
 
     # Guards, clipping, step.
     sq = grad_norms(run.groups.params)
