@@ -339,3 +339,104 @@ def test_two_processes_resume_exactly(toy, tmp_path):
         wa = load_file(str(tmp_path / "full/checkpoints/step_000004" / name))
         wb = load_file(str(part / "checkpoints/step_000004" / name))
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+# -- 5. bounded host memory at load: rank 0 reads the weights a batch at a time ------------------
+def _sharded_load(*args: str) -> list[list[dict]]:
+    out = Path(args[-1])
+    script = str(ROOT / "benchmarks/sharded_load.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+           script, "load", *args[:-1], "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_TORCH_COMPILE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _local_checkpoint(directory: Path, seed: int = 5) -> Path:
+    """A checkpoint directory in moshi's format (config.json + model.safetensors)."""
+    from safetensors.torch import save_file
+
+    from moshi_ttt.integration.tiny import build_tiny_lm, tiny_lm_kwargs
+
+    directory.mkdir(parents=True)
+    lm = build_tiny_lm(seed)
+    save_file({k: v.contiguous() for k, v in lm.state_dict().items()},
+              str(directory / "model.safetensors"))  # fmt: skip
+    (directory / "config.json").write_text(json.dumps({**tiny_lm_kwargs(), "model_type": "moshi"}))
+    return directory
+
+
+@pytest.mark.slow
+def test_sharded_load_reads_on_rank_0_only_and_equals_one_process(toy, tmp_path):
+    """Each kind of base, loaded over 2 gloo processes in batches of ~30 KB (dozens of
+    batches): every tensor equals the one-process build (LoRA and TTT drawn from the seed as
+    there), and rank 1 opens no weights file. A checkpoint directory and an export are read
+    tensor by tensor; a training run is built whole on rank 0."""
+    from moshi_ttt.models.export import export_run
+
+    ckpt = _local_checkpoint(tmp_path / "ckpt")
+    run = tmp_path / "run"
+    train(config(run, toy, max_steps=1, eval_every=0), progress=False)
+    export = export_run(run, tmp_path / "export")
+    e2e = {"kind": "e2e", "layers": "top:1", "e2e_chunk": 4, "e2e_hidden": 32}
+    cases = {
+        "checkpoint": {"model": {"source": "local", "path": str(ckpt)}},
+        "export": {"model": {"source": "local", "path": str(export)}, "ttt": None,
+                   "data": {"state_carry": "none"}},
+        "checkpoint_e2e": {"model": {"source": "local", "path": str(ckpt)},
+                           "lora": {"enable": False}, "ttt": e2e, "data": {"state_carry": "none"}},
+        "run": {"model": {"source": "local", "path": str(run)}},
+    }  # fmt: skip
+    paths = []
+    for name, over in cases.items():
+        cfg = config(tmp_path / f"x_{name}", toy).to_dict()
+        for key, value in over.items():
+            cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+        paths.append(tmp_path / f"{name}.yaml")
+        TrainConfig.from_dict(cfg).to_yaml(paths[-1])
+    results = _sharded_load(*map(str, paths), "--compare", "--batch-mib", "0.03",
+                            str(tmp_path / "out.json"))  # fmt: skip
+    for name, (rank0, rank1) in zip(cases, results):
+        assert rank0["same_keys"] and rank0["max_abs_diff"] == 0.0, (name, rank0)
+        assert rank0["weights_opened"] >= 1 and rank1["weights_opened"] == 0, (name, rank1)
+
+
+@pytest.mark.slow
+def test_sharded_load_keeps_rank_0_host_memory_to_its_shard_and_a_batch(tmp_path):
+    """A 1.8 GiB checkpoint of random weights over 2 processes, 128 MiB batches: rank 0's
+    peak resident memory during the load exceeds its own shard by less than half the file
+    (building the whole model first, as before, costs at least the whole file more)."""
+    big = tmp_path / "big"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks/sharded_load.py"), "make", str(big),
+                    "--gib", "2"], check=True, capture_output=True, timeout=300)  # fmt: skip
+    size = (big / "model.safetensors").stat().st_size
+    assert size > 1.5 * 2**30
+    cfg = {"run_dir": str(tmp_path / "r"), "data": {"train": [str(tmp_path)]},
+           "model": {"source": "local", "path": str(big)}, "lora": {"enable": True, "rank": 8},
+           "ttt": {"layers": "top:2", "kind": "mlp"}}  # fmt: skip
+    TrainConfig.from_dict(cfg).to_yaml(tmp_path / "big.yaml")
+    (rank0, rank1), = _sharded_load(str(tmp_path / "big.yaml"), "--batch-mib", "128",
+                                    str(tmp_path / "out.json"))  # fmt: skip
+    above_shard = rank0["peak_rss"] - rank0["rss_before"] - rank0["shard_bytes"]
+    assert above_shard < 0.5 * size, (above_shard / 2**20, rank0)
+    assert rank0["shard_bytes"] < 0.6 * size and rank1["weights_opened"] == 0
+
+
+@pytest.mark.slow
+def test_a_bad_base_file_stops_every_rank_with_its_name(toy, tmp_path):
+    """Rank 0 checks the file's names and shapes before any batch is sent; both ranks stop
+    with its message (file and key) and exit 2."""
+    from safetensors.torch import save_file
+
+    ckpt = _local_checkpoint(tmp_path / "ckpt")
+    state = load_file(str(ckpt / "model.safetensors"))
+    state.pop("transformer.layers.2.self_attn.out_projs.0.weight")
+    save_file(state, str(ckpt / "model.safetensors"))
+    cfg = config(tmp_path / "x", toy, model={"source": "local", "path": str(ckpt)})
+    cfg.to_yaml(tmp_path / "cfg.yaml")
+    proc = _torchrun2(tmp_path / "cfg.yaml")
+    assert proc.returncode != 0
+    message = f"{ckpt / 'model.safetensors'} lacks 'transformer.layers.2.self_attn.out_projs.0"
+    assert proc.stderr.count(message) == 2, proc.stderr[-3000:]
+    assert "exitcode  : 2" in proc.stderr and "[rank0]: Traceback" not in proc.stderr

@@ -21,13 +21,17 @@ from .inplace import InPlaceHybridLayer, InPlaceTTT
 TTT_MODULE_TYPES = (GatedTTT, InPlaceTTT, PrimeMLP)
 
 
-def apply_ttt(lm_model: LMModel, config: TTTConfig | dict[str, Any]) -> list[int]:
+def apply_ttt(
+    lm_model: LMModel, config: TTTConfig | dict[str, Any], device: torch.device | None = None
+) -> list[int]:
     """Convert the layers of ``lm_model.transformer`` named by ``config.layers`` in place.
 
     Returns the converted layer indices. Base parameter names and values are unchanged; the new
-    parameters live under ``transformer.layers.<i>.ttt.`` and are created on the model's
-    device and dtype (on the meta device too: initialise them with ``reset_ttt_parameters``
-    after ``to_empty``). Sets ``lm_model.ttt_config`` and ``lm_model.ttt_layers``.
+    parameters live under ``transformer.layers.<i>.ttt.`` and are created in the model's dtype
+    on ``device`` (default: the model's; on the meta device they stay uninitialised: use
+    ``reset_ttt_parameters`` after ``to_empty``). A base on the meta device with ``device`` the
+    CPU gives the new parameters the values a CPU build would (same seeded draws). Sets
+    ``lm_model.ttt_config`` and ``lm_model.ttt_layers``.
     """
     if isinstance(config, dict):
         config = TTTConfig.from_dict(config)
@@ -48,7 +52,7 @@ def apply_ttt(lm_model: LMModel, config: TTTConfig | dict[str, Any]) -> list[int
     )
     for i, layer in enumerate(transformer.layers):
         if i in indices:
-            transformer.layers[i] = convert_layer(layer, config)
+            transformer.layers[i] = convert_layer(layer, config, device)
         elif embeddings:  # every layer must accept the ``ttt_embeddings`` keyword
             transformer.layers[i] = PassthroughLayer.from_layer(layer)
     if embeddings:
@@ -61,11 +65,14 @@ def apply_ttt(lm_model: LMModel, config: TTTConfig | dict[str, Any]) -> list[int
     return indices
 
 
-def convert_layer(layer: nn.Module, config: TTTConfig) -> AdoptingLayer:
-    """One hybrid layer built from a moshi ``StreamingTransformerLayer``."""
+def convert_layer(
+    layer: nn.Module, config: TTTConfig, device: torch.device | None = None
+) -> AdoptingLayer:
+    """One hybrid layer built from a moshi ``StreamingTransformerLayer``, its new parameters
+    on ``device`` (default: the layer's)."""
     if config.kind == "e2e":
         return E2ELayer.from_layer(layer, hidden=config.e2e_hidden, lr=config.e2e_lr,
-                                   post_norm=config.e2e_post_norm)  # fmt: skip
+                                   post_norm=config.e2e_post_norm, device=device)  # fmt: skip
     if config.kind == "inplace":
         return InPlaceHybridLayer.from_layer(
             layer,
@@ -73,6 +80,7 @@ def convert_layer(layer: nn.Module, config: TTTConfig) -> AdoptingLayer:
             lr=config.inplace_lr,
             conv_kernel=config.inplace_conv_kernel,
             target=config.inplace_target,
+            device=device,
         )
     return TTTHybridLayer.from_layer(
         layer,
@@ -86,6 +94,7 @@ def convert_layer(layer: nn.Module, config: TTTConfig) -> AdoptingLayer:
         output_init=config.output_init,
         output_scale=config.output_scale,
         input=config.input,
+        device=device,
     )
 
 

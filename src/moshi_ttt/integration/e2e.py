@@ -33,7 +33,7 @@ from moshi.modules.transformer import StreamingTransformerLayer
 from torch import nn
 
 from ..ttt.e2e import prime_mlp
-from .hybrid import AdoptingLayer, reset_norm_
+from .hybrid import AdoptingLayer, fresh_norm, reset_norm_
 
 # ``(start, end, (w_in, w_out))``: frames [start, end) of the call use these fast weights.
 Segment = tuple[int, int, tuple[torch.Tensor, torch.Tensor]]
@@ -157,14 +157,13 @@ class E2ELayer(AdoptingLayer):
 
     @classmethod
     def from_layer(cls, layer: StreamingTransformerLayer, hidden: int | None = None,
-                   lr: float = 0.1, post_norm: bool = False) -> E2ELayer:  # fmt: skip
+                   lr: float = 0.1, post_norm: bool = False,
+                   device: torch.device | None = None) -> E2ELayer:  # fmt: skip
         if layer.skip_self_attn:
             raise ValueError("the end-to-end memory needs a layer with self-attention")
         new = cls.adopt(layer)
         dim = layer.self_attn.embed_dim
-        norm = copy.deepcopy(layer.norm2)
-        reset_norm_(norm)
-        new.e2e = PrimeMLP(norm, dim, hidden or dim, lr, post_norm)
+        new.e2e = PrimeMLP(fresh_norm(layer.norm2, device), dim, hidden or dim, lr, post_norm)
         return new
 
     def forward(

@@ -158,6 +158,7 @@ class TTTHybridLayer(AdoptingLayer):
         output_init: str = "normal",
         output_scale: str = "fixed",
         input: str = "residual",
+        device: torch.device | None = None,
     ) -> TTTHybridLayer:
         if placement not in ("before_attention", "after_attention", "after_ffn"):
             raise ValueError(f"unknown TTT placement {placement!r}")
@@ -173,11 +174,10 @@ class TTTHybridLayer(AdoptingLayer):
             mini_batch_size=mini_batch_size,
             base_lr=base_lr,
             checkpoint_group_size=checkpoint_group_size,
-            device=ref.device,
+            device=device or ref.device,
             dtype=ref.dtype,
         )
-        norm = copy.deepcopy(layer.norm2)
-        reset_norm_(norm)
+        norm = fresh_norm(layer.norm2, device)
         new.placement = placement
         new.input = input
         new.ttt = GatedTTT(norm, ttt, gate_init, output_init, output_scale)
@@ -202,6 +202,16 @@ class TTTHybridLayer(AdoptingLayer):
         if self.placement == "after_ffn":
             x = self._branch(x)
         return x
+
+
+def fresh_norm(norm: nn.Module, device: torch.device | None = None) -> nn.Module:
+    """A copy of a moshi norm made the identity map (``reset_norm_``), on ``device`` (default:
+    the norm's own; a norm on the meta device copied elsewhere gets storage there)."""
+    new = copy.deepcopy(norm)
+    if device is not None and any(p.device != torch.device(device) for p in new.parameters()):
+        new = new.to_empty(device=device)
+    reset_norm_(new)
+    return new
 
 
 @torch.no_grad()

@@ -276,6 +276,7 @@ class InPlaceHybridLayer(AdoptingLayer):
         lr: float = 0.3,
         conv_kernel: int = 5,
         target: str = "ffn_input",
+        device: torch.device | None = None,
     ) -> InPlaceHybridLayer:
         gating = layer.gating
         if gating is None or isinstance(gating, nn.ModuleList) or not hasattr(gating, "linear_out"):
@@ -290,7 +291,8 @@ class InPlaceHybridLayer(AdoptingLayer):
         ref = next(gating.parameters())
         new = cls.adopt(layer)
         new.inplace_target = target
-        new.ttt = InPlaceTTT(dim, hidden, chunk_size, lr, conv_kernel, ref.device, ref.dtype)
+        new.ttt = InPlaceTTT(dim, hidden, chunk_size, lr, conv_kernel, device or ref.device,
+                             ref.dtype)  # fmt: skip
         return new
 
     def _ff_block(self, x: torch.Tensor) -> torch.Tensor:

@@ -47,19 +47,20 @@ def meta_base(lm_kwargs: dict[str, Any], merged: Any, dtype: torch.dtype) -> LMM
 
 
 def add_lora_and_memory(lm: LMModel, spec: ModelSpec, device: torch.device, base: str) -> None:
-    """LoRA and TTT as ``spec`` says (seeded; on ``device``, the meta device included).
-    ``base``: what the model was loaded from, for messages."""
+    """LoRA and TTT as ``spec`` says, their new parameters on ``device`` (the meta device
+    included), seeded: the same values on the CPU whether the base is there or on the meta
+    device. ``base``: what the model was loaded from, for messages."""
     devices = [device] if device.type == "cuda" else []
     if spec.lora.enable:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(spec.seed + 1)
-            apply_lora(lm, rank=spec.lora.rank, scaling=spec.lora.scaling)
+            apply_lora(lm, rank=spec.lora.rank, scaling=spec.lora.scaling, device=device)
     if spec.ttt is not None and ttt_modules(lm):  # an exported TTT model: train its layers on
         check_same_ttt(lm, spec.ttt, base)
     elif spec.ttt is not None:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(spec.seed + 2)
-            apply_ttt(lm, spec.ttt)
+            apply_ttt(lm, spec.ttt, device)
 
 
 def check_same_ttt(lm: LMModel, config: TTTConfig, base: str = "?") -> None:

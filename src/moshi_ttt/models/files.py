@@ -153,6 +153,14 @@ def open_safetensors(file: Path, what: str) -> Iterator[Any]:
         raise ValueError(f"{file}: not a readable safetensors file ({what}): {e}") from e
 
 
+def tensor_shapes(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a meta tensor of its shape (for ``check_tensors``),
+    from the header only (``check_safetensors`` first; no tensor data is read)."""
+    check_safetensors(path, what)
+    with open_safetensors(path, what) as f:
+        return {n: torch.empty(f.get_slice(n).get_shape(), device="meta") for n in f.keys()}  # noqa: SIM118
+
+
 def row_sharded(t: torch.Tensor) -> bool:
     """A DTensor sharded on dim 0 over a 1-D mesh (FSDP2's layout), torch.chunk rows."""
     return isinstance(t, DTensor) and t.dim() > 0 and tuple(t.placements) == (Shard(0),)

@@ -30,8 +30,15 @@ from ..integration.tiny import build_tiny_lm, tiny_lm_kwargs
 from .adapter import WEIGHTS_NAME, apply_adapter, read_adapter
 from .build import add_lora_and_memory, mark_trained, meta_base
 from .codec import load_codec_files
-from .files import check_tensors, load_safetensors, manifest_problem, no_pickle_loads
-from .lora import apply_lora
+from .files import (
+    check_tensors,
+    load_safetensors,
+    manifest_problem,
+    no_pickle_loads,
+    open_safetensors,
+    tensor_shapes,
+)
+from .lora import apply_lora, base_key
 from .runs import TRAINABLE, find_checkpoint, load_trainable, read_state, run_spec
 from .sources import (
     DEFAULT_REPO,
@@ -78,11 +85,7 @@ def load_base_lm(
             return load_merged(source, device=device, dtype=dtype, lora=lora, info=info)
         with no_pickle_loads(), model_errors(source):
             lm = info.get_moshi(device=device, dtype=dtype, fuse_lora=True)
-        local = Path(source).is_dir()
-        resolved = str(Path(source).resolve()) if local else str(source)
-        origin = Origin("local" if local else "hf", str(source), None,
-                        resolved if local else None, files=_info_files(info))  # fmt: skip
-        model = LoadedModel(lm, info, resolved, resolved, origin=origin)
+        model = _checkpoint_model(lm, source, info)
     if lora:
         apply_lora(model.lm, **lora)
     model.lm.eval()
@@ -99,7 +102,27 @@ def load_merged(
     """Load an exported directory (``moshi-ttt export``, ``export_merged``): built on the meta
     device, TTT applied, every weight loaded strictly with ``assign``. ``lora``: fresh LoRA
     adapters to add (``apply_lora``); ``info``: its ``CheckpointInfo`` if already read."""
-    root = Path(directory)
+    model = _merged_structure(Path(directory), dtype, info)
+    lm, info = model.lm, model.info
+    assert info is not None
+    state = load_safetensors(info.moshi_weights, device)
+    check_tensors(lm.state_dict(), state, str(info.moshi_weights))
+    state = {key: as_moshi_loads(key, value, dtype) for key, value in state.items()}
+    lm.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"{info.moshi_weights}: no values for {left[:3]}")
+    if lora:
+        apply_lora(lm, **lora)
+    model.lm = lm.eval()
+    return model
+
+
+def _merged_structure(
+    root: Path, dtype: torch.dtype, info: loaders.CheckpointInfo | None = None
+) -> LoadedModel:
+    """An export's model on the meta device (TTT layers as recorded), its bytes checked
+    against its manifest first; no weights read."""
     problem = manifest_problem(root)  # every byte as written (exports since manifests)
     if problem is not None:
         raise ValueError(f"{problem}; export the run again (moshi-ttt export)")
@@ -109,19 +132,66 @@ def load_merged(
         raise ValueError(f"{root}/config.json: not a merged moshi-ttt checkpoint (no {MERGED_KEY})")
     with model_errors(root):
         lm = meta_base(lm_kwargs_of(root, info), merged, dtype)
-    state = load_safetensors(info.moshi_weights, device)
-    check_tensors(lm.state_dict(), state, str(info.moshi_weights))
-    for key, value in state.items():
-        if value.dtype.is_floating_point and not key.startswith(("condition_provider.", "fuser.")):
-            state[key] = value.to(dtype)
-    lm.load_state_dict(state, strict=True, assign=True)
-    left = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta]
-    if left:
-        raise ValueError(f"{info.moshi_weights}: no values for {left[:3]}")
-    if lora:
-        apply_lora(lm, **lora)
-    origin = Origin("export", str(directory), None, str(root.resolve()), files=_info_files(info))
-    return LoadedModel(lm.eval(), info, str(root.resolve()), codec_of(root, info), origin=origin)
+    origin = Origin("export", str(root), None, str(root.resolve()), files=_info_files(info))
+    return LoadedModel(lm, info, str(root.resolve()), codec_of(root, info), origin=origin)
+
+
+def _checkpoint_model(lm: LMModel, source: str | Path, info: loaders.CheckpointInfo) -> LoadedModel:
+    """``lm`` loaded from a checkpoint directory or Hub repo, with where it comes from."""
+    local = Path(source).is_dir()
+    resolved = str(Path(source).resolve()) if local else str(source)
+    origin = Origin("local" if local else "hf", str(source), None,
+                    resolved if local else None, files=_info_files(info))  # fmt: skip
+    return LoadedModel(lm, info, resolved, resolved, origin=origin)
+
+
+def as_moshi_loads(key: str, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A stored tensor as moshi's ``get_moshi_lm`` loads it: floating point in ``dtype``,
+    except the conditioners' (``condition_provider.``, ``fuser.``) in float32."""
+    if not value.dtype.is_floating_point:
+        return value
+    return value.float() if key.startswith(("condition_provider.", "fuser.")) else value.to(dtype)
+
+
+def base_structure(spec: ModelSpec, dtype: torch.dtype) -> tuple[LoadedModel, Path] | None:
+    """The base ``spec`` names, on the meta device (config files read, no weights), and the one
+    safetensors file that holds every one of its weights under its own state-dict names, for a
+    loader that reads that file tensor by tensor (``read_base_tensors``;
+    ``train.model.build_sharded_model``). The file's names and shapes are checked against the
+    structure (a ``ValueError`` naming the file and the first bad key).
+
+    None for a base that is built whole instead (``load_base``): the tiny model, a training
+    run, a checkpoint with a stored LoRA (merged while loading) and Hibiki (adjusted after
+    loading).
+    """
+    m = spec.model
+    if m.source == "tiny" or (m.source == "local" and is_run_dir(spec.source)):
+        return None
+    if m.source == "local" and not Path(spec.source).is_dir():
+        raise FileNotFoundError(f"model.path: {m.path!r} is not a checkpoint or run directory")
+    info = checkpoint_info(spec.source, spec.overrides, legacy_7b=m.source == "hf")
+    raw = info.raw_config or {}
+    if MERGED_KEY in raw:
+        model = _merged_structure(Path(spec.source), dtype, info)
+    elif info.lora_weights is not None or raw.get("lora") or info.model_type == "hibiki":
+        return None
+    else:
+        with model_errors(spec.source):
+            lm = meta_base(lm_kwargs_of(spec.source, info), None, dtype)
+        model = _checkpoint_model(lm, spec.source, info)
+    weights = Path(info.moshi_weights)
+    check_tensors(model.lm.state_dict(), tensor_shapes(weights, "model weights"), str(weights))
+    return dataclasses.replace(model, spec=spec), weights
+
+
+def read_base_tensors(
+    weights: Path, names: list[str], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The base's values of the state-dict entries ``names`` of a model built on
+    ``base_structure`` (LoRA-wrapped linears included, ``lora.base_key``), read from
+    ``weights`` and cast as moshi loads them; the file is open only while they are read."""
+    with open_safetensors(weights, "model weights") as f:
+        return {n: as_moshi_loads(n, f.get_tensor(base_key(n)), dtype) for n in names}
 
 
 def _tiny_origin(seed: int) -> Origin:

@@ -33,12 +33,16 @@ def lora_settings(model: nn.Module) -> dict[str, Any] | None:
 
 
 @torch.no_grad()
-def apply_lora(model: nn.Module, rank: int, scaling: float = 2.0) -> int:
+def apply_lora(
+    model: nn.Module, rank: int, scaling: float = 2.0, device: torch.device | None = None
+) -> int:
     """Wrap every base ``nn.Linear`` in a moshi ``LoRALinear`` (y = W x + scaling * B A x).
 
     The TTT branches (``GatedTTT``, ``InPlaceTTT``) are skipped, so this works before or after
     ``apply_ttt``. Init as moshi-finetune: A Kaiming-uniform, B zero (the model is unchanged).
-    Returns the number of wrapped linears.
+    ``device``: of the new A and B (default: the wrapped weight's; a base on the meta device
+    with ``device`` the CPU gets the values a CPU build would). Returns the number of wrapped
+    linears.
     """
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"LoRA rank must be a positive int, got {rank!r}")
@@ -53,7 +57,7 @@ def apply_lora(model: nn.Module, rank: int, scaling: float = 2.0) -> int:
             if type(child) is nn.Linear:
                 w = child.weight
                 lora = LoRALinear(child.in_features, child.out_features, rank, float(scaling),
-                                  device=w.device, dtype=w.dtype)  # fmt: skip
+                                  device=device or w.device, dtype=w.dtype)  # fmt: skip
                 nn.init.zeros_(lora.lora_B.weight)
                 lora.frozen_W = child
                 setattr(module, name, lora)
@@ -63,3 +67,10 @@ def apply_lora(model: nn.Module, rank: int, scaling: float = 2.0) -> int:
         return count
 
     return visit(model)
+
+
+def base_key(name: str) -> str:
+    """The base checkpoint's key of a state-dict entry of a model with LoRA: a wrapped linear's
+    ``x.frozen_W.weight`` is the base's ``x.weight`` (what moshi's ``LoRALinear`` load hook
+    maps); other names are unchanged."""
+    return name.replace(".frozen_W.", ".")

@@ -8,11 +8,13 @@ everything and unfreezes the parameter groups the config trains, by the modules 
 Trainable parameters are float32 (master weights, optimizer state in float32); the frozen base
 keeps the compute dtype (bfloat16 on GPU). ``TrainableGroups`` maps each group to its
 ``(name, parameter)`` pairs and to its peak learning rate. ``build_sharded_model`` is the same
-model under FSDP2, read once.
+model under FSDP2, read once by rank 0, a batch of tensors at a time.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,20 +22,18 @@ import torch
 from moshi.models.lm import LMModel
 from moshi.modules.transformer import StreamingTransformerLayer
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from ..integration.tiny import tiny_lm_kwargs
+from ..models.adapter import ttt_record
 from ..models.build import (
     add_lora_and_memory,
     mark_trained,
     meta_base,
     parameter_groups,
 )
-from ..models.load import build
-from ..models.sources import MERGED_KEY, is_run_dir, lm_kwargs_of
+from ..models.load import base_structure, build, describe_spec, load_base, read_base_tensors
 from ..models.spec import GROUPS, LoadedModel, resolve_dtype
 from .config import TrainConfig
-from .parallel import apply_fsdp, broadcast_object
+from .parallel import apply_fsdp, broadcast_object, scatter_from_main_
 
 __all__ = [
     "GROUPS",
@@ -95,54 +95,123 @@ def add_trainables(
     return groups
 
 
-def build_sharded_model(
-    cfg: TrainConfig, device: torch.device
-) -> tuple[LoadedModel, TrainableGroups] | None:
-    """Under ``torchrun``: the model of ``build_model``, sharded with FSDP2, read once.
+LOAD_BATCH_BYTES = 512 * 2**20  # what rank 0 reads from the weights file per broadcast
 
-    Rank 0 builds the model on the CPU (the only rank that reads the weights or asks the Hub;
-    LoRA/TTT initialised from ``cfg.seed`` as in one process); every rank builds the same
-    structure on the meta device, shards it (``parallel.apply_fsdp``), allocates only its
-    shards on ``device`` and receives rank 0's values by broadcast (``set_model_state_dict``
-    with ``broadcast_from_rank0``). No rank holds the whole model on its GPU. Returns None
-    for a base that is a training run (``model.path`` a run directory): the caller then builds
-    on every rank.
+
+def build_sharded_model(
+    cfg: TrainConfig, device: torch.device, batch_bytes: int = LOAD_BATCH_BYTES
+) -> tuple[LoadedModel, TrainableGroups]:
+    """Under ``torchrun``: the model of ``build_model``, sharded with FSDP2, read once, by rank
+    0 only, with bounded host memory.
+
+    Every rank builds the structure on the meta device, shards it (``parallel.apply_fsdp``) and
+    allocates only its shards on ``device``; rank 0 then reads the values in batches of about
+    ``batch_bytes`` and sends each tensor's shards to their ranks (``scatter_from_main_``).
+    Where the values come from on rank 0 (the only rank that reads a file or asks the Hub):
+
+    - a base in one safetensors file (a Hub repo, a checkpoint directory, an export;
+      ``models.load.base_structure``): read tensor by tensor, one batch at a time, the new
+      LoRA/TTT parameters drawn on the CPU from ``cfg.seed`` as in one process. Rank 0's host
+      memory above its own shards: one batch, the new parameters and one linear at a time;
+    - any other base (tiny, a training run, a checkpoint with a stored LoRA): built whole on
+      rank 0's CPU (``build``), which needs the whole model in host memory there.
+
+    A failure on rank 0 (a missing file, a bad key) stops every rank with its message.
     """
     m = cfg.model
-    if m.source == "local" and is_run_dir(str(m.path)):
-        return None
     dtype = resolve_dtype(m.dtype, device)
-    src = None
+    values: Callable[[list[str]], dict[str, torch.Tensor]] | None = None
     shared: Any = None
     if torch.distributed.get_rank() == 0:
         try:
-            built, _ = build_model(cfg, torch.device("cpu"), dtype)
-            src, info = built.lm, built.info
-            if m.source == "tiny":
-                kwargs, merged = tiny_lm_kwargs(**m.tiny_overrides), None
-            else:
-                kwargs = lm_kwargs_of(m.hf_repo if m.source == "hf" else m.path, info)
-                merged = (info.raw_config or {}).get(MERGED_KEY)
-            shared = (kwargs, merged, info, built.base, built.codec)
-            del built  # src is the one reference to the CPU model, freed below
+            values, shared = _rank0_source(cfg, dtype)
         except Exception as e:  # every rank stops with rank 0's error (none waits for it)
             broadcast_object(e)
             raise
     shared = broadcast_object(shared)
     if isinstance(shared, BaseException):
         raise shared
-    kwargs, merged, info, base, codec = shared
-    lm = meta_base(kwargs, merged, dtype)
+    kwargs, record, model = shared
+    lm = meta_base(kwargs, record, dtype)
     with torch.device("meta"):
-        groups = add_trainables(lm, cfg, torch.device("meta"), base)
+        groups = add_trainables(lm, cfg, torch.device("meta"), model.base)
     apply_fsdp(lm)
     lm.to_empty(device=device)
-    full = src.state_dict() if src is not None else {}
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
-    set_model_state_dict(lm, full, options=options)
-    del src, full
+    _receive_values(lm, values, batch_bytes)
     groups.rebind(lm)
-    return LoadedModel(lm, info, base, codec, cfg.spec), groups
+    return dataclasses.replace(model, lm=lm, spec=cfg.spec), groups
+
+
+def _rank0_source(
+    cfg: TrainConfig, dtype: torch.dtype
+) -> tuple[Callable[[list[str]], dict[str, torch.Tensor]], tuple[Any, ...]]:
+    """Rank 0: ``(names -> their whole values on the CPU, what every rank needs to build the
+    same structure: (LM kwargs, the base's TTT record, the model's origin without its module))``.
+    """
+    cpu = torch.device("cpu")
+    structure = base_structure(cfg.spec, dtype)
+    if structure is None:  # built whole, here only
+        model = load_base(cfg.spec, cpu, dtype)
+        weights = None
+    else:
+        model, weights = structure
+    config, layers = ttt_record(model.lm)
+    record = None if config is None else {"ttt_config": config, "ttt_layers": layers}
+    add_lora_and_memory(model.lm, cfg.spec, cpu, model.base)  # new parameters on the CPU
+    state = model.lm.state_dict()
+    kwargs = describe_spec(cfg.spec).lm_kwargs
+    shared = (kwargs, record, dataclasses.replace(model, lm=None))
+
+    def values(names: list[str]) -> dict[str, torch.Tensor]:
+        stored = [n for n in names if state[n].is_meta]
+        out = {n: state[n] for n in names if not state[n].is_meta}
+        if stored:
+            assert weights is not None, stored[:3]
+            out.update(read_base_tensors(weights, stored, dtype))
+        return out
+
+    return values, shared
+
+
+def _receive_values(
+    lm: nn.Module,
+    values: Callable[[list[str]], dict[str, torch.Tensor]] | None,
+    batch_bytes: int,
+) -> None:
+    """Fill the sharded ``lm`` with rank 0's ``values`` (None on the other ranks), batch by
+    batch of about ``batch_bytes``, tensor by tensor (``parallel.scatter_from_main_``); every
+    rank cuts the same batches from the same structure. A read that fails on rank 0 stops
+    every rank with its message."""
+    state = lm.state_dict()
+    with torch.no_grad():
+        for names in _batches(state, batch_bytes):
+            full: dict[str, torch.Tensor] = {}
+            error = None
+            if values is not None:
+                try:
+                    full = values(names)
+                except Exception as e:
+                    error = e
+            error = broadcast_object(error)
+            if isinstance(error, BaseException):
+                raise error
+            for name in names:
+                scatter_from_main_(state[name], full.pop(name, None))
+
+
+def _batches(state: dict[str, torch.Tensor], batch_bytes: int) -> list[list[str]]:
+    """The state dict's names in order, cut into runs of at most ``batch_bytes`` (a larger
+    tensor alone)."""
+    out: list[list[str]] = [[]]
+    size = 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if out[-1] and size + n > batch_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(name)
+        size += n
+    return [b for b in out if b]
 
 
 def select_trainable(lm: LMModel, cfg: TrainConfig) -> TrainableGroups:

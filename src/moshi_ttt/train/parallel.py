@@ -251,6 +251,22 @@ def copy_full_(dst: torch.Tensor, full: torch.Tensor) -> None:
         dst.copy_(full)
 
 
+def scatter_from_main_(dst: torch.Tensor, full: torch.Tensor | None) -> None:
+    """Collective: rank 0's whole tensor ``full`` (None on the other ranks) into ``dst`` on
+    every rank: a DTensor gets its local shard (``distribute_tensor`` scatters from rank 0, so
+    no other rank receives the whole), a plain tensor the whole (a broadcast)."""
+    if full is not None:
+        full = full.to(device=dst.device, dtype=dst.dtype)
+    if isinstance(dst, DTensor):
+        src = torch.empty(dst.shape, dtype=dst.dtype, device=dst.device) if full is None else full
+        dst.to_local().copy_(distribute_tensor(src, dst.device_mesh, dst.placements).to_local())
+        return
+    buf = full.contiguous() if full is not None else torch.empty_like(dst)
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(buf, src=0)
+    dst.copy_(buf)
+
+
 def gather_to_main(t: torch.Tensor, is_main: bool) -> torch.Tensor | None:
     """The whole tensor, float32 on the CPU, on rank 0 only (None elsewhere; a collective for
     a DTensor). A dim-0 shard is sent with one ``dist.gather`` (shards padded to equal rows), so

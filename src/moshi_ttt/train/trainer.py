@@ -47,7 +47,6 @@ from .parallel import (
     Dist,
     all_reduce_sum,
     apply_activation_checkpointing,
-    apply_fsdp,
     barrier,
     first_failure,
     init_distributed,
@@ -249,8 +248,8 @@ def _setup(cfg: TrainConfig, d: Dist, run_dir: Path) -> _Run:
 
     Under torchrun, rank 0 reads the weights once and every rank holds only its FSDP shards.
     """
-    built = build_sharded_model(cfg, d.device) if d.distributed else None
-    model, groups = built if built is not None else build_model(cfg, d.device)
+    build = build_sharded_model if d.distributed else build_model
+    model, groups = build(cfg, d.device)
     lm = model.lm
     inference_context = int(lm.transformer.layers[0].self_attn.context or 0)  # 0: unlimited
     full_context = inference_context or cfg.frames_per_window
@@ -258,9 +257,6 @@ def _setup(cfg: TrainConfig, d: Dist, run_dir: Path) -> _Run:
         set_attention_context(lm.transformer, cfg.model.train_context)
     if cfg.model.gradient_checkpointing:
         apply_activation_checkpointing(lm)
-    if d.distributed and built is None:
-        apply_fsdp(lm)
-        groups.rebind(lm)
     optimizer = build_optimizer(groups.params, groups.lrs, cfg)
     bad_path = run_dir / (BAD_FILES if d.is_main else f"bad_files.rank{d.rank}.json")
     run = _Run(cfg, d, run_dir, model, groups, optimizer, full_context, BadFileCounter(), bad_path)
