@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -74,11 +73,15 @@ def make(directory: Path, gib: float) -> None:
     from moshi_ttt.integration.tiny import tiny_lm_kwargs
     from moshi_ttt.models.build import meta_base
 
-    dim, layers = 1024, 4
-    kwargs = tiny_lm_kwargs(dim=dim, num_heads=8, num_layers=layers, depformer_dim=256)
-    per_layer = sum(t.numel() for t in meta_base(kwargs, None, torch.float32).parameters())
-    per_layer = per_layer / layers  # close enough: the layers dominate
-    kwargs["num_layers"] = max(1, math.ceil(gib * 2**30 / 4 / per_layer))
+    dim = 1024
+    kwargs = tiny_lm_kwargs(dim=dim, num_heads=8, depformer_dim=256)
+
+    def numel(layers: int) -> int:
+        lm = meta_base({**kwargs, "num_layers": layers}, None, torch.float32)
+        return sum(t.numel() for t in lm.state_dict().values())
+
+    fixed, per_layer = numel(0), numel(1) - numel(0)
+    kwargs["num_layers"] = max(1, round((gib * 2**30 / 4 - fixed) / per_layer))
     lm = meta_base(kwargs, None, torch.float32)
     directory.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)

@@ -404,14 +404,14 @@ def test_sharded_load_reads_on_rank_0_only_and_equals_one_process(toy, tmp_path)
 
 @pytest.mark.slow
 def test_sharded_load_keeps_rank_0_host_memory_to_its_shard_and_a_batch(tmp_path):
-    """A 1.8 GiB checkpoint of random weights over 2 processes, 128 MiB batches: rank 0's
+    """A 2 GiB checkpoint of random weights over 2 processes, 128 MiB batches: rank 0's
     peak resident memory during the load exceeds its own shard by less than half the file
     (building the whole model first, as before, costs at least the whole file more)."""
     big = tmp_path / "big"
     subprocess.run([sys.executable, str(ROOT / "benchmarks/sharded_load.py"), "make", str(big),
                     "--gib", "2"], check=True, capture_output=True, timeout=300)  # fmt: skip
     size = (big / "model.safetensors").stat().st_size
-    assert size > 1.5 * 2**30
+    assert size > 1.9 * 2**30
     cfg = {"run_dir": str(tmp_path / "r"), "data": {"train": [str(tmp_path)]},
            "model": {"source": "local", "path": str(big)}, "lora": {"enable": True, "rank": 8},
            "ttt": {"layers": "top:2", "kind": "mlp"}}  # fmt: skip
