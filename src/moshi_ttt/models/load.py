@@ -4,6 +4,8 @@
   directory, export (``load_merged``), or a training run as a frozen base (``load_run_base``);
 - ``build(spec, device)``: the model a ``ModelSpec`` describes (base, LoRA, TTT), which
   ``train`` then selects trainables in and ``load_run`` fills with a run's trained weights;
+- ``base_structure(spec)`` / ``read_base_tensors``: a base on the meta device and its weights
+  file read a batch of tensors at a time (the sharded load, ``train.model``);
 - ``load_adapter(dir)``: an adapter on the base it names;
 - ``describe_base`` / ``describe_spec`` / ``describe_run``: the same, from config files only;
 - ``load_codec`` / ``codec_for_source``: the Mimi and tokenizer that go with a model.

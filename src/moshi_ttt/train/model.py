@@ -95,7 +95,7 @@ def add_trainables(
     return groups
 
 
-LOAD_BATCH_BYTES = 512 * 2**20  # what rank 0 reads from the weights file per broadcast
+LOAD_BATCH_BYTES = 512 * 2**20  # what rank 0 reads from the weights file at a time
 
 
 def build_sharded_model(
