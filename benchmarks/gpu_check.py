@@ -12,7 +12,10 @@ Sections (each row: section, variant, measure, value):
 2. ``train``: one optimizer step of LoRA + TTT with layer checkpointing, through the trainer's
    pieces (``benchmarks/train_step.py``): tokens/s and peak memory.
 3. ``fsdp``: the same step through ``parallel.apply_fsdp`` (FSDP2, one unit per layer) on a
-   1-rank process group (NCCL on GPU, gloo on CPU): tokens/s and peak memory.
+   1-rank process group (NCCL on GPU, gloo on CPU): tokens/s and peak memory; at tiny size the
+   model comes from the sharded load (``build_sharded_model``, 64 KiB batches) and its largest
+   difference from one process's build (``build_model``, new parameters drawn on the CPU in
+   both) is a row: it must be 0.
 4. ``eval``: long-context evaluation (``benchmarks/eval_long_context.py``): 45,000 frames
    chunked vs token by token on a prefix, frames/s and the largest CE difference.
 5. ``e2e``: the end-to-end memory (``integration.e2e``; a prime MLP of 4x the width after the
@@ -51,7 +54,11 @@ from moshi_ttt.format import TOKENS_PER_FRAME  # noqa: E402
 from moshi_ttt.integration import TTTConfig  # noqa: E402
 from moshi_ttt.integration.e2e_scan import InnerLoop, initial_weights, update  # noqa: E402
 from moshi_ttt.integration.e2e_stream import LiveE2E  # noqa: E402
-from moshi_ttt.train.parallel import apply_activation_checkpointing, apply_fsdp  # noqa: E402
+from moshi_ttt.train.parallel import (  # noqa: E402
+    apply_activation_checkpointing,
+    apply_fsdp,
+    full_tensor,
+)
 from moshi_ttt.train.steps import build_optimizer, forward_terms  # noqa: E402
 
 SIZES = {  # what each section runs at
@@ -138,16 +145,23 @@ def fsdp_rows(size: str, s: dict, device: torch.device) -> list[tuple[str, str, 
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=0, world_size=1)
     reset_peak(device)
+    rows = []
     if size == "7b":
         lm, groups = train_step.build_7b(cfg, device)
-    else:
-        from moshi_ttt.train.model import build_model
+        apply_activation_checkpointing(lm)
+        apply_fsdp(lm)
+        groups.rebind(lm)
+    else:  # the sharded load (rank 0 reads, scatters), checked against one process's build
+        from moshi_ttt.train.model import build_model, build_sharded_model
 
-        built, groups = build_model(cfg, device)
+        built, groups = build_sharded_model(cfg, device, batch_bytes=2**16)
         lm = built.lm
-    apply_activation_checkpointing(lm)
-    apply_fsdp(lm)
-    groups.rebind(lm)
+        one = build_model(cfg, device)[0].lm.state_dict()
+        diff = max(float((full_tensor(t).float() - one[n].float()).abs().max())
+                   for n, t in lm.state_dict().items())  # fmt: skip
+        rows.append(("fsdp", "sharded load vs one process", "max abs diff", f"{diff:.1e}"))
+        del one
+        apply_activation_checkpointing(lm)
     units = sum(1 for m in lm.modules() if hasattr(m, "set_gradient_divide_factor"))
     opt = build_optimizer(groups.params, groups.lrs, cfg)
     frames = cfg.frames_per_window
@@ -171,7 +185,7 @@ def fsdp_rows(size: str, s: dict, device: torch.device) -> list[tuple[str, str, 
     dist.destroy_process_group()
     reset_peak(device)
     name = f"FSDP2 1 rank ({'nccl' if device.type == 'cuda' else 'gloo'}), {units} units"
-    return [
+    return rows + [
         ("fsdp", name, "tokens/s", f"{frames * TOKENS_PER_FRAME / sec:,.0f}"),
         ("fsdp", name, "peak GiB", f"{peak:.2f}"),
     ]

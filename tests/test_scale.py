@@ -306,6 +306,7 @@ def test_gpu_check_runs_its_cpu_variant(tmp_path):
                     "| eval |", "tokens/s", "peak GiB", "max CE diff", "| e2e |",
                     "update ms"):  # fmt: skip
         assert section in table, section
+    assert "| fsdp | sharded load vs one process | max abs diff | 0.0e+00 |" in table
 
 
 # -- 4. two processes: built from one read, saved from rank 0, exact resume ----------------------

@@ -257,10 +257,14 @@ def load_base(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Load
 def build(spec: ModelSpec, device: torch.device, dtype: torch.dtype | None = None) -> LoadedModel:
     """The model of ``spec``: its base -> LoRA (base linears only) -> TTT (new parameters
     initialised from ``spec.seed``), on ``device``. ``dtype``: of the base (default:
-    ``model.dtype`` resolved for ``device``). Nothing is frozen or unfrozen here."""
+    ``model.dtype`` resolved for ``device``). Nothing is frozen or unfrozen here.
+
+    The new parameters are drawn on the CPU, then moved: the same seed gives the same values
+    on any device and under the sharded load (``train.model.build_sharded_model``)."""
     dtype = dtype or resolve_dtype(spec.model.dtype, device)
     model = load_base(spec, device, dtype)
-    add_lora_and_memory(model.lm, spec, device, model.base)
+    add_lora_and_memory(model.lm, spec, torch.device("cpu"), model.base)
+    model.lm.to(device)
     return dataclasses.replace(model, spec=spec)
 
 
