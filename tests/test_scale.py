@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from moshi_ttt.cli import main
 from moshi_ttt.data.toy import write_toy_dataset
 from moshi_ttt.train.config import TrainConfig
-from moshi_ttt.train.model import build_model, parameter_groups
+from moshi_ttt.train.model import LOAD_BATCH_BYTES, build_model, parameter_groups
 from moshi_ttt.train.parallel import apply_fsdp, check_unit_dtypes, fsdp_units
 from moshi_ttt.train.plan import activation_per_frame, build_meta_model, make_plan
 from moshi_ttt.train.steps import build_optimizer, forward_terms
@@ -173,6 +173,11 @@ def test_plan_of_7b_configs_is_offline_and_fast(name, monkeypatch, capsys):
     assert main(["plan", str(ROOT / "configs" / f"{name}.yaml"), "--gpus", "1,8"]) == 0
     out = capsys.readouterr().out
     assert "FSDP units: 39" in out and "| tokens per optimizer step |" in out
+    # rank 0's host memory while loading: a batch and the new parameters, never the whole 7B
+    new = sum(plan.groups.get(g, (0, False))[0] for g in ("ttt", "lora")) * 2  # bf16
+    assert plan.host_load_bytes(8) - plan.host_load_bytes(1) == LOAD_BATCH_BYTES
+    assert new <= plan.host_load_bytes(1) <= new + 2**28 and plan.host_load_bytes(8) < 3 * 2**30
+    assert "| rank 0 host memory while loading (GiB, not GPU) |" in out
     assert main(["train", str(ROOT / "configs" / f"{name}.yaml"), "--dry-run"]) == 0
     assert "FSDP units: 39" in capsys.readouterr().out
 

@@ -12,7 +12,8 @@ download: the architecture comes from the config files, or for a Hub repo from i
   one computing, one prefetched);
 - the FSDP units (``parallel.fsdp_units``: one per transformer layer, then the root);
 - an activation estimate per micro-batch for several window lengths (``activation_bytes``);
-- tokens per optimizer step (9 per frame: text + 8 codebooks).
+- tokens per optimizer step (9 per frame: text + 8 codebooks);
+- rank 0's host memory while the model loads (``host_load_bytes``).
 
 Units: bytes unless named; GiB = 2**30 bytes. Everything here is an estimate of *allocated*
 memory: the CUDA context, the allocator's fragmentation and NCCL buffers (a few GiB) are not
@@ -38,16 +39,18 @@ from ..integration.apply import ttt_modules
 from ..integration.tiny import tiny_lm_kwargs
 from ..models.build import meta_base, parameter_groups
 from ..models.load import describe_spec
-from ..models.sources import MERGED_KEY, lm_kwargs_of
+from ..models.lora import lora_modules
+from ..models.sources import MERGED_KEY, is_run_dir, lm_kwargs_of
 from ..models.spec import GROUPS, resolve_dtype
 from .config import TrainConfig
-from .model import add_trainables
+from .model import LOAD_BATCH_BYTES, add_trainables
 from .parallel import fsdp_units
 
 ADAM_STATES = 2  # exp_avg, exp_avg_sq (float32 each)
 GIB = 2**30
 DEFAULT_GPUS = (1, 8, 16)
 DEFAULT_WINDOWS_SEC = (30.0, 100.0, 120.0, 300.0)
+_CPU = torch.device("cpu")
 
 
 @dataclass
@@ -81,6 +84,9 @@ class Plan:
     activation_per_frame: int
     activation_per_frame_nockpt: int
     window_sec: list[float] = field(default_factory=lambda: list(DEFAULT_WINDOWS_SEC))
+    new_bytes: int = 0  # the new LoRA/TTT parameters in the base dtype, as drawn
+    largest_linear_bytes: int = 0  # the largest base linear LoRA wraps (0 without LoRA)
+    whole_bytes: int | None = None  # a base built whole on rank 0 (a run, tiny): its bytes
 
     # -- numbers ------------------------------------------------------------------------------
     @property
@@ -120,6 +126,18 @@ class Plan:
         ckpt = self.config.model.gradient_checkpointing if checkpointing is None else checkpointing
         per = self.activation_per_frame if ckpt else self.activation_per_frame_nockpt
         return per * frames * self.config.batch_size
+
+    def host_load_bytes(self, gpus: int) -> int:
+        """Rank 0's host memory while the model loads (``train.model``), above the process
+        itself and the allocator's slack: the new LoRA/TTT parameters (drawn on the CPU) and one
+        base linear at a time (moshi's ``LoRALinear`` draws a full-size weight it drops); with
+        several GPUs also one batch of the weights file (``LOAD_BATCH_BYTES``), or the whole
+        model for a base built whole on rank 0 (a training run). One GPU: moshi reads the base
+        straight to the GPU."""
+        loading = self.new_bytes + self.largest_linear_bytes
+        if gpus > 1:
+            loading += LOAD_BATCH_BYTES if self.whole_bytes is None else self.whole_bytes
+        return loading
 
     def windows_per_step(self, gpus: int) -> int | None:
         """The global batch (windows per optimizer step) on ``gpus`` GPUs: ``global_batch``
@@ -198,6 +216,8 @@ class Plan:
             cells = [fn(n) for n in gpus]
             lines.append(f"| {label} | " + " | ".join(
                 "does not divide" if v is None else f"{v:,}" for v in cells) + " |")  # fmt: skip
+        lines.append("| rank 0 host memory while loading (GiB, not GPU) | "
+                     + " | ".join(_gib(self.host_load_bytes(n)) for n in gpus) + " |")  # fmt: skip
         lines += [
             "",
             f"Activations of one micro-batch ({c.batch_size} row(s)), GiB:",
@@ -214,7 +234,14 @@ class Plan:
         lines += [
             "",
             "Estimates of allocated memory (no CUDA context, allocator slack or NCCL buffers); "
-            "one GPU runs without FSDP.",
+            "one GPU runs without FSDP. Host memory while loading: the new LoRA/TTT parameters "
+            "and one linear at a time, plus, on several GPUs, "
+            + (
+                "one batch of the weights file (rank 0 reads it a batch at a time)."
+                if self.whole_bytes is None
+                else "the whole model: a training run as base is built whole on rank 0 "
+                "(export it to load it a batch at a time)."
+            ),
         ]
         return "\n".join(lines) + "\n"
 
@@ -304,7 +331,15 @@ def make_plan(cfg: TrainConfig) -> Plan:
     arch = {k: kwargs.get(k) for k in ("dim", "num_layers", "depformer_dim",
                                        "depformer_num_layers", "context")}  # fmt: skip
     trainable = sum(p.numel() for _, p in groups.named())
-    return Plan(cfg, source, arch, dtype, counts, frozen, trainable, units, ckpt, full)
+    new = sum(p.numel() for g in ("ttt", "lora") for _, p in owned[g]) * dtype.itemsize
+    linear = max((m.frozen_W.weight.numel() for _, m in lora_modules(lm)), default=0)
+    m = cfg.model
+    whole = None
+    if m.source == "local" and is_run_dir(str(m.path)):  # built whole on rank 0's CPU
+        whole = sum(p.numel() for p in lm.parameters()) * resolve_dtype(m.dtype, _CPU).itemsize
+    return Plan(cfg, source, arch, dtype, counts, frozen, trainable, units, ckpt, full,
+                new_bytes=new, largest_linear_bytes=linear * dtype.itemsize,
+                whole_bytes=whole)  # fmt: skip
 
 
 # -- activations ------------------------------------------------------------------------------
