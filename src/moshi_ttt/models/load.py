@@ -254,31 +254,42 @@ def load_base(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Load
                         legacy_7b=m.source == "hf")  # fmt: skip
 
 
-def build(spec: ModelSpec, device: torch.device, dtype: torch.dtype | None = None) -> LoadedModel:
+def build(
+    spec: ModelSpec,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    init_device: torch.device | None = None,
+) -> LoadedModel:
     """The model of ``spec``: its base -> LoRA (base linears only) -> TTT (new parameters
     initialised from ``spec.seed``), on ``device``. ``dtype``: of the base (default:
     ``model.dtype`` resolved for ``device``). Nothing is frozen or unfrozen here.
 
-    The new parameters are drawn on the CPU, then moved: the same seed gives the same values
-    on any device and under the sharded load (``train.model.build_sharded_model``)."""
+    ``init_device``: where the new parameters are drawn before they move to ``device``
+    (default: ``device``). Training draws them on the CPU, so that one GPU, several and the
+    CPU start from the same values (``train.model``); a run's model, whose trained values
+    replace them, draws them where it runs."""
     dtype = dtype or resolve_dtype(spec.model.dtype, device)
     model = load_base(spec, device, dtype)
-    add_lora_and_memory(model.lm, spec, torch.device("cpu"), model.base)
-    model.lm.to(device)
+    add_lora_and_memory(model.lm, spec, init_device or device, model.base)
+    if init_device is not None:
+        model.lm.to(device)
     return dataclasses.replace(model, spec=spec)
 
 
-def load_run(run: str | Path, device: torch.device | str = "cpu") -> tuple[LoadedModel, Path]:
+def load_run(
+    run: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> tuple[LoadedModel, Path]:
     """``(the model a run trained, in eval mode, its checkpoint directory)``; the model's
     ``spec`` is the run's, its ``info`` / ``base`` / ``codec`` those of the run's base.
 
     ``run``: a run directory (its newest checkpoint) or a ``checkpoints/step_*`` directory.
-    The model is rebuilt from the run's recorded spec (``build``), its trained groups (float32)
+    The model is rebuilt from the run's recorded spec (``build``; ``dtype``: of its frozen
+    base, default its ``model.dtype`` resolved for ``device``), its trained groups (float32)
     get the checkpoint's ``trainable.safetensors``; every parameter is then frozen.
     """
     ckpt = find_checkpoint(run)
     spec = run_spec(ckpt)
-    model = build(spec, torch.device(device))
+    model = build(spec, torch.device(device), dtype)
     groups = mark_trained(model.lm, spec)
     load_trainable(ckpt, [item for group in groups.values() for item in group])
     for p in model.lm.parameters():
@@ -306,7 +317,7 @@ def load_run_base(
     newest checkpoint *when loaded*: name a ``checkpoints/step_*`` directory, or export it, for
     a base that stays fixed while the run goes on.
     """
-    model, ckpt = load_run(run, device)
+    model, ckpt = load_run(run, device, dtype)  # built in dtype: rank 0's CPU as a GPU
     lm = model.lm
     replace_lora_with_linear(lm)
     lm = lm.to(dtype=dtype)

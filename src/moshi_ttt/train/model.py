@@ -74,10 +74,11 @@ def build_model(
     """``(the model of cfg.spec, its trainable groups)``, in train mode on ``device``.
 
     Order: base -> LoRA (base linears only) -> TTT (new parameters initialised from
-    ``cfg.seed``) -> freeze all -> unfreeze the configured groups and cast them to float32.
-    ``dtype``: of the frozen base (default: ``model.dtype`` resolved for ``device``).
+    ``cfg.seed``, drawn on the CPU: the same values on any device and under
+    ``build_sharded_model``) -> freeze all -> unfreeze the configured groups and cast them to
+    float32. ``dtype``: of the frozen base (default: ``model.dtype`` resolved for ``device``).
     """
-    model = build(cfg.spec, device, dtype)
+    model = build(cfg.spec, device, dtype, init_device=torch.device("cpu"))
     groups = select_trainable(model.lm, cfg)
     model.lm.train()
     return model, groups
@@ -190,6 +191,10 @@ def _receive_values(
             if values is not None:
                 try:
                     full = values(names)
+                    for n in names:  # checked before anything is sent: no rank left waiting
+                        if tuple(full[n].shape) != tuple(state[n].shape):
+                            raise ValueError(f"the base's {n!r} has shape {list(full[n].shape)}, "
+                                             f"the model {list(state[n].shape)}")  # fmt: skip
                 except Exception as e:
                     error = e
             error = broadcast_object(error)

@@ -253,8 +253,9 @@ def copy_full_(dst: torch.Tensor, full: torch.Tensor) -> None:
 
 def scatter_from_main_(dst: torch.Tensor, full: torch.Tensor | None) -> None:
     """Collective: rank 0's whole tensor ``full`` (None on the other ranks) into ``dst`` on
-    every rank: a DTensor gets its local shard (``distribute_tensor`` scatters from rank 0, so
-    no other rank receives the whole), a plain tensor the whole (a broadcast)."""
+    every rank: a DTensor gets its local shard (``distribute_tensor`` scatters from rank 0: the
+    others receive only their shard, though each allocates an empty tensor of the whole shape
+    as its input), a plain tensor the whole (a broadcast)."""
     if full is not None:
         full = full.to(device=dst.device, dtype=dst.dtype)
     if isinstance(dst, DTensor):

@@ -50,7 +50,6 @@ ADAM_STATES = 2  # exp_avg, exp_avg_sq (float32 each)
 GIB = 2**30
 DEFAULT_GPUS = (1, 8, 16)
 DEFAULT_WINDOWS_SEC = (30.0, 100.0, 120.0, 300.0)
-_CPU = torch.device("cpu")
 
 
 @dataclass
@@ -239,8 +238,9 @@ class Plan:
             + (
                 "one batch of the weights file (rank 0 reads it a batch at a time)."
                 if self.whole_bytes is None
-                else "the whole model: a training run as base is built whole on rank 0 "
-                "(export it to load it a batch at a time)."
+                else "the whole model: this base (a training run, a stored LoRA, Hibiki or "
+                "the tiny model) is built whole on rank 0; an export of a run is read a batch "
+                "at a time."
             ),
         ]
         return "\n".join(lines) + "\n"
@@ -333,13 +333,31 @@ def make_plan(cfg: TrainConfig) -> Plan:
     trainable = sum(p.numel() for _, p in groups.named())
     new = sum(p.numel() for g in ("ttt", "lora") for _, p in owned[g]) * dtype.itemsize
     linear = max((m.frozen_W.weight.numel() for _, m in lora_modules(lm)), default=0)
-    m = cfg.model
     whole = None
-    if m.source == "local" and is_run_dir(str(m.path)):  # built whole on rank 0's CPU
-        whole = sum(p.numel() for p in lm.parameters()) * resolve_dtype(m.dtype, _CPU).itemsize
+    if _built_whole(cfg):  # on rank 0's CPU, in the compute dtype
+        whole = sum(p.numel() for p in lm.parameters()) * dtype.itemsize
     return Plan(cfg, source, arch, dtype, counts, frozen, trainable, units, ckpt, full,
                 new_bytes=new, largest_linear_bytes=linear * dtype.itemsize,
                 whole_bytes=whole)  # fmt: skip
+
+
+def _built_whole(cfg: TrainConfig) -> bool:
+    """Whether the sharded load builds this base whole on rank 0 rather than reading its file a
+    batch at a time (``models.load.base_structure`` returns None): a training run, a checkpoint
+    with a stored LoRA, Hibiki, the tiny model; from config files only (a Hub repo's from the
+    cache)."""
+    m = cfg.model
+    if m.source == "local" and is_run_dir(str(m.path)):
+        return True
+    if m.source == "hf" and not Path(m.hf_repo).expanduser().is_dir():
+        config = m.config_path or _cached_hub_file(m.hf_repo, "config.json")
+        raw = _read_json(config) if config is not None else {}
+    elif m.source == "tiny":
+        return True  # built from its seed
+    else:
+        info = describe_spec(cfg.spec).info
+        raw = (info.raw_config or {}) if info is not None else {}
+    return bool(raw.get("lora_name") or raw.get("lora")) or raw.get("model_type") == "hibiki"
 
 
 # -- activations ------------------------------------------------------------------------------
