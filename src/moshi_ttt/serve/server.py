@@ -47,6 +47,8 @@ from .sessions import SessionStore
 log = logging.getLogger("moshi_ttt.serve")
 FRAME_BUDGET_MS = 80.0
 OGG_MAGIC = b"OggS"
+CLOSE_NORMAL = 1000
+TAKEOVER_TIMEOUT_S = 30.0  # how long a resuming connection waits for the one it replaces
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_POLICY = 1008
 CLOSE_UNSUPPORTED = 1003
@@ -104,6 +106,7 @@ class Session:
         self.ogg_bytes = self.samples_in = 0
         self.resumed_frames = 0  # frames of the conversation before this connection
         self.snapshot_frames = 0  # frames_in at its last snapshot
+        self.left = asyncio.Event()  # set once gone: row freed, memory saved, token released
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -150,7 +153,7 @@ class ChatServer:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moshi-ttt-engine")
         self.rows: list[Session | None] = [None] * config.max_sessions
         self.reserved: set[int] = set()
-        self.tokens_live: set[str] = set()
+        self.live: dict[str, Session] = {}  # token -> the connection that holds it
         self.frame_ms: deque[float] = deque(maxlen=2000)
         self.counters = dict.fromkeys(
             (
@@ -163,6 +166,7 @@ class ChatServer:
                 "saved",
                 "snapshots",
                 "restored",
+                "taken_over",
                 "connections",
             ),
             0,
@@ -334,27 +338,28 @@ class ChatServer:
                     socket.SOL_SOCKET, socket.SO_SNDBUF, limit
                 )
         token = request.query.get("session") or None
-        if token is not None and (not self.store.known(token) or token in self.tokens_live):
-            reason = (
-                "session token already connected"
-                if token in self.tokens_live
-                else "unknown or expired session token"
-            )
-            return await self._refuse(ws, CLOSE_POLICY, reason)
-        free = [r for r, s in enumerate(self.rows) if s is None and r not in self.reserved]
-        if not free:
-            b = self.config.max_sessions
-            return await self._refuse(
-                ws,
-                CLOSE_TRY_AGAIN_LATER,
-                f"server full: {b} conversations at most (--max-sessions {b}); try again later",
-            )
-        row = free[0]
-        s = Session(sid, ws, row, token, self.frame, self.sample_rate, self.config.max_send_backlog)
+        if token is not None and not self.store.known(token):
+            return await self._refuse(ws, CLOSE_POLICY, "unknown or expired session token")
+        s = Session(sid, ws, -1, token, self.frame, self.sample_rate, self.config.max_send_backlog)
         s.transport = transport
-        self.rows[row] = s
-        if token is not None:
-            self.tokens_live.add(token)
+        try:
+            if token is not None and not await self._claim(s, token):
+                return await self._refuse(ws, CLOSE_POLICY, s.close_reason or "")
+            free = [r for r, x in enumerate(self.rows) if x is None and r not in self.reserved]
+            if not free:
+                b = self.config.max_sessions
+                return await self._refuse(
+                    ws,
+                    CLOSE_TRY_AGAIN_LATER,
+                    f"server full: {b} conversations at most (--max-sessions {b}); try again later",
+                )
+            row = s.row = free[0]
+            self.rows[row] = s
+        finally:
+            if s.row < 0:  # never joined: give the token back to whoever waits for it
+                if token is not None and self.live.get(token) is s:
+                    del self.live[token]
+                s.left.set()
         loop = asyncio.get_running_loop()
         sender = None
         try:
@@ -438,8 +443,33 @@ class ChatServer:
         assert s.token is not None
         return await loop.run_in_executor(None, self.store.save, s.token, tensors, meta)
 
+    async def _claim(self, s: Session, token: str) -> bool:
+        """Make ``s`` the holder of ``token``. A connection that holds it already is replaced:
+        closed (``taken_over``), its memory saved, and only then is ``s`` let in to resume it.
+        This is a client reconnecting after its connection dropped (the server may not have
+        noticed yet), or one resuming right after it left, before the save ended. False (with
+        ``s.close_reason``) when the older connection does not leave in ``TAKEOVER_TIMEOUT_S``
+        or a newer one claimed the token meanwhile."""
+        prev = self.live.get(token)
+        self.live[token] = s
+        if prev is not None:
+            self.counters["taken_over"] += 1
+            log.info("session %d: takes over session %d (same session token)", s.id, prev.id)
+            self._fail(prev, "replaced by a newer connection with its session token",
+                       CLOSE_NORMAL, bad=False)  # fmt: skip
+            try:
+                await asyncio.wait_for(prev.left.wait(), TAKEOVER_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                s.close_reason = "the connection holding this session token did not close"
+                return False
+        if self.live.get(token) is not s:
+            s.close_reason = "replaced by a newer connection with its session token"
+            return False
+        return True
+
     async def _leave(self, s: Session) -> None:
-        """Free the row; with a token, save the row's TTT state first."""
+        """Free the row; with a token, save the row's TTT state first, then release the token
+        (a connection waiting to take the conversation over resumes from that save)."""
         self.reserved.add(s.row)
         self.rows[s.row] = None
         try:
@@ -453,8 +483,9 @@ class ChatServer:
             log.exception("session %d: saving its state failed", s.id)
         finally:
             self.reserved.discard(s.row)
-            if s.token is not None:
-                self.tokens_live.discard(s.token)
+            if s.token is not None and self.live.get(s.token) is s:
+                del self.live[s.token]
+            s.left.set()
 
     async def _recv_loop(self, s: Session) -> None:
         ws = s.ws
