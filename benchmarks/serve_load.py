@@ -128,6 +128,7 @@ async def soak(url: str, clients: int, seconds: float, seed: int = 0) -> dict:
     end = time.monotonic() + seconds
     counts = dict.fromkeys(("talk", "resume", "garbage", "stall", "refused_full", "lost",
                             "resumed", "errors"), 0)  # fmt: skip
+    error_kinds: dict[str, int] = {}  # "attempt kind: exception type" -> count
 
     async def converse(http: aiohttp.ClientSession, query: str, pcm: np.ndarray,
                        read: bool) -> str:  # fmt: skip
@@ -172,27 +173,33 @@ async def soak(url: str, clients: int, seconds: float, seed: int = 0) -> dict:
                             counts["lost"] += 1
                     elif kind == "garbage":
                         async with http.ws_connect(f"{url}/api/chat") as ws:
-                            await asyncio.wait_for(ws.receive(), 30)
-                            await ws.send_bytes(
-                                b"\x01" + bytes(rng.integers(0, 256, 4000, dtype=np.uint8))
-                            )
-                            await asyncio.wait_for(ws.receive(), 30)
-                        got = "ok"
+                            first = await asyncio.wait_for(ws.receive(), 30)
+                            got = "ok" if first.type == aiohttp.WSMsgType.BINARY else (
+                                f"closed {first.data}")  # fmt: skip
+                            if got == "ok":  # accepted: now the garbage
+                                await ws.send_bytes(
+                                    b"\x01" + bytes(rng.integers(0, 256, 4000, dtype=np.uint8))
+                                )
+                                await asyncio.wait_for(ws.receive(), 30)
                     else:
                         got = await converse(http, "", pcm, read=False)
                     if "1013" in got:
                         counts["refused_full"] += 1
                     counts[kind] += 1
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                     counts["errors"] += 1
+                    what = f"{kind}: {type(e).__name__}"
+                    error_kinds[what] = error_kinds.get(what, 0) + 1
                 await asyncio.sleep(float(rng.uniform(0, 0.5)))
 
     await asyncio.gather(*(one(i) for i in range(clients)))
     async with aiohttp.ClientSession() as http, http.get(f"{url}/api/stats") as r:
         stats = await r.json()
-    return {**counts, "frames_served": stats["frames"], "frame_ms_p99": stats["frame_ms"]["p99"],
-            "frames_dropped": stats["frames_dropped"], "saved": stats["saved"],
-            "restored": stats["restored"], "bad_clients": stats["bad_clients"]}  # fmt: skip
+    return {**counts, "error_kinds": error_kinds, "frames_served": stats["frames"],
+            "frame_ms_p99": stats["frame_ms"]["p99"], "frames_dropped": stats["frames_dropped"],
+            "saved": stats["saved"], "restored": stats["restored"],
+            "taken_over": stats["taken_over"], "not_reading": stats["not_reading"],
+            "bad_clients": stats["bad_clients"]}  # fmt: skip
 
 
 def main() -> None:
