@@ -167,16 +167,16 @@ def base_structure(spec: ModelSpec, dtype: torch.dtype) -> tuple[LoadedModel, Pa
     loading).
     """
     m = spec.model
-    if m.source == "tiny" or (m.source == "local" and is_run_dir(spec.source)):
+    if built_whole(spec):
         return None
     if m.source == "local" and not Path(spec.source).is_dir():
         raise FileNotFoundError(f"model.path: {m.path!r} is not a checkpoint or run directory")
     info = checkpoint_info(spec.source, spec.overrides, legacy_7b=m.source == "hf")
     raw = info.raw_config or {}
+    if built_whole(spec, raw):
+        return None
     if MERGED_KEY in raw:
         model = _merged_structure(Path(spec.source), dtype, info)
-    elif info.lora_weights is not None or raw.get("lora") or info.model_type == "hibiki":
-        return None
     else:
         with model_errors(spec.source):
             lm = meta_base(lm_kwargs_of(spec.source, info), None, dtype)
@@ -184,6 +184,19 @@ def base_structure(spec: ModelSpec, dtype: torch.dtype) -> tuple[LoadedModel, Pa
     weights = Path(info.moshi_weights)
     check_tensors(model.lm.state_dict(), tensor_shapes(weights, "model weights"), str(weights))
     return dataclasses.replace(model, spec=spec), weights
+
+
+def built_whole(spec: ModelSpec, raw_config: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``spec``'s base is built whole (``load_base``) rather than read from its file a
+    batch at a time (``base_structure``): the tiny model, a training run, and, from its
+    ``config.json`` (``raw_config``), a checkpoint with a stored LoRA or Hibiki."""
+    m = spec.model
+    if m.source == "tiny" or (m.source == "local" and is_run_dir(spec.source)):
+        return True
+    raw = raw_config or {}
+    if MERGED_KEY in raw:  # an export: one file, read as it is
+        return False
+    return bool(raw.get("lora_name") or raw.get("lora")) or raw.get("model_type") == "hibiki"
 
 
 def read_base_tensors(

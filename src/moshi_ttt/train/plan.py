@@ -38,9 +38,9 @@ from ..format import FRAME_RATE
 from ..integration.apply import ttt_modules
 from ..integration.tiny import tiny_lm_kwargs
 from ..models.build import meta_base, parameter_groups
-from ..models.load import describe_spec
+from ..models.load import built_whole, describe_spec
 from ..models.lora import lora_modules
-from ..models.sources import MERGED_KEY, is_run_dir, lm_kwargs_of
+from ..models.sources import MERGED_KEY, lm_kwargs_of
 from ..models.spec import GROUPS, resolve_dtype
 from .config import TrainConfig
 from .model import LOAD_BATCH_BYTES, add_trainables
@@ -342,22 +342,15 @@ def make_plan(cfg: TrainConfig) -> Plan:
 
 
 def _built_whole(cfg: TrainConfig) -> bool:
-    """Whether the sharded load builds this base whole on rank 0 rather than reading its file a
-    batch at a time (``models.load.base_structure`` returns None): a training run, a checkpoint
-    with a stored LoRA, Hibiki, the tiny model; from config files only (a Hub repo's from the
-    cache)."""
+    """``models.load.built_whole`` from config files only (a Hub repo's from the cache)."""
     m = cfg.model
-    if m.source == "local" and is_run_dir(str(m.path)):
+    if built_whole(cfg.spec):
         return True
     if m.source == "hf" and not Path(m.hf_repo).expanduser().is_dir():
         config = m.config_path or _cached_hub_file(m.hf_repo, "config.json")
-        raw = _read_json(config) if config is not None else {}
-    elif m.source == "tiny":
-        return True  # built from its seed
-    else:
-        info = describe_spec(cfg.spec).info
-        raw = (info.raw_config or {}) if info is not None else {}
-    return bool(raw.get("lora_name") or raw.get("lora")) or raw.get("model_type") == "hibiki"
+        return built_whole(cfg.spec, _read_json(config) if config is not None else None)
+    info = describe_spec(cfg.spec).info
+    return built_whole(cfg.spec, info.raw_config if info is not None else None)
 
 
 # -- activations ------------------------------------------------------------------------------
