@@ -39,7 +39,7 @@ from ..format import FRAME_RATE, NUM_STREAMS, ZERO_TOKEN
 TOKEN_OFFSET = 4
 TEXT_CARD = TOKEN_OFFSET + 256
 SPLITS = ("train", "val", "test")
-SKIP_REASONS = ("not_text", "unreadable", "too_short", "not_a_file")
+SKIP_REASONS = ("not_text", "unreadable", "too_short", "not_a_file", "same_as_train")
 SKIP_DIRS = {"__pycache__", ".git", ".hg", ".svn", "site-packages", "node_modules", ".venv"}
 
 
@@ -184,6 +184,7 @@ def read_text_corpus(
     if len(rels) > spec.max_files:
         summary.capped = f"read {spec.max_files} of {len(rels)} files (max_files)"
         rels = rels[: spec.max_files]
+    train_content = _train_content(root, rels, spec)
     for rel in tqdm(rels, desc="reading corpus", unit="file", disable=not progress):
         path = root / rel
         if not path.is_file():
@@ -197,11 +198,14 @@ def read_text_corpus(
         if not is_text(data):
             summary.skip("not_text", rel)
             continue
+        split = split_of(rel, spec.val_fraction, spec.test_fraction)
+        if split != "train" and hashlib.sha256(data).digest() in train_content:
+            summary.skip("same_as_train", rel)  # a held-out copy of a training file
+            continue
         n = min(len(data) // spec.frames, spec.max_sequences_per_file)
         if n == 0:
             summary.skip("too_short", rel)
             continue
-        split = split_of(rel, spec.val_fraction, spec.test_fraction)
         for i in range(n):
             chunk = data[i * spec.frames : (i + 1) * spec.frames]
             writers[split].add(bytes_to_codes(chunk), f"{rel}#{i}")
@@ -217,6 +221,25 @@ def read_text_corpus(
     return summary
 
 
+def _train_content(root: Path, rels: list[str], spec: CorpusSpec) -> set[bytes]:
+    """The sha256 of every training file's bytes: a validation or held-out file with the same
+    content is dropped (counted as ``same_as_train``), so no held-out score is a memorised
+    training file."""
+    out = set()
+    for rel in rels:
+        if split_of(rel, spec.val_fraction, spec.test_fraction) != "train":
+            continue
+        try:
+            out.add(hashlib.sha256((root / rel).read_bytes()).digest())
+        except OSError:
+            continue
+    return out
+
+
+def _codes_digest(codes: torch.Tensor) -> bytes:
+    return hashlib.sha256(codes.to(torch.int64).contiguous().numpy().tobytes()).digest()
+
+
 def read_shards_corpus(
     root: str | Path, spec: CorpusSpec, out_dir: str | Path, progress: bool = False
 ) -> CorpusSummary:
@@ -229,18 +252,29 @@ def read_shards_corpus(
     if len(order) > spec.max_files:
         summary.capped = f"read {spec.max_files} of {len(order)} files (max_files)"
         order = order[: spec.max_files]
-    for i in tqdm(order, desc="reading shards", unit="file", disable=not progress):
-        rel = str(src.files[i].get("path", src.shards[i]))
+    names = [str(src.files[i].get("path", src.shards[i])) for i in order]
+    splits = [split_of(rel, spec.val_fraction, spec.test_fraction) for rel in names]
+    train_content = set()
+    for i, split in zip(order, splits):
+        if split == "train":
+            try:
+                train_content.add(_codes_digest(src.read(i)))
+            except Exception:  # BadFile: reported below
+                continue
+    for i, rel, split in tqdm(list(zip(order, names, splits)), desc="reading shards",
+                              unit="file", disable=not progress):  # fmt: skip
         try:
             codes = src.read(i)
         except Exception:  # BadFile: missing or unreadable shard
             summary.skip("unreadable", rel)
             continue
+        if split != "train" and _codes_digest(codes) in train_content:
+            summary.skip("same_as_train", rel)
+            continue
         n = min(codes.shape[1] // spec.frames, spec.max_sequences_per_file)
         if n == 0:
             summary.skip("too_short", rel)
             continue
-        split = split_of(rel, spec.val_fraction, spec.test_fraction)
         for k in range(n):
             writers[split].add(
                 codes[:, k * spec.frames : (k + 1) * spec.frames].int(), f"{rel}#{k}"

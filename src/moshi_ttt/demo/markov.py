@@ -44,6 +44,14 @@ from ..data.pipeline import ShardSource
 from ..eval.e2e import evaluate_e2e, evaluate_static
 from ..eval.inner_loss import evaluate_inner_loss, write_inner_loss_section
 from ..eval.long_context import PositionLosses, evaluate_long_context, write_long_context_section
+from ..eval.recall import (
+    MEMORY_ROWS,
+    QUICK_GRID,
+    MemoryChoice,
+    MemoryGrid,
+    add_memory_rows,
+    base_features,
+)
 from ..eval.report import Report
 from ..format import FRAME_RATE
 from ..integration.apply import ttt_modules
@@ -91,6 +99,7 @@ class DemoSettings:
     e2e_meta_steps: int = 100  # the meta-training's budget (a step scans 256 / K chunks)
     chunk_frames: int = 64
     bin_frames: int = 16
+    memory: MemoryGrid = field(default_factory=MemoryGrid)  # recall memory rows (eval.recall)
 
     @property
     def context(self) -> int:
@@ -122,6 +131,7 @@ QUICK = DemoSettings(
     e2e_hiddens=(64,),
     e2e_lrs=(0.3,),
     e2e_chunks=(0.25,),
+    memory=QUICK_GRID,
 )
 
 RUNS = ("base", "retrofit", "scratch", "e2e_meta")
@@ -301,6 +311,8 @@ def _run(out_dir: str | Path, seed: int, s: DemoSettings, quick: bool, progress:
         curves["e2e_meta"] = evaluate_e2e(meta_lm.eval(), files, block_frames=blocks)
         curves["e2e_meta_static"] = evaluate_static(meta_lm, files, block_frames=blocks,
                                                     chunk_frames=s.chunk_frames)  # fmt: skip
+    memory = _memory_rows(s, base_lm, curves, files, val, seed,
+                          (zero, meta_lm) if e2e else None)  # fmt: skip
     curves.update(oracle_curves(s.task, files, s.context))
     timings["evaluation (s)"] = time.perf_counter() - start
 
@@ -310,6 +322,7 @@ def _run(out_dir: str | Path, seed: int, s: DemoSettings, quick: bool, progress:
     results = _results(s, curves, gates, runs, eval_dir, out)
     if e2e:
         results["e2e_choice"] = e2e
+    results["memory_choice"] = {r: c.to_dict(len(val)) for r, c in memory.items()}
     results["timings"] = timings
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     report = Report("moshi-ttt demo: TTT retrofitted into a frozen, pretrained model", out)
@@ -360,6 +373,24 @@ def eval_command(run: Path, eval_dir: Path, out: Path, s: DemoSettings, controls
     return shlex.join(args)
 
 
+def _memory_rows(s: DemoSettings, base_lm: Any, curves: dict[str, PositionLosses], files: list,
+                 val: list, seed: int, e2e: tuple | None) -> dict[str, MemoryChoice]:  # fmt: skip
+    """The recall memory rows (``eval.recall.MEMORY_ROWS``; text stream only: the memories
+    predict text tokens), each chosen on the validation sequences; added to ``curves``."""
+    if s.task.metric != "text_ce":
+        return {}
+    blocks = math.gcd(s.bin_frames, s.context)
+    feats, _ = base_features(base_lm, files, s.chunk_frames, blocks)
+    val_feats, val_base = base_features(base_lm, val, s.chunk_frames, blocks)
+    val_curves = {"base": val_base}
+    if e2e is not None:
+        zero, meta = e2e
+        val_curves["e2e"] = evaluate_e2e(zero, val, block_frames=blocks)
+        val_curves["e2e_meta"] = evaluate_e2e(meta.eval(), val, block_frames=blocks)
+    return add_memory_rows(MEMORY_ROWS, curves, val_curves, feats, val_feats, s.memory,
+                           s.context, int(base_lm.text_card), seed)  # fmt: skip
+
+
 def _results(s: DemoSettings, curves: dict[str, PositionLosses], gates: dict, runs: dict,
              eval_dir: Path, out: Path) -> dict[str, Any]:  # fmt: skip
     """``results.json``: every row's CE inside/beyond the window and its share of the gain."""
@@ -391,7 +422,7 @@ def _results(s: DemoSettings, curves: dict[str, PositionLosses], gates: dict, ru
             "ce_beyond": beyond,
             "gain_share": (base - beyond) / available if available > 0 else float("nan"),
             "gate": gates.get(name),
-            "frozen_base": frozen[name],
+            "frozen_base": frozen.get(name, name in MEMORY_ROWS),
             "command": cmd.get(run),
             "variant": variant.get(name),  # the curve of that command's output
         }

@@ -61,6 +61,18 @@ from ..eval.long_context import (
     evaluate_long_context,
     file_intervals,
 )
+from ..eval.recall import (
+    MEMORY_ROWS,
+    QUICK_GRID,
+    MemoryGrid,
+    add_memory_rows,
+    base_features,
+    memory_reads,
+    mix_curve,
+    needle_shares,
+    repeat_split,
+    restrict,
+)
 from ..eval.window import extended_window
 from ..format import FRAME_RATE
 from ..integration.apply import ttt_modules
@@ -81,13 +93,14 @@ from ..train.trainer import train
 from .corpus import TEXT_CARD, CorpusSpec, CorpusSummary, default_corpus, read_corpus
 from .e2e_rows import chunk_frames_of, e2e_choice, e2e_memory, e2e_ttt
 from .markov import cli_prefix
+from .needle import NeedleSpec, needle_cases, plant_training_phrases
 from .realdata_report import verdict, write_report
 
-ESSENTIAL = ("base", "dyneval", "e2e", "e2e_meta", "e2e_meta_static", "retrofit",
-             "retrofit_reset", "retrofit_gate0")  # fmt: skip
+ESSENTIAL = ("base", "dyneval", "e2e", "e2e_meta", "e2e_meta_static", "cache", "assoc",
+             "e2e_assoc", "e2e_meta_assoc")  # fmt: skip
 ROWS = (
     "base", "window_plain", "window_ntk", "window_yarn", "dyneval", "e2e", "e2e_meta",
-    "e2e_meta_static", "retrofit",
+    "e2e_meta_static", "cache", "assoc", "e2e_assoc", "e2e_meta_assoc", "retrofit",
     "retrofit_reset", "retrofit_gate0", "retrofit_forced", "lora_long", "full_attention",
     "full_attention_4x", "scratch",
 )  # fmt: skip
@@ -127,6 +140,13 @@ class RealDataSettings:
     max_bytes: int = 64 * 2**20
     ttt: dict[str, Any] = field(default_factory=lambda: dict(RETROFIT_TTT))
     retrofit: dict[str, Any] = field(default_factory=lambda: dict(RETROFIT_TRAIN))
+    # recall (``eval.recall``): needles in held-out files, phrases in the base's training files
+    needle: NeedleSpec = field(default_factory=NeedleSpec)
+    # share of training sequences given key=value phrases repeated inside the window (0: none;
+    # 300 steps with 0.5 taught the tiny base the format, not to copy: docs/retrofit.md)
+    train_needles: float = 0.0
+    repeat_n: int = 8  # repeated bytes: the n tokens before a position
+    memory: MemoryGrid = field(default_factory=MemoryGrid)  # recall memories, on validation
 
     def corpus_spec(self) -> CorpusSpec:
         return CorpusSpec(frames=self.frames, max_files=self.max_files, max_bytes=self.max_bytes)
@@ -143,6 +163,8 @@ QUICK = RealDataSettings(
     base_steps=4, retrofit_steps=3, batch_size=4, eval_files=8, val_files=3,
     dyneval_lrs=(0.1,), dyneval_layers=("top:1",), chunk_frames=16, bin_frames=16,
     max_files=400, e2e_hiddens=(64,), e2e_lrs=(0.3,), e2e_chunks=(0.25,), dyneval_chunks=(1.0,),
+    needle=NeedleSpec(distances=(2, 4), key_len=2, value_len=2, lead=4, files=6),
+    memory=QUICK_GRID,
 )  # fmt: skip
 
 
@@ -159,6 +181,7 @@ def parse_rows(rows: str) -> tuple[str, ...]:
                          f"'all' or a comma list of {', '.join(ROWS)}")  # fmt: skip
     if "base" not in chosen:
         chosen.insert(0, "base")  # every row is compared with the base
+    chosen += [MEMORY_ROWS[r][0] for r in chosen if r in MEMORY_ROWS]  # what a memory mixes into
     return tuple(r for r in ROWS if r in chosen)
 
 
@@ -224,6 +247,8 @@ def _base_key(s: RealDataSettings, seed: int, corpus: CorpusSummary, vocab: tupl
     what = {"model": s.model, "context": s.context, "frames": s.frames, "steps": s.base_steps,
             "batch": s.batch_size, "lr": s.lr, "seed": seed, "vocab": list(vocab),
             "corpus": {k: corpus.to_dict()[k] for k in ("root", "files", "sequences")}}  # fmt: skip
+    if s.train_needles > 0:  # a base trained on planted phrases is another base
+        what["needles"] = [s.train_needles, s.needle.key_len, s.needle.value_len]
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -234,6 +259,7 @@ def moshi7b_costs(
     forced_layers: str | int = FORCED_TTT["layers"],
     e2e_width_ratio: float = 4.0,
     e2e_layers: str = "top:1",
+    assoc_keys: int = 4096,
 ) -> dict[str, dict[str, float]]:
     """Bytes of per-conversation state for Moshi 7B (moshi's own config, built on the meta
     device), at 3,000 and 45,000 frames: KV cache of the temporal transformer (bf16; the window
@@ -241,7 +267,10 @@ def moshi7b_costs(
     head), dynamic evaluation's copy of the updated layers' weights (bf16), and the end-to-end
     memory's fast weights (float32, prime MLPs of ``e2e_width_ratio`` x the model width) with its
     recorded inputs (the receptive field of the layers after the first memory plus one chunk
-    of C/8, bf16). Layers are counts or layer specs, read against Moshi 7B's 32 layers."""
+    of C/8, bf16); the recall memories over the final hidden states (``eval.recall``): the
+    cache (bf16 states and int32 tokens of every frame) and the associative memory (float32,
+    text vocabulary x ``assoc_keys``). Layers are counts or layer specs, read against Moshi
+    7B's 32 layers."""
     kw = dict(loaders._lm_kwargs)
     dim, layers, heads, ctx = kw["dim"], kw["num_layers"], kw["num_heads"], kw["context"]
 
@@ -269,6 +298,9 @@ def moshi7b_costs(
             "kv_window_plus_forced_ttt": float(kv + forced_state),
             "kv_window_plus_dyneval": float(kv + count(dyneval_layers) * layer_params * 2),
             "kv_window_plus_e2e": float(kv + e2e_state),
+            "kv_window_plus_cache": float(kv + frames * (2 * dim + 4)),
+            "kv_window_plus_assoc": float(kv + 4 * kw["text_card"] * assoc_keys),
+            "kv_window_plus_e2e_assoc": float(kv + e2e_state + 4 * kw["text_card"] * assoc_keys),
         }
     return out
 
@@ -277,7 +309,9 @@ ROW_COST = {"base": "kv_window", "window_plain": "kv_full_attention",
             "window_ntk": "kv_full_attention", "window_yarn": "kv_full_attention",
             "dyneval": "kv_window_plus_dyneval", "retrofit": "kv_window_plus_ttt",
             "e2e": "kv_window_plus_e2e", "e2e_meta": "kv_window_plus_e2e",
-            "e2e_meta_static": "kv_window",
+            "e2e_meta_static": "kv_window", "cache": "kv_window_plus_cache",
+            "assoc": "kv_window_plus_assoc", "e2e_assoc": "kv_window_plus_e2e_assoc",
+            "e2e_meta_assoc": "kv_window_plus_e2e_assoc",
             "retrofit_reset": "kv_window_plus_ttt", "retrofit_gate0": "kv_window",
             "retrofit_forced": "kv_window_plus_forced_ttt",
             "lora_long": "kv_full_attention", "full_attention": "kv_full_attention",
@@ -336,6 +370,10 @@ def _run(out: Path, data: str | Path | None, seed: int, rows: tuple[str, ...],
     say("      " + corpus.text())
     train_dir, val_dir, test_dir = (out / "data" / x for x in ("train", "val", "test"))
     vocab = _vocab(train_dir) if corpus.kind == "shards" else (TEXT_CARD, 32)
+    if corpus.kind == "text" and s.train_needles > 0:
+        n = plant_training_phrases(train_dir, s.context, s.needle, s.train_needles, seed)
+        say(f"      planted a key=value phrase and its repeat inside the window in {n} training "
+            "sequences (the base learns to copy what it sees: the needles' ceiling)")  # fmt: skip
 
     # 2. Training runs; the base is cached by its settings.
     runs: dict[str, Path] = {}
@@ -383,8 +421,16 @@ def _run(out: Path, data: str | Path | None, seed: int, rows: tuple[str, ...],
     say(f"[{k}/{n_steps}] evaluating {len(rows)} rows on {len(test)} held-out files "
         f"({s.frames} frames each)")  # fmt: skip
     start = time.perf_counter()
-    curves, extra, ms_per_frame = _evaluate_rows(rows, runs, s, test, val, progress, extra,
-                                                 seed)  # fmt: skip
+    curves, extra, ms_per_frame, scorers = _evaluate_rows(rows, runs, s, test, val, progress,
+                                                          extra, seed)  # fmt: skip
+    say(
+        "      recall: repeated bytes, needles at "
+        f"{', '.join(f'{m}x' for m in s.needle.distances)} "
+        f"the window, memory rows {', '.join(r for r in rows if r in MEMORY_ROWS) or 'none'}"
+    )
+    extra["recall"] = evaluate_recall(rows, s, curves, scorers, test, val, test_dir,
+                                      runs["base"], seed, extra, ms_per_frame,
+                                      progress)  # fmt: skip
     timings["evaluation (s)"] = time.perf_counter() - start
 
     # 4. Results and report.
@@ -442,6 +488,7 @@ def _evaluate_rows(rows: tuple[str, ...], runs: dict[str, Path], s: RealDataSett
     extra = dict(extra)
     ms: dict[str, float] = {}
     base_lm, _ = load_trained_model(runs["base"])
+    scorers: dict[str, Any] = {}  # row -> files -> curve (recall scores every row with them)
 
     def timed(name: str, fn: Any, passes: int = 1) -> Any:
         """Run ``fn`` (``passes`` streamed passes over the test files) and record ms per frame
@@ -452,8 +499,9 @@ def _evaluate_rows(rows: tuple[str, ...], runs: dict[str, Path], s: RealDataSett
         return result
 
     blocks = math.gcd(s.bin_frames, s.context)  # per-file block sums split exactly at C
-    curves["base"] = timed("base", lambda: evaluate_long_context(
-        base_lm, test, controls=(), **kw).variants["no_ttt"])  # fmt: skip
+    scorers["base"] = lambda fs: evaluate_long_context(
+        base_lm, fs, controls=(), **kw).variants["no_ttt"]  # fmt: skip
+    curves["base"] = timed("base", lambda: scorers["base"](test))
     for scaling in ("plain", "ntk", "yarn"):
         name = f"window_{scaling}"
         if name in rows:
@@ -467,27 +515,30 @@ def _evaluate_rows(rows: tuple[str, ...], runs: dict[str, Path], s: RealDataSett
         best, scores = sweep_dyneval(base_lm, val, grid, progress=progress)
         extra["dyneval"] = {"chosen": best.__dict__.copy(), "label": best.label(),
                             "validation": scores, "validation_files": len(val)}  # fmt: skip
-        curves["dyneval"] = timed("dyneval", lambda: evaluate_dyneval(
-            base_lm, test, best, progress=progress,
-            block_frames=blocks))  # fmt: skip
+        scorers["dyneval"] = lambda fs: evaluate_dyneval(base_lm, fs, best, progress=progress,
+                                                         block_frames=blocks)  # fmt: skip
+        curves["dyneval"] = timed("dyneval", lambda: scorers["dyneval"](test))
     if "e2e" in rows:
         if "e2e" not in extra:
             extra["e2e"] = _e2e_choice(runs["base"], s, val, seed, progress)
         stats = E2EStats()
         lm = e2e_memory(runs["base"], s.e2e_layers, extra["e2e"]["chosen"], seed)
-        curves["e2e"] = timed("e2e", lambda: evaluate_e2e(
-            lm, test, progress=progress, block_frames=blocks, stats=stats))  # fmt: skip
+        scorers["e2e"] = lambda fs, st=None, m=lm: evaluate_e2e(
+            m, fs, progress=progress, block_frames=blocks, stats=st)  # fmt: skip
+        curves["e2e"] = timed("e2e", lambda: scorers["e2e"](test, stats))
         extra["e2e"].update(_e2e_stats(stats))
     if "e2e_meta" in runs:
         stats = E2EStats()
-        lm, _ = load_trained_model(runs["e2e_meta"])
-        curves["e2e_meta"] = timed("e2e_meta", lambda: evaluate_e2e(
-            lm.eval(), test, progress=progress, block_frames=blocks, stats=stats))  # fmt: skip
-        learned = [float(m.e2e.lr().detach()) for _, m in e2e_layers(lm)]
+        meta_lm = load_trained_model(runs["e2e_meta"])[0].eval()
+        scorers["e2e_meta"] = lambda fs, st=None: evaluate_e2e(
+            meta_lm, fs, progress=progress, block_frames=blocks, stats=st)  # fmt: skip
+        curves["e2e_meta"] = timed("e2e_meta", lambda: scorers["e2e_meta"](test, stats))
+        learned = [float(m.e2e.lr().detach()) for _, m in e2e_layers(meta_lm)]
         extra["e2e_meta"] = {"inner_lr_learned": learned, **_e2e_stats(stats)}
         if "e2e_meta_static" in rows:
-            curves["e2e_meta_static"] = evaluate_static(lm, test, block_frames=blocks,
-                                                        chunk_frames=s.chunk_frames)  # fmt: skip
+            scorers["e2e_meta_static"] = lambda fs: evaluate_static(
+                meta_lm, fs, block_frames=blocks, chunk_frames=s.chunk_frames)  # fmt: skip
+            curves["e2e_meta_static"] = scorers["e2e_meta_static"](test)
         if "e2e_meta" not in rows:
             del curves["e2e_meta"]
     if "retrofit" in runs:
@@ -510,7 +561,62 @@ def _evaluate_rows(rows: tuple[str, ...], runs: dict[str, Path], s: RealDataSett
             res = timed(name, lambda n=name: evaluate_long_context(
                 load_trained_model(runs[n])[0], test, controls=(), **kw))  # fmt: skip
             curves[name] = res.variants["no_ttt" if name.startswith("full") else "ttt"]
-    return curves, extra, ms
+    return curves, extra, ms, scorers
+
+
+def evaluate_recall(rows: tuple[str, ...], s: RealDataSettings, curves: dict[str, PositionLosses],
+                    scorers: dict[str, Any], test: list, val: list, test_dir: Path,
+                    base_run: Path, seed: int, extra: dict[str, Any], ms: dict[str, float],
+                    progress: bool) -> dict[str, Any]:  # fmt: skip
+    """The recall measures (``eval.recall``) of every row that has a scorer, and the memory rows
+    (added to ``curves``): repeated bytes on the held-out files, needle shares, and per memory
+    row its validation choice. Rows without a scorer (the ``--rows all`` extras) are named in
+    ``"not_scored"``."""
+    C, blocks = s.context, math.gcd(s.bin_frames, s.context)
+    base_lm, _ = load_trained_model(base_run)
+    out: dict[str, Any] = {"repeat_n": s.repeat_n, "needle": dataclasses.asdict(s.needle)}
+    try:
+        cases, masks = needle_cases(test_dir, C, s.needle, seed)
+    except DataError as e:
+        cases, masks = {}, {}
+        out["needle_error"] = str(e)
+    memory = {r: MEMORY_ROWS[r] for r in rows if r in MEMORY_ROWS and MEMORY_ROWS[r][0] in scorers}
+    feats: dict[str, Any] = {}
+    if memory:
+        feats["test"] = base_features(base_lm, test, s.chunk_frames, blocks, progress)[0]
+        feats["val"] = base_features(base_lm, val, s.chunk_frames, blocks, progress)[0]
+    needles: dict[str, dict[str, PositionLosses]] = {}
+    variants = list(cases)
+    for row, scorer in scorers.items():
+        if row not in curves:
+            continue
+        for v in variants if row == "base" else [v for v in variants if v != "inside"]:
+            needles.setdefault(row, {})[v] = scorer(cases[v])
+    for v in variants if memory else ():
+        feats[v] = base_features(base_lm, cases[v], s.chunk_frames, blocks, progress)[0]
+    vocab = int(base_lm.text_card)
+    val_curves = {under: scorers[under](val) for under, _ in set(memory.values())}
+    chosen = add_memory_rows(memory, curves, val_curves, feats.get("test", {}),
+                             feats.get("val", {}), s.memory, C, vocab, seed)  # fmt: skip
+    for row, choice in chosen.items():
+        for v in needles.get(choice.on, {}):
+            reads = memory_reads(choice.setting, feats[v], vocab, seed)
+            needles.setdefault(row, {})[v] = mix_curve(needles[choice.on][v], reads, choice.lam)
+        extra[row] = choice.to_dict(len(val))
+        ms[row] = ms.get(choice.on, math.nan) + choice.ms_per_frame
+    tokens = {name: codes[0].numpy() for name, codes in test}
+    scored = {r: c for r, c in curves.items() if c.file_text}
+    out["repeat"] = repeat_split(scored, tokens, C, s.repeat_n)
+    if cases:
+        base_n = {v: restrict(c, masks[v]) for v, c in needles["base"].items()}
+        out["needle_shares"] = {
+            row: needle_shares({v: restrict(c, masks[v]) for v, c in per.items()}, base_n,
+                               s.needle.distances)
+            for row, per in needles.items()
+        }  # fmt: skip
+        out["needle_files"] = len(cases["inside"])
+    out["not_scored"] = [r for r in curves if r not in needles]
+    return out
 
 
 def _width(s: RealDataSettings) -> int:
@@ -552,22 +658,27 @@ def _results(s: RealDataSettings, rows: tuple[str, ...], curves: dict, extra: di
         ttt_layers=s.ttt.get("layers", "0"),
         e2e_width_ratio=e2e_hidden / _width(s),
         e2e_layers=s.e2e_layers,
+        assoc_keys=extra.get("assoc", {}).get("chosen", {}).get("keys", 4096),
     )
     table = {}
     for name in curves:
         tot = stats["totals"].get(name, {})
         diff = stats["difference"].get(name, {})
         run = {"retrofit_reset": "retrofit", "retrofit_gate0": "retrofit",
-               "e2e_meta_static": "e2e_meta"}.get(name, name)  # fmt: skip
+               "e2e_meta_static": "e2e_meta",
+               **{k: v[0] for k, v in MEMORY_ROWS.items()}}.get(name, name)  # fmt: skip
         table[name] = {
             "ce_within": tot.get("within_context"),
             "ce_beyond": tot.get("beyond_context"),
             "vs_base_within": diff.get("within_context"),
             "vs_base_beyond": diff.get("beyond_context"),
             "train_seconds": train_seconds.get(
-                run, 0.0 if name.startswith(("window", "dyn")) or name == "e2e" else None
+                run,
+                0.0
+                if name.startswith(("window", "dyn")) or run == "e2e" or run == "base"
+                else None,
             ),
-            "ms_per_frame": ms.get(run),
+            "ms_per_frame": ms.get(name, ms.get(run)),
             "state_bytes_moshi7b": {f: c[ROW_COST[name]] for f, c in costs.items()},
             "frozen_base": name not in ("base", "full_attention", "full_attention_4x", "scratch"),
             "command": row_command(out, root, seed, (name,)),
@@ -582,6 +693,7 @@ def _results(s: RealDataSettings, rows: tuple[str, ...], curves: dict, extra: di
         "held_out_files": len(next(iter(units.values())).file_names),
         "held_out_sequences": len(next(iter(curves.values())).file_names),
         "rows": table,
-        "verdict": verdict(table),
+        "recall": extra.get("recall"),
+        "verdict": verdict(table, extra.get("recall")),
         "settings": {**s.to_dict(), "seed": seed, "rows": list(rows)},
     }

@@ -20,6 +20,10 @@ ROW_TEXT = {
     "e2e": "**e2e**: frozen base + end-to-end memory, no training (width, lr, K from validation)",
     "e2e_meta": "**e2e_meta**: frozen base + end-to-end memory, meta-trained",
     "e2e_meta_static": "e2e_meta with its updates off (control: its trained weights alone)",
+    "cache": "frozen base + continuous cache over its past hidden states (growing state)",
+    "assoc": "**assoc**: frozen base + associative memory (delta rule, fixed state)",
+    "e2e_assoc": "**e2e_assoc**: e2e + the associative memory (adapts and recalls)",
+    "e2e_meta_assoc": "**e2e_meta_assoc**: e2e_meta + the associative memory",
     "retrofit": "**retrofit**: frozen base + TTT, shipped defaults",
     "retrofit_reset": "retrofit, TTT state reset every C frames (control)",
     "retrofit_gate0": "retrofit, gate forced to 0 (control)",
@@ -31,7 +35,68 @@ ROW_TEXT = {
 }
 
 
-def verdict(table: dict[str, Any]) -> dict[str, Any]:
+# recall targets (the recall issue): the needle at 4 windows, repeated bytes against the best
+# growing-state row, the fixed state against the window's KV cache, the cost against the base
+NEEDLE_TARGET, REPEAT_TARGET, COST_TARGET = 0.8, 0.5, 2.0
+FIXED_MEMORIES = ("assoc", "e2e_assoc", "e2e_meta_assoc")
+GROWING = ("cache",)
+
+
+def recall_verdict(table: dict[str, Any], recall: dict[str, Any] | None) -> dict[str, Any]:
+    """Each recall target, per fixed-state memory row present: ``{row: {target: bool}}`` and
+    the lines saying each met / not met with its number."""
+    out: dict[str, Any] = {"lines": []}
+    if not recall:
+        return out
+    rep, shares = recall.get("repeat", {}), recall.get("needle_shares", {})
+    base = rep.get("base", {}).get("recallable", {}).get("mean", math.nan)
+    growing = [r for r in GROWING if r in rep]
+    best = min(growing, key=lambda r: rep[r]["recallable"]["mean"], default=None)
+    best_gain = base - rep[best]["recallable"]["mean"] if best else math.nan
+    kv = table.get("base", {}).get("state_bytes_moshi7b", {}).get("45000", math.nan)
+    ms_base = table.get("base", {}).get("ms_per_frame")
+    for row in FIXED_MEMORIES:
+        if row not in table:
+            continue
+        r, checks, words = table[row], {}, []
+        four = shares.get(row, {}).get("4x", {}).get("share", math.nan)
+        eight = shares.get(row, {}).get("8x", {}).get("share", math.nan)
+        checks["needle_4x"] = bool(four >= NEEDLE_TARGET)
+        words.append(f"needle at 4 windows {100 * four:.0f} % of the available gain (target "
+                     f"{100 * NEEDLE_TARGET:.0f} %; 8 windows: {100 * eight:.0f} %)")  # fmt: skip
+        gain = base - rep.get(row, {}).get("recallable", {}).get("mean", math.nan)
+        ratio = gain / best_gain if best_gain > 0 else math.nan
+        checks["repeat_bytes"] = bool(ratio >= REPEAT_TARGET)
+        words.append(f"repeated bytes {100 * ratio:.0f} % of {best or 'no growing row'}'s gain "
+                     f"(target {100 * REPEAT_TARGET:.0f} %)")  # fmt: skip
+        beyond = r["ce_beyond"]["mean"]
+        rivals = {k: table[k]["ce_beyond"]["mean"] for k in ("e2e", "dyneval") if k in table}
+        if row == "e2e_meta_assoc" and "e2e_meta" in table:
+            rivals["e2e_meta"] = table["e2e_meta"]["ce_beyond"]["mean"]
+        checks["real_text"] = all(beyond <= v for v in rivals.values())
+        words.append("real text beyond the window at least " + (", ".join(rivals) or "-"))
+        harm = r["vs_base_within"]["difference"]
+        checks["no_harm"] = bool(harm <= HARM_TOLERANCE)
+        words.append(f"inside the window {harm:+.4f} (at most +{HARM_TOLERANCE})")
+        state = r["state_bytes_moshi7b"]["45000"] - kv
+        checks["state"] = bool(state <= kv)
+        words.append(f"7B state {state / 2**30:.2f} GiB (fixed; at most the window's KV "
+                     f"{kv / 2**30:.2f} GiB)")  # fmt: skip
+        ms = r.get("ms_per_frame")
+        if ms is not None and ms_base:
+            checks["cost"] = bool(ms <= COST_TARGET * ms_base)
+            words.append(f"{ms / ms_base:.1f}x the base's ms per frame (at most {COST_TARGET:g}x)")
+        out[row] = checks
+        out["lines"].append(
+            f"{row}: "
+            + "; ".join(
+                f"{w} {'MET' if ok else 'NOT MET'}" for w, ok in zip(words, checks.values())
+            )
+        )
+    return out
+
+
+def verdict(table: dict[str, Any], recall: dict[str, Any] | None = None) -> dict[str, Any]:
     """The targets, for the rows present.
 
     ``retrofit`` (the real-data issue): inside the window at most ``HARM_TOLERANCE`` worse than
@@ -89,6 +154,9 @@ def verdict(table: dict[str, Any]) -> dict[str, Any]:
                              f"{own['beyond']:+.4f} nats; the static control alone vs base: "
                              f"{static['vs_base_within']['difference']:+.4f} / "
                              f"{static['vs_base_beyond']['difference']:+.4f}")  # fmt: skip
+    rv = recall_verdict(table, recall)
+    out["recall"] = {k: v for k, v in rv.items() if k != "lines"}
+    lines += rv["lines"]
     out["lines"] = lines or ["no memory row"]
     return out
 
@@ -154,8 +222,103 @@ def write_report(out: Path, s: Any, results: dict, curves: dict,
             lrs = ", ".join(f"{x:.3g}" for x in m["inner_lr_learned"])
             text += f"Meta-trained inner lr: {lrs}; {m['rollbacks']} rollbacks."
         report.add_text(text)
+    recall = results.get("recall")
+    if recall:
+        _recall_section(report, results, recall, C)
     write_long_context_section(report, curves, context=C, bin_frames=s.bin_frames,
                                reference="base", metric="text_ce",
                                title="Loss against position (held-out files)")  # fmt: skip
     report.data.update(results=results, runs={k: str(v) for k, v in runs.items()})
     return report.write()
+
+
+def _pct(ci: dict | None) -> str:
+    if not ci or not math.isfinite(ci.get("share", math.nan)):
+        return "-" if not ci else (ci.get("note") or "-")
+    lo, hi = ci.get("lo", math.nan), ci.get("hi", math.nan)
+    if not math.isfinite(lo):
+        return f"{100 * ci['share']:.0f} %"
+    return f"{100 * ci['share']:.0f} % [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def _recall_section(report: Report, results: dict, recall: dict, C: int) -> None:
+    """Recall: repeated bytes and needle shares per row, the memory rows' choices, a plot."""
+    n, spec = recall["repeat_n"], recall["needle"]
+    rep, shares = recall.get("repeat", {}), recall.get("needle_shares", {})
+    dists = [f"{m}x" for m in spec["distances"]]
+    rows = []
+    for name in results["rows"]:
+        r = rep.get(name, {})
+        sh = shares.get(name, {})
+        rows.append([name, _fmt(r.get("recallable")),
+                     _fmt(r.get("recallable", {}).get("vs_reference"), "difference"),
+                     _fmt(r.get("other")), *[_pct(sh.get(d)) for d in dists]])  # fmt: skip
+    tokens = rep.get("base", {}).get("recallable", {}).get("tokens", 0)
+    other = rep.get("base", {}).get("other", {}).get("tokens", 0)
+    needle = (f"{recall.get('needle_files', 0)} held-out files" if "needle_shares" in recall
+              else recall.get("needle_error", "not computed"))  # fmt: skip
+    report.add_text(
+        "## Recall\n\n"
+        f"**Repeated bytes**: beyond the window, positions whose {n} preceding bytes occurred "
+        f"earlier in the file only with their next byte more than C = {C} frames back "
+        f"({tokens:.0f} such bytes; {other:.0f} others). **Needles** ({needle}): the phrase "
+        f"` key=value;` (key {spec['key_len']} letters, value {spec['value_len']} hex digits) "
+        f"{spec['lead']} frames in, asked again m windows later; the value's bytes at the query "
+        "are scored. Share = (the row's CE when another key and value came early, or the base's "
+        "there if lower, - its CE when this one did) / the base's CE in the first case (perfect "
+        "recall: 0 nats), 95 % "
+        "interval over files. Rows not scored on needles: "
+        f"{', '.join(recall.get('not_scored', [])) or 'none'}."
+        + _window_ceiling(shares.get("base", {}))
+    )
+    report.add_table(["row", "CE recallable", "vs base", "CE other bytes",
+                      *[f"needle {d}" for d in dists]], rows)  # fmt: skip
+    chosen = [f"`{r}`: {results['rows'][r]['details']['label']} on "
+              f"`{results['rows'][r]['details']['on']}`"
+              for r in ("cache", "assoc", "e2e_assoc", "e2e_meta_assoc")
+              if r in results["rows"] and "details" in results["rows"][r]]  # fmt: skip
+    if chosen:
+        report.add_text("Memory settings chosen on the validation files (best beyond the window "
+                        "among those within the harm tolerance inside it): "
+                        + "; ".join(chosen) + ".")  # fmt: skip
+    if shares:
+        _plot_needles(report, shares, spec["distances"])
+
+
+def _plot_needles(report: Report, shares: dict, distances: list[int]) -> None:
+    fig, ax = report.figure(width=7.5, height=4.2)
+    rows = list(shares)
+    width = 0.8 / max(1, len(rows))
+    for i, row in enumerate(rows):
+        sh = [shares[row].get(f"{m}x", {}) for m in distances]
+        y = [100 * x.get("share", math.nan) for x in sh]
+        lo = [100 * x.get("lo", math.nan) for x in sh]
+        hi = [100 * x.get("hi", math.nan) for x in sh]
+        x = [k + (i - (len(rows) - 1) / 2) * width for k in range(len(distances))]
+        err = [[max(0.0, a - b) if math.isfinite(b) else 0.0 for a, b in zip(y, lo)],
+               [max(0.0, b - a) if math.isfinite(b) else 0.0 for a, b in zip(y, hi)]]  # fmt: skip
+        ax.bar(x, y, width=width, label=row, yerr=err, capsize=2)
+    ax.axhline(100 * NEEDLE_TARGET, color="grey", ls="--", lw=0.8)
+    ax.set_xticks(range(len(distances)), [f"{m} windows" for m in distances])
+    ax.set(ylabel="share of the available gain (%)",
+           title="Needle recall by distance (95 % intervals over files)")  # fmt: skip
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    report.add_figure(fig, "needle_recall.png", "Needle recall: the share of the available gain")
+
+
+def _window_ceiling(base: dict) -> str:
+    """Whether the base copies a value it sees: its CE on the value with the phrase inside the
+    window against another phrase early (the issue's ceiling, where it exists)."""
+    if not base:
+        return ""
+    any_ = next(iter(base.values()))
+    inside, floor = any_["ce_inside"], any_["ce_base_floor"]
+    verdict = ("it copies: the window's share is in results.json (`window`)"
+               if floor - inside > 0.1 * floor else
+               "it does not copy what it sees, so the window gives no ceiling and the share "
+               "is taken of perfect recall")  # fmt: skip
+    return (
+        f" The base on the value with the phrase inside its window: {inside:.3f} nats per "
+        f"byte, with another phrase early: {floor:.3f}; {verdict}."
+    )

@@ -216,6 +216,39 @@ def ratio_difference(
     return out | {"difference": diff, "lo": lo, "hi": hi, "p_value": _p_value(boot, diff)}
 
 
+def share_interval(
+    gains: Sequence[float] | np.ndarray,
+    available: Sequence[float] | np.ndarray,
+    *,
+    level: float = LEVEL,
+    n_boot: int = N_BOOT,
+    seed: int = SEED,
+    min_units: int = MIN_UNITS,
+) -> dict[str, Any]:
+    """``sum(gains) / sum(available)`` over paired units (files) with a bootstrap interval over
+    them: ``{"share", "lo", "hi", "gain", "available", "n", ...}`` (``gain``, ``available``:
+    the means per unit). NaN share where nothing is available (``available`` summing to <= 0:
+    there is no gain to take a share of). Under ``min_units`` units: ``lo``, ``hi`` NaN."""
+    g, a = np.asarray(gains, dtype=np.float64), np.asarray(available, dtype=np.float64)
+    if g.shape != a.shape or g.ndim != 1:
+        raise ValueError(f"gains and available must be 1-d of one length, got {g.shape}, {a.shape}")
+    n = int(g.size)
+    out: dict[str, Any] = {"n": n, "level": level,
+                           "method": f"bootstrap over files ({n_boot}, seed {seed})"}  # fmt: skip
+    total = float(a.sum()) if n else math.nan
+    share = float(g.sum() / total) if n and total > 0 else math.nan
+    out |= {"share": share, "gain": float(g.mean()) if n else math.nan,
+            "available": float(a.mean()) if n else math.nan}  # fmt: skip
+    few = too_few(n, "files", min_units)
+    if few is not None or not math.isfinite(share):
+        return out | (few or {"note": "no gain available"}) | {"lo": math.nan, "hi": math.nan}
+    idx = _indices(n, n_boot, seed)
+    num, den = g[idx].sum(1), a[idx].sum(1)
+    boot = np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)
+    lo, hi = _percentiles(boot, level)
+    return out | {"lo": lo, "hi": hi}
+
+
 def mcnemar_exact(b: int, c: int) -> float:
     """Two-sided exact McNemar p-value for ``b`` pairs right only under A and ``c`` right only
     under B: ``min(1, 2 P[X <= min(b, c)])``, X ~ Binomial(b + c, 1/2); 1 when b + c = 0."""

@@ -92,12 +92,15 @@ def stream_losses(
     observer: ChunkObserver | None = None,
     progress: bool = False,
     desc: str = "",
+    hidden: list[torch.Tensor] | None = None,
 ) -> FileLosses:
     """Per-position text and per-codebook CE of one file ``codes [17, T]`` (module docstring).
 
     ``chunk_frames``: frames per streaming call (1 = token-by-token streaming, the definition).
     ``reset_every``: restart the TTT states (only them) before every multiple of that many
     frames. ``observer.chunk(start, end)`` is called after each piece of delayed columns.
+    ``hidden``: a list that receives each piece's final hidden states (the text head's input,
+    ``[chunk, dim]`` per step of the delayed columns, on the CPU).
     """
     check_codes(lm, codes)
     if chunk_frames < 1:
@@ -124,6 +127,8 @@ def stream_losses(
             if reset_every and a > 0 and a % reset_every == 0:
                 reset_ttt_states(lm)
             out, text_logits = lm.forward_text(inputs[:, :, a:b])
+            if hidden is not None:
+                hidden.append(out[0].float().cpu())
             logits = lm.forward_depformer_training(delayed[:, :, a:b], out)  # [1, dq, C, card]
             text_ce[a:b] = step_ce(text_logits[0, 0], delayed[0, 0, a:b])
             audio_ce[:, a:b] = step_ce(logits[0], delayed[0, a0 : a0 + dq, a:b])

@@ -56,6 +56,9 @@ class PositionLosses:
         self.file_frames: list[int] = []
         self.file_blocks: list[np.ndarray] = []
         self.foreign_history: int | None = None  # set for the foreign-history control
+        # per file, the text CE and scored mask per position (float32, bool), for metrics on a
+        # subset of positions (``eval.recall``: repeated bytes, needles) and mixing with a memory
+        self.file_text: list[tuple[np.ndarray, np.ndarray]] = []
 
     @property
     def length(self) -> int:
@@ -83,6 +86,7 @@ class PositionLosses:
         self.file_blocks.append(np.add.reduceat(rows, starts, axis=1) if len(starts) else rows)
         self.file_names.append(str(len(self.file_names)) if name is None else name)
         self.file_frames.append(int(rows.shape[1]))
+        self.file_text.append((f.text.float().numpy().copy(), f.text_mask.numpy().copy()))
 
     def _add_positions(self, f: FileLosses) -> None:
         n = f.text.shape[-1]
@@ -193,6 +197,7 @@ class PositionLosses:
         and totals are unchanged."""
         out = copy.copy(self)
         out.file_names, out.file_frames, out.file_blocks = [], [], []
+        out.file_text = []  # per position data stays with the sequences (``self``)
         index: dict[str, int] = {}
         for name, T, blocks in zip(self.file_names, self.file_frames, self.file_blocks):
             key = unit(name)

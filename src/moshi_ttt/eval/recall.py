@@ -1,0 +1,424 @@
+"""Recall on real data: does a memory bring back what was said beyond the attention window?
+
+Three measures, each on the per-position text CE that every evaluation curve keeps
+(``PositionLosses.file_text``):
+
+- **repeated bytes** (``repeat_masks``): beyond the window, the positions whose preceding ``n``
+  tokens occurred earlier in the file *only* with their continuation outside the window (what a
+  memory could recall and the window cannot), against all the others;
+- **needles** (``needle_shares``): a phrase ``key=value`` planted early in a held-out file and
+  its key asked again ``m`` windows later (cases built by ``demo.needle``); the value's tokens
+  at the query are scored. A row's gain at distance ``m`` is its CE when another key and value
+  were planted early (the format is primed, this value is not; the base's CE there where that
+  is lower: a memory misled by the other phrase is not credited) minus its CE when this one was;
+  its share is that gain over the base's CE in the first case (perfect recall: 0 nats) and,
+  beside it, over the base's CE minus the base's with the phrase inside its window (what the
+  window could give, where the base copies what it sees), with bootstrap intervals over files;
+- **memory rows** (``memory_reads``, ``mix_curve``): a recall memory over the frozen base's
+  final hidden states (``ttt.recall``: the continuous cache, growing; the associative memory,
+  fixed), mixed into any row's prediction in probability space. The memory's keys are the
+  *base's* hidden states (the end-to-end memory sits after the last layer, so the base's states
+  are the trunk's whatever that memory learns), computed once per file by ``base_features``.
+  Its settings and mixing weight are chosen on the validation files (``choose_memory``) by the
+  rule of the end-to-end memory (``eval.e2e.choose_setting``: the best beyond the window among
+  the settings that do no harm inside it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from moshi.models.lm import LMModel
+from tqdm import tqdm
+
+from ..recipes import HARM_TOLERANCE
+from ..ttt.recall import (
+    cache_target_probs,
+    delta_chunked,
+    mix_ce,
+    read_distribution,
+    sparse_keys,
+)
+from .e2e import choose_setting
+from .long_context import PositionLosses
+from .long_context.scoring import FileLosses, stream_losses
+from .stats import ratio_difference, ratio_interval, share_interval
+
+KINDS = ("cache", "assoc")
+# the memory rows of the demos: row -> (the row it mixes into, the memory's kind)
+MEMORY_ROWS = {"cache": ("base", "cache"), "assoc": ("base", "assoc"),
+               "e2e_assoc": ("e2e", "assoc"), "e2e_meta_assoc": ("e2e_meta", "assoc")}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MemorySetting:
+    """A recall memory: ``kind`` ``"cache"`` (``theta``: the sharpness of its softmax over
+    cosine similarities) or ``"assoc"`` (``keys`` units Dk with ``active`` of them on per key,
+    delta-rule strength ``beta``; its read sharpened to the power ``sharpen`` and its
+    confidence scaled by ``scale``: ``ttt.recall.read_distribution``)."""
+
+    kind: str
+    theta: float = 10.0
+    keys: int = 4096
+    active: int = 16
+    beta: float = 1.0
+    sharpen: float = 1.0
+    scale: float = 1.0
+    context: int = 0  # keys also from the inputs of the last ``context`` steps (0: hidden only)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"memory kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+
+    def label(self) -> str:
+        if self.kind == "cache":
+            return f"cache theta {self.theta:g}"
+        keys = f"hidden + last {self.context} inputs" if self.context else "hidden"
+        return (f"assoc Dk {self.keys} ({keys}), {self.active} active, beta {self.beta:g}, "
+                f"sharpen {self.sharpen:g}, scale {self.scale:g}")  # fmt: skip
+
+    def scan_key(self) -> tuple:
+        """What the memory's scan depends on (settings that share it share one scan)."""
+        return (self.kind, self.theta) if self.kind == "cache" else (
+            self.kind, self.keys, self.active, self.beta, self.context)  # fmt: skip
+
+    def state_bytes(self, vocab: int, frames: int, dim: int) -> int:
+        """Bytes of state per conversation after ``frames`` frames (float32 W for ``assoc``;
+        bf16 hidden states and int32 tokens for the cache)."""
+        if self.kind == "assoc":
+            return 4 * vocab * self.keys
+        return frames * (2 * dim + 4)
+
+
+@dataclass(frozen=True)
+class MemoryGrid:
+    """The recall memories' settings tried on validation, and the mixing weights."""
+
+    cache_thetas: tuple[float, ...] = (3.0, 10.0, 30.0, 100.0)
+    # (Dk, active units): Dk 8192 is 1.05 GB of float32 state for Moshi 7B's 32,000 text
+    # tokens, within its window's KV cache (1.46 GiB)
+    assoc_keys: tuple[tuple[int, int], ...] = ((8192, 32), (8192, 64))
+    assoc_betas: tuple[float, ...] = (1.0, 0.5)
+    assoc_contexts: tuple[int, ...] = (0, 4, 8)  # keys also from the last n inputs
+    assoc_sharpen: tuple[float, ...] = (1.0, 2.0)
+    assoc_scale: tuple[float, ...] = (1.0, 2.0)
+    lams: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
+
+    def settings(self, kind: str) -> list[MemorySetting]:
+        if kind == "cache":
+            return [MemorySetting("cache", theta=t) for t in self.cache_thetas]
+        return [MemorySetting("assoc", keys=k, active=a, beta=b, sharpen=sh, scale=sc, context=n)
+                for k, a in self.assoc_keys for b in self.assoc_betas
+                for n in self.assoc_contexts for sh in self.assoc_sharpen
+                for sc in self.assoc_scale]  # fmt: skip
+
+
+QUICK_GRID = MemoryGrid(cache_thetas=(10.0,), assoc_keys=((256, 8),), assoc_betas=(1.0,),
+                        assoc_sharpen=(1.0,), assoc_scale=(1.0,), assoc_contexts=(2,),
+                        lams=(0.1, 0.5))  # fmt: skip
+
+
+@dataclass
+class Features:
+    """The frozen base's view of one file: final hidden states ``h [T, dim]`` at the frames
+    whose text token they predict, the transformer's input there ``x [T, dim]`` (the sum of the
+    streams' embeddings of the previous step: what was just said and heard), that token
+    ``targets [T]`` and ``scored [T]``."""
+
+    h: torch.Tensor
+    x: torch.Tensor
+    targets: torch.Tensor
+    scored: torch.Tensor
+
+
+def _recorder(into: list[torch.Tensor]) -> Callable:
+    def hook(_module: torch.nn.Module, args: tuple) -> None:
+        into.append(args[0][0].float().cpu())
+
+    return hook
+
+
+@torch.no_grad()
+def base_features(lm: LMModel, files: Sequence[tuple[str, torch.Tensor]], chunk_frames: int,
+                  block_frames: int, progress: bool = False,
+                  ) -> tuple[dict[str, Features], PositionLosses]:  # fmt: skip
+    """Every file's ``Features`` and the base's curve over them (the same pass: the base row
+    needs no second one)."""
+    curve = PositionLosses(lm.dep_q, block_frames)
+    feats: dict[str, Features] = {}
+    d = int(lm.delays[0])
+    for name, codes in tqdm(files, desc="base features", unit="file", leave=False,
+                            disable=not progress):  # fmt: skip
+        pieces: list[torch.Tensor] = []
+        inputs: list[torch.Tensor] = []
+        hook = lm.transformer.register_forward_pre_hook(_recorder(inputs))
+        try:
+            f = stream_losses(lm, codes, chunk_frames=chunk_frames, hidden=pieces)
+        finally:
+            hook.remove()
+        curve.add(f, name)
+        T = codes.shape[-1]
+        h, x = torch.zeros(T, lm.dim), torch.zeros(T, lm.dim)
+        h[: T - d] = torch.cat(pieces)[d:]  # [T, dim] per step; step s predicts frame s - d
+        x[: T - d] = torch.cat(inputs)[d:]
+        feats[name] = Features(h, x, codes[0].long().clamp_min(0), f.text_mask.clone())
+    return feats, curve
+
+
+def projection(setting: MemorySetting, dim: int, seed: int) -> torch.Tensor:
+    """The associative memory's fixed random projection ``[Dk, (1 + context) * dim]``
+    (float64, from ``seed``): of the hidden state, then of each of the last ``context``
+    inputs."""
+    g = torch.Generator().manual_seed(1_000_003 * seed + setting.keys)
+    return torch.randn(setting.keys, (1 + setting.context) * dim, generator=g,
+                       dtype=torch.float64)  # fmt: skip
+
+
+def key_inputs(setting: MemorySetting, f: Features) -> torch.Tensor:
+    """What the keys hash, ``[T, (1 + context) * dim]``: the unit hidden state and the unit
+    inputs of the last ``context`` steps (zeros before the file starts), the latest first."""
+    parts = [torch.nn.functional.normalize(f.h.double(), dim=-1)]
+    x = torch.nn.functional.normalize(f.x.double(), dim=-1)
+    for j in range(setting.context):
+        parts.append(torch.cat([x.new_zeros(min(j, len(x)), x.shape[-1]), x[: len(x) - j]]))
+    return torch.cat(parts, dim=-1)
+
+
+def memory_scan(setting: MemorySetting, feats: dict[str, Features], vocab: int,
+                seed: int = 0) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Per file, the memory's raw output at each position, read before its own token is
+    written (``ttt.recall``): the cache's ``p_cache(target) [T]``, the associative memory's
+    reads ``[T, V]``."""
+    out = {}
+    proj = None
+    for name, f in feats.items():
+        if setting.kind == "cache":
+            out[name] = cache_target_probs(f.h, f.targets, f.scored, [setting.theta])[0]
+            continue
+        if proj is None:
+            proj = projection(setting, f.h.shape[-1], seed)
+        keys = sparse_keys(key_inputs(setting, f), proj, setting.active)
+        out[name] = delta_chunked(keys, f.targets, f.scored, setting.beta, vocab)[0]
+    return out
+
+
+def memory_reads(setting: MemorySetting, feats: dict[str, Features], vocab: int, seed: int = 0,
+                 scan: dict[str, torch.Tensor] | None = None,
+                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    """Per file ``(p_mem(target) [T], conf [T])`` (``scan``: ``memory_scan``'s output for this
+    setting, if already computed). The cache's confidence is 1 once anything is written (its
+    mixing weight is then the constant ``lam``, as in Grave et al.)."""
+    scan = memory_scan(setting, feats, vocab, seed) if scan is None else scan
+    out = {}
+    for name, f in feats.items():
+        if setting.kind == "cache":
+            written = torch.cumsum(f.scored.long(), 0) - f.scored.long() > 0
+            out[name] = (scan[name].numpy(), written.double().numpy())
+            continue
+        p, conf = read_distribution(scan[name], setting.sharpen, setting.scale)
+        p_y = p.gather(1, f.targets.clamp(0, vocab - 1)[:, None])[:, 0]
+        out[name] = (p_y.numpy(), conf.numpy())
+    return out
+
+
+def text_curve(block_frames: int, dep_q: int,
+               files: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> PositionLosses:  # fmt: skip
+    """A text-only curve from per-file ``(name, ce [T], scored [T])``."""
+    curve = PositionLosses(dep_q, block_frames)
+    for name, ce, mask in files:
+        T = len(ce)
+        curve.add(FileLosses(torch.from_numpy(np.where(mask, ce, 0.0)).float(),
+                             torch.from_numpy(mask.astype(bool)),
+                             torch.zeros(dep_q, T), torch.zeros(dep_q, T, dtype=torch.bool)),
+                  name)  # fmt: skip
+    return curve
+
+
+def mix_curve(curve: PositionLosses, reads: dict[str, tuple[np.ndarray, np.ndarray]],
+              lam: float) -> PositionLosses:  # fmt: skip
+    """``curve``'s text CE with the memory mixed in: ``(1 - lam conf) p + lam conf p_mem``
+    (text only: the memory predicts text tokens)."""
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"the memory's mixing weight must be in [0, 1], got {lam}")
+    files = []
+    for name, (ce, mask) in zip(curve.file_names, curve.file_text):
+        p_y, conf = reads[name]
+        n = len(ce)
+        mixed = mix_ce(torch.from_numpy(ce), torch.from_numpy(p_y[:n]),
+                       lam * torch.from_numpy(conf[:n])).numpy()  # fmt: skip
+        files.append((name, mixed, mask))
+    return text_curve(curve.block_frames, curve.audio_sum.shape[0], files)
+
+
+def restrict(curve: PositionLosses, keep: dict[str, np.ndarray]) -> PositionLosses:
+    """``curve`` scored only where ``keep[name]`` (text only)."""
+    files = [(name, ce, mask & keep[name][: len(mask)])
+             for name, (ce, mask) in zip(curve.file_names, curve.file_text)]  # fmt: skip
+    return text_curve(curve.block_frames, curve.audio_sum.shape[0], files)
+
+
+def choose_memory(curve: PositionLosses, feats: dict[str, Features],
+                  settings: Sequence[MemorySetting], lams: Sequence[float], context: int,
+                  vocab: int, seed: int = 0, harm_tolerance: float | None = HARM_TOLERANCE,
+                  scans: dict[tuple, dict[str, torch.Tensor]] | None = None,
+                  ) -> tuple[dict, list[dict]]:  # fmt: skip
+    """The memory setting and mixing weight for the row ``curve`` (scored on *validation*
+    files whose ``feats`` are given): every ``(setting, lam)``'s text CE within and beyond
+    ``context`` and the rule of ``eval.e2e.choose_setting``. Returns ``(chosen, scores)``.
+    ``scans``: a dict kept between calls on the same ``feats`` (each scan is computed once)."""
+    if not settings or not lams:
+        raise ValueError("choose_memory: the grid is empty")
+    base_within = curve.totals(0, context)["text_ce"]
+    base_beyond = curve.totals(context)["text_ce"]
+    scores = []
+    scans = {} if scans is None else scans
+    for setting in settings:
+        key = setting.scan_key()
+        if key not in scans:
+            scans[key] = memory_scan(setting, feats, vocab, seed)
+        reads = memory_reads(setting, feats, vocab, seed, scans[key])
+        for lam in lams:
+            mixed = mix_curve(curve, reads, lam)
+            within, beyond = mixed.totals(0, context)["text_ce"], mixed.totals(context)["text_ce"]
+            scores.append({"setting": setting, "lam": float(lam), "text_ce": beyond,
+                           "within": within, "harm_within": within - base_within,
+                           "gain_beyond": beyond - base_beyond})  # fmt: skip
+    best = choose_setting(scores, "text_ce", harm_tolerance)
+    return best, scores
+
+
+@dataclass
+class MemoryChoice:
+    """A memory row's validation choice: its setting, mixing weight, every score, and the
+    memory's own cost on the held-out files (ms per frame: the scan and the read, beside the
+    row it mixes into)."""
+
+    setting: MemorySetting
+    lam: float
+    scores: list[dict]
+    on: str
+    ms_per_frame: float = math.nan
+
+    def label(self) -> str:
+        return f"{self.setting.label()}, lam {self.lam:g}"
+
+    def to_dict(self, validation_files: int) -> dict:
+        return {"chosen": {**dataclasses.asdict(self.setting), "lam": self.lam},
+                "label": self.label(), "on": self.on, "validation_files": validation_files,
+                "memory_ms_per_frame": self.ms_per_frame,
+                "validation": [{**x, "setting": x["setting"].label()}
+                               for x in self.scores]}  # fmt: skip
+
+
+def add_memory_rows(rows: dict[str, tuple[str, str]], curves: dict[str, PositionLosses],
+                    val_curves: dict[str, PositionLosses], feats: dict[str, Features],
+                    val_feats: dict[str, Features], grid: MemoryGrid, context: int, vocab: int,
+                    seed: int = 0) -> dict[str, MemoryChoice]:  # fmt: skip
+    """Add the memory rows ``{row: (the row it mixes into, kind)}`` to ``curves`` (held-out
+    files, ``feats``), each chosen on the validation files (``val_curves`` of the row it mixes
+    into, ``val_feats``; ``choose_memory``); rows whose underlying row is missing are skipped."""
+    chosen = {}
+    scans: dict[tuple, dict[str, torch.Tensor]] = {}  # the validation scans, shared by rows
+    frames = sum(len(f.targets) for f in feats.values())
+    for row, (under, kind) in rows.items():
+        if under not in curves or under not in val_curves:
+            continue
+        best, scores = choose_memory(val_curves[under], val_feats, grid.settings(kind),
+                                     grid.lams, context, vocab, seed, scans=scans)  # fmt: skip
+        choice = MemoryChoice(best["setting"], best["lam"], scores, under)
+        start = time.perf_counter()
+        reads = memory_reads(choice.setting, feats, vocab, seed)
+        choice.ms_per_frame = 1000 * (time.perf_counter() - start) / max(1, frames)
+        curves[row] = mix_curve(curves[under], reads, choice.lam)
+        chosen[row] = choice
+    return chosen
+
+
+def repeat_masks(tokens: np.ndarray, context: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(recallable, other)`` bool ``[T]`` over the positions ``t >= context``: recallable
+    where the ``n`` tokens before t occurred earlier in the file and every such occurrence's
+    next token lies more than ``context`` frames back (``j < t - context``: outside the window
+    that predicts t); other: every other position beyond the window."""
+    if n < 1:
+        raise ValueError(f"repeat n must be >= 1 token, got {n}")
+    T = len(tokens)
+    last: dict[bytes, int] = {}
+    recall = np.zeros(T, dtype=bool)
+    tok = np.asarray(tokens, dtype=np.int64)
+    for t in range(n, T):
+        key = tok[t - n : t].tobytes()
+        j = last.get(key)
+        if t >= context and j is not None and j < t - context:
+            recall[t] = True
+        last[key] = t
+    beyond = np.arange(T) >= context
+    return recall, beyond & ~recall
+
+
+def repeat_split(curves: dict[str, PositionLosses], tokens: dict[str, np.ndarray], context: int,
+                 n: int, reference: str = "base") -> dict[str, dict]:  # fmt: skip
+    """Per row, the text CE beyond the window on the recallable positions and on the others
+    (``repeat_masks``), with intervals over files and the paired difference to ``reference``:
+    ``{row: {"recallable": {...}, "other": {...}, "tokens": {...}}}``."""
+    masks = {name: repeat_masks(t, context, n) for name, t in tokens.items()}
+    out: dict[str, dict] = {}
+    parts = {"recallable": 0, "other": 1}
+    subsets = {part: {row: restrict(c, {k: m[i] for k, m in masks.items()})
+                      for row, c in curves.items()} for part, i in parts.items()}  # fmt: skip
+    for row in curves:
+        entry: dict[str, dict] = {}
+        for part in parts:
+            c = subsets[part][row]
+            t = c.file_totals()["text_ce"]
+            entry[part] = ratio_interval(t["sum"], t["count"])
+            entry[part]["tokens"] = float(t["count"].sum())
+            if row != reference and reference in curves:
+                r = subsets[part][reference].file_totals()["text_ce"]
+                entry[part]["vs_reference"] = ratio_difference(t["sum"], t["count"], r["sum"],
+                                                               r["count"])  # fmt: skip
+        out[row] = entry
+    return out
+
+
+def _file_sums(curve: PositionLosses) -> dict[str, tuple[float, float]]:
+    t = curve.file_totals()["text_ce"]
+    return {n: (float(s), float(c)) for n, s, c in zip(curve.file_names, t["sum"], t["count"])}
+
+
+def _mean_over(sums: dict[str, tuple[float, float]], names: list[str]) -> float:
+    return sum(sums[n][0] for n in names) / max(1e-9, sum(sums[n][1] for n in names))
+
+
+def needle_shares(row: dict[str, PositionLosses], base: dict[str, PositionLosses],
+                  distances: Sequence[int]) -> dict[str, dict]:  # fmt: skip
+    """Per distance ``m``, the row's share of the available gain from the scored needle curves
+    (``"true_{m}x"``, ``"floor_{m}x"`` of the row, and of the base with ``"inside"``), paired on
+    file names: ``{"{m}x": {"share", "lo", "hi", ..., "window": {...}, "ce_*"}}``.
+
+    The row's gain is its CE on the value when another key and value came early (or the
+    base's there, if lower: a memory that wrongly recalls the other value is not credited for
+    it) minus its CE when this one did. ``share``: against perfect recall (the base's CE on
+    the value in the first case: all of it recalled is 0 nats); ``window``: against the base
+    with the phrase inside its window (the issue's ceiling; meaningless where the base does
+    not copy what it sees, which ``ce_inside`` against ``ce_base_floor`` shows)."""
+    out = {}
+    inside = _file_sums(base["inside"])
+    for m in distances:
+        true, floor = _file_sums(row[f"true_{m}x"]), _file_sums(row[f"floor_{m}x"])
+        bfloor = _file_sums(base[f"floor_{m}x"])
+        names = [n for n in true if n in floor and n in bfloor and n in inside and true[n][1] > 0]
+        gains = [(min(floor[n][0], bfloor[n][0]) - true[n][0]) / true[n][1] for n in names]
+        entry = share_interval(gains, [bfloor[n][0] / true[n][1] for n in names])
+        entry["window"] = share_interval(
+            gains, [(bfloor[n][0] - inside[n][0]) / true[n][1] for n in names]
+        )
+        entry |= {k: _mean_over(d, names) for k, d in (("ce_true", true), ("ce_floor", floor),
+                  ("ce_base_floor", bfloor), ("ce_inside", inside))}  # fmt: skip
+        out[f"{m}x"] = entry
+    return out

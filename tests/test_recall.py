@@ -1,0 +1,301 @@
+"""The recall memories and measures against their definitions: the associative memory's chunked
+and streamed forms equal the per-position loop (float64), the cache equals its definition, a
+memory never sees the future (changing byte p leaves every mixed output before p bit-identical),
+the repeated-byte mask, the needles, the share interval, and the demo's recall rows."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from moshi.utils.compile import no_compile
+
+from moshi_ttt.data.files import DataError
+from moshi_ttt.demo.corpus import CorpusSpec, bytes_to_codes, codes_to_bytes, read_corpus
+from moshi_ttt.demo.needle import (
+    NeedleSpec,
+    needle_cases,
+    phrase,
+    plant_training_phrases,
+    value_offset,
+)
+from moshi_ttt.eval.recall import (
+    MemorySetting,
+    base_features,
+    choose_memory,
+    memory_reads,
+    mix_curve,
+    repeat_masks,
+    restrict,
+)
+from moshi_ttt.eval.stats import share_interval
+from moshi_ttt.integration import build_tiny_lm
+from moshi_ttt.ttt.recall import (
+    cache_reference,
+    cache_target_probs,
+    delta_chunked,
+    delta_reference,
+    delta_step,
+    mix_ce,
+    mix_log_probs,
+    read_distribution,
+    sparse_keys,
+)
+
+D, DK, V = 8, 48, 13
+
+
+def _inputs(T: int = 37, seed: int = 0, active: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(T, D, generator=g, dtype=torch.float64)
+    proj = torch.randn(DK, D, generator=g, dtype=torch.float64)
+    keys = sparse_keys(h, proj, active)
+    targets = torch.randint(0, V, (T,), generator=g)
+    write = torch.rand(T, generator=g) > 0.25
+    return h, keys, targets, write
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+@pytest.mark.parametrize("chunk", [1, 5, 16, 64])
+def test_chunked_delta_rule_equals_the_loop(beta, chunk):
+    _, keys, targets, write = _inputs()
+    ref_r, ref_w = delta_reference(keys, targets, write, beta, V)
+    r, w = delta_chunked(keys, targets, write, beta, V, chunk=chunk)
+    assert torch.allclose(r, ref_r, atol=1e-12) and torch.allclose(w, ref_w, atol=1e-12)
+
+
+def test_chunked_delta_rule_with_carried_state_and_a_batch():
+    _, keys, targets, write = _inputs(T=40)
+    whole, w_whole = delta_chunked(keys, targets, write, 0.7, V, chunk=8)
+    a, state = delta_chunked(keys[:13], targets[:13], write[:13], 0.7, V, chunk=8)
+    b, w_end = delta_chunked(keys[13:], targets[13:], write[13:], 0.7, V, state=state, chunk=8)
+    assert torch.allclose(torch.cat([a, b]), whole, atol=1e-12)
+    assert torch.allclose(w_end, w_whole, atol=1e-12)
+    _, k2, t2, w2 = _inputs(T=40, seed=1)
+    batch, _ = delta_chunked(torch.stack([keys, k2]), torch.stack([targets, t2]),
+                             torch.stack([write, w2]), 0.7, V, chunk=8)  # fmt: skip
+    assert torch.allclose(batch[0], whole, atol=1e-12)
+    assert torch.allclose(batch[1], delta_chunked(k2, t2, w2, 0.7, V)[0], atol=1e-12)
+
+
+def test_streaming_one_position_at_a_time_equals_the_loop():
+    _, keys, targets, write = _inputs()
+    ref, _ = delta_reference(keys, targets, write, 1.0, V)
+    W = torch.zeros(1, V, DK, dtype=torch.float64)
+    reads = []
+    for t in range(len(targets)):
+        r, W2 = delta_step(W, keys[t : t + 1], targets[t : t + 1], write[t : t + 1], 1.0)
+        assert not torch.equal(W2, W) or not write[t]  # functional: W itself never changes
+        reads.append(r)
+        W = W2
+    assert torch.allclose(torch.cat(reads), ref, atol=1e-12)
+
+
+def test_a_key_read_after_its_write_returns_its_token_and_others_do_not_interfere():
+    keys = torch.eye(6, dtype=torch.float64)  # orthogonal unit keys
+    targets = torch.tensor([3, 1, 4, 1, 5, 9]) % V
+    reads, W = delta_reference(keys, targets, torch.ones(6, dtype=torch.bool), 1.0, V)
+    assert torch.count_nonzero(reads) == 0  # each read precedes its own write
+    again = keys @ W.T
+    p, conf = read_distribution(again)
+    assert torch.equal(p.argmax(-1), targets) and torch.allclose(
+        conf, torch.ones(6, dtype=torch.float64)
+    )
+    # the delta rule overwrites: the same key with a new token returns the new one only
+    k2 = torch.cat([keys[:1], keys[:1]])
+    _, W2 = delta_reference(k2, torch.tensor([2, 7]), torch.ones(2, dtype=torch.bool), 1.0, V)
+    assert torch.allclose(W2 @ keys[0], torch.nn.functional.one_hot(torch.tensor(7), V).double())
+
+
+def test_sparse_keys_are_unit_with_the_asked_active_units():
+    h, keys, _, _ = _inputs()
+    assert torch.allclose(keys.norm(dim=-1), torch.ones(len(keys), dtype=torch.float64))
+    assert ((keys > 0).sum(-1) == 4).all()
+    with pytest.raises(ValueError, match="active units"):
+        sparse_keys(h, torch.randn(DK, D, dtype=torch.float64), DK + 1)
+
+
+def test_cache_equals_its_definition():
+    h, _, targets, write = _inputs(T=30)
+    full = cache_reference(h, targets, write, 7.0, V)
+    fast = cache_target_probs(h, targets, write, [7.0, 0.5], block=7)
+    assert torch.allclose(fast[0], full.gather(1, targets[:, None])[:, 0], atol=1e-12)
+    assert full[0].sum() == 0 and fast[1][0] == 0  # nothing written before position 0
+    assert torch.allclose(cache_reference(h, targets, write, 0.5, V).gather(
+        1, targets[:, None])[:, 0], fast[1], atol=1e-12)  # fmt: skip
+
+
+def test_mixing_with_gate_zero_is_the_model_and_mixtures_are_distributions():
+    ce = torch.rand(20, dtype=torch.float64) * 3
+    p = torch.rand(20, dtype=torch.float64)
+    assert torch.allclose(mix_ce(ce, p, torch.zeros(20)), ce, atol=1e-12)
+    assert torch.allclose(mix_ce(ce, p, torch.ones(20)), -torch.log(p), atol=1e-12)
+    logp = torch.log_softmax(torch.randn(4, V, dtype=torch.float64), -1)
+    pm, _ = read_distribution(torch.randn(4, V, dtype=torch.float64))
+    mixed = mix_log_probs(logp, pm, torch.full((4,), 0.3, dtype=torch.float64))
+    assert torch.allclose(mixed.exp().sum(-1), torch.ones(4, dtype=torch.float64))
+
+
+def test_repeat_mask_matches_its_definition():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 3, 200)
+    C, n = 20, 3
+    recall, other = repeat_masks(tokens, C, n)
+    for t in range(len(tokens)):
+        occ = [j for j in range(n, t) if tuple(tokens[j - n : j]) == tuple(tokens[t - n : t])]
+        expect = t >= C and t >= n and bool(occ) and max(occ) < t - C
+        assert recall[t] == expect, t
+        assert other[t] == (t >= C and not expect)
+
+
+def test_share_interval():
+    out = share_interval([1.0, 2.0, 3.0, 1.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0])
+    assert out["share"] == pytest.approx(1.0) and out["lo"] <= 1.0 <= out["hi"]
+    assert math.isnan(share_interval([1.0] * 5, [0.0] * 5)["share"])  # nothing available
+    assert math.isnan(share_interval([1.0, 1.0], [1.0, 1.0])["lo"])  # too few files
+
+
+# -- through the model ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lm():
+    with no_compile():
+        return build_tiny_lm(seed=0, context=8, text_card=260).eval()
+
+
+def _file(seed: int, T: int = 40) -> torch.Tensor:
+    g = np.random.default_rng(seed)
+    return bytes_to_codes(bytes(g.choice(list(b"abcd"), T).tolist()))
+
+
+@pytest.mark.parametrize("kind", ["cache", "assoc"])
+def test_changing_byte_p_leaves_every_mixed_output_before_p_bit_identical(lm, kind):
+    setting = MemorySetting(kind, theta=5.0, keys=64, active=4)
+    codes = _file(0)
+    p = 23
+    changed = codes.clone()
+    changed[0, p] = (changed[0, p] + 1 - 4) % 256 + 4
+    with no_compile():
+        outs = []
+        for c in (codes, changed):
+            feats, curve = base_features(lm, [("f", c)], chunk_frames=7, block_frames=1)
+            reads = memory_reads(setting, feats, lm.text_card)
+            outs.append((mix_curve(curve, reads, 0.5).file_text[0][0], reads["f"]))
+    (a, ra), (b, rb) = outs
+    assert np.array_equal(a[:p], b[:p]) and not np.array_equal(a, b)
+    assert np.array_equal(ra[0][:p], rb[0][:p]) and np.array_equal(ra[1][:p], rb[1][:p])
+
+
+def test_base_features_are_the_base_curve_and_the_hidden_state_of_each_frame(lm):
+    codes = _file(1)
+    with no_compile():
+        feats, curve = base_features(lm, [("f", codes)], chunk_frames=5, block_frames=1)
+        from moshi_ttt.eval.long_context import stream_losses
+
+        whole = stream_losses(lm, codes, chunk_frames=64)
+    assert np.allclose(curve.file_text[0][0], whole.text.numpy(), atol=1e-5)
+    f = feats["f"]
+    assert f.h.shape == (40, lm.dim) and torch.equal(f.targets, codes[0].long())
+    # the text head on the recorded state gives the scored CE
+    logits = lm.text_linear(f.h[None])[0]
+    ce = torch.nn.functional.cross_entropy(logits, f.targets, reduction="none")
+    assert torch.allclose(ce[f.scored], whole.text[whole.text_mask], atol=1e-4)
+
+
+def test_choose_memory_obeys_the_harm_rule_and_mixing_zero_is_the_row(lm):
+    files = [(f"f{i}", _file(10 + i, 48)) for i in range(5)]
+    with no_compile():
+        feats, curve = base_features(lm, files, chunk_frames=16, block_frames=8)
+    grid = [MemorySetting("assoc", keys=64, active=4), MemorySetting("cache", theta=3.0)]
+    best, scores = choose_memory(curve, feats, grid, [0.0, 0.3, 0.9], context=8,
+                                 vocab=lm.text_card)  # fmt: skip
+    assert len(scores) == 6
+    zero = [s for s in scores if s["lam"] == 0.0]
+    assert all(abs(s["harm_within"]) < 1e-9 and abs(s["gain_beyond"]) < 1e-9 for s in zero)
+    safe = [s for s in scores if s["harm_within"] <= 0.005]
+    assert best["text_ce"] == min(s["text_ce"] for s in safe)
+    with pytest.raises(ValueError, match="memory kind"):
+        MemorySetting("knn")
+
+
+def test_restrict_keeps_only_the_asked_positions(lm):
+    with no_compile():
+        _, curve = base_features(lm, [("f", _file(2))], chunk_frames=8, block_frames=1)
+    keep = {"f": np.zeros(40, dtype=bool)}
+    keep["f"][[5, 9]] = True
+    sub = restrict(curve, keep)
+    ce = curve.file_text[0][0]
+    assert sub.totals()["text_tokens"] == 2
+    assert sub.totals()["text_ce"] == pytest.approx((ce[5] + ce[9]) / 2)
+
+
+# -- needles -------------------------------------------------------------------------------
+def _corpus(root, n=40, size=900):
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        words = " ".join(f"w{rng.integers(0, 50)}" for _ in range(size // 3))
+        (root / f"f{i}.txt").write_text(words[:size])
+    return root
+
+
+def test_needle_cases_plant_the_phrase_and_score_its_value(tmp_path):
+    root = _corpus(tmp_path / "c")
+    read_corpus(root, CorpusSpec(frames=128), tmp_path / "data")
+    spec = NeedleSpec(distances=(2, 4), lead=8, files=8)
+    cases, masks = needle_cases(tmp_path / "data" / "test", 32, spec, seed=0)
+    assert set(cases) == {"inside", "true_2x", "floor_2x", "true_4x", "floor_4x"}
+    n = spec.phrase_len()
+    for (name, true), (_, floor) in zip(cases["true_4x"], cases["floor_4x"]):
+        q = 8 + 4 * 32
+        text, other = codes_to_bytes(true), codes_to_bytes(floor)
+        assert true.shape[-1] == q + n and text[q:] == text[8 : 8 + n]  # asked again
+        assert other[q:] == text[q:] and other[8 : 8 + n] != text[8 : 8 + n]
+        key_end = value_offset(spec.key_len)
+        assert other[8 : 8 + key_end] != text[8 : 8 + key_end]  # another key, not only value
+        scored = np.flatnonzero(masks["true_4x"][name])
+        assert scored.tolist() == list(range(q + key_end, q + key_end + spec.value_len))
+    cases2, _ = needle_cases(tmp_path / "data" / "test", 32, spec, seed=0)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(cases["true_2x"], cases2["true_2x"]))
+
+
+def test_needle_errors_name_what_is_needed(tmp_path):
+    root = _corpus(tmp_path / "c", n=40, size=300)
+    read_corpus(root, CorpusSpec(frames=128), tmp_path / "data")
+    with pytest.raises(DataError, match="needs 5 or more"):
+        needle_cases(tmp_path / "data" / "test", 64, NeedleSpec(distances=(8,)), seed=0)
+    with pytest.raises(ValueError, match="does not fit the window"):
+        NeedleSpec(key_len=10, value_len=10).inside_distance(16)
+
+
+def test_training_phrases_are_planted_inside_the_window(tmp_path):
+    root = _corpus(tmp_path / "c", n=30, size=600)
+    read_corpus(root, CorpusSpec(frames=256), tmp_path / "data")
+    spec = NeedleSpec()
+    changed = plant_training_phrases(tmp_path / "data" / "train", 64, spec, 1.0, seed=0,
+                                     per_sequence=2)  # fmt: skip
+    assert changed > 0
+    from moshi_ttt.data.pipeline import ShardSource
+
+    src = ShardSource(tmp_path / "data" / "train")
+    n = spec.phrase_len()
+    for i in range(len(src)):
+        text = codes_to_bytes(src.codes(i))
+        starts = [k for k in range(len(text) - n) if text[k : k + 1] == b" "
+                  and text[k + 1 + spec.key_len : k + 2 + spec.key_len] == b"="
+                  and text[k + n - 1 : k + n] == b";"]  # fmt: skip
+        pairs = [
+            (a, b) for a in starts for b in starts if a < b and text[a : a + n] == text[b : b + n]
+        ]
+        assert len(pairs) >= 2 and all(b - a <= 64 - n for a, b in pairs)
+    assert phrase(b"ab", b"12") == b" ab=12;"
+
+
+def test_held_out_copies_of_training_files_are_dropped_and_counted(tmp_path):
+    root = _corpus(tmp_path / "c", n=80, size=300)
+    # copies of every file under new names: those hashed to val/test equal a training file
+    for f in sorted(root.glob("f*.txt"))[::2]:
+        (root / f"copy_{f.name}").write_bytes(f.read_bytes())
+    s = read_corpus(root, CorpusSpec(frames=128), tmp_path / "data")
+    assert s.skipped["same_as_train"] > 0
