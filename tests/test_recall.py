@@ -299,3 +299,114 @@ def test_held_out_copies_of_training_files_are_dropped_and_counted(tmp_path):
         (root / f"copy_{f.name}").write_bytes(f.read_bytes())
     s = read_corpus(root, CorpusSpec(frames=128), tmp_path / "data")
     assert s.skipped["same_as_train"] > 0
+
+
+# -- the live memory (integration.recall) ---------------------------------------------------
+def _live(lm, setting):
+    import copy
+
+    from moshi_ttt.integration.recall import RecallSetting, apply_recall
+
+    live = copy.deepcopy(lm)
+    apply_recall(live, RecallSetting(keys=setting.keys, active=setting.active, beta=setting.beta,
+                                     sharpen=setting.sharpen, scale=setting.scale,
+                                     context=setting.context, lam=0.6))  # fmt: skip
+    return live.eval()
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_the_live_memory_streams_what_the_evaluation_scores(lm, chunk):
+    from moshi_ttt.eval.long_context import stream_losses
+
+    setting = MemorySetting("assoc", keys=64, active=4, beta=0.7, sharpen=2.0, context=3)
+    codes = _file(3, 30)
+    with no_compile():
+        feats, curve = base_features(lm, [("f", codes)], chunk_frames=8, block_frames=1)
+        expect = mix_curve(curve, memory_reads(setting, feats, lm.text_card), 0.6).file_text[0]
+        got = stream_losses(_live(lm, setting), codes, chunk_frames=chunk)
+    assert np.allclose(got.text.numpy()[expect[1]], expect[0][expect[1]], atol=2e-4)
+    assert not np.allclose(got.text.numpy(), curve.file_text[0][0], atol=1e-3)  # it mixes
+
+
+def test_the_live_memory_is_the_base_outside_streaming_and_resets_per_row(lm):
+    from moshi_ttt.integration.streaming import reset_ttt_states, ttt_states
+
+    setting = MemorySetting("assoc", keys=64, active=4, context=2)
+    live = _live(lm, setting)
+    codes = _file(4, 12)[None].long().clamp_min(0)
+    with no_compile(), torch.no_grad():
+        a = live(codes.expand(2, -1, -1).clone()).text_logits
+        b = lm(codes.expand(2, -1, -1).clone()).text_logits
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())  # training's forward: the base
+        assert dict(live.state_dict()).keys() == dict(lm.state_dict()).keys()
+        with live.streaming(2):
+            live.forward_text(codes[:, :, :6].expand(2, -1, -1).clone())
+            states = [s for name, s in ttt_states(live) if name == "recall"]
+            assert len(states) == 1 and states[0].w.abs().sum() > 0
+            reset_ttt_states(live, torch.tensor([True, False]))
+            w = states[0].w
+            assert w[0].abs().sum() == 0 and w[1].abs().sum() > 0
+
+
+def test_lmgen_samples_with_the_live_memory(lm):
+    from moshi.models.lm import LMGen
+
+    setting = MemorySetting("assoc", keys=64, active=4, context=2)
+    live = _live(lm, setting)
+    gen = LMGen(live, temp=0.8, temp_text=0.8)
+    torch.manual_seed(0)
+    with no_compile(), torch.no_grad(), gen.streaming(1):
+        for _ in range(6):
+            gen.step(torch.randint(0, lm.card, (1, lm.num_audio_codebooks - lm.dep_q, 1)))
+        assert live.recall._streaming_state.w.abs().sum() > 0
+
+
+def test_a_config_with_recall_keys_gives_the_live_memory_and_the_server_saves_its_state(lm):
+    import copy
+
+    from moshi_ttt.integration.apply import apply_ttt
+    from moshi_ttt.integration.config import TTTConfig
+    from moshi_ttt.serve.engine import load_ttt_state, ttt_state
+
+    cfg = {"kind": "e2e", "layers": "top:1", "e2e_chunk": 4, "recall_keys": 64,
+           "recall_active": 4, "recall_context": 2}  # fmt: skip
+    m = copy.deepcopy(lm)
+    apply_ttt(m, cfg)
+    assert m.recall.setting.keys == 64 and m.recall.setting.lam == 0.7
+    codes = _file(5, 10)[None].long()
+    with no_compile(), torch.no_grad(), m.eval().streaming(1):
+        m.forward_text(codes[:, :, :5])
+        saved = ttt_state(m, 0)
+        assert any(k.startswith("recall.") for k in saved)
+        m.reset_streaming()
+        load_ttt_state(m, 0, saved)
+        assert torch.equal(m.recall._streaming_state.w[0], saved["recall.0"])
+    with pytest.raises(ValueError, match="recall_active"):
+        TTTConfig.from_dict({"recall_keys": 8, "recall_active": 9})
+    with pytest.raises(ValueError, match="recall_lam"):
+        TTTConfig.from_dict({"recall_keys": 8, "recall_lam": 1.5})
+
+
+def test_retrieval_with_no_key_retrieved_is_the_base_and_retrieval_reads_the_past(lm):
+    from moshi_ttt.eval.long_context import stream_losses
+    from moshi_ttt.eval.recall import retrieval_losses
+
+    codes = _file(6, 40)
+    with no_compile():
+        base = stream_losses(lm, codes, chunk_frames=16)
+        zero = retrieval_losses(lm, codes, top_k=0, chunk_frames=16)
+        four = retrieval_losses(lm, codes, top_k=4, chunk_frames=16)
+    assert torch.allclose(zero.text, base.text, atol=1e-5) and torch.equal(
+        zero.text_mask, base.text_mask
+    )
+    C = 8
+    assert torch.equal(four.text[:C], zero.text[:C])  # nothing has left the window yet
+    assert not torch.allclose(four.text[C:], zero.text[C:], atol=1e-4)
+    with pytest.raises(ValueError, match="top_k"):
+        retrieval_losses(lm, codes, top_k=-1)
+    p = 27  # changing byte p leaves every output before p bit-identical
+    changed = codes.clone()
+    changed[0, p] = (changed[0, p] + 1 - 4) % 256 + 4
+    with no_compile():
+        other = retrieval_losses(lm, changed, top_k=4, chunk_frames=16)
+    assert torch.equal(other.text[:p], four.text[:p]) and not torch.equal(other.text, four.text)

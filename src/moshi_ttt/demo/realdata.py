@@ -67,6 +67,7 @@ from ..eval.recall import (
     MemoryGrid,
     add_memory_rows,
     base_features,
+    evaluate_retrieval,
     memory_reads,
     mix_curve,
     needle_shares,
@@ -96,11 +97,11 @@ from .markov import cli_prefix
 from .needle import NeedleSpec, needle_cases, plant_training_phrases
 from .realdata_report import verdict, write_report
 
-ESSENTIAL = ("base", "dyneval", "e2e", "e2e_meta", "e2e_meta_static", "cache", "assoc",
-             "e2e_assoc", "e2e_meta_assoc")  # fmt: skip
+ESSENTIAL = ("base", "dyneval", "e2e", "e2e_meta", "e2e_meta_static", "cache", "retrieval",
+             "assoc", "e2e_assoc", "e2e_meta_assoc")  # fmt: skip
 ROWS = (
     "base", "window_plain", "window_ntk", "window_yarn", "dyneval", "e2e", "e2e_meta",
-    "e2e_meta_static", "cache", "assoc", "e2e_assoc", "e2e_meta_assoc", "retrofit",
+    "e2e_meta_static", "cache", "retrieval", "assoc", "e2e_assoc", "e2e_meta_assoc", "retrofit",
     "retrofit_reset", "retrofit_gate0", "retrofit_forced", "lora_long", "full_attention",
     "full_attention_4x", "scratch",
 )  # fmt: skip
@@ -147,6 +148,7 @@ class RealDataSettings:
     train_needles: float = 0.0
     repeat_n: int = 8  # repeated bytes: the n tokens before a position
     memory: MemoryGrid = field(default_factory=MemoryGrid)  # recall memories, on validation
+    retrieval_top_k: tuple[int, ...] = (4, 16, 64)  # evicted keys read per head and position
 
     def corpus_spec(self) -> CorpusSpec:
         return CorpusSpec(frames=self.frames, max_files=self.max_files, max_bytes=self.max_bytes)
@@ -164,7 +166,7 @@ QUICK = RealDataSettings(
     dyneval_lrs=(0.1,), dyneval_layers=("top:1",), chunk_frames=16, bin_frames=16,
     max_files=400, e2e_hiddens=(64,), e2e_lrs=(0.3,), e2e_chunks=(0.25,), dyneval_chunks=(1.0,),
     needle=NeedleSpec(distances=(2, 4), key_len=2, value_len=2, lead=4, files=6),
-    memory=QUICK_GRID,
+    memory=QUICK_GRID, retrieval_top_k=(4,),
 )  # fmt: skip
 
 
@@ -299,6 +301,7 @@ def moshi7b_costs(
             "kv_window_plus_dyneval": float(kv + count(dyneval_layers) * layer_params * 2),
             "kv_window_plus_e2e": float(kv + e2e_state),
             "kv_window_plus_cache": float(kv + frames * (2 * dim + 4)),
+            "kv_window_plus_retrieval": float(kv + 2 * dim * 2 * max(0, frames - ctx)),
             "kv_window_plus_assoc": float(kv + 4 * kw["text_card"] * assoc_keys),
             "kv_window_plus_e2e_assoc": float(kv + e2e_state + 4 * kw["text_card"] * assoc_keys),
         }
@@ -310,6 +313,7 @@ ROW_COST = {"base": "kv_window", "window_plain": "kv_full_attention",
             "dyneval": "kv_window_plus_dyneval", "retrofit": "kv_window_plus_ttt",
             "e2e": "kv_window_plus_e2e", "e2e_meta": "kv_window_plus_e2e",
             "e2e_meta_static": "kv_window", "cache": "kv_window_plus_cache",
+            "retrieval": "kv_window_plus_retrieval",
             "assoc": "kv_window_plus_assoc", "e2e_assoc": "kv_window_plus_e2e_assoc",
             "e2e_meta_assoc": "kv_window_plus_e2e_assoc",
             "retrofit_reset": "kv_window_plus_ttt", "retrofit_gate0": "kv_window",
@@ -518,6 +522,17 @@ def _evaluate_rows(rows: tuple[str, ...], runs: dict[str, Path], s: RealDataSett
         scorers["dyneval"] = lambda fs: evaluate_dyneval(base_lm, fs, best, progress=progress,
                                                          block_frames=blocks)  # fmt: skip
         curves["dyneval"] = timed("dyneval", lambda: scorers["dyneval"](test))
+    if "retrieval" in rows:
+        found = {k: evaluate_retrieval(base_lm, val, k, blocks, s.chunk_frames).totals(
+                 s.context)["text_ce"] for k in s.retrieval_top_k}  # fmt: skip
+        top_k = min(found, key=lambda k: found[k])  # inside the window it is the base
+        extra["retrieval"] = {"chosen": {"top_k": top_k},
+                              "label": f"top layer, {top_k} evicted keys per head",
+                              "validation": [{"top_k": k, "text_ce": v} for k, v in found.items()],
+                              "validation_files": len(val)}  # fmt: skip
+        scorers["retrieval"] = lambda fs: evaluate_retrieval(base_lm, fs, top_k, blocks,
+                                                             s.chunk_frames)  # fmt: skip
+        curves["retrieval"] = timed("retrieval", lambda: scorers["retrieval"](test))
     if "e2e" in rows:
         if "e2e" not in extra:
             extra["e2e"] = _e2e_choice(runs["base"], s, val, seed, progress)

@@ -21,6 +21,7 @@ ROW_TEXT = {
     "e2e_meta": "**e2e_meta**: frozen base + end-to-end memory, meta-trained",
     "e2e_meta_static": "e2e_meta with its updates off (control: its trained weights alone)",
     "cache": "frozen base + continuous cache over its past hidden states (growing state)",
+    "retrieval": "frozen base, top layer also attends to its top-k evicted keys (growing)",
     "assoc": "**assoc**: frozen base + associative memory (delta rule, fixed state)",
     "e2e_assoc": "**e2e_assoc**: e2e + the associative memory (adapts and recalls)",
     "e2e_meta_assoc": "**e2e_meta_assoc**: e2e_meta + the associative memory",
@@ -39,7 +40,7 @@ ROW_TEXT = {
 # growing-state row, the fixed state against the window's KV cache, the cost against the base
 NEEDLE_TARGET, REPEAT_TARGET, COST_TARGET = 0.8, 0.5, 2.0
 FIXED_MEMORIES = ("assoc", "e2e_assoc", "e2e_meta_assoc")
-GROWING = ("cache",)
+GROWING = ("cache", "retrieval")
 
 
 def recall_verdict(table: dict[str, Any], recall: dict[str, Any] | None) -> dict[str, Any]:
@@ -274,8 +275,8 @@ def _recall_section(report: Report, results: dict, recall: dict, C: int) -> None
     report.add_table(["row", "CE recallable", "vs base", "CE other bytes",
                       *[f"needle {d}" for d in dists]], rows)  # fmt: skip
     chosen = [f"`{r}`: {results['rows'][r]['details']['label']} on "
-              f"`{results['rows'][r]['details']['on']}`"
-              for r in ("cache", "assoc", "e2e_assoc", "e2e_meta_assoc")
+              f"`{results['rows'][r]['details'].get('on', 'base')}`"
+              for r in ("cache", "retrieval", "assoc", "e2e_assoc", "e2e_meta_assoc")
               if r in results["rows"] and "details" in results["rows"][r]]  # fmt: skip
     if chosen:
         report.add_text("Memory settings chosen on the validation files (best beyond the window "

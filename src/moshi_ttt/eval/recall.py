@@ -34,9 +34,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from einops import rearrange
 from moshi.models.lm import LMModel
+from moshi.modules.rope import apply_rope
+from moshi.modules.transformer import apply_weights_per_step
 from tqdm import tqdm
 
+from ..integration.recall import RecallSetting, recall_projection
 from ..recipes import HARM_TOLERANCE
 from ..ttt.recall import (
     cache_target_probs,
@@ -174,10 +178,10 @@ def base_features(lm: LMModel, files: Sequence[tuple[str, torch.Tensor]], chunk_
 def projection(setting: MemorySetting, dim: int, seed: int) -> torch.Tensor:
     """The associative memory's fixed random projection ``[Dk, (1 + context) * dim]``
     (float64, from ``seed``): of the hidden state, then of each of the last ``context``
-    inputs."""
-    g = torch.Generator().manual_seed(1_000_003 * seed + setting.keys)
-    return torch.randn(setting.keys, (1 + setting.context) * dim, generator=g,
-                       dtype=torch.float64)  # fmt: skip
+    inputs; the live memory's (``integration.recall``)."""
+    return recall_projection(
+        RecallSetting(keys=setting.keys, active=setting.active, context=setting.context,
+                      seed=seed), dim)  # fmt: skip
 
 
 def key_inputs(setting: MemorySetting, f: Features) -> torch.Tensor:
@@ -422,3 +426,93 @@ def needle_shares(row: dict[str, PositionLosses], base: dict[str, PositionLosses
                   ("ce_base_floor", bfloor), ("ce_inside", inside))}  # fmt: skip
         out[f"{m}x"] = entry
     return out
+
+
+# -- retrieval of evicted keys and values (InfLLM / Unlimiformer style; growing state) ------
+@torch.no_grad()
+def retrieval_losses(lm: LMModel, codes: torch.Tensor, top_k: int,
+                     chunk_frames: int = 64) -> FileLosses:  # fmt: skip
+    """Per-position losses of one file when the top layer's attention also reads the
+    ``top_k`` keys and values (per head and position) that left its window, exact and training
+    free: the frozen base runs as it is up to its top layer (streamed, window C); the top layer
+    is recomputed over the file with, at position t, its C-frame window plus the ``top_k``
+    evicted positions ``i <= t - C`` of highest ``q_t . k_i``, each read as if it sat just
+    outside the window (relative distance C under RoPE, as InfLLM places retrieved memory; the
+    model never saw larger distances). ``top_k = 0`` is the base (tested). Text CE only: the
+    depformer is not rerun (text corpora)."""
+    if top_k < 0:
+        raise ValueError(f"retrieval top_k must be >= 0, got {top_k}")
+    top = lm.transformer.layers[-1]
+    attn = top.self_attn
+    if top.skip_self_attn or attn.cross_attention or attn.kv_repeat != 1 or not attn.context:
+        raise ValueError("retrieval needs a top layer with windowed causal self-attention "
+                         "(no cross-attention, no grouped keys)")  # fmt: skip
+    grabbed: list[torch.Tensor] = []
+    hook = top.register_forward_pre_hook(_recorder(grabbed))
+    try:
+        base = stream_losses(lm, codes, chunk_frames=chunk_frames)
+    finally:
+        hook.remove()
+    x = torch.cat(grabbed)[None].to(next(lm.parameters()).device)  # [1, S, dim] per step
+    h = top._ff_block(_retrieval_attention(top, x, top_k))
+    if lm.out_norm is not None:
+        h = lm.out_norm(h)
+    logits = lm.text_linear(h)[0].float()  # [S, V]: step s predicts frame s - d
+    d, T = int(lm.delays[0]), codes.shape[-1]
+    target = codes[0].long().to(logits.device)
+    ce = torch.zeros(T)
+    n = T - d
+    step_ce = torch.nn.functional.cross_entropy(logits[d:], target[:n].clamp_min(0),
+                                                reduction="none")  # fmt: skip
+    ce[:n] = step_ce.cpu()
+    mask = base.text_mask.clone()
+    return FileLosses(torch.where(mask, ce, 0.0), mask, base.audio, base.audio_mask)
+
+
+def _retrieval_attention(layer: torch.nn.Module, x: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``layer``'s self-attention block on ``x [1, S, dim]`` with retrieval (above)."""
+    attn = layer.self_attn
+    H, C = attn.num_heads, int(attn.context)
+    xn = layer.norm1(x)
+    projected = apply_weights_per_step(attn.in_projs, attn.weights_per_step_schedule, xn, 0)
+    q, k, v = rearrange(projected, "b t (p h d) -> p b h t d", p=3, h=H)
+    S, D = q.shape[2], q.shape[3]
+    pos = torch.arange(S, device=x.device)
+    if attn.rope is not None:
+        zero = torch.zeros(1, dtype=torch.long, device=x.device)
+        qw, kw = apply_rope(q, k, zero, attn.rope.max_period, attn.rope.interleave)
+        # a key read at relative distance C: (R_t q) . (R_{t-C} k) = (R_C q) . k
+        qc = q.transpose(1, 2).reshape(S, H, 1, D)
+        qc, _ = apply_rope(qc, qc, torch.full((S,), C, device=x.device),
+                           attn.rope.max_period, attn.rope.interleave)  # fmt: skip
+        qc = qc.reshape(1, S, H, D).transpose(1, 2)
+    else:
+        qw, kw, qc = q, k, q
+    scale = D**-0.5
+    delta = pos[:, None] - pos[None, :]
+    window = (qw @ kw.transpose(-1, -2)) * scale
+    window = window.masked_fill(~((delta >= 0) & (delta < C)), -math.inf)
+    parts, values = [window], [v]
+    if top_k > 0:
+        evicted = (qc @ k.transpose(-1, -2)) * scale
+        evicted = evicted.masked_fill(~(delta >= C), -math.inf)
+        kk = min(top_k, S)
+        best = evicted.topk(kk, dim=-1)
+        keep = torch.full_like(evicted, -math.inf).scatter(-1, best.indices, best.values)
+        parts.append(keep)
+        values.append(v)
+    scores = torch.cat(parts, dim=-1)
+    weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    out = sum(w @ val for w, val in zip(weights.split(S, dim=-1), values))
+    out = rearrange(out, "b h t d -> b t (h d)")
+    update = apply_weights_per_step(attn.out_projs, attn.weights_per_step_schedule, out, 0)
+    return x + layer.layer_scale_1(update)
+
+
+def evaluate_retrieval(lm: LMModel, files: Sequence[tuple[str, torch.Tensor]], top_k: int,
+                       block_frames: int, chunk_frames: int = 64) -> PositionLosses:  # fmt: skip
+    """``retrieval_losses`` of every file, as a curve."""
+    curve = PositionLosses(lm.dep_q, block_frames)
+    for name, codes in files:
+        curve.add(retrieval_losses(lm, codes, top_k, chunk_frames), name)
+    return curve

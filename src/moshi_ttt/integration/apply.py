@@ -17,6 +17,7 @@ from .config import TTTConfig, parse_layer_spec
 from .e2e import E2ELayer, PrimeMLP, chunk_frames
 from .hybrid import AdoptingLayer, GatedTTT, PassthroughLayer, TTTHybridLayer
 from .inplace import InPlaceHybridLayer, InPlaceTTT
+from .recall import RecallSetting, apply_recall
 
 TTT_MODULE_TYPES = (GatedTTT, InPlaceTTT, PrimeMLP)
 
@@ -62,7 +63,17 @@ def apply_ttt(
             module._cached_children = None
     lm_model.ttt_config = config
     lm_model.ttt_layers = list(indices)
+    if config.recall_keys:
+        apply_recall(lm_model, recall_setting(config))
     return indices
+
+
+def recall_setting(config: TTTConfig) -> RecallSetting:
+    """The recall memory of a config's ``recall_*`` keys."""
+    return RecallSetting(keys=config.recall_keys, active=config.recall_active,
+                         beta=config.recall_beta, sharpen=config.recall_sharpen,
+                         scale=config.recall_scale, context=config.recall_context,
+                         lam=config.recall_lam, seed=config.recall_seed)  # fmt: skip
 
 
 def convert_layer(

@@ -95,6 +95,12 @@ class TTTConfig:
             treats them as constants (False: first order, cheaper).
         e2e_post_norm: an RMSNorm on the prime MLP's output (off by default: with it, any
             non-zero update adds a full-norm vector, whatever the learning rate).
+        recall_keys: the associative recall memory (``integration.recall``) beside the TTT
+            layers: its key units Dk (0: none). Its text distribution is mixed into the
+            model's while streaming; training is unchanged. ``recall_active`` key units on,
+            ``recall_beta`` the delta rule's strength, ``recall_sharpen`` / ``recall_scale``
+            its read, ``recall_context`` inputs in each key, ``recall_lam`` the mixing weight,
+            ``recall_seed`` its projection (docs/retrofit.md, "Recall").
     """
 
     layers: str | list[int] = "0"
@@ -120,6 +126,14 @@ class TTTConfig:
     e2e_decay: float = option(0.0, ge=0, lt=1)
     e2e_second_order: bool = False
     e2e_post_norm: bool = False
+    recall_keys: int = option(0, ge=0)
+    recall_active: int = option(64, ge=1)
+    recall_beta: float = option(1.0, gt=0, le=1)
+    recall_sharpen: float = option(2.0, gt=0)
+    recall_scale: float = option(1.0, gt=0)
+    recall_context: int = option(4, ge=0)
+    recall_lam: float = option(0.7, ge=0, le=1)
+    recall_seed: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -134,6 +148,9 @@ class TTTConfig:
         """Beyond the types: the layer spec's syntax (its range needs the model)."""
         if isinstance(self.layers, str):
             _check_spec_syntax(self.layers)
+        if self.recall_keys and self.recall_active > self.recall_keys:
+            raise ValueError(f"recall_active: {self.recall_active} key units on of recall_keys "
+                             f"{self.recall_keys}; use at most recall_keys")  # fmt: skip
 
     # -- (de)serialisation ------------------------------------------------------------------
     @classmethod

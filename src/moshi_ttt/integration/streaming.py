@@ -27,8 +27,10 @@ from torch import nn
 from ..layer import TTTLayer, TTTState
 from .e2e import E2EState, PrimeMLP
 from .inplace import InPlaceTTT
+from .recall import RecallMemory, RecallState
 
-TTT_STATE_TYPES = (TTTLayer, InPlaceTTT, PrimeMLP)  # the streaming modules with fast weights
+# the streaming modules with fast weights (saved, restored and reset with a conversation)
+TTT_STATE_TYPES = (TTTLayer, InPlaceTTT, PrimeMLP, RecallMemory)
 
 
 def widen_kv_caches(model: nn.Module, batch_size: int, chunk: int) -> int:
@@ -73,9 +75,10 @@ def chunked_streaming(model: nn.Module, batch_size: int, chunk: int) -> Iterator
         yield model
 
 
-def ttt_states(model: nn.Module) -> list[tuple[str, TTTState | E2EState]]:
+def ttt_states(model: nn.Module) -> list[tuple[str, TTTState | E2EState | RecallState]]:
     """``(module name, streaming state)`` of every fast-weight memory of ``model`` that is
-    streaming (``TTTLayer``, In-Place TTT, the end-to-end memory), read through moshi's public
+    streaming (``TTTLayer``, In-Place TTT, the end-to-end memory, the recall memory), read
+    through moshi's public
     ``is_streaming`` / ``get_streaming_state``."""
     return [
         (name, m.get_streaming_state()[""])

@@ -1,0 +1,187 @@
+"""The associative recall memory inside Moshi, while streaming (``LMGen``, the server, chunked
+evaluation): each step's text distribution mixed with what the memory recalls for this
+context (``ttt.recall``; measured in ``eval.recall``, docs/retrofit.md "Recall").
+
+``apply_recall(lm, setting, lam)`` adds ``lm.recall`` (a ``RecallMemory``: no parameters, a
+fixed random projection rebuilt from its seed, state per batch row in ``RecallState``) and
+three hooks on moshi's modules, so no moshi code and no parameter name changes:
+
+- ``text_emb`` (pre): the text tokens this call reads, the tokens the previous steps produced:
+  the targets of those steps, written into the memory now that they are known;
+- ``transformer`` (pre): the summed input embeddings (what was just said and heard), part of
+  the keys; (post): arms the text head for this step;
+- ``text_linear`` (post): the text logits replaced by ``log((1 - g) p_model + g p_mem)``,
+  ``g = lam * conf``; sampling from them samples the mixture. Only the call right after the
+  transformer's (``forward_text``): a recomputation of the head (the end-to-end memory's live
+  update) is left alone.
+
+Outside streaming (training, the end-to-end scan) the hooks do nothing: the model is the base.
+The scan per call is ``ttt.recall.delta_chunked`` with the state carried between calls, so one
+step at a time equals any chunking and equals the evaluation's ``eval.recall.memory_reads``
+(tested). Rows reset with moshi's ``reset_streaming(mask)``; ``RecallState.tensors()`` is saved
+and restored with a conversation by the server like the TTT states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from moshi.models.lm import LMModel
+from moshi.modules.streaming import State, StreamingModule
+from torch import nn
+
+from ..ttt.recall import delta_chunked, mix_log_probs, read_distribution, sparse_keys
+
+
+@dataclass(frozen=True)
+class RecallSetting:
+    """The associative memory (``eval.recall.MemorySetting`` with ``kind="assoc"``, the same
+    fields) and its mixing weight ``lam`` and projection ``seed``."""
+
+    keys: int = 8192
+    active: int = 64
+    beta: float = 1.0
+    sharpen: float = 2.0
+    scale: float = 1.0
+    context: int = 4
+    lam: float = 0.7
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = {"recall_keys": self.keys >= 1, "recall_active": 1 <= self.active <= self.keys,
+                  "recall_beta": 0 < self.beta <= 1, "recall_sharpen": self.sharpen > 0,
+                  "recall_scale": self.scale > 0, "recall_context": self.context >= 0,
+                  "recall_lam": 0 <= self.lam <= 1}  # fmt: skip
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"{bad[0]}: {getattr(self, bad[0][7:])} is out of range (keys >= 1, "
+                             "1 <= active <= keys, 0 < beta <= 1, sharpen and scale > 0, "
+                             "context >= 0, 0 <= lam <= 1)")  # fmt: skip
+
+
+def recall_projection(setting: RecallSetting, dim: int) -> torch.Tensor:
+    """The fixed random projection ``[Dk, (1 + context) * dim]`` float64 (``eval.recall``'s,
+    from the same seed: the evaluation and the live memory hash alike)."""
+    g = torch.Generator().manual_seed(1_000_003 * setting.seed + setting.keys)
+    return torch.randn(setting.keys, (1 + setting.context) * dim, generator=g,
+                       dtype=torch.float64)  # fmt: skip
+
+
+@dataclass
+class RecallState(State):
+    """Per batch row: the memory ``w [B, V, Dk]``, the last ``context`` inputs ``inputs [B, n,
+    dim]`` (latest last), the key of the last step still waiting for its token ``pending_key
+    [B, Dk]`` and whether there is one ``pending [B]`` (1.0 / 0.0)."""
+
+    w: torch.Tensor
+    inputs: torch.Tensor
+    pending_key: torch.Tensor
+    pending: torch.Tensor
+
+    def reset(self, reset_mask: torch.Tensor) -> None:
+        super().reset(reset_mask)
+        for t in self.tensors():
+            t.masked_fill_(reset_mask.view(-1, *([1] * (t.dim() - 1))), 0.0)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.w, self.inputs, self.pending_key, self.pending)
+
+
+class RecallMemory(StreamingModule[RecallState]):
+    """The memory's module (``lm.recall``): settings, projection, streaming state; the hooks of
+    ``apply_recall`` call ``tokens``, ``inputs`` and ``mix``."""
+
+    def __init__(self, setting: RecallSetting, dim: int, vocab: int,
+                 device: torch.device | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self.setting, self.dim, self.vocab = setting, dim, vocab
+        proj = recall_projection(setting, dim)
+        self.register_buffer("proj", proj.to(device) if device else proj, persistent=False)
+        self._tokens: torch.Tensor | None = None
+        self._x: torch.Tensor | None = None
+        self._armed = False
+
+    def _init_streaming_state(self, batch_size: int) -> RecallState:
+        s, dev = self.setting, self.proj.device
+        zeros = lambda *shape: torch.zeros(*shape, device=dev)  # noqa: E731
+        return RecallState(batch_size, dev, zeros(batch_size, self.vocab, s.keys),
+                           zeros(batch_size, max(1, s.context), self.dim),
+                           zeros(batch_size, s.keys), zeros(batch_size))  # fmt: skip
+
+    def tokens(self, ids: torch.Tensor) -> None:
+        """The text tokens this call reads ``[B, T]``."""
+        if self._streaming_state is not None:
+            self._tokens = ids
+
+    def inputs(self, x: torch.Tensor) -> None:
+        """The transformer's input ``[B, T, dim]``."""
+        if self._streaming_state is not None:
+            self._x = x
+
+    def arm(self) -> None:
+        """The transformer has run this step: the next text-head call is the step's."""
+        self._armed = self._streaming_state is not None
+
+    def keys(self, h: torch.Tensor, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+        """Unit sparse keys ``[B, T, Dk]`` of the hidden states ``h [B, T, dim]``, the inputs
+        ``x`` and the ``past`` inputs before them (``eval.recall.key_inputs``)."""
+        n = self.setting.context
+        parts = [nn.functional.normalize(h.double(), dim=-1)]
+        xs = nn.functional.normalize(torch.cat([past.double(), x.double()], 1), dim=-1)
+        T, P = x.shape[1], past.shape[1]
+        for j in range(n):
+            parts.append(xs[:, P - j : P - j + T])
+        return sparse_keys(torch.cat(parts, -1), self.proj, self.setting.active).float()
+
+    def mix(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Write the previous steps' tokens, read this call's keys, return the mixed
+        log-probabilities ``[B, T, V]`` in the logits' dtype (unchanged outside streaming and
+        for a head call that is not the step's)."""
+        st = self._streaming_state
+        if st is None or not self._armed:
+            return logits
+        self._armed = False
+        if self._tokens is None or self._x is None:
+            raise RuntimeError("the recall memory saw a step without its inputs: call the model "
+                               "through forward_text / LMGen")  # fmt: skip
+        s = self.setting
+        ids, x = self._tokens.to(h.device), self._x
+        self._tokens = self._x = None
+        valid = (ids >= 0) & (ids < self.vocab)
+        # the previous call's last step gets its token: the first one this call reads
+        w = st.pending.bool() & valid[:, 0]
+        _, st_w = delta_chunked(st.pending_key[:, None], ids[:, :1], w[:, None], s.beta,
+                                self.vocab, state=st.w, chunk=1)  # fmt: skip
+        past = st.inputs[:, st.inputs.shape[1] - max(0, s.context - 1) :]
+        k = self.keys(h, x, past)
+        T = k.shape[1]
+        targets = torch.cat([ids[:, 1:], ids.new_zeros(ids.shape[0], 1)], 1)
+        write = torch.cat([valid[:, 1:], valid.new_zeros(ids.shape[0], 1)], 1)
+        reads, st_w = delta_chunked(k, targets, write, s.beta, self.vocab, state=st_w)
+        st.w.copy_(st_w)
+        st.pending_key.copy_(k[:, T - 1])
+        st.pending.fill_(1.0)
+        hist = torch.cat([st.inputs, x.float()], 1)
+        st.inputs.copy_(hist[:, hist.shape[1] - st.inputs.shape[1] :])
+        p_mem, conf = read_distribution(reads, s.sharpen, s.scale)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        return mix_log_probs(logp, p_mem, s.lam * conf).to(logits.dtype)
+
+
+def apply_recall(lm: LMModel, setting: RecallSetting) -> RecallMemory:
+    """Add the recall memory to ``lm`` (module docstring); returns ``lm.recall``."""
+    if isinstance(getattr(lm, "recall", None), RecallMemory):
+        raise ValueError("this model already has a recall memory")
+    if any(isinstance(m, StreamingModule) and m.is_streaming for m in lm.modules()):
+        raise ValueError("apply_recall cannot change a model while it is streaming")
+    ref = lm.text_linear.weight
+    memory = RecallMemory(setting, lm.dim, int(lm.text_card),
+                          ref.device if ref.device.type != "meta" else None)  # fmt: skip
+    lm.recall = memory
+    lm.text_emb.register_forward_pre_hook(lambda _m, args: memory.tokens(args[0]))
+    lm.transformer.register_forward_pre_hook(lambda _m, args: memory.inputs(args[0]))
+    lm.transformer.register_forward_hook(lambda _m, args, out: memory.arm())
+    lm.text_linear.register_forward_hook(lambda _m, args, out: memory.mix(args[0], out))
+    lm._cached_children = None  # moshi caches the streaming children on first use
+    return memory
