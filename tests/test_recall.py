@@ -410,3 +410,22 @@ def test_retrieval_with_no_key_retrieved_is_the_base_and_retrieval_reads_the_pas
     with no_compile():
         other = retrieval_losses(lm, changed, top_k=4, chunk_frames=16)
     assert torch.equal(other.text[:p], four.text[:p]) and not torch.equal(other.text, four.text)
+
+
+def test_a_corpus_too_short_for_the_needles_says_why_in_the_report(tmp_path):
+    import json
+
+    from moshi_ttt.cli import main
+
+    root = tmp_path / "short"
+    root.mkdir()
+    for i in range(60):  # one 64-byte sequence per file: no room for a needle 4 windows on
+        (root / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}  # " + "y" * 40 + "\n")
+    out = tmp_path / "out"
+    assert main(["demo", "--quick", "--data", str(root), "--out", str(out), "--rows",
+                 "base,cache,assoc", "--no-progress"]) == 0  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert "needles not computed" in results["recall"]["needle_error"]
+    assert "needle_shares" not in results["recall"]
+    assert "needles not computed" in (out / "report.md").read_text()
+    assert {"cache", "assoc"} <= set(results["rows"])  # the other measures still there
