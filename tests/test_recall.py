@@ -429,3 +429,31 @@ def test_a_corpus_too_short_for_the_needles_says_why_in_the_report(tmp_path):
     assert "needle_shares" not in results["recall"]
     assert "needles not computed" in (out / "report.md").read_text()
     assert {"cache", "assoc"} <= set(results["rows"])  # the other measures still there
+
+
+def test_the_end_to_end_scan_mixes_the_recall_memory_as_the_demo_row_does(lm):
+    import copy
+
+    from moshi_ttt.eval.e2e import evaluate_e2e
+    from moshi_ttt.integration.apply import apply_ttt
+    from moshi_ttt.integration.e2e import e2e_layers
+    from moshi_ttt.integration.recall import RecallSetting, apply_recall
+
+    cfg = {"kind": "e2e", "layers": "top:1", "e2e_chunk": 4, "e2e_lr": 0.5}
+    torch.manual_seed(0)
+    plain = copy.deepcopy(lm)
+    apply_ttt(plain, cfg)
+    with torch.no_grad():  # a memory that has learned something: w_out no longer zero
+        for _, layer in e2e_layers(plain):
+            layer.e2e.w_out.normal_(std=0.05)
+    mixed = copy.deepcopy(plain)
+    apply_recall(mixed, RecallSetting(keys=64, active=4, context=2, lam=0.6))
+    files = [("f", _file(7, 30))]
+    setting = MemorySetting("assoc", keys=64, active=4, context=2, sharpen=2.0)
+    with no_compile():
+        e2e = evaluate_e2e(plain.eval(), files, block_frames=1)
+        feats, _ = base_features(lm, files, chunk_frames=8, block_frames=1)
+        expect = mix_curve(e2e, memory_reads(setting, feats, lm.text_card), 0.6).file_text[0]
+        got = evaluate_e2e(mixed.eval(), files, block_frames=1).file_text[0]
+    assert np.allclose(got[0][expect[1]], expect[0][expect[1]], atol=2e-4)
+    assert not np.allclose(got[0], e2e.file_text[0][0], atol=1e-3)

@@ -31,7 +31,7 @@ from moshi.models.lm import LMModel
 from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 
-from ..ttt.recall import delta_chunked, mix_log_probs, read_distribution, sparse_keys
+from ..ttt.recall import delta_chunked, mix_ce, mix_log_probs, read_distribution, sparse_keys
 
 
 @dataclass(frozen=True)
@@ -167,6 +167,22 @@ class RecallMemory(StreamingModule[RecallState]):
         p_mem, conf = read_distribution(reads, s.sharpen, s.scale)
         logp = torch.log_softmax(logits.float(), dim=-1)
         return mix_log_probs(logp, p_mem, s.lam * conf).to(logits.dtype)
+
+
+def mix_file(memory: RecallMemory, h: torch.Tensor, x: torch.Tensor, targets: torch.Tensor,
+             write: torch.Tensor, text_ce: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The memory over one whole file at once, for a scan that is not streamed (the end-to-end
+    memory's evaluation): the text CE ``[S]`` per step mixed with the memory's reads, from the
+    base's final hidden states ``h [S, dim]``, inputs ``x [S, dim]``, each step's text target
+    ``targets [S]`` and ``write [S]`` (scored). Equals streaming the file (the same keys and
+    writes: ``eval.recall`` checks it against ``memory_reads``)."""
+    s = memory.setting
+    past = x.new_zeros(1, max(0, s.context - 1), x.shape[-1])
+    keys = memory.keys(h[None], x[None], past)[0].double()
+    reads, _ = delta_chunked(keys, targets, write, s.beta, memory.vocab)
+    p, conf = read_distribution(reads, s.sharpen, s.scale)
+    p_y = p.gather(1, targets.clamp(0, memory.vocab - 1).long()[:, None])[:, 0]
+    return mix_ce(text_ce, p_y, s.lam * conf).to(text_ce.dtype)
 
 
 def apply_recall(lm: LMModel, setting: RecallSetting) -> RecallMemory:

@@ -30,8 +30,9 @@ from moshi.models.lm import LMModel
 from moshi.modules.transformer import set_attention_context
 from moshi.utils.compile import no_compile
 
-from ...integration.apply import ttt_modules
+from ...integration.apply import set_gates, ttt_modules
 from ...integration.e2e_scan import InnerLoop, e2e_scan
+from ...integration.recall import RecallMemory, mix_file
 from ...integration.streaming import chunked_streaming, delayed_inputs, reset_ttt_states
 from ...models.lora import lora_modules
 from ...token_weights import step_ce
@@ -166,7 +167,32 @@ def e2e_losses(lm: LMModel, codes: torch.Tensor, loop: InnerLoop | None = None,
         stats.updates += res.updates
         stats.update_seconds += res.update_seconds
         stats.rollbacks += res.rollbacks
-    return undelay_losses(lm, res.ce[0].cpu(), codes[0].cpu())
+    ce = res.ce[0].cpu()
+    memory = getattr(lm, "recall", None)
+    if isinstance(memory, RecallMemory):  # mixed in as it is while streaming
+        ce[0] = _recall_mixed(lm, memory, codes[0].cpu(), ce[0])
+    return undelay_losses(lm, ce, codes[0].cpu())
+
+
+def _recall_mixed(lm: LMModel, memory: RecallMemory, codes: torch.Tensor,
+                  text_ce: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The end-to-end scan's text CE per step ``[S]`` with the recall memory mixed in: the
+    memory's keys are the base's (the end-to-end memory's output forced to 0: its prime MLPs
+    sit after the layers the keys come from), read from one streamed pass."""
+    hidden: list[torch.Tensor] = []
+    inputs: list[torch.Tensor] = []
+    hook = lm.transformer.register_forward_pre_hook(
+        lambda _m, args: inputs.append(args[0][0].float().cpu()))  # fmt: skip
+    set_gates(lm, 0.0)
+    try:
+        stream_losses(lm, codes, chunk_frames=250, hidden=hidden)
+    finally:
+        set_gates(lm, None)
+        hook.remove()
+    _, delayed = delayed_inputs(lm, codes[None].long())
+    target = delayed[0, 0].cpu()
+    write = (target >= 0) & (target < lm.text_card)
+    return mix_file(memory, torch.cat(hidden), torch.cat(inputs), target, write, text_ce)
 
 
 def undelay_losses(lm: LMModel, per_step: torch.Tensor, codes: torch.Tensor) -> FileLosses:
