@@ -80,9 +80,13 @@ def test_every_row_is_written_with_intervals_and_costs(quick):
 def test_a_rows_command_recomputes_it_with_the_cached_base(quick, capsys):
     results = json.loads((quick / "results.json").read_text())
     argv = shlex.split(results["rows"]["dyneval"]["command"])
-    assert "--quick" not in argv  # the command of the default settings ...
-    argv = [*argv[1:], "--quick"]  # ... here in quick mode, as the rows were computed
-    assert main(argv) == 0
+    assert argv[-1] == "--quick"  # the row's command reproduces the quick run it came from
+    assert main(argv[1:]) == 0
+    out = capsys.readouterr().out  # --no-progress hides the progress, not the result
+    assert "done in" in out and "[--quick: a smoke test" in out
+    assert results["quick"] is True and all(
+        x.startswith("[--quick") for x in results["verdict"]["lines"])  # fmt: skip
+    assert "not a measurement" in (quick / "report.md").read_text()
     again = json.loads((quick / "results.json").read_text())["rows"]
     assert set(again) == {"base", "dyneval"}
     for name in again:

@@ -442,16 +442,17 @@ def _run(out: Path, data: str | Path | None, seed: int, rows: tuple[str, ...],
     say(f"[{k}/{n_steps}] writing the report")
     timings["total (s)"] = time.perf_counter() - t0
     results = _results(s, rows, curves, extra, runs, train_seconds, ms_per_frame, corpus, seed,
-                       out, root)  # fmt: skip
+                       out, root, quick)  # fmt: skip
     results["timings"] = timings
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_json) + "\n")
     path = write_report(out, s, results, curves, runs)
     r = results["rows"]
-    say(f"done in {timings['total (s)']:.0f} s; beyond the window (frames >= {s.context}): "
-        + ", ".join(f"{n} {r[n]['ce_beyond']['mean']:.4f}" for n in r)
-        + f"; see {path}")  # fmt: skip
+    # the result is printed with or without --no-progress (it hides the progress only)
+    print(f"done in {timings['total (s)']:.0f} s; beyond the window (frames >= {s.context}): "
+          + ", ".join(f"{n} {r[n]['ce_beyond']['mean']:.4f}" for n in r)
+          + f"; see {path}")  # fmt: skip
     for line in results["verdict"]["lines"]:
-        say("  " + line)
+        print("  " + line)
     return results
 
 
@@ -655,15 +656,17 @@ def _json(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def row_command(out: Path, data: Path | str, seed: int, rows: tuple[str, ...]) -> str:
+def row_command(out: Path, data: Path | str, seed: int, rows: tuple[str, ...],
+                quick: bool = False) -> str:  # fmt: skip
     """The ``moshi-ttt demo`` command that recomputes ``rows`` (with the base)."""
     return shlex.join([cli_prefix(), "demo", "--data", str(data), "--out", str(out), "--seed",
-                       str(seed), "--rows", ",".join(rows), "--no-progress"])  # fmt: skip
+                       str(seed), "--rows", ",".join(rows), "--no-progress"]
+                      + (["--quick"] if quick else []))  # fmt: skip
 
 
 def _results(s: RealDataSettings, rows: tuple[str, ...], curves: dict, extra: dict, runs: dict,
              train_seconds: dict, ms: dict, corpus: CorpusSummary, seed: int, out: Path,
-             root: Path) -> dict[str, Any]:  # fmt: skip
+             root: Path, quick: bool = False) -> dict[str, Any]:  # fmt: skip
     C = s.context
     units = {k: c.grouped(source_file) for k, c in curves.items()}
     stats = file_intervals(units, "base", C, "text_ce")
@@ -696,7 +699,7 @@ def _results(s: RealDataSettings, rows: tuple[str, ...], curves: dict, extra: di
             "ms_per_frame": ms.get(name, ms.get(run)),
             "state_bytes_moshi7b": {f: c[ROW_COST[name]] for f, c in costs.items()},
             "frozen_base": name not in ("base", "full_attention", "full_attention_4x", "scratch"),
-            "command": row_command(out, root, seed, (name,)),
+            "command": row_command(out, root, seed, (name,), quick),
         }
         if name in extra:
             table[name]["details"] = extra[name]
@@ -709,6 +712,7 @@ def _results(s: RealDataSettings, rows: tuple[str, ...], curves: dict, extra: di
         "held_out_sequences": len(next(iter(curves.values())).file_names),
         "rows": table,
         "recall": extra.get("recall"),
-        "verdict": verdict(table, extra.get("recall")),
+        "quick": quick,
+        "verdict": verdict(table, extra.get("recall"), quick),
         "settings": {**s.to_dict(), "seed": seed, "rows": list(rows)},
     }
