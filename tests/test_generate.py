@@ -81,10 +81,12 @@ def test_missing_or_bad_input_is_a_one_line_error(tmp_path, cli_main, capsys):
     assert err.count("\n") == 0 and "input audio not found" in err and "nope.wav" in err
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"RIFF\x00\x00\x00\x00garbage")
-    with pytest.raises(ValueError, match=r"bad\.wav: cannot read as audio"):
+    with pytest.raises(
+        ValueError, match=r"bad\.wav: not an audio file we can read \(WAV, FLAC, OGG"
+    ):
         read_wav(bad)
     assert cli_main([*argv, str(bad)]) == 2
-    assert "cannot read as audio" in capsys.readouterr().err
+    assert "not an audio file we can read (WAV, FLAC, OGG" in capsys.readouterr().err
 
 
 def test_resample_keeps_alignment_and_length():

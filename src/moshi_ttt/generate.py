@@ -53,7 +53,9 @@ def read_audio(
     try:
         data, sr = sphn.read(str(path))
     except (ValueError, OSError, RuntimeError) as e:
-        raise ValueError(f"{path}: cannot read as audio ({e})") from e
+        raise ValueError(
+            f"{path}: not an audio file we can read (WAV, FLAC, OGG, MP3 ...): {e}"
+        ) from e
     if data.size == 0:
         raise ValueError(f"{path}: no audio samples")
     data = np.asarray(data, dtype=np.float32).reshape(-1, data.shape[-1])

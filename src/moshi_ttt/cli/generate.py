@@ -80,6 +80,10 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         f"real-time factor: {stats['rtf']:.3f} ({stats['wall_s']:.2f} s for "
         f"{stats['audio_s']:.2f} s of audio, {stats['ms_per_frame']:.1f} ms per 80 ms frame)"
     )
+    if "e2e_updates" in stats:  # the end-to-end memory learned while it streamed
+        print(f"end-to-end memory: {stats['e2e_updates']} updates, "
+              f"{stats['e2e_ms_per_update']:.1f} ms each, {stats['e2e_rollbacks']} rolled "
+              "back")  # fmt: skip
     return stats
 
 

@@ -193,7 +193,10 @@ def load_stereo(path: str | Path, min_duration_sec: float = 0.0) -> np.ndarray:
     try:
         data, sr = sphn.read(str(path))
     except Exception as e:  # sphn raises ValueError/OSError with the decoder's message
-        raise BadFile("unreadable", str(e).replace(f'"{path}": ', "")) from None
+        why = str(e).replace(f'"{path}": ', "")
+        raise BadFile(
+            "unreadable", "not an audio file we can read (WAV, FLAC, OGG, MP3 ...): " + why
+        ) from None
     data = np.asarray(data, dtype=np.float32)
     if data.ndim != 2 or data.shape[-1] == 0:
         raise BadFile("empty", "no samples")

@@ -334,7 +334,8 @@ def _check_usable(summary: CorpusSummary) -> None:
         f"--data {summary.root}: {total} usable sequences of {summary.frames} frames, none in "
         f"the {'/'.join(missing)} split(s); expected {what} of at least {summary.frames} bytes "
         f"each, enough of them for every split (about 10 files or more; files skipped: "
-        f"{skipped}). Point --data at a larger directory or lower the sequence length"
+        f"{skipped}). Point --data at a larger directory (the demo reads sequences of "
+        f"{summary.frames} bytes; shorter files are skipped)"
     )
 
 
