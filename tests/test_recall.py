@@ -457,3 +457,18 @@ def test_the_end_to_end_scan_mixes_the_recall_memory_as_the_demo_row_does(lm):
         got = evaluate_e2e(mixed.eval(), files, block_frames=1).file_text[0]
     assert np.allclose(got[0][expect[1]], expect[0][expect[1]], atol=2e-4)
     assert not np.allclose(got[0], e2e.file_text[0][0], atol=1e-3)
+
+
+def test_the_sparse_in_place_step_equals_the_loop():
+    from moshi_ttt.ttt.recall import delta_step_sparse_, key_units
+
+    h, keys, targets, write = _inputs()
+    proj = torch.randn(DK, D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    units = key_units(h, proj, 4)
+    assert torch.equal(sparse_keys(h, proj, 4) > 0, torch.zeros_like(keys, dtype=torch.bool)
+                       .scatter_(-1, units, True))  # fmt: skip
+    ref, ref_w = delta_reference(sparse_keys(h, proj, 4), targets, write, 0.6, V)
+    W = torch.zeros(1, V, DK, dtype=torch.float64)
+    reads = [delta_step_sparse_(W, units[t : t + 1], targets[t : t + 1], write[t : t + 1], 0.6)
+             for t in range(len(targets))]  # fmt: skip
+    assert torch.allclose(torch.cat(reads), ref, atol=1e-12) and torch.allclose(W[0], ref_w)

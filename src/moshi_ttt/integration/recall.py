@@ -31,7 +31,16 @@ from moshi.models.lm import LMModel
 from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 
-from ..ttt.recall import delta_chunked, mix_ce, mix_log_probs, read_distribution, sparse_keys
+from ..ttt.recall import (
+    delta_chunked,
+    delta_step_sparse_,
+    key_units,
+    mix_ce,
+    mix_log_probs,
+    read_distribution,
+    sparse_keys,
+    sparse_read,
+)
 
 
 @dataclass(frozen=True)
@@ -71,12 +80,13 @@ def recall_projection(setting: RecallSetting, dim: int) -> torch.Tensor:
 @dataclass
 class RecallState(State):
     """Per batch row: the memory ``w [B, V, Dk]``, the last ``context`` inputs ``inputs [B, n,
-    dim]`` (latest last), the key of the last step still waiting for its token ``pending_key
-    [B, Dk]`` and whether there is one ``pending [B]`` (1.0 / 0.0)."""
+    dim]`` (latest last), the active units of the last step's key, still waiting for its token,
+    ``pending_key [B, active]`` (float ids) and whether there is one ``pending [B]`` (1.0 /
+    0.0)."""
 
     w: torch.Tensor
     inputs: torch.Tensor
-    pending_key: torch.Tensor
+    pending_key: torch.Tensor  # its active units (float ids)
     pending: torch.Tensor
 
     def reset(self, reset_mask: torch.Tensor) -> None:
@@ -107,7 +117,7 @@ class RecallMemory(StreamingModule[RecallState]):
         zeros = lambda *shape: torch.zeros(*shape, device=dev)  # noqa: E731
         return RecallState(batch_size, dev, zeros(batch_size, self.vocab, s.keys),
                            zeros(batch_size, max(1, s.context), self.dim),
-                           zeros(batch_size, s.keys), zeros(batch_size))  # fmt: skip
+                           zeros(batch_size, s.active), zeros(batch_size))  # fmt: skip
 
     def tokens(self, ids: torch.Tensor) -> None:
         """The text tokens this call reads ``[B, T]``."""
@@ -123,16 +133,21 @@ class RecallMemory(StreamingModule[RecallState]):
         """The transformer has run this step: the next text-head call is the step's."""
         self._armed = self._streaming_state is not None
 
-    def keys(self, h: torch.Tensor, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
-        """Unit sparse keys ``[B, T, Dk]`` of the hidden states ``h [B, T, dim]``, the inputs
-        ``x`` and the ``past`` inputs before them (``eval.recall.key_inputs``)."""
+    def key_inputs(self, h: torch.Tensor, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+        """What the keys hash ``[B, T, (1 + context) dim]``: the unit hidden states ``h [B, T,
+        dim]``, the unit inputs ``x`` and the ``past`` inputs before them, latest first
+        (``eval.recall.key_inputs``)."""
         n = self.setting.context
         parts = [nn.functional.normalize(h.double(), dim=-1)]
         xs = nn.functional.normalize(torch.cat([past.double(), x.double()], 1), dim=-1)
         T, P = x.shape[1], past.shape[1]
         for j in range(n):
             parts.append(xs[:, P - j : P - j + T])
-        return sparse_keys(torch.cat(parts, -1), self.proj, self.setting.active).float()
+        return torch.cat(parts, -1)
+
+    def keys(self, h: torch.Tensor, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+        """Unit sparse keys ``[B, T, Dk]`` (``ttt.recall.sparse_keys`` of ``key_inputs``)."""
+        return sparse_keys(self.key_inputs(h, x, past), self.proj, self.setting.active)
 
     def mix(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Write the previous steps' tokens, read this call's keys, return the mixed
@@ -149,18 +164,20 @@ class RecallMemory(StreamingModule[RecallState]):
         ids, x = self._tokens.to(h.device), self._x
         self._tokens = self._x = None
         valid = (ids >= 0) & (ids < self.vocab)
-        # the previous call's last step gets its token: the first one this call reads
-        w = st.pending.bool() & valid[:, 0]
-        _, st_w = delta_chunked(st.pending_key[:, None], ids[:, :1], w[:, None], s.beta,
-                                self.vocab, state=st.w, chunk=1)  # fmt: skip
         past = st.inputs[:, st.inputs.shape[1] - max(0, s.context - 1) :]
-        k = self.keys(h, x, past)
-        T = k.shape[1]
-        targets = torch.cat([ids[:, 1:], ids.new_zeros(ids.shape[0], 1)], 1)
-        write = torch.cat([valid[:, 1:], valid.new_zeros(ids.shape[0], 1)], 1)
-        reads, st_w = delta_chunked(k, targets, write, s.beta, self.vocab, state=st_w)
-        st.w.copy_(st_w)
-        st.pending_key.copy_(k[:, T - 1])
+        units = key_units(self.key_inputs(h, x, past), self.proj, s.active)  # [B, T, active]
+        # each step: the previous step's token written (for the first step, the previous
+        # call's last, whose token is the first one this call reads), then this key read
+        reads = []
+        for t in range(units.shape[1]):
+            if t == 0:
+                prev, ok = st.pending_key.long(), st.pending.bool() & valid[:, 0]
+            else:
+                prev, ok = units[:, t - 1], valid[:, t]
+            delta_step_sparse_(st.w, prev, ids[:, t], ok, s.beta)
+            reads.append(sparse_read(st.w, units[:, t]))
+        reads = torch.stack(reads, 1)
+        st.pending_key.copy_(units[:, -1])
         st.pending.fill_(1.0)
         hist = torch.cat([st.inputs, x.float()], 1)
         st.inputs.copy_(hist[:, hist.shape[1] - st.inputs.shape[1] :])

@@ -26,9 +26,11 @@ model's in probability space (``mix_ce``, ``mix_log_probs``)::
 
 so a memory that holds nothing for this key (``conf = 0``) leaves the model exactly as it is.
 
-Three forms of the associative memory's scan: ``delta_reference`` (the definition, a loop
+Four forms of the associative memory's scan: ``delta_reference`` (the definition, a loop
 over positions: tests), ``delta_chunked`` (the chunked WY form: triangular solves over chunks,
-carried state) and ``delta_step`` (one position: streaming); the tests check they agree.
+carried state; evaluation), ``delta_step`` (one position, functional) and
+``delta_step_sparse_`` (one position in place, touching only the key's active units:
+streaming); the tests check they agree.
 """
 
 from __future__ import annotations
@@ -38,16 +40,22 @@ import math
 import torch
 
 
-def sparse_keys(h: torch.Tensor, proj: torch.Tensor, active: int) -> torch.Tensor:
-    """Unit keys ``[..., Dk]`` of hidden states ``h [..., D]``: the ``active`` largest units
-    of ``proj [Dk, D] @ (h / |h|)`` set to ``1 / sqrt(active)``, the others 0 (a random-hyperplane
-    hash: similar states share most active units, unrelated ones almost none)."""
+def key_units(h: torch.Tensor, proj: torch.Tensor, active: int) -> torch.Tensor:
+    """The active units ``[..., active]`` (indices into Dk) of the keys of ``h [..., D]``: the
+    ``active`` largest entries of ``proj [Dk, D] @ (h / |h|)``."""
     dk = proj.shape[0]
     if not 1 <= active <= dk:
         raise ValueError(f"active units must be in [1, {dk}], got {active}")
     z = torch.nn.functional.normalize(h.to(proj.dtype), dim=-1) @ proj.T
-    idx = z.topk(active, dim=-1).indices
-    keys = torch.zeros_like(z)
+    return z.topk(active, dim=-1).indices
+
+
+def sparse_keys(h: torch.Tensor, proj: torch.Tensor, active: int) -> torch.Tensor:
+    """Unit keys ``[..., Dk]`` of hidden states ``h [..., D]``: ``key_units`` set to ``1 /
+    sqrt(active)``, the others 0 (a random-hyperplane hash: similar states share most active
+    units, unrelated ones almost none)."""
+    idx = key_units(h, proj, active)
+    keys = h.new_zeros(*idx.shape[:-1], proj.shape[0], dtype=proj.dtype)
     return keys.scatter_(-1, idx, 1.0 / math.sqrt(active))
 
 
@@ -121,6 +129,28 @@ def delta_step(W: torch.Tensor, key: torch.Tensor, target: torch.Tensor, write: 
     b = _betas(write, beta, W.dtype)
     v = torch.nn.functional.one_hot(target.clamp(0, W.shape[1] - 1).long(), W.shape[1]).to(W)
     return r, W + b[:, None, None] * torch.einsum("bv,bk->bvk", v - r, key)
+
+
+def sparse_read(W: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """``W k`` for the unit sparse keys with active ``units [B, s]``: ``[B, V]`` (O(V s))."""
+    idx = units[:, None, :].expand(W.shape[0], W.shape[1], -1)
+    return W.gather(2, idx).sum(-1) * units.shape[-1] ** -0.5
+
+
+def delta_step_sparse_(W: torch.Tensor, units: torch.Tensor, target: torch.Tensor,
+                       write: torch.Tensor, beta: float) -> torch.Tensor:  # fmt: skip
+    """``delta_step`` for unit sparse keys given by their active ``units [B, s]``, in place on
+    ``W [B, V, Dk]`` (only the ``s`` columns of the key are read and written: O(V s) a step,
+    the streaming form); returns the read ``[B, V]`` taken before the write."""
+    B, V, _ = W.shape
+    s = units.shape[-1]
+    r = sparse_read(W, units)
+    v = torch.nn.functional.one_hot(target.clamp(0, V - 1).long(), V).to(W)
+    u = _betas(write, beta, W.dtype)[:, None] * (v - r) * s**-0.5
+    W.scatter_add_(
+        2, units[:, None, :].expand(B, V, -1), u[:, :, None].expand(-1, -1, s).contiguous()
+    )
+    return r
 
 
 def read_distribution(reads: torch.Tensor, sharpen: float = 1.0,
