@@ -472,3 +472,33 @@ def test_the_sparse_in_place_step_equals_the_loop():
     reads = [delta_step_sparse_(W, units[t : t + 1], targets[t : t + 1], write[t : t + 1], 0.6)
              for t in range(len(targets))]  # fmt: skip
     assert torch.allclose(torch.cat(reads), ref, atol=1e-12) and torch.allclose(W[0], ref_w)
+
+
+def test_with_the_end_to_end_memory_the_live_keys_are_the_base_s(lm):
+    import copy
+
+    from moshi_ttt.eval.e2e import evaluate_static
+    from moshi_ttt.eval.long_context import stream_losses
+    from moshi_ttt.integration.apply import apply_ttt
+    from moshi_ttt.integration.e2e import e2e_layers
+    from moshi_ttt.integration.recall import RecallSetting, apply_recall
+
+    torch.manual_seed(0)
+    plain = copy.deepcopy(lm)
+    apply_ttt(plain, {"kind": "e2e", "layers": "top:1", "e2e_chunk": 4})
+    with torch.no_grad():  # trained weights: the text head no longer reads the base's state
+        e2e_layers(plain)[0][1].e2e.w_out.normal_(std=0.05)
+    live = copy.deepcopy(plain)
+    apply_recall(live, RecallSetting(keys=64, active=4, context=2, lam=0.6))
+    files = [("f", _file(8, 30))]
+    setting = MemorySetting("assoc", keys=64, active=4, context=2, sharpen=2.0)
+    with no_compile():
+        static = evaluate_static(plain.eval(), files, block_frames=1, chunk_frames=7)
+        feats, _ = base_features(lm, files, chunk_frames=8, block_frames=1)
+        expect = mix_curve(static, memory_reads(setting, feats, lm.text_card), 0.6).file_text[0]
+        got = stream_losses(live.eval(), files[0][1], chunk_frames=7)
+    assert np.allclose(got.text.numpy()[expect[1]], expect[0][expect[1]], atol=2e-4)
+    other = copy.deepcopy(lm)
+    apply_ttt(other, {"kind": "e2e", "layers": "top:2", "e2e_chunk": 4})
+    with pytest.raises(ValueError, match="after the last layer only"):
+        apply_recall(other, RecallSetting(keys=64, active=4))

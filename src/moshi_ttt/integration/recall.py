@@ -10,6 +10,8 @@ three hooks on moshi's modules, so no moshi code and no parameter name changes:
   the targets of those steps, written into the memory now that they are known;
 - ``transformer`` (pre): the summed input embeddings (what was just said and heard), part of
   the keys; (post): arms the text head for this step;
+- the last layer's end-to-end memory, if any (pre): the base's final hidden state, which the
+  keys use (the memory after it changes what the text head reads);
 - ``text_linear`` (post): the text logits replaced by ``log((1 - g) p_model + g p_mem)``,
   ``g = lam * conf``; sampling from them samples the mixture. Only the call right after the
   transformer's (``forward_text``): a recomputation of the head (the end-to-end memory's live
@@ -41,6 +43,7 @@ from ..ttt.recall import (
     sparse_keys,
     sparse_read,
 )
+from .e2e import E2ELayer
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ class RecallMemory(StreamingModule[RecallState]):
         self.register_buffer("proj", proj.to(device) if device else proj, persistent=False)
         self._tokens: torch.Tensor | None = None
         self._x: torch.Tensor | None = None
+        self._trunk: torch.Tensor | None = None
         self._armed = False
 
     def _init_streaming_state(self, batch_size: int) -> RecallState:
@@ -128,6 +132,12 @@ class RecallMemory(StreamingModule[RecallState]):
         """The transformer's input ``[B, T, dim]``."""
         if self._streaming_state is not None:
             self._x = x
+
+    def trunk(self, h: torch.Tensor) -> None:
+        """The base's final hidden state ``[B, T, dim]`` when a memory after the last layer
+        changes what the text head reads (the end-to-end memory): the keys are the base's."""
+        if self._streaming_state is not None:
+            self._trunk = h
 
     def arm(self) -> None:
         """The transformer has run this step: the next text-head call is the step's."""
@@ -162,7 +172,9 @@ class RecallMemory(StreamingModule[RecallState]):
                                "through forward_text / LMGen")  # fmt: skip
         s = self.setting
         ids, x = self._tokens.to(h.device), self._x
-        self._tokens = self._x = None
+        if self._trunk is not None:
+            h = self._trunk
+        self._tokens = self._x = self._trunk = None
         valid = (ids >= 0) & (ids < self.vocab)
         past = st.inputs[:, st.inputs.shape[1] - max(0, s.context - 1) :]
         units = key_units(self.key_inputs(h, x, past), self.proj, s.active)  # [B, T, active]
@@ -208,10 +220,19 @@ def apply_recall(lm: LMModel, setting: RecallSetting) -> RecallMemory:
         raise ValueError("this model already has a recall memory")
     if any(isinstance(m, StreamingModule) and m.is_streaming for m in lm.modules()):
         raise ValueError("apply_recall cannot change a model while it is streaming")
+    layers = list(lm.transformer.layers)
+    e2e = [i for i, layer in enumerate(layers) if isinstance(layer, E2ELayer)]
+    if e2e and e2e != [len(layers) - 1]:
+        raise ValueError(f"the recall memory keys on the base's last hidden state; with the "
+                         f"end-to-end memory in layers {e2e} that state is not the base's: put "
+                         "the end-to-end memory after the last layer only (layers: top:1)")  # fmt: skip
     ref = lm.text_linear.weight
     memory = RecallMemory(setting, lm.dim, int(lm.text_card),
                           ref.device if ref.device.type != "meta" else None)  # fmt: skip
     lm.recall = memory
+    if e2e:  # the base's final hidden state: the last layer's output, before the memory
+        norm = lm.out_norm if lm.out_norm is not None else nn.Identity()
+        layers[-1].e2e.register_forward_pre_hook(lambda _m, args: memory.trunk(norm(args[0])))
     lm.text_emb.register_forward_pre_hook(lambda _m, args: memory.tokens(args[0]))
     lm.transformer.register_forward_pre_hook(lambda _m, args: memory.inputs(args[0]))
     lm.transformer.register_forward_hook(lambda _m, args, out: memory.arm())
