@@ -17,10 +17,11 @@ three hooks on moshi's modules, so no moshi code and no parameter name changes:
   transformer's (``forward_text``): a recomputation of the head (the end-to-end memory's live
   update) is left alone.
 
-Outside streaming (training, the end-to-end scan) the hooks do nothing: the model is the base.
-The scan per call is ``ttt.recall.delta_chunked`` with the state carried between calls, so one
-step at a time equals any chunking and equals the evaluation's ``eval.recall.memory_reads``
-(tested). Rows reset with moshi's ``reset_streaming(mask)``; ``RecallState.tensors()`` is saved
+Outside streaming (training, the end-to-end scan) the hooks do nothing: the model is the base
+(the end-to-end scan's evaluation mixes the memory in afterwards, ``mix_file``). Each step
+writes the previous step's token and reads its own key, touching only the key's active units
+(``ttt.recall.delta_step_sparse_``), with the state carried between calls, so any chunking
+equals the evaluation's ``eval.recall.memory_reads`` (tested). Rows reset with moshi's ``reset_streaming(mask)``; ``RecallState.tensors()`` is saved
 and restored with a conversation by the server like the TTT states.
 """
 
@@ -225,7 +226,7 @@ def apply_recall(lm: LMModel, setting: RecallSetting) -> RecallMemory:
     if e2e and e2e != [len(layers) - 1]:
         raise ValueError(f"the recall memory keys on the base's last hidden state; with the "
                          f"end-to-end memory in layers {e2e} that state is not the base's: put "
-                         "the end-to-end memory after the last layer only (layers: top:1)")  # fmt: skip
+                         "the end-to-end memory after the last layer only (top:1)")  # fmt: skip
     ref = lm.text_linear.weight
     memory = RecallMemory(setting, lm.dim, int(lm.text_card),
                           ref.device if ref.device.type != "meta" else None)  # fmt: skip
