@@ -21,7 +21,8 @@ Outside streaming (training, the end-to-end scan) the hooks do nothing: the mode
 (the end-to-end scan's evaluation mixes the memory in afterwards, ``mix_file``). Each step
 writes the previous step's token and reads its own key, touching only the key's active units
 (``ttt.recall.delta_step_sparse_``), with the state carried between calls, so any chunking
-equals the evaluation's ``eval.recall.memory_reads`` (tested). Rows reset with moshi's ``reset_streaming(mask)``; ``RecallState.tensors()`` is saved
+equals the evaluation's ``eval.recall.memory_reads`` (tested). Rows reset with moshi's
+``reset_streaming(mask)``; ``RecallState.tensors()`` is saved
 and restored with a conversation by the server like the TTT states.
 """
 
