@@ -502,3 +502,45 @@ def test_with_the_end_to_end_memory_the_live_keys_are_the_base_s(lm):
     apply_ttt(other, {"kind": "e2e", "layers": "top:2", "e2e_chunk": 4})
     with pytest.raises(ValueError, match="after the last layer only"):
         apply_recall(other, RecallSetting(keys=64, active=4))
+
+
+def test_a_learned_gate_opens_where_the_memory_is_right_and_closes_where_it_is_wrong():
+    from moshi_ttt.ttt.recall import fit_gate, learned_gate
+
+    g = torch.Generator().manual_seed(0)
+    n = 2000
+    conf = torch.rand(n, generator=g, dtype=torch.float64)
+    entropy = 3 * torch.rand(n, generator=g, dtype=torch.float64)
+    peak = torch.rand(n, generator=g, dtype=torch.float64)
+    p_model = torch.full((n,), 0.1, dtype=torch.float64)
+    good = fit_gate(conf, peak, entropy, p_model, torch.full((n,), 0.9, dtype=torch.float64))
+    bad = fit_gate(conf, peak, entropy, p_model, torch.full((n,), 0.001, dtype=torch.float64))
+    assert learned_gate(good, conf, peak, entropy).mean() > 0.8
+    assert learned_gate(bad, conf, peak, entropy).mean() < 0.2
+    assert (learned_gate(good, torch.zeros(3), torch.ones(3), torch.ones(3)) == 0).all()
+    with pytest.raises(ValueError, match="6 numbers"):
+        learned_gate((1.0, 2.0), conf, peak, entropy)
+
+
+def test_the_live_memory_with_a_learned_gate_streams_what_the_evaluation_scores(lm):
+    import copy
+
+    from moshi_ttt.eval.long_context import stream_losses
+    from moshi_ttt.eval.recall import fit_memory_gate
+    from moshi_ttt.integration.recall import RecallSetting, apply_recall
+
+    base = MemorySetting("assoc", keys=64, active=4, sharpen=2.0, context=2)
+    fit_files = [(f"t{i}", _file(20 + i, 40)) for i in range(3)]
+    with no_compile():
+        fit_feats, fit_curve = base_features(lm, fit_files, chunk_frames=8, block_frames=1)
+        setting = fit_memory_gate(base, fit_feats, fit_curve, lm.text_card)
+        assert len(setting.gate) == 6 and any(v != 0 for v in setting.gate)
+        files = [("f", _file(9, 30))]
+        feats, curve = base_features(lm, files, chunk_frames=8, block_frames=1)
+        expect = mix_curve(curve, memory_reads(setting, feats, lm.text_card), 1.0).file_text[0]
+        live = copy.deepcopy(lm)
+        apply_recall(live, RecallSetting(keys=64, active=4, sharpen=2.0, context=2,
+                                         gate=setting.gate))  # fmt: skip
+        got = stream_losses(live.eval(), files[0][1], chunk_frames=5)
+    assert np.allclose(got.text.numpy()[expect[1]], expect[0][expect[1]], atol=2e-4)
+    assert dict(live.state_dict()).keys() == dict(lm.state_dict()).keys()

@@ -312,7 +312,7 @@ def _run(out_dir: str | Path, seed: int, s: DemoSettings, quick: bool, progress:
         curves["e2e_meta_static"] = evaluate_static(meta_lm, files, block_frames=blocks,
                                                     chunk_frames=s.chunk_frames)  # fmt: skip
     memory = _memory_rows(s, base_lm, curves, files, val, seed,
-                          (zero, meta_lm) if e2e else None)  # fmt: skip
+                          (zero, meta_lm) if e2e else None, train_dir)  # fmt: skip
     curves.update(oracle_curves(s.task, files, s.context))
     timings["evaluation (s)"] = time.perf_counter() - start
 
@@ -374,9 +374,11 @@ def eval_command(run: Path, eval_dir: Path, out: Path, s: DemoSettings, controls
 
 
 def _memory_rows(s: DemoSettings, base_lm: Any, curves: dict[str, PositionLosses], files: list,
-                 val: list, seed: int, e2e: tuple | None) -> dict[str, MemoryChoice]:  # fmt: skip
+                 val: list, seed: int, e2e: tuple | None,
+                 train_dir: Path) -> dict[str, MemoryChoice]:  # fmt: skip
     """The recall memory rows (``eval.recall.MEMORY_ROWS``; text stream only: the memories
-    predict text tokens), each chosen on the validation sequences; added to ``curves``."""
+    predict text tokens), each chosen on the validation sequences (a learned gate fitted on
+    training sequences); added to ``curves``."""
     if s.task.metric != "text_ce":
         return {}
     blocks = math.gcd(s.bin_frames, s.context)
@@ -387,8 +389,11 @@ def _memory_rows(s: DemoSettings, base_lm: Any, curves: dict[str, PositionLosses
         zero, meta = e2e
         val_curves["e2e"] = evaluate_e2e(zero, val, block_frames=blocks)
         val_curves["e2e_meta"] = evaluate_e2e(meta.eval(), val, block_frames=blocks)
+    src = ShardSource(train_dir)
+    train = [(src.name(i), src.codes(i)) for i in range(min(len(src), 48))]
+    fit = base_features(base_lm, train, s.chunk_frames, blocks)
     return add_memory_rows(MEMORY_ROWS, curves, val_curves, feats, val_feats, s.memory,
-                           s.context, int(base_lm.text_card), seed)  # fmt: skip
+                           s.context, int(base_lm.text_card), seed, fit)  # fmt: skip
 
 
 def _results(s: DemoSettings, curves: dict[str, PositionLosses], gates: dict, runs: dict,

@@ -149,6 +149,7 @@ class RealDataSettings:
     repeat_n: int = 8  # repeated bytes: the n tokens before a position
     memory: MemoryGrid = field(default_factory=MemoryGrid)  # recall memories, on validation
     retrieval_top_k: tuple[int, ...] = (4, 16, 64)  # evicted keys read per head and position
+    gate_fit_files: int = 48  # training sequences a learned gate is fitted on
 
     def corpus_spec(self) -> CorpusSpec:
         return CorpusSpec(frames=self.frames, max_files=self.max_files, max_bytes=self.max_bytes)
@@ -166,7 +167,7 @@ QUICK = RealDataSettings(
     dyneval_lrs=(0.1,), dyneval_layers=("top:1",), chunk_frames=16, bin_frames=16,
     max_files=400, e2e_hiddens=(64,), e2e_lrs=(0.3,), e2e_chunks=(0.25,), dyneval_chunks=(1.0,),
     needle=NeedleSpec(distances=(2, 4), key_len=2, value_len=2, lead=4, files=6),
-    memory=QUICK_GRID, retrieval_top_k=(4,),
+    memory=QUICK_GRID, retrieval_top_k=(4,), gate_fit_files=8,
 )  # fmt: skip
 
 
@@ -612,8 +613,12 @@ def evaluate_recall(rows: tuple[str, ...], s: RealDataSettings, curves: dict[str
         feats[v] = base_features(base_lm, cases[v], s.chunk_frames, blocks, progress)[0]
     vocab = int(base_lm.text_card)
     val_curves = {under: scorers[under](val) for under, _ in set(memory.values())}
+    fit = None
+    if memory:  # a learned gate is fitted on training files (the base's own predictions)
+        train = _files(Path(test_dir).parent / "train", s.gate_fit_files)
+        fit = base_features(base_lm, train, s.chunk_frames, blocks, progress)
     chosen = add_memory_rows(memory, curves, val_curves, feats.get("test", {}),
-                             feats.get("val", {}), s.memory, C, vocab, seed)  # fmt: skip
+                             feats.get("val", {}), s.memory, C, vocab, seed, fit)  # fmt: skip
     for row, choice in chosen.items():
         for v in needles.get(choice.on, {}):
             reads = memory_reads(choice.setting, feats[v], vocab, seed)

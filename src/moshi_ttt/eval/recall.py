@@ -45,6 +45,8 @@ from ..recipes import HARM_TOLERANCE
 from ..ttt.recall import (
     cache_target_probs,
     delta_chunked,
+    fit_gate,
+    learned_gate,
     mix_ce,
     read_distribution,
     sparse_keys,
@@ -75,6 +77,7 @@ class MemorySetting:
     sharpen: float = 1.0
     scale: float = 1.0
     context: int = 0  # keys also from the inputs of the last ``context`` steps (0: hidden only)
+    gate: tuple[float, ...] = ()  # a learned gate (``ttt.recall.learned_gate``); (): lam * conf
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -84,8 +87,9 @@ class MemorySetting:
         if self.kind == "cache":
             return f"cache theta {self.theta:g}"
         keys = f"hidden + last {self.context} inputs" if self.context else "hidden"
+        gate = ", learned gate" if self.gate else ""
         return (f"assoc Dk {self.keys} ({keys}), {self.active} active, beta {self.beta:g}, "
-                f"sharpen {self.sharpen:g}, scale {self.scale:g}")  # fmt: skip
+                f"sharpen {self.sharpen:g}, scale {self.scale:g}{gate}")  # fmt: skip
 
     def scan_key(self) -> tuple:
         """What the memory's scan depends on (settings that share it share one scan)."""
@@ -113,6 +117,7 @@ class MemoryGrid:
     assoc_sharpen: tuple[float, ...] = (1.0, 2.0)
     assoc_scale: tuple[float, ...] = (1.0, 2.0)
     lams: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
+    learned_gate: bool = True  # also a gate fitted on training files, for the best setting
 
     def settings(self, kind: str) -> list[MemorySetting]:
         if kind == "cache":
@@ -133,12 +138,14 @@ class Features:
     """The frozen base's view of one file: final hidden states ``h [T, dim]`` at the frames
     whose text token they predict, the transformer's input there ``x [T, dim]`` (the sum of the
     streams' embeddings of the previous step: what was just said and heard), that token
-    ``targets [T]`` and ``scored [T]``."""
+    ``targets [T]``, ``scored [T]`` and the entropy of the base's text distribution there
+    ``entropy [T]`` (nats; what a learned gate reads)."""
 
     h: torch.Tensor
     x: torch.Tensor
     targets: torch.Tensor
     scored: torch.Tensor
+    entropy: torch.Tensor
 
 
 def _recorder(into: list[torch.Tensor]) -> Callable:
@@ -171,7 +178,9 @@ def base_features(lm: LMModel, files: Sequence[tuple[str, torch.Tensor]], chunk_
         h, x = torch.zeros(T, lm.dim), torch.zeros(T, lm.dim)
         h[: T - d] = torch.cat(pieces)[d:]  # [T, dim] per step; step s predicts frame s - d
         x[: T - d] = torch.cat(inputs)[d:]
-        feats[name] = Features(h, x, codes[0].long().clamp_min(0), f.text_mask.clone())
+        logp = torch.log_softmax(lm.text_linear(h.to(lm.text_linear.weight)).float(), dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1).cpu()
+        feats[name] = Features(h, x, codes[0].long().clamp_min(0), f.text_mask.clone(), entropy)
     return feats, curve
 
 
@@ -227,8 +236,32 @@ def memory_reads(setting: MemorySetting, feats: dict[str, Features], vocab: int,
             continue
         p, conf = read_distribution(scan[name], setting.sharpen, setting.scale)
         p_y = p.gather(1, f.targets.clamp(0, vocab - 1)[:, None])[:, 0]
+        if setting.gate:  # the weight itself: mixed with lam = 1
+            conf = learned_gate(setting.gate, conf, p.amax(-1), f.entropy)
         out[name] = (p_y.numpy(), conf.numpy())
     return out
+
+
+def fit_memory_gate(setting: MemorySetting, feats: dict[str, Features], curve: PositionLosses,
+                    vocab: int, seed: int = 0) -> MemorySetting:  # fmt: skip
+    """``setting`` with a learned gate (``ttt.recall.fit_gate``) fitted on the frozen base's
+    scored positions of ``feats`` / ``curve`` (training files, never the held-out ones)."""
+    if setting.kind != "assoc":
+        raise ValueError("a learned gate is for the associative memory")
+    plain = dataclasses.replace(setting, gate=())
+    scan = memory_scan(plain, feats, vocab, seed)
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("conf", "peak", "ent", "pb", "pm")}
+    for name, (ce, mask) in zip(curve.file_names, curve.file_text):
+        f = feats[name]
+        p, conf = read_distribution(scan[name], setting.sharpen, setting.scale)
+        keep = torch.from_numpy(mask.astype(bool))
+        p_y = p.gather(1, f.targets.clamp(0, vocab - 1)[:, None])[:, 0]
+        for k, v in (("conf", conf), ("peak", p.amax(-1)), ("ent", f.entropy),
+                     ("pb", torch.exp(-torch.from_numpy(ce).double())), ("pm", p_y)):  # fmt: skip
+            parts[k].append(v[keep])
+    c = {k: torch.cat(v) for k, v in parts.items()}
+    return dataclasses.replace(plain, gate=fit_gate(c["conf"], c["peak"], c["ent"], c["pb"],
+                                                    c["pm"]))  # fmt: skip
 
 
 def text_curve(block_frames: int, dep_q: int,
@@ -287,7 +320,7 @@ def choose_memory(curve: PositionLosses, feats: dict[str, Features],
         if key not in scans:
             scans[key] = memory_scan(setting, feats, vocab, seed)
         reads = memory_reads(setting, feats, vocab, seed, scans[key])
-        for lam in lams:
+        for lam in (1.0,) if setting.gate else lams:
             mixed = mix_curve(curve, reads, lam)
             within, beyond = mixed.totals(0, context)["text_ce"], mixed.totals(context)["text_ce"]
             scores.append({"setting": setting, "lam": float(lam), "text_ce": beyond,
@@ -323,18 +356,31 @@ class MemoryChoice:
 def add_memory_rows(rows: dict[str, tuple[str, str]], curves: dict[str, PositionLosses],
                     val_curves: dict[str, PositionLosses], feats: dict[str, Features],
                     val_feats: dict[str, Features], grid: MemoryGrid, context: int, vocab: int,
-                    seed: int = 0) -> dict[str, MemoryChoice]:  # fmt: skip
+                    seed: int = 0, fit: tuple[dict[str, Features], PositionLosses] | None = None,
+                    ) -> dict[str, MemoryChoice]:  # fmt: skip
     """Add the memory rows ``{row: (the row it mixes into, kind)}`` to ``curves`` (held-out
     files, ``feats``), each chosen on the validation files (``val_curves`` of the row it mixes
-    into, ``val_feats``; ``choose_memory``); rows whose underlying row is missing are skipped."""
+    into, ``val_feats``; ``choose_memory``); rows whose underlying row is missing are skipped.
+    ``fit``: the base's features and curve on training files, where a learned gate is fitted
+    for the associative memory's best setting and competes with it on validation."""
     chosen = {}
     scans: dict[tuple, dict[str, torch.Tensor]] = {}  # the validation scans, shared by rows
+    gates: dict[tuple, MemorySetting] = {}  # learned gates, by the scan they read
     frames = sum(len(f.targets) for f in feats.values())
     for row, (under, kind) in rows.items():
         if under not in curves or under not in val_curves:
             continue
-        best, scores = choose_memory(val_curves[under], val_feats, grid.settings(kind),
-                                     grid.lams, context, vocab, seed, scans=scans)  # fmt: skip
+        settings = grid.settings(kind)
+        best, scores = choose_memory(val_curves[under], val_feats, settings, grid.lams, context,
+                                     vocab, seed, scans=scans)  # fmt: skip
+        if fit is not None and kind == "assoc" and grid.learned_gate:
+            key = (best["setting"].scan_key(), best["setting"].sharpen, best["setting"].scale)
+            if key not in gates:
+                gates[key] = fit_memory_gate(best["setting"], fit[0], fit[1], vocab, seed)
+            _, more = choose_memory(val_curves[under], val_feats, [gates[key]], [1.0], context,
+                                    vocab, seed, scans=scans)  # fmt: skip
+            scores = scores + more
+            best = choose_setting(scores, "text_ce", HARM_TOLERANCE)
         choice = MemoryChoice(best["setting"], best["lam"], scores, under)
         start = time.perf_counter()
         reads = memory_reads(choice.setting, feats, vocab, seed)

@@ -73,7 +73,8 @@ def recall_setting(config: TTTConfig) -> RecallSetting:
     return RecallSetting(keys=config.recall_keys, active=config.recall_active,
                          beta=config.recall_beta, sharpen=config.recall_sharpen,
                          scale=config.recall_scale, context=config.recall_context,
-                         lam=config.recall_lam, seed=config.recall_seed)  # fmt: skip
+                         lam=config.recall_lam, seed=config.recall_seed,
+                         gate=tuple(config.recall_gate or ()))  # fmt: skip
 
 
 def convert_layer(

@@ -100,7 +100,8 @@ class TTTConfig:
             model's while streaming; training is unchanged. ``recall_active`` key units on,
             ``recall_beta`` the delta rule's strength, ``recall_sharpen`` / ``recall_scale``
             its read, ``recall_context`` inputs in each key, ``recall_lam`` the mixing weight,
-            ``recall_seed`` its projection (docs/retrofit.md, "Recall").
+            ``recall_seed`` its projection, ``recall_gate`` a learned gate's 6 numbers in place
+            of ``recall_lam`` (docs/retrofit.md, "Recall").
     """
 
     layers: str | list[int] = "0"
@@ -134,6 +135,7 @@ class TTTConfig:
     recall_context: int = option(4, ge=0)
     recall_lam: float = option(0.7, ge=0, le=1)
     recall_seed: int = 0
+    recall_gate: list[float] | None = None
 
     def __post_init__(self) -> None:
         self.validate()

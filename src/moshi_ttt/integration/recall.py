@@ -36,9 +36,11 @@ from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 
 from ..ttt.recall import (
+    GATE_SIZE,
     delta_chunked,
     delta_step_sparse_,
     key_units,
+    learned_gate,
     mix_ce,
     mix_log_probs,
     read_distribution,
@@ -61,12 +63,14 @@ class RecallSetting:
     context: int = 4
     lam: float = 0.7
     seed: int = 0
+    gate: tuple[float, ...] = ()  # a learned gate (``ttt.recall.learned_gate``); (): lam * conf
 
     def __post_init__(self) -> None:
         checks = {"recall_keys": self.keys >= 1, "recall_active": 1 <= self.active <= self.keys,
                   "recall_beta": 0 < self.beta <= 1, "recall_sharpen": self.sharpen > 0,
                   "recall_scale": self.scale > 0, "recall_context": self.context >= 0,
                   "recall_lam": 0 <= self.lam <= 1}  # fmt: skip
+        checks["recall_gate"] = len(self.gate) in (0, GATE_SIZE)
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"{bad[0]}: {getattr(self, bad[0][7:])} is out of range (keys >= 1, "
@@ -113,6 +117,7 @@ class RecallMemory(StreamingModule[RecallState]):
         self.setting, self.dim, self.vocab = setting, dim, vocab
         proj = recall_projection(setting, dim)
         self.register_buffer("proj", proj.to(device) if device else proj, persistent=False)
+        self._head: nn.Linear | None = None  # the text head (not a child: no new state keys)
         self._tokens: torch.Tensor | None = None
         self._x: torch.Tensor | None = None
         self._trunk: torch.Tensor | None = None
@@ -197,7 +202,23 @@ class RecallMemory(StreamingModule[RecallState]):
         st.inputs.copy_(hist[:, hist.shape[1] - st.inputs.shape[1] :])
         p_mem, conf = read_distribution(reads, s.sharpen, s.scale)
         logp = torch.log_softmax(logits.float(), dim=-1)
-        return mix_log_probs(logp, p_mem, s.lam * conf).to(logits.dtype)
+        return mix_log_probs(logp, p_mem, self.weight(h, p_mem, conf)).to(logits.dtype)
+
+    def entropy(self, h: torch.Tensor) -> torch.Tensor:
+        """The entropy (nats) of the base's text distribution at the base's final hidden
+        states ``h [..., dim]`` (what a learned gate reads)."""
+        head = self._head
+        assert head is not None, "apply_recall sets the text head"
+        logp = torch.log_softmax(nn.functional.linear(h.to(head.weight), head.weight,
+                                                      head.bias).float(), dim=-1)  # fmt: skip
+        return -(logp.exp() * logp).sum(-1)
+
+    def weight(self, h: torch.Tensor, p_mem: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
+        """The memory's mixing weight: ``lam * conf``, or the learned gate."""
+        s = self.setting
+        if not s.gate:
+            return s.lam * conf
+        return learned_gate(s.gate, conf, p_mem.amax(-1), self.entropy(h)).to(conf.dtype)
 
 
 def mix_file(memory: RecallMemory, h: torch.Tensor, x: torch.Tensor, targets: torch.Tensor,
@@ -213,7 +234,7 @@ def mix_file(memory: RecallMemory, h: torch.Tensor, x: torch.Tensor, targets: to
     reads, _ = delta_chunked(keys, targets, write, s.beta, memory.vocab)
     p, conf = read_distribution(reads, s.sharpen, s.scale)
     p_y = p.gather(1, targets.clamp(0, memory.vocab - 1).long()[:, None])[:, 0]
-    return mix_ce(text_ce, p_y, s.lam * conf).to(text_ce.dtype)
+    return mix_ce(text_ce, p_y, memory.weight(h, p, conf)).to(text_ce.dtype)
 
 
 def apply_recall(lm: LMModel, setting: RecallSetting) -> RecallMemory:
@@ -232,6 +253,7 @@ def apply_recall(lm: LMModel, setting: RecallSetting) -> RecallMemory:
     memory = RecallMemory(setting, lm.dim, int(lm.text_card),
                           ref.device if ref.device.type != "meta" else None)  # fmt: skip
     lm.recall = memory
+    object.__setattr__(memory, "_head", lm.text_linear)  # a reference, not a child module
     if e2e:  # the base's final hidden state: the last layer's output, before the memory
         norm = lm.out_norm if lm.out_norm is not None else nn.Identity()
         layers[-1].e2e.register_forward_pre_hook(lambda _m, args: memory.trunk(norm(args[0])))

@@ -168,6 +168,55 @@ def read_distribution(reads: torch.Tensor, sharpen: float = 1.0,
     return p, (scale * pos.amax(-1)).clamp(max=1.0)
 
 
+GATE_SIZE = 6  # the learned gate's numbers: 5 weights and a bias
+
+
+def gate_features(conf: torch.Tensor, peak: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+    """What the learned gate reads at each position ``[..., 5]``: the memory's confidence, the
+    peak of its distribution, the model's entropy (nats) and their products with it."""
+    c, p, h = conf.double(), peak.double(), entropy.double()
+    return torch.stack([c, c * h, h, p, p * h], dim=-1)
+
+
+def learned_gate(params: tuple[float, ...] | torch.Tensor, conf: torch.Tensor, peak: torch.Tensor,
+                 entropy: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The mixing weight ``g = sigmoid(w . features + b)`` where the memory holds something for
+    this key (``conf > 0``), else 0 (the model as it is): ``[...]`` float64."""
+    w = torch.as_tensor(params, dtype=torch.float64, device=conf.device)
+    if w.shape != (GATE_SIZE,):
+        raise ValueError(f"a learned gate has {GATE_SIZE} numbers, got {tuple(w.shape)}")
+    g = torch.sigmoid(gate_features(conf, peak, entropy) @ w[:-1] + w[-1])
+    return torch.where(conf > 0, g, torch.zeros_like(g))
+
+
+def fit_gate(conf: torch.Tensor, peak: torch.Tensor, entropy: torch.Tensor,
+             p_model: torch.Tensor, p_mem: torch.Tensor,
+             iters: int = 200) -> tuple[float, ...]:  # fmt: skip
+    """The learned gate's numbers maximising the mean log-likelihood of the mixture
+    ``(1 - g) p_model + g p_mem`` at the targets of the given positions (1-d tensors, e.g. a
+    frozen base's scored training positions): L-BFGS from 0 (``g = 1/2`` everywhere), float64,
+    deterministic."""
+    x = gate_features(conf, peak, entropy)
+    pm, pb = p_mem.double(), p_model.double()
+    keep = conf > 0
+    x, pm, pb = x[keep], pm[keep], pb[keep]
+    w = torch.zeros(GATE_SIZE, dtype=torch.float64, requires_grad=True)
+    if len(x) == 0:
+        return tuple(float(v) for v in w.detach())
+    opt = torch.optim.LBFGS([w], max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        g = torch.sigmoid(x @ w[:-1] + w[-1])
+        loss = -torch.log(((1 - g) * pb + g * pm).clamp_min(1e-300)).mean()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return tuple(float(v) for v in w.detach())
+
+
 def cache_reference(h: torch.Tensor, targets: torch.Tensor, write: torch.Tensor, theta: float,
                     vocab: int) -> torch.Tensor:  # fmt: skip
     """The continuous cache's distribution at each position, from the definition: ``h [T,
