@@ -438,12 +438,13 @@ def test_train_config_refuses_e2e_settings_that_cannot_learn(tmp_path):
 def test_the_recipe_builds_the_7b_config():
     from pathlib import Path
 
-    from moshi_ttt.recipes import e2e_memory
+    from moshi_ttt.recipes import RECALL_MEMORY, e2e_memory
     from moshi_ttt.train.config import TrainConfig
 
     want = e2e_memory(4096, 3000)
     assert want == {"kind": "e2e", "layers": "top:1", "e2e_lr": 0.3, "e2e_hidden": 16384,
-                    "e2e_chunk": 375}  # fmt: skip
+                    "e2e_chunk": 375, **RECALL_MEMORY}  # fmt: skip
+    assert "recall_keys" not in e2e_memory(4096, 3000, recall=False)
     cfg = TrainConfig.load(Path(__file__).resolve().parents[1] / "configs/moshi7b_e2e.yaml")
     assert {k: getattr(cfg.ttt, k) for k in want} == want
     assert not cfg.model.train_base and not cfg.lora.enable

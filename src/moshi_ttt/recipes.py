@@ -1,6 +1,10 @@
 """The recommended memories for a pretrained, *frozen* Moshi (docs/retrofit.md).
 
-**The end-to-end memory** (``E2E_MEMORY``, ``e2e_memory``; the shipped default): a prime MLP
+**The end-to-end memory with the associative recall memory** (``E2E_MEMORY`` +
+``RECALL_MEMORY``, ``e2e_memory``; the shipped default). The recall memory: a delta-rule
+fast-weight memory from a key of the base's recent context to the next token, mixed into the
+text distribution while streaming; it recalls what was said beyond the window (docs/retrofit.md,
+"Recall"). The end-to-end memory: a prime MLP
 after the last layer whose fast weights take SGD steps on the model's own next-token loss every
 C/8 frames, zero-init output (the model starts as the base); used with no training (its inner
 lr and chunk chosen on validation files, no harm inside the window) or meta-trained (its
@@ -75,12 +79,27 @@ E2E_MEMORY: dict[str, Any] = {"kind": "e2e", "layers": "top:1", "e2e_lr": 0.3}
 E2E_WIDTH_RATIO = 4
 
 
-def e2e_memory(dim: int, context: int, width_ratio: float = E2E_WIDTH_RATIO) -> dict[str, Any]:
+# The associative recall memory beside it (``integration.recall``, docs/retrofit.md "Recall"):
+# 8192 key units, 64 on per key, keys from the base's last hidden state and its last 4 inputs,
+# the delta rule at full strength, the read squared; its mixing weight lam is a validation
+# choice (the tiny benchmark chose 0.5-0.7 on source code, 0.1-0.2 on English prose, or a
+# learned gate fitted on the base: ``eval.recall.fit_memory_gate``). Moshi 7B: 1.05 GB of
+# float32 state per conversation (32,000 text tokens x 8192).
+RECALL_MEMORY: dict[str, Any] = {
+    "recall_keys": 8192, "recall_active": 64, "recall_context": 4, "recall_beta": 1.0,
+    "recall_sharpen": 2.0, "recall_scale": 1.0, "recall_lam": 0.3,
+}  # fmt: skip
+
+
+def e2e_memory(dim: int, context: int, width_ratio: float = E2E_WIDTH_RATIO,
+               recall: bool = True) -> dict[str, Any]:  # fmt: skip
     """The ``ttt`` config of the end-to-end memory for a model of width ``dim`` whose attention
-    sees ``context`` frames (K = C/8; Moshi 7B: width 16384, K 375)."""
+    sees ``context`` frames (K = C/8; Moshi 7B: width 16384, K 375), with the associative recall
+    memory beside it (``recall``: ``RECALL_MEMORY``)."""
     if dim < 1 or context < 1:
         raise ValueError(f"dim and context must be >= 1, got {dim}, {context}")
-    return {**E2E_MEMORY, "e2e_hidden": round(width_ratio * dim), "e2e_chunk": max(1, context // 8)}
+    out = {**E2E_MEMORY, "e2e_hidden": round(width_ratio * dim), "e2e_chunk": max(1, context // 8)}
+    return {**out, **RECALL_MEMORY} if recall else out
 
 
 def retrofit_training(context: int, recipe: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -3,7 +3,8 @@ evaluation): each step's text distribution mixed with what the memory recalls fo
 context (``ttt.recall``; measured in ``eval.recall``, docs/retrofit.md "Recall").
 
 ``apply_recall(lm, setting, lam)`` adds ``lm.recall`` (a ``RecallMemory``: no parameters, a
-fixed random projection rebuilt from its seed, state per batch row in ``RecallState``) and
+fixed random projection rebuilt from its seed on first use, state per batch row in
+``RecallState``) and
 three hooks on moshi's modules, so no moshi code and no parameter name changes:
 
 - ``text_emb`` (pre): the text tokens this call reads, the tokens the previous steps produced:
@@ -111,12 +112,10 @@ class RecallMemory(StreamingModule[RecallState]):
     """The memory's module (``lm.recall``): settings, projection, streaming state; the hooks of
     ``apply_recall`` call ``tokens``, ``inputs`` and ``mix``."""
 
-    def __init__(self, setting: RecallSetting, dim: int, vocab: int,
-                 device: torch.device | None = None) -> None:  # fmt: skip
+    def __init__(self, setting: RecallSetting, dim: int, vocab: int) -> None:
         super().__init__()
         self.setting, self.dim, self.vocab = setting, dim, vocab
-        proj = recall_projection(setting, dim)
-        self.register_buffer("proj", proj.to(device) if device else proj, persistent=False)
+        self._proj: torch.Tensor | None = None  # built on first use (``projection``)
         self._head: nn.Linear | None = None  # the text head (not a child: no new state keys)
         self._tokens: torch.Tensor | None = None
         self._x: torch.Tensor | None = None
@@ -124,7 +123,8 @@ class RecallMemory(StreamingModule[RecallState]):
         self._armed = False
 
     def _init_streaming_state(self, batch_size: int) -> RecallState:
-        s, dev = self.setting, self.proj.device
+        s = self.setting
+        dev = self._head.weight.device if self._head is not None else torch.device("cpu")
         zeros = lambda *shape: torch.zeros(*shape, device=dev)  # noqa: E731
         return RecallState(batch_size, dev, zeros(batch_size, self.vocab, s.keys),
                            zeros(batch_size, max(1, s.context), self.dim),
@@ -164,7 +164,16 @@ class RecallMemory(StreamingModule[RecallState]):
 
     def keys(self, h: torch.Tensor, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
         """Unit sparse keys ``[B, T, Dk]`` (``ttt.recall.sparse_keys`` of ``key_inputs``)."""
-        return sparse_keys(self.key_inputs(h, x, past), self.proj, self.setting.active)
+        return sparse_keys(self.key_inputs(h, x, past), self.projection(h.device),
+                           self.setting.active)  # fmt: skip
+
+    def projection(self, device: torch.device) -> torch.Tensor:
+        """The fixed random projection (``recall_projection``, float64) on ``device``, built on
+        first use: a model that is only trained, planned or loaded never holds it (Moshi 7B:
+        8192 x 20480, 1.34 GB)."""
+        if self._proj is None or self._proj.device != device:
+            self._proj = recall_projection(self.setting, self.dim).to(device)
+        return self._proj
 
     def mix(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Write the previous steps' tokens, read this call's keys, return the mixed
@@ -184,7 +193,7 @@ class RecallMemory(StreamingModule[RecallState]):
         self._tokens = self._x = self._trunk = None
         valid = (ids >= 0) & (ids < self.vocab)
         past = st.inputs[:, st.inputs.shape[1] - max(0, s.context - 1) :]
-        units = key_units(self.key_inputs(h, x, past), self.proj, s.active)  # [B, T, active]
+        units = key_units(self.key_inputs(h, x, past), self.projection(h.device), s.active)
         # each step: the previous step's token written (for the first step, the previous
         # call's last, whose token is the first one this call reads), then this key read
         reads = []
@@ -249,9 +258,7 @@ def apply_recall(lm: LMModel, setting: RecallSetting) -> RecallMemory:
         raise ValueError(f"the recall memory keys on the base's last hidden state; with the "
                          f"end-to-end memory in layers {e2e} that state is not the base's: put "
                          "the end-to-end memory after the last layer only (top:1)")  # fmt: skip
-    ref = lm.text_linear.weight
-    memory = RecallMemory(setting, lm.dim, int(lm.text_card),
-                          ref.device if ref.device.type != "meta" else None)  # fmt: skip
+    memory = RecallMemory(setting, lm.dim, int(lm.text_card))
     lm.recall = memory
     object.__setattr__(memory, "_head", lm.text_linear)  # a reference, not a child module
     if e2e:  # the base's final hidden state: the last layer's output, before the memory
