@@ -54,6 +54,7 @@ from moshi_ttt.format import TOKENS_PER_FRAME  # noqa: E402
 from moshi_ttt.integration import TTTConfig  # noqa: E402
 from moshi_ttt.integration.e2e_scan import InnerLoop, initial_weights, update  # noqa: E402
 from moshi_ttt.integration.e2e_stream import LiveE2E  # noqa: E402
+from moshi_ttt.recipes import RECALL_MEMORY  # noqa: E402
 from moshi_ttt.train.parallel import (  # noqa: E402
     apply_activation_checkpointing,
     apply_fsdp,
@@ -219,7 +220,9 @@ def eval_rows(size: str, s: dict, device: torch.device) -> list[tuple[str, str, 
 def e2e_rows(size: str, s: dict, device: torch.device) -> list[tuple[str, str, str, str]]:
     reset_peak(device)
     dim, K = (4096, 375) if size == "7b" else (64, 16)
-    ttt = TTTConfig(kind="e2e", layers="top:1", e2e_hidden=4 * dim, e2e_chunk=K)
+    ttt = TTTConfig(
+        kind="e2e", layers="top:1", e2e_hidden=4 * dim, e2e_chunk=K, **RECALL_MEMORY
+    )  # the shipped memory: with the recall memory beside it
     lm = streaming.build("7b" if size == "7b" else "tiny", ttt, device, 3000)
     loop = InnerLoop.of(lm)
     g = torch.Generator(device=device).manual_seed(0)
@@ -236,7 +239,7 @@ def e2e_rows(size: str, s: dict, device: torch.device) -> list[tuple[str, str, s
         sync(device)
         if i > 0:
             times.append(1000 * (time.perf_counter() - t0))
-    name = f"prime MLP x1 (width {4 * dim}), K {K}"
+    name = f"prime MLP x1 (width {4 * dim}), K {K}, + recall memory"
     rows = [("e2e", name, "update ms: median / max",
              f"{statistics.median(times):.1f} / {max(times):.1f}"),
             ("e2e", name, "budget K x 80 ms", f"{K * 80:,.0f}"),
@@ -256,6 +259,8 @@ def e2e_rows(size: str, s: dict, device: torch.device) -> list[tuple[str, str, s
     rows.append(("e2e", name, f"LMGen step, eager, {K + 2} steps: median / max ms",
                  f"{statistics.median(steps):.1f} / {max(steps):.1f}"))  # fmt: skip
     rows.append(("e2e", name, "updates in those steps", str(live.streamer.updates)))
+    rows.append(("e2e", name, "recall memory: state GiB per conversation",
+                 f"{4 * lm.text_card * lm.recall.setting.keys / 2**30:.2f}"))  # fmt: skip
     del lm, gen
     reset_peak(device)
     return rows
