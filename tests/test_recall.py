@@ -544,3 +544,11 @@ def test_the_live_memory_with_a_learned_gate_streams_what_the_evaluation_scores(
         got = stream_losses(live.eval(), files[0][1], chunk_frames=5)
     assert np.allclose(got.text.numpy()[expect[1]], expect[0][expect[1]], atol=2e-4)
     assert dict(live.state_dict()).keys() == dict(lm.state_dict()).keys()
+
+
+def test_a_memory_row_brings_the_row_it_mixes_into():
+    from moshi_ttt.demo.realdata import ESSENTIAL, parse_rows
+
+    assert parse_rows("e2e_meta_assoc") == ("base", "e2e_meta", "e2e_meta_assoc")
+    assert parse_rows("cache") == ("base", "cache")
+    assert {"assoc", "e2e_meta_assoc", "cache", "retrieval"} <= set(ESSENTIAL)

@@ -343,7 +343,7 @@ class MemoryChoice:
     ms_per_frame: float = math.nan
 
     def label(self) -> str:
-        return f"{self.setting.label()}, lam {self.lam:g}"
+        return self.setting.label() + ("" if self.setting.gate else f", lam {self.lam:g}")
 
     def to_dict(self, validation_files: int) -> dict:
         return {"chosen": {**dataclasses.asdict(self.setting), "lam": self.lam},
