@@ -63,7 +63,7 @@ def recall_verdict(table: dict[str, Any], recall: dict[str, Any] | None) -> dict
         four = shares.get(row, {}).get("4x", {}).get("share", math.nan)
         eight = shares.get(row, {}).get("8x", {}).get("share", math.nan)
         checks["needle_4x"] = bool(four >= NEEDLE_TARGET)
-        words.append(f"needle at 4 windows {100 * four:.0f} % of the available gain (target "
+        words.append(f"needle at 4 windows {100 * four:.0f} % of perfect recall (target "
                      f"{100 * NEEDLE_TARGET:.0f} %; 8 windows: {100 * eight:.0f} %)")  # fmt: skip
         gain = base - rep.get(row, {}).get("recallable", {}).get("mean", math.nan)
         ratio = gain / best_gain if best_gain > 0 else math.nan
@@ -310,11 +310,11 @@ def _plot_needles(report: Report, shares: dict, distances: list[int]) -> None:
         ax.bar(x, y, width=width, label=row, yerr=err, capsize=2)
     ax.axhline(100 * NEEDLE_TARGET, color="grey", ls="--", lw=0.8)
     ax.set_xticks(range(len(distances)), [f"{m} windows" for m in distances])
-    ax.set(ylabel="share of the available gain (%)",
-           title="Needle recall by distance (95 % intervals over files)")  # fmt: skip
+    ax.set(ylabel="share of perfect recall (%)",
+           title="Needle recall by distance (95 % intervals; dashed: the target)")  # fmt: skip
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    report.add_figure(fig, "needle_recall.png", "Needle recall: the share of the available gain")
+    report.add_figure(fig, "needle_recall.png", "Needle recall: the share of perfect recall")
 
 
 def _window_ceiling(base: dict) -> str:
