@@ -60,11 +60,24 @@ def _mean(xs: list[float]) -> str:
     return f"{np.mean(xs):.4f}" + (f" ({min(xs):.4f}..{max(xs):.4f})" if len(xs) > 1 else "")
 
 
+def _brief(x: object) -> object:
+    """``x`` without the validation scores of every setting (kept in each run's results.json)."""
+    if isinstance(x, dict):
+        return {k: _brief(v) for k, v in x.items() if k != "validation"}
+    return x
+
+
 def table(args: argparse.Namespace) -> None:
     root = Path(args.out)
     runs = {}
     for path in sorted(root.glob("*/seed*/results.json")):
         runs.setdefault(path.parts[-3], []).append(json.loads(path.read_text()))
+    if args.jsonl:  # every run's rows and recall measures, one line a run (the study's record)
+        keep = ("rows", "recall", "verdict", "settings", "corpus", "memory_choice", "timings")
+        lines = [json.dumps({"corpus": c, **{k: _brief(r[k]) for k in keep if k in r}})
+                 for c, rs in sorted(runs.items()) for r in rs]  # fmt: skip
+        Path(args.jsonl).write_text("\n".join(lines) + "\n")
+        print(f"{len(lines)} runs -> {args.jsonl}")
     for corpus, results in sorted(runs.items()):
         n = len(results)
         if corpus == "markov":
@@ -134,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     r.set_defaults(func=run)
     t = sub.add_parser("table")
     t.add_argument("out")
+    t.add_argument("--jsonl", help="also write every run's results as JSON lines to this file")
     t.set_defaults(func=table)
     args = p.parse_args(argv)
     args.func(args)
