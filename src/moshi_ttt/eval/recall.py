@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +41,7 @@ from moshi.modules.transformer import apply_weights_per_step
 from tqdm import tqdm
 
 from ..integration.recall import RecallSetting, recall_projection
+from ..integration.recall import key_inputs as recall_key_inputs
 from ..recipes import HARM_TOLERANCE
 from ..ttt.recall import (
     cache_target_probs,
@@ -53,7 +54,7 @@ from ..ttt.recall import (
 )
 from .e2e import choose_setting
 from .long_context import PositionLosses
-from .long_context.scoring import FileLosses, stream_losses
+from .long_context.scoring import FileLosses, record_inputs, stream_losses
 from .stats import ratio_difference, ratio_interval, share_interval
 
 KINDS = ("cache", "assoc")
@@ -148,13 +149,6 @@ class Features:
     entropy: torch.Tensor
 
 
-def _recorder(into: list[torch.Tensor]) -> Callable:
-    def hook(_module: torch.nn.Module, args: tuple) -> None:
-        into.append(args[0][0].float().cpu())
-
-    return hook
-
-
 @torch.no_grad()
 def base_features(lm: LMModel, files: Sequence[tuple[str, torch.Tensor]], chunk_frames: int,
                   block_frames: int, progress: bool = False,
@@ -168,7 +162,7 @@ def base_features(lm: LMModel, files: Sequence[tuple[str, torch.Tensor]], chunk_
                             disable=not progress):  # fmt: skip
         pieces: list[torch.Tensor] = []
         inputs: list[torch.Tensor] = []
-        hook = lm.transformer.register_forward_pre_hook(_recorder(inputs))
+        hook = lm.transformer.register_forward_pre_hook(record_inputs(inputs))
         try:
             f = stream_losses(lm, codes, chunk_frames=chunk_frames, hidden=pieces)
         finally:
@@ -194,13 +188,10 @@ def projection(setting: MemorySetting, dim: int, seed: int) -> torch.Tensor:
 
 
 def key_inputs(setting: MemorySetting, f: Features) -> torch.Tensor:
-    """What the keys hash, ``[T, (1 + context) * dim]``: the unit hidden state and the unit
-    inputs of the last ``context`` steps (zeros before the file starts), the latest first."""
-    parts = [torch.nn.functional.normalize(f.h.double(), dim=-1)]
-    x = torch.nn.functional.normalize(f.x.double(), dim=-1)
-    for j in range(setting.context):
-        parts.append(torch.cat([x.new_zeros(min(j, len(x)), x.shape[-1]), x[: len(x) - j]]))
-    return torch.cat(parts, dim=-1)
+    """What the keys of one file hash, ``[T, (1 + context) * dim]``
+    (``integration.recall.key_inputs``: zeros before the file starts)."""
+    past = f.x.new_zeros(1, max(0, setting.context - 1), f.x.shape[-1])
+    return recall_key_inputs(f.h[None], f.x[None], past, setting.context)[0]
 
 
 def memory_scan(setting: MemorySetting, feats: dict[str, Features], vocab: int,
@@ -494,7 +485,7 @@ def retrieval_losses(lm: LMModel, codes: torch.Tensor, top_k: int,
         raise ValueError("retrieval needs a top layer with windowed causal self-attention "
                          "(no cross-attention, no grouped keys)")  # fmt: skip
     grabbed: list[torch.Tensor] = []
-    hook = top.register_forward_pre_hook(_recorder(grabbed))
+    hook = top.register_forward_pre_hook(record_inputs(grabbed))
     try:
         base = stream_losses(lm, codes, chunk_frames=chunk_frames)
     finally:

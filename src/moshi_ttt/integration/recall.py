@@ -87,6 +87,20 @@ def recall_projection(setting: RecallSetting, dim: int) -> torch.Tensor:
                        dtype=torch.float64)  # fmt: skip
 
 
+def key_inputs(h: torch.Tensor, x: torch.Tensor, past: torch.Tensor,
+               context: int) -> torch.Tensor:  # fmt: skip
+    """What the keys hash ``[B, T, (1 + context) dim]``: the unit hidden states ``h [B, T,
+    dim]``, then the unit inputs of the last ``context`` steps, latest first, from ``x [B, T,
+    dim]`` and the ``past [B, >= context - 1, dim]`` inputs before them (zeros before a
+    conversation starts), float64."""
+    parts = [nn.functional.normalize(h.double(), dim=-1)]
+    xs = nn.functional.normalize(torch.cat([past.double(), x.double()], 1), dim=-1)
+    T, P = x.shape[1], past.shape[1]
+    for j in range(context):
+        parts.append(xs[:, P - j : P - j + T])
+    return torch.cat(parts, -1)
+
+
 @dataclass
 class RecallState(State):
     """Per batch row: the memory ``w [B, V, Dk]``, the last ``context`` inputs ``inputs [B, n,
@@ -151,16 +165,8 @@ class RecallMemory(StreamingModule[RecallState]):
         self._armed = self._streaming_state is not None
 
     def key_inputs(self, h: torch.Tensor, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
-        """What the keys hash ``[B, T, (1 + context) dim]``: the unit hidden states ``h [B, T,
-        dim]``, the unit inputs ``x`` and the ``past`` inputs before them, latest first
-        (``eval.recall.key_inputs``)."""
-        n = self.setting.context
-        parts = [nn.functional.normalize(h.double(), dim=-1)]
-        xs = nn.functional.normalize(torch.cat([past.double(), x.double()], 1), dim=-1)
-        T, P = x.shape[1], past.shape[1]
-        for j in range(n):
-            parts.append(xs[:, P - j : P - j + T])
-        return torch.cat(parts, -1)
+        """``key_inputs`` with this memory's context."""
+        return key_inputs(h, x, past, self.setting.context)
 
     def keys(self, h: torch.Tensor, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
         """Unit sparse keys ``[B, T, Dk]`` (``ttt.recall.sparse_keys`` of ``key_inputs``)."""

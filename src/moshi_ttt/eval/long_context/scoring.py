@@ -174,6 +174,16 @@ def e2e_losses(lm: LMModel, codes: torch.Tensor, loop: InnerLoop | None = None,
     return undelay_losses(lm, ce, codes[0].cpu())
 
 
+def record_inputs(into: list[torch.Tensor]) -> Any:
+    """A forward pre-hook appending the first batch row of a module's input (``[T, dim]``,
+    float32, CPU) to ``into``."""
+
+    def hook(_module: torch.nn.Module, args: tuple) -> None:
+        into.append(args[0][0].float().cpu())
+
+    return hook
+
+
 def _recall_mixed(lm: LMModel, memory: RecallMemory, codes: torch.Tensor,
                   text_ce: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """The end-to-end scan's text CE per step ``[S]`` with the recall memory mixed in: the
@@ -181,8 +191,7 @@ def _recall_mixed(lm: LMModel, memory: RecallMemory, codes: torch.Tensor,
     sit after the layers the keys come from), read from one streamed pass."""
     hidden: list[torch.Tensor] = []
     inputs: list[torch.Tensor] = []
-    hook = lm.transformer.register_forward_pre_hook(
-        lambda _m, args: inputs.append(args[0][0].float().cpu()))  # fmt: skip
+    hook = lm.transformer.register_forward_pre_hook(record_inputs(inputs))
     set_gates(lm, 0.0)
     try:
         stream_losses(lm, codes, chunk_frames=250, hidden=hidden)
