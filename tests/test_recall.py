@@ -552,3 +552,18 @@ def test_a_memory_row_brings_the_row_it_mixes_into():
     assert parse_rows("e2e_meta_assoc") == ("base", "e2e_meta", "e2e_meta_assoc")
     assert parse_rows("cache") == ("base", "cache")
     assert {"assoc", "e2e_meta_assoc", "cache", "retrieval"} <= set(ESSENTIAL)
+
+
+def test_models_with_live_memories_say_so_for_cuda_graphs(lm):
+    import copy
+
+    from moshi_ttt.integration.apply import apply_ttt
+    from moshi_ttt.integration.recall import RecallSetting, apply_recall
+    from moshi_ttt.integration.streaming import has_live_hooks
+
+    assert not has_live_hooks(lm)
+    recall = copy.deepcopy(lm)
+    apply_recall(recall, RecallSetting(keys=64, active=4))
+    e2e = copy.deepcopy(lm)
+    apply_ttt(e2e, {"kind": "e2e", "layers": "top:1", "e2e_chunk": 4})
+    assert has_live_hooks(recall) and has_live_hooks(e2e)

@@ -23,6 +23,7 @@ from moshi.utils.compile import no_compile, no_cuda_graph
 from .format import SAMPLE_RATE, TEXT_EPAD, TEXT_PAD
 from .integration.e2e import e2e_layers
 from .integration.e2e_stream import LiveE2E
+from .integration.streaming import has_live_hooks
 
 CHANNELS = ("left", "right", "mix")
 DEFAULT_CHANNEL = "right"  # moshi-finetune's stereo layout: left = Moshi, right = the user
@@ -187,7 +188,7 @@ def generate(
     out_pcm, tokens = [], []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        graphs = no_cuda_graph() if e2e_layers(lm) else contextlib.nullcontext()
+        graphs = no_cuda_graph() if has_live_hooks(lm) else contextlib.nullcontext()
         with eager, graphs, mimi.streaming(1), gen.streaming(1):
             live = LiveE2E(lm) if e2e_layers(lm) else None  # the end-to-end memory learns
             steps = range(frames + 1)

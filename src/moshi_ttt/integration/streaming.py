@@ -87,6 +87,16 @@ def ttt_states(model: nn.Module) -> list[tuple[str, TTTState | E2EState | Recall
     ]
 
 
+def has_live_hooks(model: nn.Module) -> bool:
+    """Whether the model's memories run Python hooks at every streamed step (the end-to-end
+    memory's live update, the recall memory): CUDA graphs, which replay kernels without them,
+    must be off (``moshi.utils.compile.no_cuda_graph``)."""
+    if isinstance(getattr(model, "recall", None), RecallMemory):
+        return True
+    transformer = getattr(model, "transformer", None)
+    return transformer is not None and any(isinstance(m, PrimeMLP) for m in transformer.modules())
+
+
 def reset_ttt_states(model: nn.Module, mask: torch.Tensor | None = None) -> int:
     """Restart the TTT fast weights (``TTTLayer`` and In-Place states) of the sequences in
     ``mask`` (``[B]`` bool; None: all) while streaming; attention caches and positions go on.

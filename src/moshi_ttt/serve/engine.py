@@ -27,7 +27,7 @@ from torch import nn
 from ..generate import TEXT_EPAD, TEXT_PAD
 from ..integration.e2e import e2e_layers
 from ..integration.e2e_stream import LiveE2E
-from ..integration.streaming import ttt_states
+from ..integration.streaming import has_live_hooks, ttt_states
 
 
 def ttt_state_modules(model: nn.Module) -> list[tuple[str, object]]:
@@ -121,8 +121,8 @@ class Engine:
             no_compile if self.device.type == "cpu" else contextlib.nullcontext
         )  # moshi compiles lazily; eager on CPU as in ``generate``
         with torch.no_grad(), self._eager():
-            if e2e_layers(lm) and self.device.type == "cuda":
-                self._stack.enter_context(no_cuda_graph())  # the live memory's hooks must run
+            if has_live_hooks(lm) and self.device.type == "cuda":
+                self._stack.enter_context(no_cuda_graph())  # the live memories' hooks must run
             self._stack.enter_context(mimi.streaming(batch_size))
             self._stack.enter_context(self.gen.streaming(batch_size))
         # the end-to-end memory learns while it streams (its updates are timed there)
