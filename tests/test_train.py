@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -215,6 +216,61 @@ def test_interrupt_names_the_last_checkpoint(dataset, tmp_path, monkeypatch):
         train(cfg, progress=False)
     log = (tmp_path / "r" / "train.log").read_text()
     assert "interrupted at step 3 of 6" in log and "step_000002" in log and "--resume" in log
+
+
+def test_interrupt_before_first_checkpoint_same_command_starts_again(
+    dataset, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C before the first checkpoint: the message names the command that continues, and
+    that command (or it with --resume) starts the run again from step 0; another config is
+    refused."""
+    cfg = config(tmp_path / "r", [dataset["clean"]], max_steps=2, ckpt_every=2)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg.to_yaml(cfg_path)
+    argv = ["train", str(cfg_path), "--no-progress"]
+    real = trainer_mod.forward_output_terms
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def run(extra: list[str], stop: bool) -> tuple[int, str, str]:
+        monkeypatch.setattr(trainer_mod, "forward_output_terms", interrupt if stop else real)
+        code = main(argv + extra)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, out, _ = run([], stop=True)
+    command = "moshi-ttt " + shlex.join(argv)
+    assert code == 130
+    assert f"last complete checkpoint: none yet; start it again (from step 0, in the same " \
+           f"run_dir) with: {command}\n" in out  # fmt: skip
+    # the same command, the same config: from step 0, said in one line
+    code, out, err = run([], stop=False)
+    assert code == 0, err
+    assert "holds a run of this config that wrote no checkpoint (interrupted before its " \
+           "first): starting it again from step 0" in out  # fmt: skip
+    assert [r["step"] for r in metrics(tmp_path / "r")] == [1, 2]
+    # --resume on a run_dir with no checkpoint and the same config: also from step 0
+    shutil.rmtree(tmp_path / "r" / "checkpoints")
+    code, out, err = run(["--resume"], stop=True)
+    assert code == 130 and "start it again" in out and "--resume" not in out.split("with: ")[-1]
+    code, out, err = run(["--resume"], stop=False)
+    assert code == 0, err
+    assert "--resume: run_dir" in out and "starting it again from step 0" in out
+    assert [r["step"] for r in metrics(tmp_path / "r")] == [1, 2]
+    # a checkpoint now: the interrupt names --resume
+    code, out, _ = run(["--set=max_steps=4", "--allow-inexact-resume", "--resume"], stop=True)
+    assert code == 130 and "step_000002; continue it with: moshi-ttt " in out
+    assert out.rstrip().endswith("--allow-inexact-resume --resume")
+    # another config in a run_dir with no checkpoint: refused, naming the difference
+    shutil.rmtree(tmp_path / "r" / "checkpoints")
+    code, _, err = run(["--set=lr=1e-3"], stop=False)
+    assert code == 2 and "its config.yaml differs: lr: 0.003" in err and "--force" in err
+    code, _, err = run(["--set=lr=1e-3", "--resume"], stop=False)
+    assert code == 2 and "its config.yaml differs" in err
+    # a run_dir with no run at all: --resume is an error
+    code, _, err = run([f"--set=run_dir={tmp_path / 'empty'}", "--resume"], stop=False)
+    assert code == 2 and "no checkpoint" in err and "drop --resume" in err
 
 
 # -- one process == two processes -------------------------------------------------------------

@@ -125,13 +125,37 @@ def run_train(args: argparse.Namespace) -> None:
     resume = args.resume_from or args.resume
     result = train(cfg, resume=resume, progress=not args.no_progress, device=args.device,
                    allow_inexact_resume=args.allow_inexact_resume,
-                   overwrite=args.force, requeue=args.requeue)  # fmt: skip
+                   overwrite=args.force, requeue=args.requeue,
+                   command=continue_command(getattr(args, "argv", None)))  # fmt: skip
     if result.is_main:
         print_bad_files(result.bad_files, result.files_total, result.run_dir / BAD_FILES)
     if result.final_metrics and result.is_main:
         m = result.final_metrics
         print(f"done: {result.steps} steps, loss {m['loss']:.4f} (text {m['text_loss']:.4f}, "
               f"audio {m['audio_loss']:.4f}); checkpoint {result.last_checkpoint}")  # fmt: skip
+
+
+def continue_command(argv: list[str] | None) -> str | None:
+    """The command line that continues a run started with ``argv`` (``train CONFIG ...``):
+    the same, without ``--resume``, ``--resume-from``, ``--force`` and ``--requeue`` (the
+    trainer adds ``--resume`` when there is a checkpoint). Under torchrun, its launcher
+    options are not known: "torchrun ... -m moshi_ttt.cli train ...". None without argv."""
+    import os
+    import shlex
+
+    if not argv:
+        return None
+    drop, kept, skip = ("--resume", "--force", "--requeue"), [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume-from":
+            skip = True
+        elif arg not in drop and not arg.startswith("--resume-from="):
+            kept.append(arg)
+    many = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    prog = "torchrun <the same launcher options> -m moshi_ttt.cli" if many else "moshi-ttt"
+    return f"{prog} {shlex.join(kept)}"
 
 
 def run_plan(args: argparse.Namespace) -> None:

@@ -42,8 +42,13 @@ RESUME_FREE_KEYS = (
 )  # fmt: skip
 
 
-def check_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """A new run must not mix with (or replace) a previous one without ``overwrite``."""
+def check_fresh_run_dir(
+    run_dir: Path, overwrite: bool, cfg: TrainConfig | None = None
+) -> str | None:
+    """A new run must not mix with (or replace) a previous one without ``overwrite``.
+
+    A ``run_dir`` that holds a run of ``cfg``'s config that wrote no checkpoint (interrupted
+    before its first) is started again from step 0: the line that says so (else None)."""
     if list_checkpoints(run_dir / "checkpoints") and not overwrite:
         raise ValueError(
             f"run_dir {run_dir}: {run_dir / 'checkpoints'} already holds checkpoints: pass "
@@ -51,11 +56,42 @@ def check_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
             "another run_dir"
         )
     found = existing(run_dir, RUN_FILES)
-    if found and not overwrite:
+    if not found or overwrite:
+        return None
+    line = restartable(run_dir, cfg, "") if cfg is not None else None
+    if line is not None:
+        return line
+    raise ValueError(
+        f"run_dir {run_dir}: already holds a run ({', '.join(found)}): pass --resume to "
+        "continue it, --force to start afresh (deletes those), or choose another run_dir"
+    )
+
+
+def restartable(run_dir: Path, cfg: TrainConfig, flag: str) -> str | None:
+    """For a ``run_dir`` with no checkpoint: the line that says it starts again from step 0
+    when its ``config.yaml`` is ``cfg``'s (up to ``RESUME_FREE_KEYS``), None when it has no
+    config; a ``ValueError`` naming the differences when it has another config."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        before = TrainConfig.load(path)
+    except (OSError, ValueError) as e:
         raise ValueError(
-            f"run_dir {run_dir}: already holds a run ({', '.join(found)}): pass --resume to "
-            "continue it, --force to start afresh (deletes those), or choose another run_dir"
+            f"run_dir {run_dir}: holds a run with no checkpoint whose {path.name} cannot be "
+            f"read ({e}): pass --force to start afresh (deletes it), or choose another run_dir"
+        ) from None
+    differences = config_differences(before, cfg)
+    if differences:
+        raise ValueError(
+            f"run_dir {run_dir}: holds another run (no checkpoint; its config.yaml differs: "
+            f"{'; '.join(differences)}): pass --force to start afresh with this config "
+            "(deletes it), or choose another run_dir"
         )
+    return (
+        f"{flag + ': ' if flag else ''}run_dir {run_dir} holds a run of this config that wrote "
+        "no checkpoint (interrupted before its first): starting it again from step 0"
+    )
 
 
 def clear_run_dir(run_dir: Path) -> None:
@@ -81,7 +117,10 @@ def checkpoint_to_resume(run_dir: Path, resume: bool | str | Path) -> Path | Non
         return find_checkpoint(ckpt, use="pass --resume-from")
     root = run_dir / "checkpoints"
     if not list_checkpoints(root):
-        raise FileNotFoundError(f"--resume: no checkpoint in {root}")
+        raise FileNotFoundError(
+            f"--resume: no checkpoint in {root} and no config.yaml of an earlier run in "
+            f"{run_dir}: drop --resume to start this run"
+        )
     try:
         return find_checkpoint(run_dir, use="pass --resume-from")
     except CorruptCheckpoint as e:
@@ -125,6 +164,14 @@ def resume_differences(ckpt: Path, cfg: TrainConfig) -> list[str]:
     """``"key: CHECKPOINT -> NOW"`` for every setting that differs from the checkpoint's
     config and changes the data order, shapes or results (not in ``RESUME_FREE_KEYS``)."""
     before = checkpoint_config(ckpt)
+    return config_differences(before, cfg, int(read_state(ckpt)["step"]), "in the checkpoint")
+
+
+def config_differences(before: TrainConfig, cfg: TrainConfig, step: int | None = None,
+                       where: str = "in run_dir's config.yaml") -> list[str]:  # fmt: skip
+    """Every setting of ``cfg`` that differs from ``before`` (not in ``RESUME_FREE_KEYS``);
+    with ``step`` (a checkpoint's), a ``max_steps`` that keeps those steps exact is no
+    difference."""
     old = _flat(before.to_dict())
     new = _flat(cfg.to_dict())
     keys = sorted(set(old) | set(new))
@@ -133,9 +180,9 @@ def resume_differences(ckpt: Path, cfg: TrainConfig) -> list[str]:
     for k in keys:
         if old.get(k) == new.get(k) or k.startswith(free):
             continue
-        line = f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now"
-        if k == "max_steps":
-            why = _max_steps_change(before, cfg, int(read_state(ckpt)["step"]))
+        line = f"{k}: {old.get(k)!r} {where}, {new.get(k)!r} now"
+        if k == "max_steps" and step is not None:
+            why = _max_steps_change(before, cfg, step)
             if why is None:
                 continue  # an exact continuation: the steps already trained are unchanged
             line += f" ({why})"

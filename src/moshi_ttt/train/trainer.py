@@ -58,6 +58,7 @@ from .rundir import (
     check_ttt_layers_against_base,
     checkpoint_to_resume,
     clear_run_dir,
+    restartable,
     restore_rng,
     resume_differences,
     save_run_checkpoint,
@@ -155,7 +156,8 @@ class _Run:
 
 def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool = True,
           device: str = "auto", allow_inexact_resume: bool = False,
-          overwrite: bool = False, requeue: bool = False) -> TrainResult:  # fmt: skip
+          overwrite: bool = False, requeue: bool = False,
+          command: str | None = None) -> TrainResult:  # fmt: skip
     """Run (or ``resume``) the training described by ``cfg``; see the module docstring.
 
     ``resume``: True = the newest checkpoint of ``run_dir``, or a ``checkpoints/step_*``
@@ -166,19 +168,26 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool
     ``allow_inexact_resume`` logged as a warning: the run is then not exact).
 
     ``requeue`` (a requeued SLURM job): resume if ``run_dir`` has a complete checkpoint, else
-    start afresh, replacing what an earlier attempt that wrote no checkpoint left there.
+    start afresh, replacing what an earlier attempt that wrote no checkpoint left there. A
+    run_dir whose run wrote no checkpoint and has ``cfg``'s config (``config.yaml``) is
+    started again from step 0 likewise, with or without ``resume``.
+
+    ``command``: the command line that continues this run, for the message of an interrupt.
     """
     cfg.resolve_grad_accum(int(os.environ.get("WORLD_SIZE", "1")))
     run_dir = check_output_dir(cfg.run_dir, "run_dir")
     if requeue:
         resume = bool(list_checkpoints(run_dir / "checkpoints"))
         overwrite = not resume
-    start, differences = _preflight(cfg, run_dir, resume, overwrite, allow_inexact_resume)
+    start, differences, restart = _preflight(cfg, run_dir, resume, overwrite,
+                                             allow_inexact_resume)  # fmt: skip
     d = init_distributed(device)
-    if overwrite and not resume and d.is_main:
+    if start is None and (overwrite or restart is not None) and d.is_main:
         clear_run_dir(run_dir)
     barrier()
     run = _setup(cfg, d, run_dir)
+    if restart is not None and run.writer is not None:
+        run.writer.message(restart)
     if start is not None:
         _resume_from(run, start, differences)
     _announce(run, start)
@@ -199,11 +208,7 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool
             _evaluate_and_checkpoint(run)
     except KeyboardInterrupt:
         if run.writer is not None:
-            run.writer.message(
-                f"interrupted at step {run.step} of {cfg.max_steps}; last complete checkpoint: "
-                f"{run.last_ckpt or 'none (nothing to resume: start again)'}"
-                + ("; continue it with the same command and --resume" if run.last_ckpt else "")
-            )
+            run.writer.message(interrupt_message(run, command))
         raise
     except DataError as e:
         raise TrainingStopped(
@@ -218,17 +223,33 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool
 
 
 # -- the phases of train ------------------------------------------------------------------------
+def interrupt_message(run: _Run, command: str | None) -> str:
+    """The line an interrupted run ends with: where it stopped, its last complete checkpoint
+    and the command that continues it (``command``: this run's, without ``--resume``,
+    ``--resume-from``, ``--force`` or ``--requeue``; None: "the same command")."""
+    cmd = command or "the same command"
+    head = f"interrupted at step {run.step} of {run.cfg.max_steps}; last complete checkpoint: "
+    if run.last_ckpt:
+        return f"{head}{run.last_ckpt}; continue it with: {cmd} --resume"
+    return f"{head}none yet; start it again (from step 0, in the same run_dir) with: {cmd}"
+
+
 def _preflight(
     cfg: TrainConfig,
     run_dir: Path,
     resume: bool | str | Path,
     overwrite: bool,
     allow_inexact_resume: bool,
-) -> tuple[Path | None, list[str]]:
+) -> tuple[Path | None, list[str], str | None]:
     """Every check that needs no model, before any work: ``(checkpoint to resume or None, its
-    settings that differ from cfg's)``."""
-    if not resume:
-        check_fresh_run_dir(run_dir, overwrite)
+    settings that differ from cfg's, the line saying run_dir's run that wrote no checkpoint
+    starts again from step 0 or None)``."""
+    restart = None
+    if resume is True and not list_checkpoints(run_dir / "checkpoints"):
+        restart = restartable(run_dir, cfg, "--resume")  # no checkpoint yet: from step 0
+        resume = resume if restart is None else False
+    if not resume and restart is None:
+        restart = check_fresh_run_dir(run_dir, overwrite, cfg)
     check_ttt_layers_against_base(cfg)
     check_data_paths(cfg)
     start = checkpoint_to_resume(run_dir, resume)
@@ -239,7 +260,7 @@ def _preflight(
             f"resumed run would not be exact: {'; '.join(differences)}. Use the checkpoint's "
             "values, or pass --allow-inexact-resume to continue anyway (not exact)"
         )
-    return start, differences
+    return start, differences, restart
 
 
 def _setup(cfg: TrainConfig, d: Dist, run_dir: Path) -> _Run:
