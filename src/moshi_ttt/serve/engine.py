@@ -27,7 +27,8 @@ from torch import nn
 from ..generate import TEXT_EPAD, TEXT_PAD
 from ..integration.e2e import e2e_layers
 from ..integration.e2e_stream import LiveE2E
-from ..integration.streaming import has_live_hooks, ttt_states
+from ..integration.streaming import has_live_hooks, reset_ttt_states, ttt_states
+from .memory_stats import MemoryStats
 
 
 def ttt_state_modules(model: nn.Module) -> list[tuple[str, object]]:
@@ -127,6 +128,7 @@ class Engine:
             self._stack.enter_context(self.gen.streaming(batch_size))
         # the end-to-end memory learns while it streams (its updates are timed there)
         self.live = LiveE2E(lm) if e2e_layers(lm) else None
+        self.memory = MemoryStats(lm, self.live, batch_size)  # the web page's memory panel
         self.first = np.zeros(batch_size, dtype=bool)  # the row's next frame is its first
         self.closed = False
 
@@ -144,16 +146,32 @@ class Engine:
         return mask
 
     @torch.no_grad()
-    def join(self, row: int, ttt: dict[str, torch.Tensor] | None = None) -> None:
+    def join(
+        self,
+        row: int,
+        ttt: dict[str, torch.Tensor] | None = None,
+        memory: dict | None = None,
+    ) -> None:
         """Start a conversation in ``row``: reset only that row's streaming state (Mimi, LMGen,
-        KV caches, TTT), then restore ``ttt`` (a saved TTT state) if given."""
+        KV caches, TTT), then restore ``ttt`` (a saved TTT state) if given, and ``memory`` (the
+        memory panel's counters, ``MemoryStats.export``)."""
         mask = self._mask([row])
         with self._eager():
             self.mimi.reset_streaming(mask.to(self.mimi_device))
             self.gen.reset_streaming(mask.to(self.device))
             if ttt is not None:
                 load_ttt_state(self.lm, row, ttt)
+        self.memory.join(row, memory)
         self.first[row] = True
+
+    @torch.no_grad()
+    def reset_memory(self, row: int) -> None:
+        """Restart the memories of ``row`` only (TTT fast weights, the end-to-end memory and its
+        unfinished chunk, the recall memory: ``reset_ttt_states``); the conversation goes on
+        (Mimi, LMGen and the attention caches are untouched)."""
+        with self._eager():
+            reset_ttt_states(self.lm, self._mask([row]).to(self.device))
+        self.memory.memory_reset(row)
 
     def ttt_state(self, row: int) -> dict[str, torch.Tensor]:
         """The TTT fast weights of ``row`` now (CPU copies)."""
@@ -176,6 +194,7 @@ class Engine:
                 self.first[first] = False
             self.gen.set_exec_mask(act.to(self.device))
             out = self.gen.step(codes[:, : self.n_in].to(self.device))  # [B, 1 + dep_q, 1]
+            self.memory.after_step(act)
             valid = act.to(out.device) & (out[:, :, 0] >= 0).all(dim=1)
             if not valid.any():
                 return [None] * self.batch_size

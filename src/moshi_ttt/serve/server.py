@@ -15,7 +15,12 @@ Beyond moshi:
 - ``GET /api/stats``: sessions, per-frame processing time (p50/p99 against the 80 ms budget),
   frames dropped, refusals, bad clients;
 - a bad client (text or unknown messages, garbage, oversized or non-Opus messages, not reading,
-  gone mid-frame) is logged and its connection closed; the other rows never see it.
+  gone mid-frame) is logged and its connection closed; the other rows never see it;
+- the memory panel of the web page (``web/``): with ``/api/chat?memory=1`` the server also sends
+  ``0x10`` + UTF-8 JSON (``MemoryStats.report``: the memory's updates, losses, distances, frame
+  times), once after the handshake and every ``REPORT_EVERY`` frames; moshi's clients never ask
+  for it, so they never see this kind. A client may send ``0x11`` (no payload): reset this
+  conversation's memory only (``Engine.reset_memory``), the conversation goes on.
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ CLOSE_POLICY = 1008
 CLOSE_UNSUPPORTED = 1003
 CLOSE_TOO_BIG = 1009
 SESSION_ID_HEADER = "X-Moshi-TTT-Session-Id"
+KIND_AUDIO, KIND_TEXT = 0x01, 0x02  # moshi's
+KIND_MEMORY = 0x10  # server -> client, JSON memory stats (only with ?memory=1)
+KIND_RESET_MEMORY = 0x11  # client -> server: reset this conversation's memory only
+REPORT_EVERY = 5  # frames between two memory reports (0.4 s)
 
 
 @dataclass
@@ -98,7 +107,7 @@ class Session:
         self.writer = sphn.OpusStreamWriter(sample_rate)
         self.pending = np.zeros(0, dtype=np.float32)  # decoded samples short of a frame
         self.frames: deque[np.ndarray] = deque()
-        self.out: asyncio.Queue[RowOutput | None] = asyncio.Queue(maxsize=send_backlog)
+        self.out: asyncio.Queue[RowOutput | dict | None] = asyncio.Queue(maxsize=send_backlog)
         self.ready = False  # joined the engine
         self.closed = False
         self.close_reason: str | None = None
@@ -107,6 +116,8 @@ class Session:
         self.resumed_frames = 0  # frames of the conversation before this connection
         self.snapshot_frames = 0  # frames_in at its last snapshot
         self.left = asyncio.Event()  # set once gone: row freed, memory saved, token released
+        self.watch = False  # sends memory reports (``?memory=1``)
+        self.max_ms = 0.0  # longest frame since the last memory report
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -227,13 +238,18 @@ class ChatServer:
                     active[row], batch[row] = True, s
             if not active.any():
                 continue
-            start = time.perf_counter()
+            due = [
+                row
+                for row, s in enumerate(batch)
+                if s is not None and s.watch and (s.frames_in + 1) % REPORT_EVERY == 0
+            ]
             try:
-                outs = await loop.run_in_executor(self.pool, self.engine.step, pcm, active)
+                outs, ms, reports = await loop.run_in_executor(
+                    self.pool, self._tick, pcm, active, due, batch
+                )
             except Exception:  # a bug, not a client's doing: log it, keep serving
                 log.exception("engine step failed")
                 continue
-            ms = 1000 * (time.perf_counter() - start)
             self.frame_ms.append(ms)
             self.counters["frames"] += 1
             self.counters["over_budget"] += ms > FRAME_BUDGET_MS
@@ -252,6 +268,8 @@ class ChatServer:
                 if s is None:
                     continue
                 s.frames_in += 1
+                if row in reports and not s.closed:
+                    self._report(s, reports[row])
                 out = outs[row]
                 if out is None or s.closed:
                     continue
@@ -261,6 +279,59 @@ class ChatServer:
                     self._not_reading(s, f"{s.out.qsize()} frames unsent")
             if any(s is not None and s.ready and s.frames for s in self.rows):
                 self._wake.set()
+
+    def _tick(
+        self, pcm: np.ndarray, active: np.ndarray, due: list[int], batch: list[Session | None]
+    ) -> tuple[list[RowOutput | None], float, dict[int, dict]]:
+        """On the engine's thread: one step (timed), then the memory reports of the ``due``
+        rows (their sessions watch the memory)."""
+        start = time.perf_counter()
+        outs = self.engine.step(pcm, active)
+        ms = 1000 * (time.perf_counter() - start)
+        reports = {}
+        for s in batch:
+            if s is not None:
+                s.max_ms = max(s.max_ms, ms)
+        for row in due:
+            s = batch[row]
+            assert s is not None
+            reports[row] = self.engine.memory.report(row, point={"frame_ms": round(s.max_ms, 2)})
+            s.max_ms = 0.0
+        return outs, ms, reports
+
+    def _report(self, s: Session, report: dict[str, Any]) -> None:
+        """Queue a memory report for ``s`` with the frame counters of now (dropped if the
+        client is behind: the next one carries the same counters)."""
+        vals = list(self.frame_ms)
+        report.update(
+            frames_dropped=s.dropped,
+            backlog=len(s.frames),
+            budget_ms=FRAME_BUDGET_MS,
+            frame_ms={
+                "p50": _percentile(vals, 50),
+                "p99": _percentile(vals, 99),
+                "last": vals[-1] if vals else None,
+            },  # fmt: skip
+            sessions=self.sessions_count(),
+            max_sessions=self.config.max_sessions,
+        )
+        with contextlib.suppress(asyncio.QueueFull):
+            s.out.put_nowait(report)
+
+    async def _reset_memory(self, s: Session) -> None:
+        """The client asked: reset its conversation's memory only, then report at once."""
+        if not s.ready or s.closed:
+            return
+        loop = asyncio.get_running_loop()
+
+        def reset() -> dict[str, Any]:
+            self.engine.reset_memory(s.row)
+            return self.engine.memory.report(s.row)
+
+        report = await loop.run_in_executor(self.pool, reset)
+        log.info("session %d: memory reset by the client", s.id)
+        if s.watch and not s.closed:
+            self._report(s, report)
 
     # -- HTTP endpoints ------------------------------------------------------------------------
     def sessions_count(self) -> int:
@@ -342,6 +413,7 @@ class ChatServer:
             return await self._refuse(ws, CLOSE_POLICY, "unknown or expired session token")
         s = Session(sid, ws, -1, token, self.frame, self.sample_rate, self.config.max_send_backlog)
         s.transport = transport
+        s.watch = request.query.get("memory") == "1"
         try:
             if token is not None and not await self._claim(s, token):
                 return await self._refuse(ws, CLOSE_POLICY, s.close_reason or "")
@@ -363,7 +435,7 @@ class ChatServer:
         loop = asyncio.get_running_loop()
         sender = None
         try:
-            saved = None
+            saved, meta = None, {}
             if token is not None:
                 try:
                     loaded = await loop.run_in_executor(None, self.store.load, token)
@@ -375,7 +447,9 @@ class ChatServer:
                     saved, meta = loaded
                     s.resumed_frames = int(meta.get("frames", 0))
             try:
-                await loop.run_in_executor(self.pool, self.engine.join, row, saved)
+                hello = await loop.run_in_executor(
+                    self.pool, self._join, row, saved, meta.get("memory"), s.watch
+                )
             except ValueError as e:
                 log.warning("session %d: %s", s.id, e)
                 self._fail(
@@ -391,6 +465,9 @@ class ChatServer:
                 "resumed" if saved is not None else "new conversation",
             )
             await ws.send_bytes(b"\x00")
+            if hello is not None:  # the memory panel: what the model has, the restored history
+                hello.update(hello=True, resumed=saved is not None, session_id=s.id)
+                self._report(s, hello)
             s.ready = True
             sender = asyncio.create_task(self._send_loop(s))
             await self._recv_loop(s)
@@ -420,6 +497,17 @@ class ChatServer:
             )
         return ws
 
+    def _join(
+        self, row: int, saved: dict | None, memory: dict | None, watch: bool
+    ) -> dict[str, Any] | None:
+        """On the engine's thread: start the row (``Engine.join``); for a client that watches
+        the memory, its first report (with the history a resumed session saved)."""
+        self.engine.join(row, saved, memory)
+        self.engine.memory.watch(row, watch)
+        if not watch:
+            return None
+        return {**self.engine.memory.report(row), **self.engine.memory.describe()}
+
     async def _snapshot_loop(self) -> None:
         """Every ``snapshot_every_s``: save the memory of each open resumable conversation that
         heard something since its last save (atomic writes: a crash keeps the previous one)."""
@@ -438,8 +526,12 @@ class ChatServer:
     async def _save(self, s: Session) -> Path | None:
         """Save the row's memory under the session's token (from the engine's thread)."""
         loop = asyncio.get_running_loop()
-        tensors = await loop.run_in_executor(self.pool, self.engine.ttt_state, s.row)
-        meta = {"frames": s.resumed_frames + s.frames_in}
+
+        def state() -> tuple[dict, dict]:
+            return self.engine.ttt_state(s.row), self.engine.memory.export(s.row)
+
+        tensors, memory = await loop.run_in_executor(self.pool, state)
+        meta = {"frames": s.resumed_frames + s.frames_in, "memory": memory}
         assert s.token is not None
         return await loop.run_in_executor(None, self.store.save, s.token, tensors, meta)
 
@@ -482,6 +574,10 @@ class ChatServer:
         except Exception:
             log.exception("session %d: saving its state failed", s.id)
         finally:
+            if s.watch:
+                await asyncio.get_running_loop().run_in_executor(
+                    self.pool, self.engine.memory.watch, s.row, False
+                )
             self.reserved.discard(s.row)
             if s.token is not None and self.live.get(s.token) is s:
                 del self.live[s.token]
@@ -516,7 +612,10 @@ class ChatServer:
             if not data:
                 self._fail(s, "empty message", CLOSE_UNSUPPORTED)
                 return
-            if data[0] != 1:
+            if data[0] == KIND_RESET_MEMORY and len(data) == 1:
+                asyncio.ensure_future(self._reset_memory(s))
+                continue
+            if data[0] != KIND_AUDIO:
                 self._fail(s, f"unknown message kind {data[0]}", CLOSE_UNSUPPORTED)
                 return
             self._audio(s, data[1:])
@@ -558,6 +657,20 @@ class ChatServer:
             out = await s.out.get()
             if out is None:
                 return
+            if isinstance(out, dict):  # a memory report
+                try:
+                    data = bytes([KIND_MEMORY]) + json.dumps(out, allow_nan=False).encode()
+                    await asyncio.wait_for(s.ws.send_bytes(data), timeout)
+                except asyncio.TimeoutError:
+                    self._not_reading(s, f"a send blocked {timeout:g} s")
+                    return
+                except (ConnectionResetError, aiohttp.ClientConnectionResetError,
+                        RuntimeError) as e:  # fmt: skip
+                    self._fail(s, f"connection lost while sending: {e}", CLOSE_POLICY, bad=False)
+                    return
+                except ValueError:  # a non-finite number slipped through: skip this report
+                    log.warning("session %d: memory report not JSON-able", s.id)
+                continue
             try:
                 opus = s.writer.append_pcm(out.pcm)
                 if len(opus) > 0:
