@@ -1,5 +1,5 @@
 """The Hub out of reach: a repo id fails fast with one error naming the repo, the file and the
-local-path alternative; ``serve`` without ``--static`` starts with the API only."""
+local-path alternative; ``serve --static moshi`` without the Hub starts with the API only."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_hub_file_reads_the_cache_first(empty_hub, monkeypatch):
 def test_serve_without_the_ui_serves_the_api_only(empty_hub, monkeypatch, capsys, cut_off):
     cut_off(monkeypatch)
     start = time.monotonic()
-    assert serve_cli._static_dir(None) is None
+    assert serve_cli._static_dir("moshi") is None
     assert time.monotonic() - start < 5
     err = capsys.readouterr().err
     assert err.count("\n") == 1

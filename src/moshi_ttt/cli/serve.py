@@ -1,7 +1,8 @@
 """``moshi-ttt serve``: talk to Moshi (with its TTT memory) through moshi's websocket protocol.
 
-    moshi-ttt serve --adapter DIR                   # web UI at http://localhost:8998
+    moshi-ttt serve --adapter DIR                   # our web page at http://localhost:8998
     moshi-ttt serve --tiny --static none --port 8998 --max-sessions 4
+    moshi-ttt serve --tiny --static moshi           # moshi's web UI (from the Hub) instead
     python -m moshi.client --host localhost --port 8998
 
 See docs/serving.md.
@@ -38,10 +39,11 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8998, help="port (default 8998, as moshi)")
     p.add_argument(
         "--static",
-        metavar="DIR|none",
-        help="web UI directory; 'none': no UI; default: moshi's UI from the Hub "
-        "(kyutai/moshi-artifacts dist.tgz, as moshi.server), or the API only when the Hub "
-        "cannot be reached",
+        metavar="DIR|moshi|none",
+        help="the web page: default, this package's own (talk, resume a conversation, watch "
+        "the memory; no download); DIR: a directory with an index.html; 'moshi': moshi's web "
+        "UI from the Hub (kyutai/moshi-artifacts dist.tgz, as moshi.server; the API only when "
+        "the Hub cannot be reached); 'none': the API only",
     )
     p.add_argument(
         "--max-sessions",
@@ -110,12 +112,17 @@ UI_REPO, UI_FILE = "kyutai/moshi-artifacts", "dist.tgz"  # moshi's built web UI
 
 
 def _static_dir(static: str | None) -> str | None:
-    """The directory of the web page: ``--static DIR``, none for ``--static none``, else moshi's
-    web UI from the Hub (or the local cache). When that cannot be had the server starts with
-    the API only, after one line saying how to get a page."""
+    """The directory of the web page: this package's page (``serve/web``) by default,
+    ``--static DIR``, none for ``--static none``, or for ``--static moshi`` moshi's web UI from
+    the Hub (or the local cache); when that cannot be had the server starts with the API only,
+    after one line saying how to get a page."""
+    if static is None:
+        from ..serve import WEB_DIR
+
+        return str(WEB_DIR)
     if static == "none":
         return None
-    if static is not None:
+    if static != "moshi":
         if not (Path(static) / "index.html").is_file():
             raise FileNotFoundError(f"--static {static}: no index.html in it")
         return static
@@ -124,9 +131,9 @@ def _static_dir(static: str | None) -> str | None:
     except OSError as e:  # unreachable Hub (HubFileMissing) or huggingface_hub's errors
         first = " ".join(str(e).split(";")[0].split())
         print(
-            f"moshi-ttt serve: no web UI ({first}); serving /api/chat only. For a page pass "
-            "--static DIR (a built moshi client, the directory with its index.html), or "
-            "--static none to silence this",
+            f"moshi-ttt serve: no moshi web UI ({first}); serving /api/chat only. For a page "
+            "leave --static out (this package's page) or pass --static DIR (a directory with "
+            "an index.html); --static none starts API-only without this line",
             file=sys.stderr,
         )
         return None
