@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 import struct
 
@@ -375,6 +376,53 @@ def _shows_data(png, areas, min_pixels: int = 20) -> bool:
         if int((colour & inside).sum()) < min_pixels:
             return False
     return True
+
+
+def test_cli_long_context_difference_lines_follow_one_sign_convention(librilight, tmp_path, capsys):
+    """Every printed difference is memory - control (negative: the memory helps), says so, and
+    has the sign of the numbers; report.md's headline and difference table too."""
+    cfg = tmp_path / "ttt.yaml"
+    TTTConfig(layers="1,3", kind="mlp", mini_batch_size=4, gate_init=0.5).to_yaml(cfg)
+    out = tmp_path / "lc"
+    argv = [str(librilight), "--tiny", "--ttt-config", str(cfg), "--device", "cpu", "--out",
+            str(out), *shlex.split("--chunk-frames 8 --bin-frames 10 --no-progress "
+                                   "--reset-every 16 --speedup-frames 0")]  # fmt: skip
+    assert main(["eval", "long-context", *argv]) == 0
+    printed = capsys.readouterr().out
+    md, data = _read_report(out)
+    summary = data["result"]["summary"]
+    m, primary = summary["metric"], summary["primary"]
+    ce = {part: {v: t[m] for v, t in summary[part].items()}
+          for part in ("beyond_context", "within_context")}  # fmt: skip
+    found = 0
+    for line in printed.splitlines():
+        diff = re.search(r"(\S+) - (\S+)(?: \(gate 0\))? = ([+-]\d+\.\d+) nats", line)
+        if diff is None:
+            assert not re.search(r" - \S+ = ", line), line  # no other difference format
+            continue
+        found += 1
+        a, b, value = diff.group(1), diff.group(2), float(diff.group(3))
+        assert "(negative: " in line, line  # the sign is spelled out
+        if (a, b) == ("memory", "base"):  # the harm line: inside the window, against gate 0
+            a, b, part = primary, "no_ttt", "within_context"
+            assert "(negative: the memory helps)" in line
+        else:
+            part = "beyond_context"
+            assert a == primary and b in ce[part], line  # memory minus control
+            inside = float(re.search(r"\(inside: ([+-]\d+\.\d+)\)", line).group(1))
+            assert inside == pytest.approx(ce["within_context"][a] - ce["within_context"][b],
+                                           abs=1e-4)  # fmt: skip
+            words = "the memory helps" if b == "no_ttt" else f"{primary} better"
+            assert f"(negative: {words})" in line
+        assert value == pytest.approx(ce[part][a] - ce[part][b], abs=1e-4), line
+    assert found == 3  # reset_every_16, no_ttt and the harm line
+    # report.md: the headline and the difference table, memory - control
+    d = ce["beyond_context"]["ttt"] - ce["beyond_context"]["no_ttt"]
+    assert f"ttt - no_ttt = {d:+.4f} nats (ttt {'better' if d < 0 else 'worse'}" in md
+    assert "negative: ttt better" in md and "| ttt - curve |" in md
+    assert data["long_context"]["gains"]["no_ttt"]["beyond_context"][m] == pytest.approx(
+        -d, abs=1e-9
+    )
 
 
 def test_shows_data_fails_on_an_empty_frame_and_a_lone_point_without_marker(tmp_path):

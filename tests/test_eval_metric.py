@@ -173,18 +173,18 @@ def test_report_tables_and_plots_text_only(shards, tmp_path):
                 continue  # fewer than 5 files: no p-value, and the CI column says so
             assert any(row[j] != "-" for row in rows), f"column {h!r} has no value"
     assert found[0][0][-1] == "text tokens" and "text CE >= ctx" in found[0][0]
-    # the gain plot: each control minus ttt, finite beyond the context
+    # the gain plot: ttt minus each control (negative: the memory helps), finite beyond the context
     gain = report.lines["gain_vs_position.png"]
     (curves,) = gain.values()
     for name in ("reset_every_8", "no_ttt"):
-        assert np.isfinite(curves[f"{name} - ttt"]).all()
+        assert np.isfinite(curves[f"ttt - {name}"]).all()
     # the inner-loss figure: the model panel draws text CE
     panels = report.lines["inner_loss_layer_0.png"]
     model = panels["model: text CE (same run)"]
     assert set(model) >= {"ttt", "no_ttt"} and all(np.isfinite(y).all() for y in model.values())
     comparison = report.lines["inner_vs_model_gain.png"]
     (lines,) = comparison.values()
-    assert np.isfinite(lines["model text CE: (no_ttt - ttt) / no_ttt"]).all()
+    assert np.isfinite(lines["model text CE: (ttt - no_ttt) / no_ttt"]).all()
 
 
 def test_audio_report_drops_the_text_columns(tmp_path):
@@ -221,8 +221,8 @@ def test_cli_prints_the_totals_of_the_chosen_metric(shards, tmp_path, capsys):
         expect = ", ".join(f"{k} {v.totals(a, b)[metric]:.4f}" for k, v in result.variants.items())
         assert match.group(1) == expect
     for name in ("reset_every_16", "no_ttt"):
-        d = result.variants[name].totals(ctx)[metric] - result.variants["ttt"].totals(ctx)[metric]
-        assert f"text CE beyond the context: {name} - ttt = {d:+.4f} nats" in printed
+        d = result.variants["ttt"].totals(ctx)[metric] - result.variants[name].totals(ctx)[metric]
+        assert f"text CE beyond the context: ttt - {name} = {d:+.4f} nats" in printed
     assert "audio CE" not in printed
     data = json.loads((out / "report.json").read_text())
     assert data["metric"] == data["result"]["metric"] == "text_ce"

@@ -78,7 +78,7 @@ def recall_verdict(table: dict[str, Any], recall: dict[str, Any] | None) -> dict
         words.append("real text beyond the window at least " + (", ".join(rivals) or "-"))
         harm = r["vs_base_within"]["difference"]
         checks["no_harm"] = bool(harm <= HARM_TOLERANCE)
-        words.append(f"inside the window {harm:+.4f} (at most +{HARM_TOLERANCE})")
+        words.append(f"inside the window, {row} - base {harm:+.4f} (at most +{HARM_TOLERANCE})")
         state = r["state_bytes_moshi7b"]["45000"] - kv
         checks["state"] = bool(state <= kv)
         words.append(f"7B state {state / 2**30:.2f} GiB (fixed; at most the window's KV "
@@ -98,6 +98,7 @@ def recall_verdict(table: dict[str, Any], recall: dict[str, Any] | None) -> dict
 
 
 QUICK_MARK = "[--quick: a smoke test of the pipeline, not a measurement] "
+SIGN = "row - base, negative: the row helps"  # docs/evaluation.md, "Sign convention"
 
 
 def verdict(table: dict[str, Any], recall: dict[str, Any] | None = None,
@@ -114,17 +115,17 @@ def verdict(table: dict[str, Any], recall: dict[str, Any] | None = None,
     dyn = table.get("dyneval")
     if dyn is not None:
         d = dyn["vs_base_beyond"]
-        lines.append(f"dyneval vs base beyond the window: {d['difference']:+.4f} nats "
-                     f"[{d['lo']:+.4f}, {d['hi']:+.4f}]")  # fmt: skip
+        lines.append(f"dyneval - base beyond the window: {d['difference']:+.4f} nats "
+                     f"[{d['lo']:+.4f}, {d['hi']:+.4f}] ({SIGN})")  # fmt: skip
     for name in ("retrofit", "e2e", "e2e_meta"):
         r = table.get(name)
         if r is None:
             continue
         within, beyond = r["vs_base_within"]["difference"], r["vs_base_beyond"]
         harm = "no harm" if within <= HARM_TOLERANCE else "HARM"
-        lines.append(f"{name} vs base: inside the window {within:+.4f} nats ({harm}, tolerance "
+        lines.append(f"{name} - base: inside the window {within:+.4f} nats ({harm}, tolerance "
                      f"{HARM_TOLERANCE}); beyond {beyond['difference']:+.4f} "
-                     f"[{beyond['lo']:+.4f}, {beyond['hi']:+.4f}]")  # fmt: skip
+                     f"[{beyond['lo']:+.4f}, {beyond['hi']:+.4f}] ({SIGN})")  # fmt: skip
         no_harm = bool(within <= HARM_TOLERANCE and beyond["difference"] <= 0)
         beats_dyn = dyn is None or r["ce_beyond"]["mean"] <= dyn["ce_beyond"]["mean"]
         if name == "retrofit":
@@ -156,7 +157,8 @@ def verdict(table: dict[str, Any], recall: dict[str, Any] | None = None,
                 out["e2e_meta_updates_gain"] = own
                 lines.append(f"e2e_meta minus its static control (the test-time updates' own "
                              f"part): inside the window {own['within']:+.4f}, beyond "
-                             f"{own['beyond']:+.4f} nats; the static control alone vs base: "
+                             f"{own['beyond']:+.4f} nats (negative: the updates help); the "
+                             "static control alone - base (inside / beyond): "
                              f"{static['vs_base_within']['difference']:+.4f} / "
                              f"{static['vs_base_beyond']['difference']:+.4f}")  # fmt: skip
     rv = recall_verdict(table, recall)
@@ -203,10 +205,11 @@ def write_report(out: Path, s: Any, results: dict, curves: dict,
                      f"{r['state_bytes_moshi7b']['45000'] / 2**30:.2f}"])  # fmt: skip
     report.add_text(
         "## Result\n\nText CE (nats per byte) inside (frames < C) and beyond the window, 95 % "
-        "bootstrap intervals over files; differences are paired over files (< 0: better than "
-        "the base). State: GiB per conversation for Moshi 7B at 45,000 frames (1 hour)."
+        "bootstrap intervals over files; differences are row - base, paired over files "
+        "(negative: better than the base, the memory helps). State: GiB per conversation for "
+        "Moshi 7B at 45,000 frames (1 hour)."
     )
-    report.add_table(["model", f"CE < {C}", f"CE >= {C}", "vs base < C", "vs base >= C",
+    report.add_table(["model", f"CE < {C}", f"CE >= {C}", "row - base < C", "row - base >= C",
                       "train s", "ms/frame here", "GiB @ 1 h (7B)"], rows)  # fmt: skip
     report.add_text("\n".join(f"- {line}" for line in results["verdict"]["lines"]))
     if "dyneval" in results["rows"]:
@@ -281,7 +284,7 @@ def _recall_section(report: Report, results: dict, recall: dict, C: int) -> None
         f"{', '.join(recall.get('not_scored', [])) or 'none'}."
         + _window_ceiling(shares.get("base", {}))
     )
-    report.add_table(["row", "CE recallable", "vs base", "CE other bytes",
+    report.add_table(["row", "CE recallable", "row - base", "CE other bytes",
                       *[f"needle {d}" for d in dists]], rows)  # fmt: skip
     chosen = [f"`{r}`: {results['rows'][r]['details']['label']} on "
               f"`{results['rows'][r]['details'].get('on', 'base')}`"

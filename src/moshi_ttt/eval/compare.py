@@ -9,7 +9,7 @@ so the comparison is paired.
   is) with a paired bootstrap interval and p-value over groups, per subset, plus McNemar's exact
   test on the pairs where both outcomes are 0 or 1.
 - Long-context reports: the per-file CE sums (``result.per_file``) are joined on the file
-  name; the CE difference A - B (nats per token; > 0: B better) of the headline metric beyond
+  name; the CE difference A - B (nats per token; negative: A better) of the headline metric beyond
   the attention context, within it and overall, with a paired bootstrap over files.
 
 ``summarize(paths)`` (``moshi-ttt eval summary``): every ``report.json`` under ``paths`` in one
@@ -29,6 +29,7 @@ import numpy as np
 from .pair_report import PUBLISHED, TITLES
 from .report import Report
 from .stats import (
+    flip_interval,
     fmt_interval,
     format_p,
     mcnemar_exact,
@@ -208,7 +209,7 @@ def _compare_long_context(
         "n_only_a": len(fa["names"]) - len(common),
         "n_only_b": len(fb["names"]) - len(common),
         "parts": out,
-        "sign": "CE A - B, nats per token (> 0: B better)",
+        "sign": "CE A - B, nats per token (negative: A better)",
     }
 
 
@@ -245,7 +246,7 @@ def compare_lines(c: dict[str, Any]) -> list[str]:
         return lines
     lines = [
         f"long context, {c['metric']}: {c['variant_a']} (A) vs {c['variant_b']} (B), "
-        f"{c['n_common_files']} common files; CE A - B (> 0: B better):"
+        f"{c['n_common_files']} common files; CE A - B (negative: A better):"
     ]
     for part, d in c["parts"].items():
         lines.append(
@@ -468,17 +469,18 @@ def summarize(paths: list[str | Path], out_dir: str | Path) -> Report:
                     m,
                     fmt_interval({"mean": t[m], **ci}, 1, 4) if t[m] is not None else "-",
                     f"{entry['ppl_beyond']:.3g}" if entry["ppl_beyond"] else "-",
-                    fmt_interval(diff, 1, 4, "difference") if diff else "-",
+                    fmt_interval(flip_interval(diff), 1, 4, "difference") if diff else "-",
                     _p(diff.get("p_value")) if diff else "-",
                 ]
             )
     if lc_rows:
         report.add_text(
             "## Long context (beyond the attention context; 95 % bootstrap CI over files; "
-            "difference = variant - the report's primary, > 0: primary better)"
+            "difference = the report's primary - variant, negative: the primary better; "
+            'docs/evaluation.md, "Sign convention")'
         )
         report.add_table(
-            ["model", "variant", "metric", "CE (nats)", "ppl", "- primary", "p"], lc_rows
+            ["model", "variant", "metric", "CE (nats)", "ppl", "primary -", "p"], lc_rows
         )
         _plot_long_context(report, longs, labels)
     report.data.update(kind="summary", pairs=data_rows, long_context=lc_data,

@@ -9,7 +9,8 @@ binned by position (the TTT step = frame of the temporal transformer's input).
 
 A healthy memory: ``l0 > lprev > lafter``, and the memory gap ``l0 - lprev`` (what the
 accumulated fast weights give over W0) grows with position. The report compares that with the
-model-loss gain of the same run (``no_ttt`` minus ``ttt``) on the scored metric (``"auto"``:
+model-loss change of the same run (``ttt`` minus ``no_ttt``, negative: the memory helps; the
+inner one plotted as ``lprev - l0``) on the scored metric (``"auto"``:
 audio CE when audio tokens are scored beyond the context, else text CE; ``choose_metric``): the
 seeds' run saw a 99 % inner improvement and no model-loss improvement.
 """
@@ -229,8 +230,9 @@ def write_inner_loss_section(
     """Per-layer plots of l0/lprev/lafter against position, each beside the model's loss of
     the same run (``model_curves``) on ``metric`` (``"auto"``: audio CE when audio tokens are
     scored beyond ``context``, else text CE; or one of ``long_context.METRICS``), the
-    verdicts, and a comparison plot of the relative inner gain ``(l0 - lprev) / l0`` with the
-    relative model gain ``(baseline - reference) / baseline`` on that metric. Returns (and
+    verdicts, and a comparison plot of the relative inner change ``(lprev - l0) / l0`` with the
+    relative model change ``(reference - baseline) / baseline`` on that metric (negative: the
+    memory helps). Returns (and
     stores under ``report.data``) the numbers, ``metric`` resolved (None without
     ``model_curves``)."""
     check_metric(metric)
@@ -312,7 +314,7 @@ def _plot_comparison(
     for i, (layer, c) in enumerate(binned.items()):
         l0, lp = np.asarray(c["l0"], dtype=float), np.asarray(c["lprev"], dtype=float)
         x = (np.asarray(c["start"]) + np.asarray(c["end"]) - 1) / 2
-        ax.plot(x, (l0 - lp) / l0, label=f"{layer}: (l0 - lprev) / l0", **curve_style(i, len(x)))
+        ax.plot(x, (lp - l0) / l0, label=f"{layer}: (lprev - l0) / l0", **curve_style(i, len(x)))
     if metric is not None and reference in model_binned and baseline in model_binned:
         ref = np.asarray(model_binned[reference][metric], dtype=float)
         base = np.asarray(model_binned[baseline][metric], dtype=float)
@@ -321,21 +323,25 @@ def _plot_comparison(
         x = (np.asarray(b["start"]) + np.asarray(b["end"]) - 1) / 2
         ax.plot(
             x[:n],
-            (base[:n] - ref[:n]) / base[:n],
+            (ref[:n] - base[:n]) / base[:n],
             "k-",
             marker="s",
-            label=f"model {METRIC_LABELS[metric]}: ({baseline} - {reference}) / {baseline}",
+            label=f"model {METRIC_LABELS[metric]}: ({reference} - {baseline}) / {baseline}",
         )
     if context:
         ax.axvline(context, color="k", ls="--", lw=1)
     ax.axhline(0, color="grey", lw=0.8)
     ax.set(
         xlabel="position (frames)",
-        ylabel="relative improvement",
-        title="Inner-loss gain vs model-loss gain",
+        ylabel="relative change, memory - no memory",
+        title="Inner loss vs model loss: relative change (negative: the memory helps)",
     )
     ax.legend(fontsize=7)
-    report.add_figure(fig, f"{prefix}inner_vs_model_gain.png", "Inner vs model improvement")
+    report.add_figure(
+        fig, f"{prefix}inner_vs_model_gain.png",
+        "The memory's relative change of the inner loss (lprev vs l0) and of the model loss "
+        f"({reference} vs {baseline}); negative: the memory helps",
+    )  # fmt: skip
 
 
 def write_inner_loss_report(

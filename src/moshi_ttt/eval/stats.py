@@ -280,3 +280,20 @@ def fmt_interval(ci: dict[str, Any], scale: float = 1.0, digits: int = 2, key: s
     if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
         return f"{scale * v:{f}}"
     return f"{scale * v:{f}} [{scale * lo:{f}}, {scale * hi:{f}}]"
+
+
+def flip_interval(ci: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A paired interval of ``a - b`` (``difference``, ``lo``, ``hi``, ...) as one of
+    ``b - a`` (the p-value, ``n`` and notes unchanged)."""
+    if not ci:
+        return ci
+
+    def neg(v: Any) -> Any:  # None: a NaN read back from report.json
+        return -v if isinstance(v, (int, float)) else v
+
+    out = dict(ci)
+    if "difference" in ci:
+        out["difference"] = neg(ci["difference"])
+    if "lo" in ci and "hi" in ci:
+        out["lo"], out["hi"] = neg(ci["hi"]), neg(ci["lo"])
+    return out

@@ -5,10 +5,11 @@ chunks with carried state, equal to token-by-token streaming) is defined once, i
 
 Variants of one model in the same run (``Variant``): ``ttt`` (full memory), ``reset_every_N``
 (TTT state restarted every N frames, attention untouched) and ``no_ttt`` (gates forced to 0:
-the base model). The headline is the loss difference, control minus full memory, at positions
-beyond the attention context (3,000 frames for Moshi), on one metric: ``"auto"`` (the default,
-``choose_metric``) takes the audio CE when audio tokens are scored beyond the context, else the
-text CE (e.g. text-only shards whose audio rows are -1); callers may name one of ``METRICS``.
+the base model). The headline is the loss difference, full memory minus control (negative:
+the memory helps; docs/evaluation.md "Sign convention"), at positions beyond the attention
+context (3,000 frames for Moshi), on one metric: ``"auto"`` (the default, ``choose_metric``)
+takes the audio CE when audio tokens are scored beyond the context, else the text CE
+(e.g. text-only shards whose audio rows are -1); callers may name one of ``METRICS``.
 
 Modules: ``scoring`` (one file, in chunks), ``statistics`` (sums over files, metrics,
 intervals), ``evaluate`` (every variant on every file -> ``LongContextResult``), ``report``
@@ -50,12 +51,14 @@ from .statistics import (
     check_metric,
     choose_metric,
     file_intervals,
+    flip_interval,
     harm_line,
     memory_gains,
     metric_note,
     per_file_data,
     ppl,
     resolve_metric,
+    sign_note,
     summary_lines,
 )
 
@@ -81,6 +84,7 @@ __all__ = [
     "evaluate_long_context",
     "evaluate_variants",
     "file_intervals",
+    "flip_interval",
     "harm_line",
     "is_gate_zero_base",
     "long_context_variants",
@@ -91,6 +95,7 @@ __all__ = [
     "ppl",
     "resolve_metric",
     "segments",
+    "sign_note",
     "splice_history",
     "stream_losses",
     "summary_lines",

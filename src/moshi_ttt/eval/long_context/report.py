@@ -24,10 +24,12 @@ from .statistics import (
     binned_intervals,
     check_metric,
     file_intervals,
+    flip_interval,
     memory_gains,
     metric_note,
     ppl,
     resolve_metric,
+    sign_note,
 )
 
 
@@ -42,6 +44,8 @@ def write_long_context_section(
     title: str = "Loss against position",
     metric: str = AUTO,
     equal_lengths: Sequence[int] = (),
+    reference_is_base: bool | None = None,
+    gain_plot: bool = True,
 ) -> dict[str, Any]:
     """Add the loss-vs-position section (tables, plots) for named curves (any models or
     variants over the same files) to ``report``; the others are compared against
@@ -54,13 +58,21 @@ def write_long_context_section(
     curves), ``{prefix}codebooks_vs_position.png`` (when audio is scored). Curves with per-file
     data get 95 % bootstrap intervals over files (totals, differences, bands on the plot).
     ``equal_lengths``: for each L, a sub-section of the same over the files of at least L
-    frames cropped to L (``PositionLosses.equal_length``; prefix ``eq<L>_``)."""
+    frames cropped to L (``PositionLosses.equal_length``; prefix ``eq<L>_``).
+
+    Signs (docs/evaluation.md, "Sign convention": memory minus no memory, negative: the memory
+    helps): when ``reference`` is the memory (``eval long-context``'s primary), differences
+    are shown as reference - curve; when it is the base without memory (``reference_is_base``,
+    default: the reference is named ``"base"``, as in the demos), as curve - reference. The
+    stored ``gains`` / ``intervals.difference`` stay curve - reference. ``gain_plot=False``
+    leaves out ``gain_vs_position.png`` (a caller drawing its own)."""
     if not curves:
         raise ValueError("no curve to report")
     requested = check_metric(metric)
     metric = resolve_metric(metric, curves, context)
     col = COLUMN_LABELS[metric]
     reference = reference or next(iter(curves))
+    base_ref = reference == "base" if reference_is_base is None else reference_is_base
     requested, longest = bin_frames, max(v.length for v in curves.values())
     bin_frames = plot_bin_frames(requested, longest)
     binned = {k: v.binned(bin_frames) for k, v in curves.items()}
@@ -115,42 +127,48 @@ def write_long_context_section(
     report.add_text(
         _headline_text(
             gains, reference, context, beyond[reference][tokens], metric, reaches,
-            intervals["difference"],
+            intervals["difference"], base_ref,
         )
     )  # fmt: skip
-    if gains:
+    if gains:  # stored as curve - reference; shown by the convention (``_signed``)
         diff = intervals["difference"]
+        sg = 1.0 if base_ref else -1.0
+
+        def ci(k: str, part: str = "beyond_context") -> dict[str, Any]:
+            d = diff.get(k, {}).get(part, {})
+            return (d if base_ref else flip_interval(d)) or {}
+
         g_columns = [
-            (f"{col} >= ctx", [g["beyond_context"][metric] for g in gains.values()]),
-            (
-                "95 % CI (files)",
-                [
-                    fmt_interval(diff.get(k, {}).get("beyond_context", {}), 1, 4, "difference")
-                    for k in gains
-                ],
-            ),
-            ("p", [_p(diff.get(k, {}).get("beyond_context", {})) for k in gains]),
-            (f"{col} < ctx", [g["within_context"][metric] for g in gains.values()]),
+            (f"{col} >= ctx", [sg * g["beyond_context"][metric] for g in gains.values()]),
+            ("95 % CI (files)", [fmt_interval(ci(k), 1, 4, "difference") for k in gains]),
+            ("p", [_p(ci(k)) for k in gains]),
+            (f"{col} < ctx", [sg * g["within_context"][metric] for g in gains.values()]),
         ]
         g_columns += [
-            (f"{COLUMN_LABELS[k]} >= ctx", [g["beyond_context"][k] for g in gains.values()])
+            (f"{COLUMN_LABELS[k]} >= ctx", [sg * g["beyond_context"][k] for g in gains.values()])
             for k in beyond_keys
         ]
-        _add_columns(report, f"curve - {reference}", list(gains), g_columns)
-        foreign = {
-            k: d["beyond_foreign_history"] for k, d in diff.items() if "beyond_foreign_history" in d
-        }
-        for k, d in foreign.items():
+        what = "each curve minus " + reference if base_ref else f"{reference} minus each curve"
+        report.add_text(
+            f"Differences: {what}, nats per token ({_sign_words(reference, base_ref)}; "
+            'docs/evaluation.md, "Sign convention").'
+        )
+        _add_columns(report, _diff_label("curve", reference, base_ref), list(gains), g_columns)
+        foreign = [k for k, d in diff.items() if "beyond_foreign_history" in d]
+        for k in foreign:
+            d = ci(k, "beyond_foreign_history")
             report.add_text(
                 f"Foreign-history control `{k}`: beyond the replaced history and one attention "
                 f"window (>= {d['start_frame']} frames, where attention sees only this file), "
-                f"{k} - {reference} = {fmt_interval(d, 1, 4, 'difference')} nats, "
-                f"p = {_p(d)} ({d['n']} files; > 0: the model uses this file's past)."
+                f"{_diff_label(k, reference, base_ref)} = {fmt_interval(d, 1, 4, 'difference')} "
+                f"nats, p = {_p(d)} ({d['n']} files; "
+                + ("positive" if base_ref else "negative")
+                + ": the model uses this file's past)."
             )
     bands = {k: binned_intervals(v, bin_frames, metric) for k, v in curves.items()}
     _plot_losses(report, binned, context, prefix, bands, metric)
-    if gains:
-        _plot_gains(report, binned, reference, context, prefix, metric)
+    if gains and gain_plot:
+        _plot_gains(report, binned, reference, context, prefix, metric, base_ref)
     if np.isfinite(np.asarray(binned[reference]["codebooks"], dtype=float)).any():
         _plot_codebooks(report, binned[reference], reference, context, prefix)
     data = {
@@ -164,6 +182,11 @@ def write_long_context_section(
         "totals_within_context": within,
         "gains": gains,
         "intervals": intervals,
+        "sign": "gains and intervals.difference are stored as curve - reference (> 0: the "
+        "reference better), as before; report.md, the plots and the printed lines show the "
+        "memory minus no memory: reference - curve, or curve - reference when the reference "
+        "is the base (reference_is_base); negative: the memory helps",
+        "reference_is_base": base_ref,
         "perplexity": {
             k: {"all": ppl(totals[k][metric]), "beyond_context": ppl(beyond[k][metric])}
             for k in curves
@@ -235,6 +258,7 @@ def _headline_text(
     metric: str = "audio_ce",
     reaches: bool = False,
     intervals: dict[str, Any] | None = None,
+    base_ref: bool = False,
 ) -> str:
     if not gains:
         return f"Headline: one curve only ({reference}): nothing to compare."
@@ -251,17 +275,33 @@ def _headline_text(
         )
     parts = []
     for name, g in gains.items():
-        d = g["beyond_context"][metric]
-        verdict = "better" if d > 0 else "worse" if d < 0 else "equal" if d == 0 else "n/a"
+        d = g["beyond_context"][metric] * (1.0 if base_ref else -1.0)  # negative: the memory
+        better = name if base_ref else reference  # helps (the curve, or the reference)
+        verdict = "better" if d < 0 else "worse" if d > 0 else "equal" if d == 0 else "n/a"
         ci = (intervals or {}).get(name, {}).get("beyond_context", {})
+        ci = (ci if base_ref else flip_interval(ci)) or {}
         extra = ""
         if math.isfinite(ci.get("lo", math.nan)):
             extra = f", 95 % CI [{ci['lo']:+.4f}, {ci['hi']:+.4f}], p = {_p(ci)}"
-        parts.append(f"{name} - {reference} = {d:+.4f} nats ({reference} {verdict}{extra})")
+        parts.append(
+            f"{_diff_label(name, reference, base_ref)} = {d:+.4f} nats ({better} {verdict}{extra})"
+        )
+    what = f"each curve minus {reference}" if base_ref else f"{reference} minus each control"
     return (
         f"**Headline** ({METRIC_LABELS[metric]} beyond the attention context, >= {context} "
-        f"frames, {int(tokens_beyond)} tokens): " + "; ".join(parts) + "."
+        f"frames, {int(tokens_beyond)} tokens; {what}, {_sign_words(reference, base_ref)}): "
+        + "; ".join(parts)
+        + "."
     )
+
+
+def _diff_label(curve: str, reference: str, base_ref: bool) -> str:
+    """``curve - reference`` against the base, ``reference - curve`` against the memory."""
+    return f"{curve} - {reference}" if base_ref else f"{reference} - {curve}"
+
+
+def _sign_words(reference: str, base_ref: bool) -> str:
+    return "negative: the curve better than the base" if base_ref else sign_note(reference, "")
 
 
 def _centers(b: dict[str, Any]) -> np.ndarray:
@@ -313,7 +353,13 @@ def _plot_losses(
 
 
 def _plot_gains(
-    report: Report, binned: dict, reference: str, context: int, prefix: str, metric: str
+    report: Report,
+    binned: dict,
+    reference: str,
+    context: int,
+    prefix: str,
+    metric: str,
+    base_ref: bool = False,
 ) -> None:
     fig, ax = report.figure()
     ref = np.asarray(binned[reference][metric], dtype=float)
@@ -322,22 +368,25 @@ def _plot_gains(
         if name != reference:
             mine = np.asarray(b[metric], dtype=float)
             n = min(len(mine), len(ref))
-            diffs[f"{name} - {reference}"] = (_centers(b)[:n], mine[:n] - ref[:n])
+            d = mine[:n] - ref[:n] if base_ref else ref[:n] - mine[:n]
+            diffs[_diff_label(name, reference, base_ref)] = (_centers(b)[:n], d)
     labels = coincidence_labels({k: v[1] for k, v in diffs.items()})
     for i, (name, (x, y)) in enumerate(diffs.items()):
         ax.plot(x, y, label=labels[name], **curve_style(i, len(y)))
     ax.axhline(0, color="grey", lw=0.8)
     _mark_context(ax, context)
     label = METRIC_LABELS[metric]
+    what = f"each curve - {reference}" if base_ref else f"{reference} - each curve"
     ax.set(
         xlabel="position (frames, 80 ms)",
         ylabel=f"{label} difference (nats)",
-        title=f"Gain of {reference} on {label} (> 0: {reference} better)",
+        title=f"{what}, {label} ({_sign_words(reference, base_ref)})",
     )
     ax.legend(fontsize=7)
     report.add_figure(
-        fig, f"{prefix}gain_vs_position.png", f"{label} difference against {reference}"
-    )
+        fig, f"{prefix}gain_vs_position.png",
+        f"{label}: {what} ({_sign_words(reference, base_ref)})",
+    )  # fmt: skip
 
 
 def _plot_codebooks(report: Report, b: dict, name: str, context: int, prefix: str) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from ...format import NUM_CODEBOOKS
 from ...recipes import HARM_TOLERANCE
-from ..stats import format_p, ratio_difference, ratio_interval
+from ..stats import flip_interval, format_p, ratio_difference, ratio_interval
 from .scoring import FileLosses, Variant
 
 NUM_AUDIO = NUM_CODEBOOKS  # Moshi's codebooks, the scored audio
@@ -542,8 +542,10 @@ def memory_gains(
     curves: dict[str, PositionLosses], reference: str, context: int
 ) -> dict[str, dict[str, Any]]:
     """For every curve but ``reference``: its loss minus the reference's (nats per token,
-    > 0: the reference is better), token-weighted over positions ``>= context``
-    (``beyond_context``, the headline) and ``< context`` (``within_context``)."""
+    > 0: the reference is better; stored with this sign for older readers, printed and
+    plotted as reference minus curve, the project's sign convention), token-weighted over
+    positions ``>= context`` (``beyond_context``, the headline) and ``< context``
+    (``within_context``)."""
     ref = curves[reference]
     out = {}
     for name, c in curves.items():
@@ -574,8 +576,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         f"  {label} inside the context (< {ctx} frames): {values('within_context')}",
     ]
     intervals = summary.get("intervals", {}).get("difference", {})
-    for name, d in summary["difference"].items():
-        ci = intervals.get(name, {}).get("beyond_context")
+    for name, d in summary["difference"].items():  # stored: name - primary; printed: flipped
+        ci = flip_interval(intervals.get(name, {}).get("beyond_context"))
         extra = ""
         if ci and math.isfinite(ci.get("lo", math.nan)):
             extra = (
@@ -583,8 +585,9 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
                 f"{ci['n']} files]"
             )
         lines.append(
-            f"  {label} beyond the context: {name} - {primary} = "
-            f"{d['beyond_context']:+.4f} nats (inside: {d['within_context']:+.4f}){extra}"
+            f"  {label} beyond the context: {primary} - {name} = "
+            f"{-d['beyond_context']:+.4f} nats{extra} (inside: {-d['within_context']:+.4f}) "
+            f"({sign_note(primary, name)})"
         )
     if "no_ttt" in summary["difference"] and primary != "no_ttt":
         within = summary["difference"]["no_ttt"]["within_context"]
@@ -595,13 +598,22 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
 
 def harm_line(base_minus_memory: float, ci: dict[str, Any] | None, label: str) -> str:
     """ "Inside the window: vs the base" for a memory, from ``base - memory`` inside the
-    context (and its interval, also ``base - memory``), with a warning past
-    ``HARM_TOLERANCE``."""
+    context (and its interval, also ``base - memory``), printed as memory - base (negative:
+    the memory helps), with a warning past ``HARM_TOLERANCE``."""
     harm = -base_minus_memory
     text = f"  {label} inside the window: memory - base (gate 0) = {harm:+.4f} nats"
     if ci and math.isfinite(ci.get("lo", math.nan)):
         text += f" [95 % CI {-ci['hi']:+.4f}, {-ci['lo']:+.4f}; {ci['n']} files]"
+    text += " (negative: the memory helps)"
     if harm > HARM_TOLERANCE:
         text += (f"  WARNING: the memory makes the model worse where the attention sees "
                  f"everything (tolerance {HARM_TOLERANCE})")  # fmt: skip
     return text
+
+
+def sign_note(row: str, reference: str) -> str:
+    """The sign of ``row - reference`` in words (the project's convention, docs/evaluation.md
+    "Sign convention": row minus base, memory minus no memory; negative: lower loss)."""
+    if reference in ("no_ttt", "base", "gate=0"):
+        return "negative: the memory helps"
+    return f"negative: {row} better"
