@@ -119,7 +119,7 @@ def test_option_mixups_are_refused(tmp_path, capsys):
 def test_sequences_of_one_file_are_one_unit():
     import torch
 
-    from moshi_ttt.demo.realdata import source_file
+    from moshi_ttt.demo.corpus import source_file
     from moshi_ttt.eval.long_context import FileLosses, PositionLosses
 
     curve = PositionLosses(8, 4)

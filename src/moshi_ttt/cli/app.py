@@ -18,6 +18,7 @@ from .eval import add_eval_parser
 from .export import add_export_parser
 from .generate import add_generate_parser
 from .serve import add_serve_parser
+from .study import add_study_parser
 from .train import add_train_parsers
 
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo_parser(sub)
+    add_study_parser(sub)
     add_generate_parser(sub)
     add_eval_parser(sub)
     add_train_parsers(sub)

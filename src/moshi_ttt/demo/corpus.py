@@ -25,8 +25,10 @@ import os
 import sys
 import sysconfig
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -66,6 +68,8 @@ def _hash_key(rel_path: str) -> bytes:
 def bytes_to_codes(data: bytes) -> torch.Tensor:
     """Codes ``[17, T]`` int32 of ``T = len(data)`` bytes: row 0 the byte tokens, rows 1-16 -1."""
     out = torch.full((NUM_STREAMS, len(data)), ZERO_TOKEN, dtype=torch.int32)
+    if not data:
+        return out
     out[0] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int32) + TOKEN_OFFSET
     return out
 
@@ -74,6 +78,24 @@ def codes_to_bytes(codes: torch.Tensor) -> bytes:
     """Inverse of ``bytes_to_codes`` (row 0 of ``[17, T]``, or the row ``[T]``)."""
     row = codes[0] if codes.dim() == 2 else codes
     return bytes((row.long() - TOKEN_OFFSET).clamp(0, 255).tolist())
+
+
+def source_file(sequence: str) -> str:
+    """The file a sequence name ``PATH#k`` comes from: the unit of every interval."""
+    return sequence.rsplit("#", 1)[0]
+
+
+def sequence_counts(sequences: list[tuple[str, torch.Tensor]], split: str) -> dict[str, int]:
+    """``{SPLIT_files, SPLIT_sequences}`` of named sequences (``PATH#k``): what a report says
+    a choice was made on."""
+    files = len({source_file(name) for name, _ in sequences})
+    return {f"{split}_files": files, f"{split}_sequences": len(sequences)}
+
+
+def count_text(sequences: list[tuple[str, torch.Tensor]]) -> str:
+    """``"12 sequences from 3 files"``."""
+    c = sequence_counts(sequences, "x")
+    return f"{c['x_sequences']} sequences from {c['x_files']} files"
 
 
 def is_text(data: bytes) -> bool:
@@ -170,21 +192,29 @@ def list_text_candidates(root: Path) -> list[str]:
 
 
 def read_text_corpus(
-    root: str | Path, spec: CorpusSpec, out_dir: str | Path, progress: bool = False
+    root: str | Path,
+    spec: CorpusSpec,
+    out_dir: str | Path,
+    progress: bool = False,
+    split: str | None = None,
+    encode: Callable[[bytes], torch.Tensor] = bytes_to_codes,
+    option: str = "--data",
 ) -> CorpusSummary:
     """Read the text files under ``root`` into three shards directories ``out_dir/{train,val,
     test}`` (``moshi_ttt.data.pipeline.ShardSource``), one sequence of ``spec.frames`` frames per
     shard; returns the summary. Raises ``DataError`` (naming ``root`` and what was expected)
-    when there is no usable sequence in some split."""
+    when there is no usable sequence in some split. ``split``: every file goes to that split
+    (only it is written); ``encode``: a file's bytes to codes ``[17, T]`` (default: one byte
+    per frame; ``tokenizer_codes``: a model's tokenizer); ``option``: what errors name."""
     root = Path(root)
-    check_corpus_root(root)
+    check_corpus_root(root, option)
     summary = CorpusSummary(root=str(root), kind="text", frames=spec.frames)
-    writers = {s: _ShardWriter(Path(out_dir) / s, str(root)) for s in SPLITS}
+    writers = {s: _ShardWriter(Path(out_dir) / s, str(root)) for s in _splits(split)}
     rels = list_text_candidates(root)
     if len(rels) > spec.max_files:
         summary.capped = f"read {spec.max_files} of {len(rels)} files (max_files)"
         rels = rels[: spec.max_files]
-    train_content = _train_content(root, rels, spec)
+    train_content = _train_content(root, rels, spec, split)
     for rel in tqdm(rels, desc="reading corpus", unit="file", disable=not progress):
         path = root / rel
         if not path.is_file():
@@ -198,34 +228,56 @@ def read_text_corpus(
         if not is_text(data):
             summary.skip("not_text", rel)
             continue
-        split = split_of(rel, spec.val_fraction, spec.test_fraction)
-        if split != "train" and hashlib.sha256(data).digest() in train_content:
+        to = split or split_of(rel, spec.val_fraction, spec.test_fraction)
+        if to != "train" and hashlib.sha256(data).digest() in train_content:
             summary.skip("same_as_train", rel)  # a held-out copy of a training file
             continue
-        n = min(len(data) // spec.frames, spec.max_sequences_per_file)
+        codes = encode(data)
+        n = min(codes.shape[1] // spec.frames, spec.max_sequences_per_file)
         if n == 0:
             summary.skip("too_short", rel)
             continue
         for i in range(n):
-            chunk = data[i * spec.frames : (i + 1) * spec.frames]
-            writers[split].add(bytes_to_codes(chunk), f"{rel}#{i}")
-        summary.files[split] += 1
-        summary.sequences[split] += n
+            writers[to].add(codes[:, i * spec.frames : (i + 1) * spec.frames], f"{rel}#{i}")
+        summary.files[to] += 1
+        summary.sequences[to] += n
         summary.bytes_read += n * spec.frames
         if summary.bytes_read >= spec.max_bytes:
             summary.capped = f"stopped at {summary.bytes_read:,} bytes (max_bytes)"
             break
-    for s in SPLITS:
-        writers[s].close(summary.to_dict())
-    _check_usable(summary)
+    for w in writers.values():
+        w.close(summary.to_dict())
+    _check_usable(summary, split, option)
     return summary
 
 
-def _train_content(root: Path, rels: list[str], spec: CorpusSpec) -> set[bytes]:
+def _splits(split: str | None) -> tuple[str, ...]:
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {SPLITS}")
+    return SPLITS if split is None else (split,)
+
+
+def tokenizer_codes(tokenizer: Any) -> Callable[[bytes], torch.Tensor]:
+    """``encode`` for ``read_text_corpus``: a UTF-8 file through a sentencepiece ``tokenizer``,
+    one text token per frame (audio rows -1: no input, no loss)."""
+
+    def encode(data: bytes) -> torch.Tensor:
+        ids = tokenizer.encode(data.decode("utf-8"))
+        out = torch.full((NUM_STREAMS, len(ids)), ZERO_TOKEN, dtype=torch.int32)
+        out[0] = torch.tensor(ids, dtype=torch.int32)
+        return out
+
+    return encode
+
+
+def _train_content(root: Path, rels: list[str], spec: CorpusSpec,
+                   split: str | None = None) -> set[bytes]:  # fmt: skip
     """The sha256 of every training file's bytes: a validation or held-out file with the same
     content is dropped (counted as ``same_as_train``), so no held-out score is a memorised
     training file."""
-    out = set()
+    out: set[bytes] = set()
+    if split is not None:  # one split given: no other split to compare with
+        return out
     for rel in rels:
         if split_of(rel, spec.val_fraction, spec.test_fraction) != "train":
             continue
@@ -241,34 +293,40 @@ def _codes_digest(codes: torch.Tensor) -> bytes:
 
 
 def read_shards_corpus(
-    root: str | Path, spec: CorpusSpec, out_dir: str | Path, progress: bool = False
+    root: str | Path,
+    spec: CorpusSpec,
+    out_dir: str | Path,
+    progress: bool = False,
+    split: str | None = None,
+    option: str = "--data",
 ) -> CorpusSummary:
     """A moshi-ttt shards directory (``moshi-ttt tokenize``) split by the hash of each file's
-    recorded path, cut into sequences of ``spec.frames`` frames like text files."""
+    recorded path (or all into ``split``), cut into sequences of ``spec.frames`` frames like
+    text files."""
     src = ShardSource(root)
     summary = CorpusSummary(root=str(root), kind="shards", frames=spec.frames)
-    writers = {s: _ShardWriter(Path(out_dir) / s, str(root)) for s in SPLITS}
+    writers = {s: _ShardWriter(Path(out_dir) / s, str(root)) for s in _splits(split)}
     order = sorted(range(len(src)), key=lambda i: _hash_key(str(src.files[i].get("path", i))))
     if len(order) > spec.max_files:
         summary.capped = f"read {spec.max_files} of {len(order)} files (max_files)"
         order = order[: spec.max_files]
     names = [str(src.files[i].get("path", src.shards[i])) for i in order]
-    splits = [split_of(rel, spec.val_fraction, spec.test_fraction) for rel in names]
+    splits = [split or split_of(rel, spec.val_fraction, spec.test_fraction) for rel in names]
     train_content = set()
-    for i, split in zip(order, splits):
-        if split == "train":
+    for i, to in zip(order, splits):
+        if to == "train" and split is None:
             try:
                 train_content.add(_codes_digest(src.read(i)))
             except Exception:  # BadFile: reported below
                 continue
-    for i, rel, split in tqdm(list(zip(order, names, splits)), desc="reading shards",
-                              unit="file", disable=not progress):  # fmt: skip
+    for i, rel, to in tqdm(list(zip(order, names, splits)), desc="reading shards",
+                           unit="file", disable=not progress):  # fmt: skip
         try:
             codes = src.read(i)
         except Exception:  # BadFile: missing or unreadable shard
             summary.skip("unreadable", rel)
             continue
-        if split != "train" and _codes_digest(codes) in train_content:
+        if to != "train" and _codes_digest(codes) in train_content:
             summary.skip("same_as_train", rel)
             continue
         n = min(codes.shape[1] // spec.frames, spec.max_sequences_per_file)
@@ -276,66 +334,73 @@ def read_shards_corpus(
             summary.skip("too_short", rel)
             continue
         for k in range(n):
-            writers[split].add(
-                codes[:, k * spec.frames : (k + 1) * spec.frames].int(), f"{rel}#{k}"
-            )
-        summary.files[split] += 1
-        summary.sequences[split] += n
+            writers[to].add(codes[:, k * spec.frames : (k + 1) * spec.frames].int(), f"{rel}#{k}")
+        summary.files[to] += 1
+        summary.sequences[to] += n
         summary.bytes_read += n * spec.frames
-    for s in SPLITS:
-        writers[s].close(summary.to_dict())
-    _check_usable(summary)
+    for w in writers.values():
+        w.close(summary.to_dict())
+    _check_usable(summary, split, option)
     return summary
 
 
-def check_corpus_root(root: Path) -> None:
+def check_corpus_root(root: Path, option: str = "--data") -> None:
     """``--data``: an existing directory (of text files, or a shards directory)."""
     if not root.exists():
         raise DataError(
-            f"--data {root}: no such file or directory; expected a directory of text files "
+            f"{option} {root}: no such file or directory; expected a directory of text files "
             "(read recursively, bytes as text tokens) or a moshi-ttt shards directory"
         )
     if not root.is_dir():
         raise DataError(
-            f"--data {root}: not a directory; expected a directory of text files (read "
+            f"{option} {root}: not a directory; expected a directory of text files (read "
             "recursively) or a moshi-ttt shards directory (with shards.json)"
         )
 
 
 def read_corpus(
-    root: str | Path, spec: CorpusSpec, out_dir: str | Path, progress: bool = False
+    root: str | Path,
+    spec: CorpusSpec,
+    out_dir: str | Path,
+    progress: bool = False,
+    split: str | None = None,
+    encode: Callable[[bytes], torch.Tensor] = bytes_to_codes,
+    option: str = "--data",
 ) -> CorpusSummary:
-    """``read_shards_corpus`` for a shards directory, ``read_text_corpus`` for anything else.
-    A JSONL index of audio is refused with the command that tokenizes it."""
+    """``read_shards_corpus`` for a shards directory, ``read_text_corpus`` (with ``encode``)
+    for anything else; ``split``: all files into that split. A JSONL index of audio is refused
+    with the command that tokenizes it."""
     root = Path(root)
     if root.is_file() and root.suffix == ".jsonl":
         raise DataError(
-            f"--data {root}: a JSONL index of audio must be tokenized first (Mimi + the text "
+            f"{option} {root}: a JSONL index of audio must be tokenized first (Mimi + the text "
             f"tokenizer): moshi-ttt tokenize {root} SHARDS_DIR --base MODEL, then --data "
             "SHARDS_DIR"
         )
     if root.is_file() and root.name == SHARDS_INDEX:
         root = root.parent
-    check_corpus_root(root)
+    check_corpus_root(root, option)
     if (root / SHARDS_INDEX).is_file():
-        return read_shards_corpus(root, spec, out_dir, progress)
-    return read_text_corpus(root, spec, out_dir, progress)
+        return read_shards_corpus(root, spec, out_dir, progress, split, option)
+    return read_text_corpus(root, spec, out_dir, progress, split, encode, option)
 
 
-def _check_usable(summary: CorpusSummary) -> None:
-    missing = [s for s in SPLITS if summary.sequences[s] == 0]
+def _check_usable(summary: CorpusSummary, split: str | None = None,
+                  option: str = "--data") -> None:  # fmt: skip
+    missing = [s for s in _splits(split) if summary.sequences[s] == 0]
     if not missing:
         return
     total = sum(summary.sequences.values())
     skipped = ", ".join(f"{n} {r}" for r, n in sorted(summary.skipped.items())) or "none"
     what = ("text files (UTF-8, no NUL bytes)" if summary.kind == "text"
             else "shards")  # fmt: skip
+    where = "split" if split is None else "split (every file of it)"
     raise DataError(
-        f"--data {summary.root}: {total} usable sequences of {summary.frames} frames, none in "
-        f"the {'/'.join(missing)} split(s); expected {what} of at least {summary.frames} bytes "
-        f"each, enough of them for every split (about 10 files or more; files skipped: "
-        f"{skipped}). Point --data at a larger directory (the demo reads sequences of "
-        f"{summary.frames} bytes; shorter files are skipped)"
+        f"{option} {summary.root}: {total} usable sequences of {summary.frames} frames, none "
+        f"in the {'/'.join(missing)} {where}; expected {what} of at least {summary.frames} "
+        f"frames each (text: one byte, or one token of the model's tokenizer, per frame), "
+        f"enough of them for every split (about 10 files or more; files skipped: {skipped}). "
+        f"Point {option} at a larger directory; shorter files are skipped"
     )
 
 

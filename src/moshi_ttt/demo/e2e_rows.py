@@ -4,7 +4,6 @@ setting chosen on a validation split, and the memory added to a frozen base."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +11,8 @@ from moshi.models.lm import LMModel
 
 from ..eval.e2e import choose_setting, sweep_e2e
 from ..integration.apply import apply_ttt
-from ..train.checkpoint import load_trained_model
+from .corpus import sequence_counts
+from .frozen import FrozenBase
 
 
 def chunk_frames_of(context: int, fraction: float) -> int:
@@ -26,17 +26,17 @@ def e2e_ttt(layers: str, choice: dict[str, Any]) -> dict[str, Any]:
             "e2e_lr": float(choice["lr"]), "e2e_chunk": int(choice["chunk"])}  # fmt: skip
 
 
-def e2e_memory(base_run: Path, layers: str, choice: dict[str, Any], seed: int) -> LMModel:
-    """The frozen base of ``base_run`` with an untrained end-to-end memory (its random
-    ``w_in`` drawn from ``seed``), in eval mode."""
-    lm, _ = load_trained_model(base_run)
+def e2e_memory(base: FrozenBase, layers: str, choice: dict[str, Any], seed: int) -> LMModel:
+    """The frozen ``base`` with an untrained end-to-end memory (its random ``w_in`` drawn from
+    ``seed``), in eval mode."""
+    lm = base.load()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         apply_ttt(lm, e2e_ttt(layers, choice))
     return lm.eval()
 
 
-def e2e_choice(base_run: Path, layers: str, hiddens: Sequence[int], lrs: Sequence[float],
+def e2e_choice(base: FrozenBase, layers: str, hiddens: Sequence[int], lrs: Sequence[float],
                chunks: Sequence[int], val: list, seed: int, progress: bool,
                metric: str = "text_ce") -> dict[str, Any]:  # fmt: skip
     """The zero-training memory's width, inner lr and K, chosen on the validation files by
@@ -45,7 +45,7 @@ def e2e_choice(base_run: Path, layers: str, hiddens: Sequence[int], lrs: Sequenc
     scores = []
     chunks = sorted(set(chunks))
     for hidden in hiddens:
-        lm = e2e_memory(base_run, layers, {"hidden": hidden, "lr": lrs[0], "chunk": chunks[0]},
+        lm = e2e_memory(base, layers, {"hidden": hidden, "lr": lrs[0], "chunk": chunks[0]},
                         seed)  # fmt: skip
         _, found = sweep_e2e(lm, val, lrs, chunks, metric=metric, progress=progress)
         scores += [{"hidden": hidden, **x} for x in found]
@@ -53,4 +53,4 @@ def e2e_choice(base_run: Path, layers: str, hiddens: Sequence[int], lrs: Sequenc
     chosen = {"hidden": best["hidden"], "lr": best["lr"], "chunk": best["chunk"]}
     label = f"width {chosen['hidden']}, lr {chosen['lr']:g}, K {chosen['chunk']}"
     return {"chosen": chosen, "label": label, "validation": scores, "metric": metric,
-            "validation_files": len(val)}  # fmt: skip
+            **sequence_counts(val, "validation")}  # fmt: skip

@@ -60,7 +60,9 @@ from ..recipes import FORCED_TRAIN, FORCED_TTT, retrofit_training
 from ..train.checkpoint import load_trained_model
 from ..train.config import TrainConfig
 from ..train.trainer import train
+from .corpus import sequence_counts
 from .e2e_rows import chunk_frames_of, e2e_choice, e2e_memory, e2e_ttt
+from .frozen import FrozenBase
 from .markov_task import MarkovTask, write_shards
 
 TARGET_SHARE = 0.5  # the retrofit must capture at least half of the available gain
@@ -264,7 +266,7 @@ def _run(out_dir: str | Path, seed: int, s: DemoSettings, quick: bool, progress:
         if name == "e2e_meta":
             say(f"      choosing the e2e memory's width, lr and K on {len(val)} validation "
                 "sequences")  # fmt: skip
-            e2e = e2e_choice(runs["base"], s.e2e_layers, s.e2e_hiddens, s.e2e_lrs,
+            e2e = e2e_choice(FrozenBase.local(out / "base"), s.e2e_layers, s.e2e_hiddens, s.e2e_lrs,
                              [chunk_frames_of(s.context, f) for f in s.e2e_chunks], val, seed,
                              progress, metric=s.task.metric)  # fmt: skip
         cfg = train_config(s, name, train_dir, out, seed, e2e.get("chosen"))
@@ -305,7 +307,7 @@ def _run(out_dir: str | Path, seed: int, s: DemoSettings, quick: bool, progress:
         gates["scratch"] = _gate(scratch_lm)
     if e2e:
         blocks = math.gcd(s.bin_frames, s.context)
-        zero = e2e_memory(runs["base"], s.e2e_layers, e2e["chosen"], seed)
+        zero = e2e_memory(FrozenBase.local(out / "base"), s.e2e_layers, e2e["chosen"], seed)
         curves["e2e"] = evaluate_e2e(zero, files, block_frames=blocks)
         meta_lm, _ = load_trained_model(runs["e2e_meta"])
         curves["e2e_meta"] = evaluate_e2e(meta_lm.eval(), files, block_frames=blocks)
@@ -322,7 +324,8 @@ def _run(out_dir: str | Path, seed: int, s: DemoSettings, quick: bool, progress:
     results = _results(s, curves, gates, runs, eval_dir, out)
     if e2e:
         results["e2e_choice"] = e2e
-    results["memory_choice"] = {r: c.to_dict(len(val)) for r, c in memory.items()}
+    results["memory_choice"] = {r: {**c.to_dict(), **sequence_counts(val, "validation")}
+                               for r, c in memory.items()}  # fmt: skip
     results["timings"] = timings
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     report = Report("moshi-ttt demo: TTT retrofitted into a frozen, pretrained model", out)

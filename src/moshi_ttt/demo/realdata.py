@@ -91,8 +91,18 @@ from ..recipes import (
 from ..train.checkpoint import load_trained_model
 from ..train.config import TrainConfig
 from ..train.trainer import train
-from .corpus import TEXT_CARD, CorpusSpec, CorpusSummary, default_corpus, read_corpus
+from .corpus import (
+    TEXT_CARD,
+    CorpusSpec,
+    CorpusSummary,
+    count_text,
+    default_corpus,
+    read_corpus,
+    sequence_counts,
+    source_file,
+)
 from .e2e_rows import chunk_frames_of, e2e_choice, e2e_memory, e2e_ttt
+from .frozen import FrozenBase
 from .markov import cli_prefix
 from .needle import NeedleSpec, needle_cases, plant_training_phrases
 from .realdata_report import verdict, write_report
@@ -153,6 +163,8 @@ class RealDataSettings:
     memory: MemoryGrid = field(default_factory=MemoryGrid)  # recall memories, on validation
     retrieval_top_k: tuple[int, ...] = (4, 16, 64)  # evicted keys read per head and position
     gate_fit_files: int = 48  # training sequences a learned gate is fitted on
+    # needles are planted as bytes: off for text read through a model's tokenizer or shards
+    needles_why_not: str = ""
 
     def corpus_spec(self) -> CorpusSpec:
         return CorpusSpec(frames=self.frames, max_files=self.max_files, max_bytes=self.max_bytes)
@@ -204,14 +216,14 @@ def chunk_of(s: RealDataSettings, fraction: float) -> int:
 
 
 def train_config(s: RealDataSettings, name: str, data: Path, out: Path, seed: int,
-                 vocab: tuple[int, int],
-                 e2e: dict[str, Any] | None = None) -> TrainConfig:  # fmt: skip
+                 vocab: tuple[int, int], e2e: dict[str, Any] | None = None,
+                 base: FrozenBase | None = None) -> TrainConfig:  # fmt: skip
     """The ``moshi-ttt train`` config of run ``name`` (``base``, ``e2e_meta``, ``retrofit``,
     ``lora_long``, ``full_attention``, ``full_attention_4x``, ``scratch``); ``e2e``: the
-    zero-training memory's validation choice, where ``e2e_meta`` starts."""
+    zero-training memory's validation choice, where ``e2e_meta`` starts; ``base``: the frozen
+    base of the runs that keep one (default: the demo's, ``OUT/base``)."""
     text_card, card = vocab
-    base_dir = str(out / "base")
-    frozen = {"source": "local", "path": base_dir, "train_base": False}
+    frozen = (base or FrozenBase.local(out / "base")).train_model()
     model, ttt, lora, steps, kl = None, None, {"enable": False}, s.base_steps, 0.0
     if name == "base":
         model = _tiny(s, s.context, text_card, card)
@@ -242,7 +254,7 @@ def train_config(s: RealDataSettings, name: str, data: Path, out: Path, seed: in
         "ttt_lr": s.ttt_lr, "lora_lr": s.lora_lr, "max_norm": 1.0,
         "first_codebook_weight": 1.0, "log_every": 10, "ckpt_every": 0, "keep_last": 1,
         "kl_to_base": kl,
-        "model": {**model, "dtype": "float32", "gradient_checkpointing": False},
+        "model": {"dtype": "float32", **model, "gradient_checkpointing": False},
         "ttt": ttt, "lora": lora,
         "data": {"train": [str(data)], "num_workers": 0, "state_carry": "none"},
         "optim": {"schedule": "cosine", "pct_start": 0.1, "weight_decay": 0.0},
@@ -385,16 +397,16 @@ def _run(out: Path, data: str | Path | None, seed: int, rows: tuple[str, ...],
 
     # 2. Training runs; the base is cached by its settings.
     runs: dict[str, Path] = {}
+    base = FrozenBase.local(out / "base")  # the base's export, once trained or cached
     train_seconds: dict[str, float] = {}
-    val = _files(val_dir, s.val_files)
+    val = split_sequences(val_dir, s.val_files)
     extra: dict[str, Any] = {}
     (out / "configs").mkdir(parents=True, exist_ok=True)
     for name in trains:
         k += 1
         if name == "e2e_meta":
-            say(f"      choosing the e2e memory's width, lr and K on {len(val)} validation "
-                "files")  # fmt: skip
-            extra["e2e"] = _e2e_choice(runs["base"], s, val, seed, progress)
+            say(f"      choosing the e2e memory's width, lr and K on {count_text(val)}")
+            extra["e2e"] = choose_e2e(base, s, val, seed, progress)
         cfg = train_config(s, name, train_dir, out, seed, vocab,
                            e2e=extra.get("e2e", {}).get("chosen"))  # fmt: skip
         cfg.to_yaml(out / "configs" / f"{name}.yaml")
@@ -422,32 +434,50 @@ def _run(out: Path, data: str | Path | None, seed: int, rows: tuple[str, ...],
             _copy_tree(out / "base", cache / "base")
             (cache / "seconds.json").write_text(json.dumps({"seconds": train_seconds[name]}))
     timings["training (s)"] = sum(train_seconds.values())
+    command = lambda names: row_command(out, root, seed, names, quick)  # noqa: E731
+    return evaluate_and_report(out, rows, s, base, runs, train_seconds, val, test_dir, corpus,
+                               seed, extra, timings, t0, progress, command, _width(s), quick,
+                               (k, n_steps))  # fmt: skip
 
-    # 3. Evaluation on the held-out files.
+
+def evaluate_and_report(out: Path, rows: tuple[str, ...], s: RealDataSettings, base: FrozenBase,
+                        runs: dict[str, Path], train_seconds: dict[str, float], val: list,
+                        test_dir: Path, corpus: CorpusSummary, seed: int, extra: dict[str, Any],
+                        timings: dict[str, float], t0: float, progress: bool,
+                        command: Any, width: int, quick: bool, step: tuple[int, int],
+                        study: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The last two stages of a memory study (the demo's and ``moshi-ttt study``'s): every row
+    and the recall measures on the held-out sequences of ``test_dir``, then ``results.json``,
+    ``report.md`` and the result printed. ``command(rows)``: the command that recomputes rows;
+    ``width``: the base's model width; ``step``: (stages done, stages in all); ``study``: what
+    ``moshi-ttt study`` records of its base and data (None: the demo)."""
+    say = print if progress else (lambda *a, **k: None)
+    k, n_steps = step
     k += 1
-    test = _files(test_dir, s.eval_files)
-    say(f"[{k}/{n_steps}] evaluating {len(rows)} rows on {len(test)} held-out files "
+    test = split_sequences(test_dir, s.eval_files)
+    say(f"[{k}/{n_steps}] evaluating {len(rows)} rows on {count_text(test)} held out "
         f"({s.frames} frames each)")  # fmt: skip
     start = time.perf_counter()
-    curves, extra, ms_per_frame, scorers = _evaluate_rows(rows, runs, s, test, val, progress,
-                                                          extra, seed)  # fmt: skip
+    curves, extra, ms_per_frame, scorers = _evaluate_rows(rows, base, runs, s, test, val,
+                                                          progress, extra, seed)  # fmt: skip
     say(
         "      recall: repeated bytes, needles at "
         f"{', '.join(f'{m}x' for m in s.needle.distances)} "
         f"the window, memory rows {', '.join(r for r in rows if r in MEMORY_ROWS) or 'none'}"
     )
-    extra["recall"] = evaluate_recall(rows, s, curves, scorers, test, val, test_dir,
-                                      runs["base"], seed, extra, ms_per_frame,
-                                      progress)  # fmt: skip
+    extra["recall"] = evaluate_recall(rows, s, curves, scorers, test, val, test_dir, base, seed,
+                                      extra, ms_per_frame, progress)  # fmt: skip
     timings["evaluation (s)"] = time.perf_counter() - start
 
-    # 4. Results and report.
+    # Results and report.
     k += 1
     say(f"[{k}/{n_steps}] writing the report")
     timings["total (s)"] = time.perf_counter() - t0
-    results = _results(s, rows, curves, extra, runs, train_seconds, ms_per_frame, corpus, seed,
-                       out, root, quick)  # fmt: skip
+    results = _results(s, rows, curves, extra, train_seconds, ms_per_frame, corpus, seed,
+                       command, width, quick)  # fmt: skip
     results["timings"] = timings
+    if study is not None:
+        results["study"] = study
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_json) + "\n")
     path = write_report(out, s, results, curves, runs)
     r = results["rows"]
@@ -465,7 +495,7 @@ def _copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst)
 
 
-def _files(split_dir: Path, cap: int) -> list[tuple[str, torch.Tensor]]:
+def split_sequences(split_dir: Path, cap: int) -> list[tuple[str, torch.Tensor]]:
     """At most ``cap`` sequences of a split, round robin over its files: every file's first
     sequence (``#0``), then every file's second, ... (a corpus with many files gives one
     sequence per file; a small one several, kept together as one unit by ``source_file``)."""
@@ -477,26 +507,23 @@ def _files(split_dir: Path, cap: int) -> list[tuple[str, torch.Tensor]]:
     return [(names[i], src.codes(i)) for i in order[:cap]]
 
 
-def source_file(sequence: str) -> str:
-    """The file a sequence name ``PATH#k`` comes from: the unit of every interval."""
-    return sequence.rsplit("#", 1)[0]
-
-
-def _e2e_choice(base_run: Path, s: RealDataSettings, val: list, seed: int,
+def choose_e2e(base: FrozenBase, s: RealDataSettings, val: list, seed: int,
                 progress: bool) -> dict[str, Any]:  # fmt: skip
-    return e2e_choice(base_run, s.e2e_layers, s.e2e_hiddens, s.e2e_lrs,
+    return e2e_choice(base, s.e2e_layers, s.e2e_hiddens, s.e2e_lrs,
                       [chunk_of(s, f) for f in s.e2e_chunks], val, seed, progress)  # fmt: skip
 
 
-def _evaluate_rows(rows: tuple[str, ...], runs: dict[str, Path], s: RealDataSettings,
-                   test: list, val: list, progress: bool, extra: dict[str, Any],
-                   seed: int) -> tuple[dict, dict, dict]:  # fmt: skip
+def _evaluate_rows(rows: tuple[str, ...], base: FrozenBase, runs: dict[str, Path],
+                   s: RealDataSettings, test: list, val: list, progress: bool,
+                   extra: dict[str, Any], seed: int) -> tuple[dict, dict, dict, dict]:  # fmt: skip
+    """Every row's curve on the held-out sequences ``test`` (and its validation choice in
+    ``extra``), ms per frame, and per row a scorer of other sequences (for recall)."""
     kw = {"chunk_frames": s.chunk_frames, "bin_frames": s.bin_frames, "progress": progress,
           "equal_lengths": ()}  # fmt: skip
     curves: dict[str, PositionLosses] = {}
     extra = dict(extra)
     ms: dict[str, float] = {}
-    base_lm, _ = load_trained_model(runs["base"])
+    base_lm = base.load()
     scorers: dict[str, Any] = {}  # row -> files -> curve (recall scores every row with them)
 
     def timed(name: str, fn: Any, passes: int = 1) -> Any:
@@ -523,7 +550,7 @@ def _evaluate_rows(rows: tuple[str, ...], runs: dict[str, Path], s: RealDataSett
                 for lr in s.dyneval_lrs]  # fmt: skip
         best, scores = sweep_dyneval(base_lm, val, grid, progress=progress)
         extra["dyneval"] = {"chosen": best.__dict__.copy(), "label": best.label(),
-                            "validation": scores, "validation_files": len(val)}  # fmt: skip
+                            "validation": scores, **sequence_counts(val, "validation")}  # fmt: skip
         scorers["dyneval"] = lambda fs: evaluate_dyneval(base_lm, fs, best, progress=progress,
                                                          block_frames=blocks)  # fmt: skip
         curves["dyneval"] = timed("dyneval", lambda: scorers["dyneval"](test))
@@ -534,15 +561,15 @@ def _evaluate_rows(rows: tuple[str, ...], runs: dict[str, Path], s: RealDataSett
         extra["retrieval"] = {"chosen": {"top_k": top_k},
                               "label": f"top layer, {top_k} evicted keys per head",
                               "validation": [{"top_k": k, "text_ce": v} for k, v in found.items()],
-                              "validation_files": len(val)}  # fmt: skip
+                              **sequence_counts(val, "validation")}  # fmt: skip
         scorers["retrieval"] = lambda fs: evaluate_retrieval(base_lm, fs, top_k, blocks,
                                                              s.chunk_frames)  # fmt: skip
         curves["retrieval"] = timed("retrieval", lambda: scorers["retrieval"](test))
     if "e2e" in rows:
         if "e2e" not in extra:
-            extra["e2e"] = _e2e_choice(runs["base"], s, val, seed, progress)
+            extra["e2e"] = choose_e2e(base, s, val, seed, progress)
         stats = E2EStats()
-        lm = e2e_memory(runs["base"], s.e2e_layers, extra["e2e"]["chosen"], seed)
+        lm = e2e_memory(base, s.e2e_layers, extra["e2e"]["chosen"], seed)
         scorers["e2e"] = lambda fs, st=None, m=lm: evaluate_e2e(
             m, fs, progress=progress, block_frames=blocks, stats=st)  # fmt: skip
         curves["e2e"] = timed("e2e", lambda: scorers["e2e"](test, stats))
@@ -586,16 +613,18 @@ def _evaluate_rows(rows: tuple[str, ...], runs: dict[str, Path], s: RealDataSett
 
 def evaluate_recall(rows: tuple[str, ...], s: RealDataSettings, curves: dict[str, PositionLosses],
                     scorers: dict[str, Any], test: list, val: list, test_dir: Path,
-                    base_run: Path, seed: int, extra: dict[str, Any], ms: dict[str, float],
+                    base: FrozenBase, seed: int, extra: dict[str, Any], ms: dict[str, float],
                     progress: bool) -> dict[str, Any]:  # fmt: skip
     """The recall measures (``eval.recall``) of every row that has a scorer, and the memory rows
     (added to ``curves``): repeated bytes on the held-out files, needle shares, and per memory
     row its validation choice. Rows without a scorer (the ``--rows all`` extras) are named in
     ``"not_scored"``."""
     C, blocks = s.context, math.gcd(s.bin_frames, s.context)
-    base_lm, _ = load_trained_model(base_run)
+    base_lm = base.load()
     out: dict[str, Any] = {"repeat_n": s.repeat_n, "needle": dataclasses.asdict(s.needle)}
     try:
+        if s.needles_why_not:
+            raise ValueError(s.needles_why_not)
         cases, masks = needle_cases(test_dir, C, s.needle, seed)
     except (DataError, ValueError) as e:  # files too short, a phrase that does not fit
         cases, masks = {}, {}
@@ -618,7 +647,7 @@ def evaluate_recall(rows: tuple[str, ...], s: RealDataSettings, curves: dict[str
     val_curves = {under: scorers[under](val) for under, _ in set(memory.values())}
     fit = None
     if memory:  # a learned gate is fitted on training files (the base's own predictions)
-        train = _files(Path(test_dir).parent / "train", s.gate_fit_files)
+        train = split_sequences(Path(test_dir).parent / "train", s.gate_fit_files)
         fit = base_features(base_lm, train, s.chunk_frames, blocks, progress)
     chosen = add_memory_rows(memory, curves, val_curves, feats.get("test", {}),
                              feats.get("val", {}), s.memory, C, vocab, seed, fit)  # fmt: skip
@@ -626,7 +655,7 @@ def evaluate_recall(rows: tuple[str, ...], s: RealDataSettings, curves: dict[str
         for v in needles.get(choice.on, {}):
             reads = memory_reads(choice.setting, feats[v], vocab, seed)
             needles.setdefault(row, {})[v] = mix_curve(needles[choice.on][v], reads, choice.lam)
-        extra[row] = choice.to_dict(len(val))
+        extra[row] = {**choice.to_dict(), **sequence_counts(val, "validation")}
         ms[row] = ms.get(choice.on, math.nan) + choice.ms_per_frame
     tokens = {name: codes[0].numpy() for name, codes in test}
     scored = {r: c for r, c in curves.items() if c.file_text}
@@ -672,17 +701,17 @@ def row_command(out: Path, data: Path | str, seed: int, rows: tuple[str, ...],
                       + (["--quick"] if quick else []))  # fmt: skip
 
 
-def _results(s: RealDataSettings, rows: tuple[str, ...], curves: dict, extra: dict, runs: dict,
-             train_seconds: dict, ms: dict, corpus: CorpusSummary, seed: int, out: Path,
-             root: Path, quick: bool = False) -> dict[str, Any]:  # fmt: skip
+def _results(s: RealDataSettings, rows: tuple[str, ...], curves: dict, extra: dict,
+             train_seconds: dict, ms: dict, corpus: CorpusSummary, seed: int, command: Any,
+             width: int, quick: bool = False) -> dict[str, Any]:  # fmt: skip
     C = s.context
     units = {k: c.grouped(source_file) for k, c in curves.items()}
     stats = file_intervals(units, "base", C, "text_ce")
-    e2e_hidden = extra.get("e2e", {}).get("chosen", {}).get("hidden", 4 * _width(s))
+    e2e_hidden = extra.get("e2e", {}).get("chosen", {}).get("hidden", 4 * width)
     costs = moshi7b_costs(
         dyneval_layers=extra.get("dyneval", {}).get("chosen", {}).get("layers") or 0,
         ttt_layers=s.ttt.get("layers", "0"),
-        e2e_width_ratio=e2e_hidden / _width(s),
+        e2e_width_ratio=e2e_hidden / width,
         e2e_layers=s.e2e_layers,
         assoc_keys=extra.get("assoc", {}).get("chosen", {}).get("keys", 4096),
     )
@@ -707,7 +736,7 @@ def _results(s: RealDataSettings, rows: tuple[str, ...], curves: dict, extra: di
             "ms_per_frame": ms.get(name, ms.get(run)),
             "state_bytes_moshi7b": {f: c[ROW_COST[name]] for f, c in costs.items()},
             "frozen_base": name not in ("base", "full_attention", "full_attention_4x", "scratch"),
-            "command": row_command(out, root, seed, (name,), quick),
+            "command": command((name,)),
         }
         if name in extra:
             table[name]["details"] = extra[name]

@@ -336,9 +336,9 @@ class MemoryChoice:
     def label(self) -> str:
         return self.setting.label() + ("" if self.setting.gate else f", lam {self.lam:g}")
 
-    def to_dict(self, validation_files: int) -> dict:
+    def to_dict(self) -> dict:
         return {"chosen": {**dataclasses.asdict(self.setting), "lam": self.lam},
-                "label": self.label(), "on": self.on, "validation_files": validation_files,
+                "label": self.label(), "on": self.on,
                 "memory_ms_per_frame": self.ms_per_frame,
                 "validation": [{**x, "setting": x["setting"].label()}
                                for x in self.scores]}  # fmt: skip

@@ -1,0 +1,208 @@
+"""``moshi-ttt study``: the memory comparison on a base and data a user gives (tiny model, CPU).
+
+The base is the one ``moshi-ttt demo --quick`` trains and exports, as a new user's first hour
+goes (README); the data are generated text files and generated shards (text and audio).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moshi_ttt.cli.app import main
+from moshi_ttt.demo.corpus import CorpusSpec, _ShardWriter, read_text_corpus, tokenizer_codes
+from moshi_ttt.demo.frozen import FrozenBase, base_from_arg
+from moshi_ttt.demo.study import META_ROWS, STUDY_ESSENTIAL, study_rows
+from moshi_ttt.format import NUM_STREAMS
+from moshi_ttt.models.codec import build_tiny_tokenizer
+
+WORDS = ("alpha", "beta", "gamma", "delta", "memory", "window", "frame", "token", "stream")
+
+
+def _text_folder(root: Path, files: int = 40, size: int = 900) -> Path:
+    """``files`` text files of ``size`` bytes or more, each repeating its own phrases (so a
+    memory has something to find beyond the window)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        rng = random.Random(i)
+        own = " ".join(rng.choice(WORDS) for _ in range(6)) + f" id{i}. "
+        parts = []
+        while sum(map(len, parts)) < size:
+            parts.append(own if rng.random() < 0.3 else rng.choice(WORDS) + " ")
+        (root / f"doc_{i:03d}.txt").write_text("".join(parts))
+    return root
+
+
+def _shards_folder(root: Path, files: int = 100, frames: int = 128) -> Path:
+    """A moshi-ttt shards directory of ``files`` sequences: text tokens of the byte range and
+    16 audio rows of codes < 32 (the quick demo base's vocabulary)."""
+    w = _ShardWriter(root, "generated")
+    for i in range(files):
+        g = torch.Generator().manual_seed(i)
+        codes = torch.randint(0, 32, (NUM_STREAMS, frames), generator=g, dtype=torch.int32)
+        codes[0] = torch.randint(4, 260, (frames,), generator=g, dtype=torch.int32)
+        codes[:, frames // 2 :] = codes[:, : frames - frames // 2]  # a repeat beyond the window
+        w.add(codes, f"conv_{i:03d}.wav")
+    w.close({"kind": "shards"})
+    return root
+
+
+@pytest.fixture(scope="module")
+def quick_base(tmp_path_factory) -> Path:
+    """The base ``moshi-ttt demo --quick`` trains and exports (window 16 frames)."""
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--rows", "base", "--no-progress", "--out", str(out)]) == 0
+    return out / "base"
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> Path:
+    return _text_folder(tmp_path_factory.mktemp("texts") / "docs")
+
+
+def test_study_on_a_text_folder_writes_every_row_marked_quick(quick_base, texts, tmp_path,
+                                                              capsys):  # fmt: skip
+    out = tmp_path / "study"
+    argv = ["study", "--base", str(quick_base), "--data", str(texts), "--out", str(out),
+            "--quick", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "study plan" in printed and "estimate: about" in printed and "memory:" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["rows"]) == set(STUDY_ESSENTIAL)
+    assert results["quick"] is True and results["study"]["base"] == str(quick_base)
+    assert results["study"]["text_as"] == "bytes" and results["context_frames"] == 16
+    for name, row in results["rows"].items():
+        assert "--quick" in row["command"] and f"--rows {name}" in row["command"]
+        if name != "base":
+            assert row["vs_base_beyond"]["difference"] == pytest.approx(
+                row["ce_beyond"]["mean"] - results["rows"]["base"]["ce_beyond"]["mean"], abs=1e-9
+            )  # row - base: negative = the memory helps
+    assert all(line.startswith("[--quick") for line in results["verdict"]["lines"])
+    details = results["rows"]["e2e"]["details"]
+    assert details["validation_files"] >= 2 and details["validation_sequences"] >= 2
+    report = (out / "report.md").read_text()
+    assert "moshi-ttt study" in report and "frozen (not trained here)" in report
+
+    # a row's recorded command recomputes it (same numbers), reusing the cached stages
+    cmd = shlex.split(results["rows"]["e2e"]["command"])
+    assert cmd[1] == "study"
+    assert main(cmd[1:]) == 0
+    again = capsys.readouterr().out
+    assert "corpus: cached" in again and "setting: cached" in again
+    redone = json.loads((out / "results.json").read_text())
+    assert redone["rows"]["e2e"]["ce_beyond"] == results["rows"]["e2e"]["ce_beyond"]
+
+
+def test_study_on_shards_scores_text_and_skips_needles(quick_base, tmp_path, capsys):
+    data = _shards_folder(tmp_path / "shards")
+    out = tmp_path / "study"
+    argv = ["study", "--base", str(quick_base), "--data", str(data), "--out", str(out),
+            "--quick", "--no-progress", "--meta-steps", "0"]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert not set(META_ROWS) & set(results["rows"])  # --meta-steps 0: no meta-trained rows
+    assert results["study"]["text_as"] == "shards" and results["corpus"]["kind"] == "shards"
+    assert "needles are planted as bytes" in results["recall"]["needle_error"]
+
+
+def test_an_interrupted_study_keeps_its_finished_stages(quick_base, texts, tmp_path, capsys,
+                                                        monkeypatch):  # fmt: skip
+    from moshi_ttt.demo import study
+
+    out = tmp_path / "study"
+    argv = ["study", "--base", str(quick_base), "--data", str(texts), "--out", str(out),
+            "--quick", "--no-progress", "--rows", "e2e_meta"]  # fmt: skip
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "evaluate_and_report", interrupted)
+    assert main(argv) == 130  # Ctrl-C: reported, not a traceback
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "corpus: cached" in printed and "setting: cached" in printed
+    assert "meta-training: cached" in printed
+
+
+def test_study_dry_run_prints_the_plan_and_does_nothing(quick_base, texts, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert main(["study", "--base", str(quick_base), "--data", str(texts), "--out", str(out),
+                 "--dry-run"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "study plan" in printed and "meta-training: 150 steps" in printed
+    assert not out.exists()
+
+
+def _error(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1
+    return err
+
+
+def test_study_bad_input_gets_one_paragraph_and_exit_2(quick_base, texts, tmp_path, capsys,
+                                                       monkeypatch):  # fmt: skip
+    out = str(tmp_path / "o")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    common = ["--out", out, "--quick", "--no-progress"]
+    err = _error(["study", "--base", str(tmp_path / "nope"), "--data", str(texts), *common], capsys)
+    assert "--base" in err and "nope" in err
+    err = _error(["study", "--base", str(quick_base), "--data", str(empty), *common], capsys)
+    assert f"--data {empty}" in err and "usable sequences" in err
+    few = _text_folder(tmp_path / "few", files=1)
+    other = _text_folder(tmp_path / "other", files=4)
+    err = _error(["study", "--base", str(quick_base), "--data", str(texts), "--val", str(few),
+                  "--test", str(other), *common], capsys)  # fmt: skip
+    assert f"--val {few}" in err and "needs 2 files or more" in err
+    err = _error(["study", "--base", str(quick_base), "--data", str(texts), "--val", str(few),
+                  *common], capsys)  # fmt: skip
+    assert "--val and --test go together" in err
+    err = _error(["study", "--base", str(quick_base), "--data", str(texts), "--val", str(few),
+                  "--test", str(texts), *common], capsys)  # fmt: skip
+    assert "--test" in err and "same folder as --data" in err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = _error(["study", "--base", "someorg/not-cached", "--data", str(texts), *common], capsys)
+    assert "someorg/not-cached" in err and "HF_HUB_OFFLINE" in err
+    err = _error(["study", "--base", str(quick_base), "--data", str(texts), "--rows", "scratch",
+                  *common], capsys)  # fmt: skip
+    assert "--rows" in err and "scratch" in err
+
+
+def test_study_rows_and_base_sources():
+    assert "e2e_meta" not in study_rows("essential", 0)
+    assert study_rows("e2e_assoc", 5) == ("base", "e2e", "e2e_assoc")
+    with pytest.raises(ValueError, match="--meta-steps"):
+        study_rows("e2e_meta", 0)
+    assert base_from_arg("tiny:3") == FrozenBase({"source": "tiny", "dtype": "auto"}, seed=3)
+    assert base_from_arg("kyutai/moshiko-pytorch-bf16").model["source"] == "hf"
+
+
+def test_text_through_a_tokenizer_is_one_token_per_frame(tmp_path):
+    tok = build_tiny_tokenizer(64, 0)
+    folder = _text_folder(tmp_path / "docs", files=30, size=400)
+    out = read_text_corpus(folder, CorpusSpec(frames=32), tmp_path / "data",
+                           encode=tokenizer_codes(tok))  # fmt: skip
+    assert sum(out.sequences.values()) > 0
+    from moshi_ttt.data.pipeline import ShardSource
+
+    src = ShardSource(tmp_path / "data" / "train")
+    name, codes = str(src.files[0]["path"]), src.codes(0)
+    ids = tok.encode((folder / name.rsplit("#", 1)[0]).read_text())
+    assert codes[0].tolist() == ids[:32] and bool((codes[1:] == -1).all())
+
+
+def test_study_help_runs_as_a_command():
+    r = subprocess.run([sys.executable, "-m", "moshi_ttt.cli", "study", "--help"],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0 and "--meta-steps" in r.stdout and "--base" in r.stdout
