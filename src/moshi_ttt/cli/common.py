@@ -12,12 +12,17 @@ checks and the skipped-files summary every command prints.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import yaml
 
+from .. import recipes
+from ..integration.config import TTTConfig
+from ..models.load import describe_spec
 from ..models.spec import (
     DTYPES,
     LoadedModel,
@@ -45,10 +50,20 @@ def add_model_args(p: argparse.ArgumentParser, tiny_default_ttt: bool = True) ->
         "--run", metavar="DIR", help="a training run (its newest checkpoint) or checkpoint dir"
     )
     default = "TTTConfig()" if tiny_default_ttt else "none"
-    p.add_argument(
+    memory = p.add_mutually_exclusive_group()
+    memory.add_argument(
         "--ttt-config",
         metavar="YAML",
-        help=f"TTTConfig to apply to --tiny/--base (--tiny default: {default}; --base: none)",
+        help="TTTConfig to apply to --tiny/--base: a YAML of its keys, or a training config "
+        f"whose ttt: section is used (e.g. configs/moshi7b_e2e.yaml) (--tiny default: {default}; "
+        "--base: none)",
+    )
+    memory.add_argument(
+        "--memory",
+        choices=["e2e"],
+        help="add the shipped memory to --tiny/--base: e2e = the end-to-end memory after the "
+        "last layer with the associative recall memory (moshi_ttt.recipes.e2e_memory, sized "
+        "for the base: width 4x, K = C/8), zero-training",
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
@@ -61,20 +76,22 @@ def model_spec(args: argparse.Namespace, tiny_default_ttt: bool = True) -> Model
     ``source: local`` for a directory, else ``source: hf``; ``--ttt-config``: ``ttt``), or the
     spec a ``--run`` recorded; None for ``--adapter`` (its base and memory are in adapter.json).
     """
-    from ..integration import TTTConfig
     from ..models.runs import find_checkpoint, run_spec
 
-    if (args.adapter or args.run) and args.ttt_config:
-        raise ValueError("--ttt-config cannot be combined with --adapter/--run (they record it)")
+    memory = getattr(args, "memory", None)
+    if (args.adapter or args.run) and (args.ttt_config or memory):
+        option = "--ttt-config" if args.ttt_config else "--memory"
+        raise ValueError(f"{option} cannot be combined with --adapter/--run (they record their "
+                         "memory)")  # fmt: skip
     if args.run:
         return run_spec(find_checkpoint(args.run))
     if args.adapter:
         return None
     try:
-        ttt = TTTConfig.from_yaml(args.ttt_config) if args.ttt_config else None
+        ttt = read_ttt_config(args.ttt_config) if args.ttt_config else None
     except ValueError as e:
         raise ValueError(f"--ttt-config {args.ttt_config}: {e}") from e
-    if ttt is None and args.tiny and tiny_default_ttt:
+    if ttt is None and args.tiny and tiny_default_ttt and not memory:
         ttt = TTTConfig()
     dtype = args.dtype if args.dtype in ("auto", "bfloat16", "float32") else "auto"
     if args.tiny:
@@ -83,7 +100,23 @@ def model_spec(args: argparse.Namespace, tiny_default_ttt: bool = True) -> Model
         model = ModelConfig(source="local", path=args.base, dtype=dtype)
     else:
         model = ModelConfig(source="hf", hf_repo=args.base, dtype=dtype)
-    return ModelSpec(seed=0, model=model, ttt=ttt)
+    spec = ModelSpec(seed=0, model=model, ttt=ttt)
+    if memory == "e2e":  # sized for the base, read from its config files
+        kw = describe_spec(spec).lm_kwargs
+        spec = dataclasses.replace(spec, ttt=TTTConfig.from_dict(
+            recipes.e2e_memory(int(kw["dim"]), int(kw["context"]))))  # fmt: skip
+    return spec
+
+
+def read_ttt_config(path: str | Path) -> TTTConfig:
+    """A ``TTTConfig`` YAML: its keys at the top level, or a training config's ``ttt:``
+    section (the configs in ``configs/``)."""
+    data = yaml.safe_load(Path(path).read_text())
+    if isinstance(data, dict) and "ttt" in data and isinstance(data["ttt"], dict | None):
+        if data["ttt"] is None:
+            raise ValueError("the training config's ttt: section is empty (no memory)")
+        data = data["ttt"]
+    return TTTConfig.from_dict(data if data is not None else {})
 
 
 def load_model_from_args(

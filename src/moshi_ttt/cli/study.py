@@ -37,10 +37,11 @@ def add_study_parser(subparsers: Any) -> None:
                    help="the frozen base: a Hugging Face repo id, a checkpoint directory with "
                    "config.json, a `moshi-ttt export` directory, a training run (or one of its "
                    "checkpoints), or tiny")  # fmt: skip
-    p.add_argument("--data", required=True, metavar="DIR",
+    p.add_argument("--data", metavar="DIR",
                    help="a folder of text files (read recursively) or moshi-ttt shards "
                    "(moshi-ttt tokenize: audio and text); split into train/val/test by a hash "
-                   "of each file's path unless --val and --test are given")  # fmt: skip
+                   "of each file's path unless --val and --test are given (default: this "
+                   "Python's standard library, as the demo)")  # fmt: skip
     p.add_argument("--val", metavar="DIR", help="validation folder (every choice is made on it)")
     p.add_argument("--test", metavar="DIR", help="held-out folder (only scored)")
     p.add_argument("--out", default="study_out", help="output directory (default: study_out)")
@@ -98,6 +99,7 @@ def check_study_out(out: str | Path, force: bool) -> Path:
 
 
 def _study(args: argparse.Namespace) -> None:
+    from ..demo.corpus import default_corpus
     from ..demo.frozen import base_from_arg
     from ..demo.study import run_study, study_rows
 
@@ -107,7 +109,7 @@ def _study(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {value}: expected a number >= "
                              f"{0 if name == 'meta_steps' else 1}")  # fmt: skip
     study_rows(args.rows, 1 if args.meta_steps is None else args.meta_steps)  # bad --rows: now
-    data = Path(args.data)
+    data = Path(args.data) if args.data is not None else default_corpus()
     if not data.exists():
         raise ValueError(f"--data {data}: no such file or directory; expected a folder of text "
                          "files or moshi-ttt shards")  # fmt: skip

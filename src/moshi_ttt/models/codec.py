@@ -138,7 +138,13 @@ def build_tiny_tokenizer(vocab_size: int = 64, seed: int = 0) -> Any:
     memory (about 30 ms) on random sentences of a fixed word list. Ids 0-3 are
     ``<unk> <s> </s> <pad>`` like Moshi's tokenizer (3 = text PAD)."""
     rng = random.Random(seed)
-    sentences = [" ".join(rng.choice(_TINY_WORDS) for _ in range(8)) for _ in range(200)]
+    words, n = list(_TINY_WORDS), 200
+    if vocab_size > 78:  # the word list holds 78 pieces: add random words for a larger vocabulary
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        words += ["".join(rng.choice(letters) for _ in range(rng.randint(3, 8)))
+                  for _ in range(4 * vocab_size)]  # fmt: skip
+        n = 4 * vocab_size
+    sentences = [" ".join(rng.choice(words) for _ in range(8)) for _ in range(n)]
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
