@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..eval.long_context import write_long_context_section
-from ..eval.report import Report
+from ..eval.report import Report, legend_outside, row_styles
 from ..recipes import HARM_TOLERANCE
 
 ROW_TEXT = {
@@ -215,7 +215,7 @@ def write_report(out: Path, s: Any, results: dict, curves: dict,
     if "dyneval" in results["rows"]:
         d = results["rows"]["dyneval"]["details"]
         report.add_text(
-            f"Dynamic evaluation setting chosen on {d['validation_files']} validation files: "
+            f"Dynamic evaluation setting chosen on {counted(d, 'validation')}: "
             f"{d['label']} (validation CE beyond the window: "
             + ", ".join(f"{v['label']}: {v['text_ce']:.4f}" for v in d["validation"])
             + ")."
@@ -225,7 +225,7 @@ def write_report(out: Path, s: Any, results: dict, curves: dict,
         m = results["rows"].get("e2e_meta", {}).get("details") or {}
         text = "End-to-end memory: "
         if d:
-            text += (f"setting chosen on {d['validation_files']} validation files: {d['label']} "
+            text += (f"setting chosen on {counted(d, 'validation')}: {d['label']} "
                      "(validation CE beyond the window: "
                      + ", ".join(f"width {v['hidden']} lr {v['lr']:g} K {v['chunk']}: "
                                  f"{v['text_ce']:.4f}" for v in d["validation"])
@@ -238,11 +238,60 @@ def write_report(out: Path, s: Any, results: dict, curves: dict,
     recall = results.get("recall")
     if recall:
         _recall_section(report, results, recall, C)
+    styles = row_styles([*results["rows"], *curves])  # one colour and marker per row
     write_long_context_section(report, curves, context=C, bin_frames=s.bin_frames,
-                               reference="base", metric="text_ce",
+                               reference="base", metric="text_ce", gain_plot=False,
+                               styles=styles,
                                title="Loss against position (held-out files)")  # fmt: skip
+    plot_vs_base(report, results["rows"], C, styles)
     report.data.update(results=results, runs={k: str(v) for k, v in runs.items()})
     return report.write()
+
+
+def counted(details: dict, split: str) -> str:
+    """What a choice was made on: ``"12 sequences from 3 files"`` when ``details`` has both
+    ``{split}_sequences`` and ``{split}_files`` (files = distinct source files), else (older
+    results.json, whose ``{split}_files`` counted sequences) ``"12 {split} sequences"``."""
+    seqs, files = details.get(f"{split}_sequences"), details.get(f"{split}_files")
+    if seqs is not None and files is not None:
+        return f"{seqs} {split} sequences from {files} files"
+    n = seqs if seqs is not None else files
+    return f"{n} {split} sequences" if n is not None else f"the {split} sequences"
+
+
+def plot_vs_base(report: Report, rows: dict[str, Any], C: int,
+                 styles: dict[str, dict[str, str]] | None = None) -> None:  # fmt: skip
+    """``vs_base.png``: each row minus the base, inside and beyond the window, with its 95 %
+    interval over files (``vs_base_within`` / ``vs_base_beyond``: ``difference``, ``lo``,
+    ``hi``); the base is the reference (0), not a row of the plot."""
+    names = [n for n, r in rows.items() if n != "base" and r.get("vs_base_beyond")]
+    if not names:
+        return
+    styles = styles or row_styles(rows)
+    parts = (("vs_base_within", f"inside the window (frames < {C})"),
+             ("vs_base_beyond", f"beyond the window (frames >= {C})"))  # fmt: skip
+    fig, axes = report.figure(10.0, max(3.0, 0.45 * len(names) + 1.5), ncols=2, sharey=True)
+    ys = list(range(len(names)))[::-1]  # the first row at the top
+    for ax, (key, where) in zip(axes, parts):
+        for y, name in zip(ys, names):
+            ci = rows[name].get(key) or {}
+            d = ci.get("difference", math.nan)
+            lo, hi = ci.get("lo", math.nan), ci.get("hi", math.nan)
+            has = lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi)
+            err = [[d - lo], [hi - d]] if has else None
+            ax.errorbar([d], [y], xerr=err, fmt=styles[name]["marker"], ms=7, capsize=4,
+                        color=styles[name]["color"], label=name)  # fmt: skip
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set(title=where, xlabel="row - base, text CE (nats per byte)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(ys, names)
+    fig.suptitle("Row - base (negative: the row helps), 95 % interval over files")
+    legend_outside(axes[-1])
+    report.add_figure(
+        fig, "vs_base.png",
+        "Each row minus the base, inside and beyond the window (negative: the row helps; "
+        "bars: 95 % bootstrap interval over files, paired)",
+    )  # fmt: skip
 
 
 def _pct(ci: dict | None) -> str:
@@ -286,21 +335,24 @@ def _recall_section(report: Report, results: dict, recall: dict, C: int) -> None
     )
     report.add_table(["row", "CE recallable", "row - base", "CE other bytes",
                       *[f"needle {d}" for d in dists]], rows)  # fmt: skip
+    memories = [r for r in ("cache", "retrieval", "assoc", "e2e_assoc", "e2e_meta_assoc")
+                if r in results["rows"] and "details" in results["rows"][r]]  # fmt: skip
     chosen = [f"`{r}`: {results['rows'][r]['details']['label']} on "
-              f"`{results['rows'][r]['details'].get('on', 'base')}`"
-              for r in ("cache", "retrieval", "assoc", "e2e_assoc", "e2e_meta_assoc")
-              if r in results["rows"] and "details" in results["rows"][r]]  # fmt: skip
+              f"`{results['rows'][r]['details'].get('on', 'base')}`" for r in memories]  # fmt: skip
     if chosen:
-        report.add_text("Memory settings chosen on the validation files (best beyond the window "
+        on = counted(results["rows"][memories[0]]["details"], "validation")
+        report.add_text(f"Memory settings chosen on {on} (best beyond the window "
                         "among those within the harm tolerance inside it): "
                         + "; ".join(chosen) + ".")  # fmt: skip
     if shares:
-        _plot_needles(report, shares, spec["distances"])
+        _plot_needles(report, shares, spec["distances"], row_styles([*results["rows"], *shares]))
 
 
-def _plot_needles(report: Report, shares: dict, distances: list[int]) -> None:
-    fig, ax = report.figure(width=7.5, height=4.2)
+def _plot_needles(report: Report, shares: dict, distances: list[int],
+                  styles: dict[str, dict[str, str]] | None = None) -> None:  # fmt: skip
+    fig, ax = report.figure(width=10.0, height=5.0)
     rows = list(shares)
+    styles = styles or row_styles(rows)
     width = 0.8 / max(1, len(rows))
     for i, row in enumerate(rows):
         sh = [shares[row].get(f"{m}x", {}) for m in distances]
@@ -310,13 +362,14 @@ def _plot_needles(report: Report, shares: dict, distances: list[int]) -> None:
         x = [k + (i - (len(rows) - 1) / 2) * width for k in range(len(distances))]
         err = [[max(0.0, a - b) if math.isfinite(b) else 0.0 for a, b in zip(y, lo)],
                [max(0.0, b - a) if math.isfinite(b) else 0.0 for a, b in zip(y, hi)]]  # fmt: skip
-        ax.bar(x, y, width=width, label=row, yerr=err, capsize=2)
+        st = styles[row]
+        ax.bar(x, y, width=width, yerr=err, capsize=2, color=st["color"], alpha=0.75)
+        ax.plot(x, y, ls="none", marker=st["marker"], color=st["color"], mec="k", label=row)
     ax.axhline(100 * NEEDLE_TARGET, color="grey", ls="--", lw=0.8)
     ax.set_xticks(range(len(distances)), [f"{m} windows" for m in distances])
     ax.set(ylabel="share of perfect recall (%)",
            title="Needle recall by distance (95 % intervals; dashed: the target)")  # fmt: skip
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
+    legend_outside(ax)
     report.add_figure(fig, "needle_recall.png", "Needle recall: the share of perfect recall")
 
 

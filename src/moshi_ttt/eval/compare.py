@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from .long_context.statistics import METRIC_LABELS
 from .pair_report import PUBLISHED, TITLES
-from .report import Report
+from .report import Report, legend_outside, row_line_style, row_styles
 from .stats import (
     flip_interval,
     fmt_interval,
@@ -526,22 +527,50 @@ def _plot_accuracy(report: Report, rows: list[dict[str, Any]]) -> None:
 def _plot_long_context(
     report: Report, longs: list[dict[str, Any]], labels: dict[str, str] | None = None
 ) -> None:
+    """``long_context.png``: every report's curves, one panel per scored metric (audio CE and
+    text CE never share an axis); the band of each report's headline metric."""
     labels = labels or _labels(longs)
-    fig, ax = report.figure()
-    for d in longs:
-        res = d["result"]
-        m = res["metric"]
-        for v, c in res["curves"].items():
-            x = (np.asarray(c["start"]) + np.asarray(c["end"]) - 1) / 2
-            y = np.asarray([np.nan if u is None else u for u in c[m]], dtype=float)
-            (line,) = ax.plot(x, y, marker=".", label=f"{_short(labels[d['_path']], 50)}: {v}")
-            band = res.get("curve_intervals", {}).get(v, {})
-            if len(band.get("lo", [])) == len(y):
-                lo = np.asarray([np.nan if u is None else u for u in band["lo"]], dtype=float)
-                hi = np.asarray([np.nan if u is None else u for u in band["hi"]], dtype=float)
-                ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
-        if res.get("context_frames"):
-            ax.axvline(res["context_frames"], color="k", ls="--", lw=0.8)
-    ax.set(xlabel="position (frames, 80 ms)", ylabel="CE (nats)")
-    ax.legend(fontsize=6)
-    report.add_figure(fig, "long_context.png", "Loss against position, every report (95 % CI)")
+
+    def values(seq: list[Any]) -> np.ndarray:
+        return np.asarray([np.nan if u is None else u for u in seq], dtype=float)
+
+    metrics = [
+        m
+        for m in ("audio_ce", "text_ce")
+        if any(
+            np.isfinite(values(c.get(m, []))).any()
+            for d in longs
+            for c in d["result"]["curves"].values()
+        )  # fmt: skip
+    ] or [longs[0]["result"]["metric"]]
+    names = [f"{_short(labels[d['_path']], 50)}: {v}" for d in longs for v in d["result"]["curves"]]
+    styles = row_styles(names)
+    fig, axes = report.figure(max(10.0, 5.5 * len(metrics)), 5.0, ncols=len(metrics))
+    axes = np.atleast_1d(axes)
+    for ax, m in zip(axes, metrics):
+        i = 0
+        for d in longs:
+            res = d["result"]
+            for v, c in res["curves"].items():
+                name = f"{_short(labels[d['_path']], 50)}: {v}"
+                x = (np.asarray(c["start"]) + np.asarray(c["end"]) - 1) / 2
+                y = values(c.get(m, []))
+                if not np.isfinite(y).any():
+                    continue
+                style = row_line_style(styles[name], i, len(y))
+                ax.plot(x, y, label=name, **style)
+                i += 1
+                band = res.get("curve_intervals", {}).get(v, {})
+                if m == res["metric"] and len(band.get("lo", [])) == len(y):
+                    lo, hi = values(band["lo"]), values(band["hi"])
+                    ax.fill_between(x, lo, hi, color=style["color"], alpha=0.15, lw=0)
+            if res.get("context_frames"):
+                ax.axvline(res["context_frames"], color="k", ls="--", lw=0.8)
+        label = METRIC_LABELS.get(m, m)
+        ax.set(title=label, xlabel="position (frames, 80 ms)", ylabel=f"{label} (nats)")
+    legend_outside(axes[-1], fontsize=6, axes=axes)
+    report.add_figure(
+        fig, "long_context.png",
+        "Loss against position, every report, one panel per metric (shaded: 95 % CI of each "
+        "report's headline metric)",
+    )  # fmt: skip

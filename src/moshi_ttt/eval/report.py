@@ -93,6 +93,73 @@ def curve_style(index: int, points: int) -> dict[str, Any]:
     return style
 
 
+# One colour and one marker per row, the same in every plot of a report (the demos' loss, difference
+# and needle plots, eval long-context's loss and difference plots, eval summary): the rows the
+# project names get fixed ones (``base`` black circles), any other name the next free pair in
+# the order it comes. ``row_styles`` is the one home of this map.
+KNOWN_ROWS = (
+    "base", "dyneval", "e2e", "e2e_meta", "e2e_meta_static", "cache", "retrieval", "assoc",
+    "e2e_assoc", "e2e_meta_assoc", "window_plain", "window_ntk", "window_yarn", "retrofit",
+    "retrofit_reset", "retrofit_gate0", "retrofit_forced", "lora_long", "full_attention",
+    "full_attention_4x", "scratch", "oracle_full", "oracle_window", "ttt", "no_ttt",
+)  # fmt: skip
+ROW_COLORS = (
+    "#000000", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+    "#17becf", "#bcbd22", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5",
+    "#c49c94", "#f7b6d2", "#9edae5", "#dbdb8d", "#393b79", "#637939", "#8c6d31", "#843c39",
+)  # fmt: skip
+ROW_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+
+
+def row_styles(names: Any) -> dict[str, dict[str, str]]:
+    """``{name: {"color", "marker"}}`` for the rows ``names`` (any iterable of names): a
+    known row (``KNOWN_ROWS``) its own colour and marker in every plot and every report,
+    ``base`` black circles; other names (``reset_every_16``, ``gate=0``, a model label) the
+    next unused pair in order. No two names of one call share a colour."""
+    names = list(dict.fromkeys(names))
+    out: dict[str, dict[str, str]] = {}
+    used: set[int] = set()
+    nxt = len(KNOWN_ROWS)
+    for name in names:
+        if name in KNOWN_ROWS:
+            i = KNOWN_ROWS.index(name)
+        else:
+            i, nxt = nxt, nxt + 1
+        while i % len(ROW_COLORS) in used and len(used) < len(ROW_COLORS):
+            i += 1
+        used.add(i % len(ROW_COLORS))
+        out[name] = {"color": ROW_COLORS[i % len(ROW_COLORS)],
+                     "marker": ROW_MARKERS[i % len(ROW_MARKERS)]}  # fmt: skip
+    return out
+
+
+def row_line_style(row: dict[str, str], index: int, points: int) -> dict[str, Any]:
+    """``ax.plot`` keyword arguments for a row's curve: its colour and marker (``row_styles``),
+    the line style and width of the ``index``-th curve of the axes (``curve_style``: curves
+    that coincide stay visible); on a curve of many points a marker every ~1/12 of them."""
+    style = curve_style(index, points)
+    style |= {
+        "color": row["color"],
+        "marker": row["marker"],
+        "markersize": style.get("markersize", 5.0),
+        "fillstyle": style.get("fillstyle", "full"),
+    }
+    if points > FEW_POINTS:
+        style["markevery"] = max(1, points // 12)
+    return style
+
+
+def legend_outside(ax: Any, fontsize: float = 8, axes: Any = None) -> Any:
+    """The legend of ``ax`` to the right of its data area (never over the curves); with
+    ``axes``, of the labelled curves of all of them (each label once)."""
+    entries: dict[str, Any] = {}
+    for a in axes if axes is not None else [ax]:
+        for handle, label in zip(*a.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    return ax.legend(list(entries.values()), list(entries), fontsize=fontsize,
+                     loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # fmt: skip
+
+
 def coincidence_labels(curves: dict[str, Any]) -> dict[str, str]:
     """Legend labels for named curves (sequences of numbers): a curve equal to an earlier one
     (same length, equal within 1e-9 relative, NaN where it is NaN) is labelled

@@ -11,7 +11,15 @@ from typing import Any
 import numpy as np
 
 from ...format import FRAME_RATE
-from ..report import Report, coincidence_labels, curve_style, plot_bin_frames
+from ..report import (
+    Report,
+    coincidence_labels,
+    curve_style,
+    legend_outside,
+    plot_bin_frames,
+    row_line_style,
+    row_styles,
+)
 from ..stats import fmt_interval, format_p
 from .scoring import Variant
 from .statistics import (
@@ -46,6 +54,7 @@ def write_long_context_section(
     equal_lengths: Sequence[int] = (),
     reference_is_base: bool | None = None,
     gain_plot: bool = True,
+    styles: dict[str, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Add the loss-vs-position section (tables, plots) for named curves (any models or
     variants over the same files) to ``report``; the others are compared against
@@ -65,7 +74,8 @@ def write_long_context_section(
     are shown as reference - curve; when it is the base without memory (``reference_is_base``,
     default: the reference is named ``"base"``, as in the demos), as curve - reference. The
     stored ``gains`` / ``intervals.difference`` stay curve - reference. ``gain_plot=False``
-    leaves out ``gain_vs_position.png`` (a caller drawing its own)."""
+    leaves out ``gain_vs_position.png`` (a caller drawing its own). ``styles``: the report's
+    row -> colour and marker map (``eval.report.row_styles``, default: of these curves)."""
     if not curves:
         raise ValueError("no curve to report")
     requested = check_metric(metric)
@@ -166,9 +176,13 @@ def write_long_context_section(
                 + ": the model uses this file's past)."
             )
     bands = {k: binned_intervals(v, bin_frames, metric) for k, v in curves.items()}
-    _plot_losses(report, binned, context, prefix, bands, metric)
+    styles = styles or row_styles(curves)  # one colour and marker per curve in every plot
+    others = sorted((k for k in curves if k != reference and np.isfinite(beyond[k][metric])),
+                    key=lambda k: beyond[k][metric])  # fmt: skip
+    banded = [reference, *others[:BANDED_OTHERS]]  # bands that do not bury each other
+    _plot_losses(report, binned, context, prefix, bands, metric, styles, banded)
     if gains and gain_plot:
-        _plot_gains(report, binned, reference, context, prefix, metric, base_ref)
+        _plot_gains(report, binned, reference, context, prefix, metric, base_ref, styles)
     if np.isfinite(np.asarray(binned[reference]["codebooks"], dtype=float)).any():
         _plot_codebooks(report, binned[reference], reference, context, prefix)
     data = {
@@ -208,7 +222,8 @@ def write_long_context_section(
         n = len(eq[reference].file_blocks)
         sub = write_long_context_section(
             report, eq, context=context, bin_frames=requested, reference=reference,
-            prefix=f"{prefix}eq{L}_", metric=metric,
+            prefix=f"{prefix}eq{L}_", metric=metric, reference_is_base=base_ref,
+            gain_plot=gain_plot, styles=styles,
             title=f"Equal-length curves: {n} files of >= {L} frames ({L / FRAME_RATE:g} s), "
             f"cropped to {L}; every bin averages the same files",
         )  # fmt: skip
@@ -313,6 +328,9 @@ def _mark_context(ax: Any, context: int) -> None:
         ax.axvline(context, color="k", ls="--", lw=1, label=f"attention context ({context})")
 
 
+BANDED_OTHERS = 2  # the loss plot shades the reference's interval and the best 2 others'
+
+
 def _plot_losses(
     report: Report,
     binned: dict,
@@ -320,7 +338,12 @@ def _plot_losses(
     prefix: str,
     bands: dict[str, dict[str, Any]] | None = None,
     metric: str | None = None,
+    styles: dict[str, dict[str, str]] | None = None,
+    banded: list[str] | None = None,
 ) -> None:
+    """Loss against position, one panel per scored metric, legend outside the data; the
+    95 % band of ``metric`` for the curves in ``banded`` (default: all)."""
+
     def scored(key: str) -> bool:
         return any(np.isfinite(np.asarray(b[key], dtype=float)).any() for b in binned.values())
 
@@ -331,25 +354,33 @@ def _plot_losses(
         ("text_ce", "text CE"),
     ]
     panels = [p for p in panels if scored(p[0])] or panels[:1]
-    fig, axes = report.figure(4.0 * len(panels), 3.6, ncols=len(panels))
+    styles = styles or row_styles(binned)
+    banded = list(binned) if banded is None else banded
+    fig, axes = report.figure(max(10.0, 4.5 * len(panels)), 5.0, ncols=len(panels))
     for ax, (key, label) in zip(np.atleast_1d(axes), panels):
         labels = coincidence_labels({name: b[key] for name, b in binned.items()})
         for i, (name, b) in enumerate(binned.items()):
             y = np.asarray(b[key], dtype=float)
-            style = curve_style(i, len(y))
-            (line,) = ax.plot(_centers(b), y, label=labels[name], **style)
+            style = row_line_style(styles[name], i, len(y))
+            ax.plot(_centers(b), y, label=labels[name], **style)
             band = (bands or {}).get(name, {})
-            if key == metric and len(band.get("lo", [])) == len(b[key]):
+            if key == metric and name in banded and len(band.get("lo", [])) == len(b[key]):
                 lo, hi = (np.asarray(band[k], dtype=float) for k in ("lo", "hi"))
-                ax.fill_between(_centers(b), lo, hi, color=line.get_color(), alpha=0.2, lw=0)
+                ax.fill_between(_centers(b), lo, hi, color=style["color"], alpha=0.15, lw=0)
         _mark_context(ax, context)
         ax.set(title=label, xlabel="position (frames, 80 ms)", ylabel="CE (nats)")
-    np.atleast_1d(axes)[0].legend(fontsize=7)
+    legend_outside(np.atleast_1d(axes)[-1])
+    shaded = "every curve" if set(banded) >= set(binned) else ", ".join(banded)
     report.add_figure(
         fig,
         f"{prefix}loss_vs_position.png",
-        "Loss against position (shaded: 95 % bootstrap interval over files, headline metric)",
-    )
+        "Loss against position (shaded: 95 % bootstrap interval over files of the headline "
+        f"metric, for {shaded}"
+        + ("" if shaded == "every curve" else ": the reference and the two curves lowest "
+           "beyond the window, so that bands do not cover each other; every curve's is in "
+           "report.json, curve_intervals")
+        + ")",
+    )  # fmt: skip
 
 
 def _plot_gains(
@@ -360,8 +391,10 @@ def _plot_gains(
     prefix: str,
     metric: str,
     base_ref: bool = False,
+    styles: dict[str, dict[str, str]] | None = None,
 ) -> None:
-    fig, ax = report.figure()
+    styles = styles or row_styles(binned)
+    fig, ax = report.figure(10.0, 5.0)
     ref = np.asarray(binned[reference][metric], dtype=float)
     diffs = {}
     for name, b in binned.items():
@@ -369,10 +402,10 @@ def _plot_gains(
             mine = np.asarray(b[metric], dtype=float)
             n = min(len(mine), len(ref))
             d = mine[:n] - ref[:n] if base_ref else ref[:n] - mine[:n]
-            diffs[_diff_label(name, reference, base_ref)] = (_centers(b)[:n], d)
-    labels = coincidence_labels({k: v[1] for k, v in diffs.items()})
-    for i, (name, (x, y)) in enumerate(diffs.items()):
-        ax.plot(x, y, label=labels[name], **curve_style(i, len(y)))
+            diffs[_diff_label(name, reference, base_ref)] = (name, _centers(b)[:n], d)
+    labels = coincidence_labels({k: v[2] for k, v in diffs.items()})
+    for i, (label, (name, x, y)) in enumerate(diffs.items()):
+        ax.plot(x, y, label=labels[label], **row_line_style(styles[name], i, len(y)))
     ax.axhline(0, color="grey", lw=0.8)
     _mark_context(ax, context)
     label = METRIC_LABELS[metric]
@@ -382,7 +415,7 @@ def _plot_gains(
         ylabel=f"{label} difference (nats)",
         title=f"{what}, {label} ({_sign_words(reference, base_ref)})",
     )
-    ax.legend(fontsize=7)
+    legend_outside(ax)
     report.add_figure(
         fig, f"{prefix}gain_vs_position.png",
         f"{label}: {what} ({_sign_words(reference, base_ref)})",
