@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import socket
 import struct
@@ -513,3 +514,228 @@ def test_sigkill_loses_at_most_the_last_snapshot(tmp_path):
         server.kill()
         server.wait(timeout=30)
     assert after["restored"] == 1
+
+
+# -- the memory panel: stats, memory-only reset, opt-in reports, moshi.client unaffected -------
+def e2e_config() -> TTTConfig:
+    """The end-to-end memory (an update every 4 frames) with the recall memory beside it."""
+    return TTTConfig(kind="e2e", layers="top:1", e2e_hidden=64, e2e_chunk=4, e2e_lr=0.3,
+                     recall_keys=256, recall_active=8, recall_context=4)  # fmt: skip
+
+
+def tiny_engine(config: TTTConfig, batch: int = 2):
+    from moshi_ttt.serve import Engine
+
+    model = load_base_lm("tiny", dtype=torch.float32)
+    apply_ttt(model.lm, config)
+    model.lm.eval()
+    mimi, _ = load_codec(model)
+    return Engine(model.lm, mimi, batch, greedy=True)
+
+
+def drive(engine, frames: int, rows=(0, 1), seed: int = 0) -> None:
+    pcm = np.stack([audio(seed + b, frames) for b in range(engine.batch_size)])
+    active = np.zeros(engine.batch_size, dtype=bool)
+    active[list(rows)] = True
+    for i in range(frames):
+        engine.step(pcm[:, i * FRAME : (i + 1) * FRAME], active)
+
+
+def test_memory_stats_of_the_end_to_end_memory_per_row():
+    engine = tiny_engine(e2e_config())
+    try:
+        stats = engine.memory
+        assert stats.kinds() == ["e2e", "recall"] and stats.describe()["chunk"] == 4
+        engine.join(0)
+        engine.join(1)
+        stats.watch(0, True)  # only row 0 is watched: only its updates are scored
+        drive(engine, 22)
+        r0, r1 = stats.report(0, point={"frame_ms": 12.5}), stats.report(1)
+        # both rows learned (22 frames, an update every 4 once LMGen's delays are past)
+        assert r0["updates"] == r1["updates"] >= 4 and r0["rollbacks"] == 0
+        assert engine.live.streamer.updates == r0["updates"] + r1["updates"]
+        scored = [e for e in r0["events"] if "before" in e]
+        assert len(scored) == r0["updates"]
+        assert all(e["after"] < e["before"] for e in scored)  # a step descends its own loss
+        assert not any("before" in e for e in r1["events"])  # not watched: not scored
+        point = r0["points"][-1]
+        assert point["t"] == pytest.approx(22 * 0.08) and point["frame_ms"] == 12.5
+        assert point["e2e_distance"] > 0 and point["recall_distance"] > 0
+        # a memory-only reset: row 0's memories back to a conversation's start, row 1's and
+        # the rest of row 0's streaming state untouched
+        other = engine.ttt_state(1)
+        offset = engine.gen._streaming_state.offsets.clone()
+        engine.reset_memory(0)
+        engine.join(1)  # reference: a fresh row, what join resets the memories to
+        fresh = engine.ttt_state(1)
+        now = engine.ttt_state(0)
+        assert all(torch.equal(now[k], fresh[k]) for k in now)
+        assert any(not torch.equal(other[k], fresh[k]) for k in other)
+        assert engine.gen._streaming_state.offsets[0] == offset[0]  # the conversation goes on
+        after = stats.report(0)
+        assert after["resets"] == 1 and after["events"][-1]["reset"] is True
+        assert after["points"][-1]["e2e_distance"] == 0 == after["points"][-1]["recall_distance"]
+        drive(engine, 10, rows=(0,))  # it learns again, from the start
+        assert stats.report(0)["updates"] > r0["updates"]
+        # the counters and history go through a saved session
+        saved = json.loads(json.dumps(stats.export(0)))
+        engine.join(0, memory=saved)
+        again = stats.report(0)
+        assert again["updates"] == saved["updates"] and again["resets"] == 1
+        assert again["points"][: len(saved["points"])] == saved["points"]
+        engine.join(0, memory={"updates": "x", "points": 3, "events": [1, {"t": 1}]})  # junk
+        assert stats.report(0)["updates"] == 0
+    finally:
+        engine.close()
+
+
+def test_memory_stats_of_gated_ttt_layers():
+    engine = tiny_engine(TTTConfig())
+    try:
+        stats = engine.memory
+        assert stats.kinds() == ["gated"]
+        engine.join(0)
+        drive(engine, 20, rows=(0,))  # not watched: no probe, no inner losses
+        assert "inner_before" not in stats.report(0)["points"][-1]
+        stats.watch(0, True)
+        drive(engine, 20, rows=(0,))
+        point = stats.report(0)["points"][-1]
+        assert -1 <= point["gate"] <= 1 and point["ttt_distance"] > 0
+        assert point["inner_after"] < point["inner_before"]  # each step lowers its inner loss
+        stats.watch(0, False)
+        assert all(m.layer.probe is None for _, m in stats.gated)
+    finally:
+        engine.close()
+
+
+async def memory_conversation(url: str, pcm: np.ndarray, query: str, reset_after: int = 0):
+    """Talk with ``?memory=1``; the decoded 0x10 reports (after ``reset_after`` reports, ask for
+    a memory reset), and the kinds received."""
+    reports, kinds = [], set()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(f"{url}/api/chat?memory=1{query}") as ws,
+    ):
+        assert await ws.receive_bytes() == b"\x00"
+        for page in opus_pages(pcm):
+            await ws.send_bytes(b"\x01" + page)
+        frames = len(opus_roundtrip(pcm)) // FRAME
+        start = None
+        while start is None or reports[-1]["t"] < start + (frames - 2) * 0.08 - 1e-6:
+            msg = await ws.receive(DEADLINE_S)
+            assert msg.type == aiohttp.WSMsgType.BINARY, msg
+            kinds.add(msg.data[0])
+            if msg.data[0] == 0x10:
+                reports.append(json.loads(msg.data[1:]))
+                start = reports[0]["t"] if start is None else start
+                if len(reports) == reset_after:
+                    await ws.send_bytes(b"\x11")
+    return reports, kinds
+
+
+def test_memory_reports_are_opt_in_and_survive_a_resume(tmp_path):
+    lm, mimi, tok = load_tiny_e2e()
+    with make_server((lm, mimi, tok), tmp_path, max_sessions=1) as t:
+
+        async def scenario():
+            async with aiohttp.ClientSession() as http, http.post(f"{t.url}/api/sessions") as r:
+                token = (await r.json())["session"]
+            first, kinds = await memory_conversation(t.url, audio(4, 30), f"&session={token}", 3)
+            path = t.server.store.path(token)
+            await wait_for(lambda: asyncio.sleep(0, path.is_file()), "the saved state")
+            second, _ = await memory_conversation(t.url, audio(5, 10), f"&session={token}")
+            async with aiohttp.ClientSession() as http:
+
+                async def left() -> bool:
+                    return (await stats(http, t.url))["saved"] == 2
+
+                await wait_for(left, "the second connection saved")
+            plain = await converse(t.url, audio(6, 10))  # moshi's clients: no 0x10, ever
+            return first, kinds, second, plain
+
+        first, kinds, second, plain = run(scenario())
+    assert kinds == {1, 2, 0x10} and plain["kinds"] == {1, 2}
+    hello = first[0]
+    assert hello["hello"] and not hello["resumed"] and hello["kinds"] == ["e2e", "recall"]
+    assert hello["budget_ms"] == 80 and hello["max_sessions"] == 1
+    assert any(r["resets"] == 1 for r in first)  # the 0x11 reset, reported
+    last = first[-1]
+    assert last["updates"] >= 3 and last["points"] and "frame_ms" in last["points"][-1]
+    assert any(e.get("reset") for r in first for e in r["events"])
+    # resumed: the panel's history and counters are back with the memory
+    back = second[0]
+    assert back["hello"] and back["resumed"] and back["updates"] == last["updates"]
+    history = [p for r in first for p in r["points"]]
+    assert back["points"][: len(history)] == history
+    assert second[-1]["t"] > last["t"]  # the conversation's clock goes on
+
+
+def load_tiny_e2e():
+    model = load_base_lm("tiny", dtype=torch.float32)
+    apply_ttt(model.lm, e2e_config())
+    model.lm.eval()
+    mimi, tokenizer = load_codec(model)
+    return model.lm, mimi, tokenizer
+
+
+def test_moshi_client_protocol_code_works_against_serve(server, monkeypatch):
+    """moshi.client's own ``Connection`` (its audio devices stubbed: no sounddevice here)
+    talks to ``serve``: Moshi's voice reaches its output queue, its words its printer, and it
+    meets no message kind it does not know but moshi.server's handshake."""
+    import sys
+    import types
+
+    class Stream:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setitem(
+        sys.modules, "sounddevice", types.SimpleNamespace(InputStream=Stream, OutputStream=Stream)
+    )
+    monkeypatch.delitem(sys.modules, "moshi.client", raising=False)
+    from moshi.client import Connection
+
+    class Printer:
+        def __init__(self):
+            self.tokens, self.logs = [], []
+
+        def print_token(self, token):
+            self.tokens.append(token)
+
+        def log(self, level, msg):
+            self.logs.append((level, msg))
+
+        def print_pending(self):
+            pass
+
+        def print_lag(self):
+            pass
+
+    async def talk():
+        printer = Printer()
+        async with aiohttp.ClientSession() as http, http.ws_connect(f"{server.url}/api/chat") as ws:
+            conn = Connection(printer, ws, asyncio.get_running_loop())
+            receiving = asyncio.ensure_future(conn._recv_loop())
+            pcm = audio(11, 20)
+
+            def microphone():  # sounddevice's callback thread
+                for i in range(len(pcm) // FRAME):
+                    conn._on_audio_input(pcm[i * FRAME : (i + 1) * FRAME, None], FRAME, None, None)
+
+            await asyncio.to_thread(microphone)
+            await wait_for(lambda: asyncio.sleep(0, conn._output_queue.qsize() >= 10), "audio")
+            await ws.close()
+            await receiving
+        return printer, conn
+
+    printer, conn = run(talk())
+    assert printer.tokens and conn._output_queue.qsize() >= 10
+    assert [m for _, m in printer.logs if "unknown message kind" in m] == [
+        "unknown message kind 0"  # moshi.server's handshake, which moshi.client never reads
+    ]

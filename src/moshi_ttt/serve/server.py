@@ -565,6 +565,10 @@ class ChatServer:
         self.reserved.add(s.row)
         self.rows[s.row] = None
         try:
+            if s.watch:  # before the save: once it ends, the row may be taken at once
+                await asyncio.get_running_loop().run_in_executor(
+                    self.pool, self.engine.memory.watch, s.row, False
+                )
             if s.token is not None and s.frames_in > 0:
                 path = await self._save(s)
                 if path is not None:
@@ -574,10 +578,6 @@ class ChatServer:
         except Exception:
             log.exception("session %d: saving its state failed", s.id)
         finally:
-            if s.watch:
-                await asyncio.get_running_loop().run_in_executor(
-                    self.pool, self.engine.memory.watch, s.row, False
-                )
             self.reserved.discard(s.row)
             if s.token is not None and self.live.get(s.token) is s:
                 del self.live[s.token]

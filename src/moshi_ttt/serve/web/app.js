@@ -1,6 +1,6 @@
 // The moshi-ttt serve page: talk to Moshi over /api/chat (moshi's protocol), resume a
 // conversation by its session token, and watch its memory (kind 0x10 reports, ?memory=1).
-import { hasWebCodecsOpus, Player, SAMPLE_RATE, startCapture } from "./audio.js";
+import { hasWebCodecsOpus, loadCapture, Player, SAMPLE_RATE, startCapture } from "./audio.js";
 import { parseMemory } from "./memory.js";
 import { drawPlot } from "./plot.js";
 import { closeMessage, micError, micProblem } from "./states.js";
@@ -250,6 +250,7 @@ async function onOpen() {
   setPhase("connected", "connected");
   show(null);
   const stream = state.stream;
+  const socket = ws;
   try {
     stopCapture = await startCapture(
       ctx,
@@ -267,7 +268,9 @@ async function onOpen() {
       (e) => fail({ kind: "codec", title: "Audio encoding failed", text: String(e) }),
     );
   } catch (e) {
-    fail({ kind: "codec", title: "Audio encoding failed", text: String(e) });
+    if (ws === socket && socket.readyState === WebSocket.OPEN) {
+      fail({ kind: "codec", title: "Audio encoding failed", text: String(e) });
+    }
   }
 }
 
@@ -339,7 +342,15 @@ async function connect(fresh) {
     scheduleRender();
   }
   ctx = new AudioContext({ sampleRate: SAMPLE_RATE });
-  await ctx.resume();
+  try {
+    await ctx.resume();
+    await loadCapture(ctx);
+  } catch (e) {
+    cleanup();
+    setPhase("idle", "not connected");
+    show({ kind: "audio", title: "Audio could not start", text: `${e}. Reload the page and retry.` });
+    return;
+  }
   player = new Player(ctx, (e) => console.error("decoder:", e));
   const url = new URL("api/chat", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";

@@ -9,6 +9,14 @@ export function hasWebCodecsOpus() {
   return typeof AudioEncoder !== "undefined" && typeof AudioDecoder !== "undefined";
 }
 
+// The capture worklet's module, loaded once per AudioContext (before the conversation opens).
+export function loadCapture(ctx) {
+  if (!ctx.moshiCapture) {
+    ctx.moshiCapture = ctx.audioWorklet.addModule(new URL("./capture-worklet.js", import.meta.url));
+  }
+  return ctx.moshiCapture;
+}
+
 // Starts encoding the `stream` (a getUserMedia stream) in `ctx`; onPage(bytes) gets each Ogg
 // page (headers first), onLevel(rms) the input level per 80 ms. Returns stop().
 export async function startCapture(ctx, stream, onPage, onLevel, onError) {
@@ -31,7 +39,7 @@ export async function startCapture(ctx, stream, onPage, onLevel, onError) {
     error: (e) => onError(e),
   });
   encoder.configure(config);
-  await ctx.audioWorklet.addModule(new URL("./capture-worklet.js", import.meta.url));
+  await loadCapture(ctx);
   const source = ctx.createMediaStreamSource(stream);
   const node = new AudioWorkletNode(ctx, "moshi-ttt-capture", {
     processorOptions: { block: FRAME },
