@@ -40,14 +40,14 @@ def _text_folder(root: Path, files: int = 40, size: int = 900) -> Path:
     return root
 
 
-def _shards_folder(root: Path, files: int = 100, frames: int = 128) -> Path:
+def _shards_folder(root: Path, files: int = 100, frames: int = 128, text_card: int = 260) -> Path:
     """A moshi-ttt shards directory of ``files`` sequences: text tokens of the byte range and
     16 audio rows of codes < 32 (the quick demo base's vocabulary)."""
     w = _ShardWriter(root, "generated")
     for i in range(files):
         g = torch.Generator().manual_seed(i)
         codes = torch.randint(0, 32, (NUM_STREAMS, frames), generator=g, dtype=torch.int32)
-        codes[0] = torch.randint(4, 260, (frames,), generator=g, dtype=torch.int32)
+        codes[0] = torch.randint(4, text_card, (frames,), generator=g, dtype=torch.int32)
         codes[:, frames // 2 :] = codes[:, : frames - frames // 2]  # a repeat beyond the window
         w.add(codes, f"conv_{i:03d}.wav")
     w.close({"kind": "shards"})
