@@ -52,7 +52,7 @@ from ..eval.recall import (
     add_memory_rows,
     base_features,
 )
-from ..eval.report import Report
+from ..eval.report import Report, legend_outside, row_line_style, row_styles
 from ..format import FRAME_RATE
 from ..integration.apply import ttt_modules
 from ..models.export import export_run
@@ -517,17 +517,20 @@ def _write_intro(report: Report, s: DemoSettings, results: dict) -> None:
 
 
 def _plot_training(report: Report, runs: dict[str, Path]) -> None:
-    fig, (ax, ax2) = report.figure(11.0, 3.8, ncols=2)
-    for name, run in runs.items():
+    fig, (ax, ax2) = report.figure(12.0, 4.5, ncols=2)
+    styles = row_styles(runs)  # the rows' colours and markers of the report's other plots
+    for i, (name, run) in enumerate(runs.items()):
         records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         records = [r for r in records if r.get("split", "train") == "train"]
         steps = [r["step"] for r in records]
-        ax.plot(steps, [r["loss"] for r in records], label=name)
-        for key in sorted({k for r in records for k in r if k.startswith("gate/")}):
-            ax2.plot(steps, [r.get(key) for r in records], label=f"{name} {key}")
+        style = row_line_style(styles[name], i, len(steps))
+        ax.plot(steps, [r["loss"] for r in records], label=name, **style)
+        for j, key in enumerate(sorted({k for r in records for k in r if k.startswith("gate/")})):
+            ax2.plot(steps, [r.get(key) for r in records], label=f"{name} {key}",
+                     **row_line_style(styles[name], j, len(steps)))  # fmt: skip
     ax.set(xlabel="optimizer step", ylabel="training loss (text CE, nats)",
            title="Training (moshi-ttt train)")  # fmt: skip
     ax2.set(xlabel="optimizer step", ylabel="mean |tanh(alpha)|", title="TTT gates", ylim=(0, 1))
-    ax.legend()
-    ax2.legend()
+    ax.legend(fontsize=8)
+    legend_outside(ax2)
     report.add_figure(fig, "training.png", "Training loss of every run, and the TTT gates")
