@@ -22,6 +22,9 @@ Sections (each row: section, variant, measure, value):
    last layer, K = C/8 = 375 frames): one inner update (forward and backward over the chunk)
    against its real-time budget K x 80 ms, and ``LMGen`` steps with the live memory (eager:
    the memory's hooks do not run inside CUDA graphs), the step that updates included.
+6. ``study``: ``moshi-ttt study``'s plan for the 7B on this device (``--quick`` and full): the
+   meta-training memory ``moshi-ttt plan`` gives and the base's weights. The study itself needs
+   the checkpoint (no download here); it runs on the tiny model in the tests.
 
 Random weights (no download); the 7B is built on the meta device and materialised on the GPU.
 """
@@ -266,8 +269,33 @@ def e2e_rows(size: str, s: dict, device: torch.device) -> list[tuple[str, str, s
     return rows
 
 
+def study_rows(size: str, s: dict, device: torch.device) -> list[tuple[str, str, str, str]]:
+    """``moshi-ttt study``'s plan for Moshi 7B on this device (no weights: the device machine
+    cannot download them; the study itself runs on the tiny model in the tests)."""
+    import tempfile
+
+    from moshi_ttt.demo.frozen import FrozenBase
+    from moshi_ttt.demo.study import run_study
+
+    if size == "7b":
+        model = {"source": "hf", "hf_repo": "kyutai/moshiko-pytorch-bf16"}
+    else:
+        model = {"source": "tiny"}
+    base = FrozenBase(model, device=device.type)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(open(os.devnull, "w")):
+        for quick in (True, False):
+            plan = run_study(base, tmp, Path(tmp) / "out", quick=quick, dry_run=True,
+                             progress=False)  # fmt: skip
+            name = f"{'--quick' if quick else 'full'}: {plan.settings.frames} frames/sequence"
+            rows.append(("study", name, "meta-training GiB (plan, 1 device)",
+                         f"{(plan.meta_bytes or 0) / 2**30:.1f}"))  # fmt: skip
+            rows.append(("study", name, "base weights GiB", f"{plan.base_bytes() / 2**30:.1f}"))
+    return rows
+
+
 SECTIONS = {"stream": stream_rows, "train": train_rows, "fsdp": fsdp_rows, "eval": eval_rows,
-            "e2e": e2e_rows}  # fmt: skip
+            "e2e": e2e_rows, "study": study_rows}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,8 @@ from moshi.models.lm import LMModel
 from ..models.load import build, describe_spec
 from ..models.sources import BaseRecord, tiny_seed
 from ..models.spec import ModelConfig, ModelSpec, resolve_dtype
+from ..train.config import TrainConfig
+from ..train.plan import plan_lm_kwargs
 
 
 @dataclass(frozen=True)
@@ -49,10 +51,20 @@ class FrozenBase:
     def source(self) -> str:
         return self.spec().source
 
+    def lm_kwargs(self) -> dict[str, Any]:
+        """The base's ``LMModel`` kwargs from config files only, offline (a Hub repo not in the
+        local cache: moshi's 7B defaults, as ``moshi-ttt plan``)."""
+        cfg = TrainConfig.from_dict({"run_dir": "unused", "seed": self.seed,
+                                     "model": self.train_model(),
+                                     "data": {"train": ["unused"]}})  # fmt: skip
+        return plan_lm_kwargs(cfg)[0]
+
     @property
     def bytes_are_text(self) -> bool:
         """A base trained from a tiny model reads text as bytes (the demo's); others read it
         through their checkpoint's tokenizer."""
+        if self.model.get("source") in ("tiny", "hf"):
+            return self.model.get("source") == "tiny"
         return tiny_seed(self.describe().codec) is not None
 
     def load(self) -> LMModel:

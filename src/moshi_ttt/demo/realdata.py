@@ -254,7 +254,7 @@ def train_config(s: RealDataSettings, name: str, data: Path, out: Path, seed: in
         "ttt_lr": s.ttt_lr, "lora_lr": s.lora_lr, "max_norm": 1.0,
         "first_codebook_weight": 1.0, "log_every": 10, "ckpt_every": 0, "keep_last": 1,
         "kl_to_base": kl,
-        "model": {"dtype": "float32", **model, "gradient_checkpointing": False},
+        "model": {"dtype": "float32", "gradient_checkpointing": False, **model},
         "ttt": ttt, "lora": lora,
         "data": {"train": [str(data)], "num_workers": 0, "state_carry": "none"},
         "optim": {"schedule": "cosine", "pct_start": 0.1, "weight_decay": 0.0},

@@ -287,8 +287,11 @@ def _study(base: FrozenBase, data: Path, out: Path, val: Any, test: Any, rows_ar
                                  + (" or --val" if option == "--test" else "")
                                  + "; held-out and validation files must be others than the "
                                  "training files")  # fmt: skip
-    record = base.describe()
-    kw = record.lm_kwargs
+    kw = base.lm_kwargs()
+    large = int(kw["dim"]) > 1024  # Moshi 7B: one sequence a step, layers recomputed
+    if large and "gradient_checkpointing" not in base.model:
+        base = dataclasses.replace(base, model={**base.model, "gradient_checkpointing": True})
+    batch_size = batch_size or (1 if large else None)
     steps = (QUICK if quick else DEFAULT).retrofit_steps if meta_steps is None else meta_steps
     s = study_settings(kw, quick, frames, steps, batch_size)
     rows = study_rows(rows_arg, steps)
@@ -324,7 +327,7 @@ def _study(base: FrozenBase, data: Path, out: Path, val: Any, test: Any, rows_ar
     spec = CorpusSpec(frames=s.frames, max_files=s.max_files, max_bytes=s.max_bytes)
     corpus_key = _key({"folders": {k: str(Path(v).resolve()) for k, v in folders.items()},
                        "spec": dataclasses.asdict(spec), "text_as": text_as,
-                       "codec": record.codec})  # fmt: skip
+                       "base": _base_identity(base)})  # fmt: skip
     cached = state.get("corpus", corpus_key)
     if cached is not None and all((out / "data" / x / "shards.json").is_file() for x in SPLITS):
         corpus = CorpusSummary(**{**cached, "skipped": Counter(cached["skipped"])})
