@@ -417,7 +417,8 @@ def _write_sweep(report: Report, sweep: dict[str, Any], subsets: list[str]) -> N
         "## Protocol sweep (%)\n\n"
         f"The same pairs under every protocol (stream {sweep['stream']}, other stream "
         f"{sweep['other_stream']}): one forward pass per text fill. Δ = accuracy minus this "
-        f"run's protocol (**{sweep['reference']}**), in points. Spread (max - min, subset all): "
+        f"run's protocol (**{sweep['reference']}**), in points (> 0: higher accuracy; docs/"
+        'evaluation.md, "Sign convention"). Spread (max - min, subset all): '
         f"**{_pct(sweep['spread'])} points** (max: {sweep['max']}; min: {sweep['min']})."
         + "".join(
             f" Spread {name}: {_pct(sweep['spread_by_subset'].get(name, math.nan))} points."
