@@ -177,23 +177,35 @@ def _fmt(ci: dict | None, key: str = "mean") -> str:
 def write_report(out: Path, s: Any, results: dict, curves: dict,
                   runs: dict) -> Path:  # fmt: skip
     C = s.context
-    report = Report("moshi-ttt demo: does a memory help on real data?", out)
+    study = results.get("study")  # moshi-ttt study: a base and data the user gave
+    title = ("moshi-ttt study: does a memory help this model on this data?" if study
+             else "moshi-ttt demo: does a memory help on real data?")  # fmt: skip
+    report = Report(title, out)
     if results.get("quick"):
         report.add_text(
             f"**{QUICK_MARK.strip()}**: `--quick` trains for a few steps on a few "
             "files; its numbers and verdicts only show that every step runs."
         )
     c = results["corpus"]
+    text_as = (study or {}).get("text_as_label", "bytes as text tokens")
+    split = ("train, validation and held-out folders as given" if study and study["split"] != "hash"
+             else "files split by a hash of their path")  # fmt: skip
+    if study:
+        base = (f"The base is `{study['base']}` ({study['layers']} layers, width "
+                f"{study['width']}) with an attention window of C = {C} frames, frozen (not "
+                "trained here).")  # fmt: skip
+    else:
+        base = (f"The base is a tiny Moshi ({s.model.get('num_layers', 4)} layers) with an "
+                f"attention window of C = {C} frames, trained {s.base_steps} steps, then "
+                "frozen.")  # fmt: skip
     report.add_text(
         "## The data\n\n"
         f"`{c['root']}` ({c['kind']}): {c['sequences']['train']} training, "
         f"{c['sequences']['val']} validation and {c['sequences']['test']} held-out sequences of "
-        f"{s.frames} frames (bytes as text tokens); files split by a hash of their path. "
+        f"{s.frames} frames ({text_as}); {split}. "
         f"Skipped: {c['skipped'] or 'none'}" + (f"; {c['capped']}" if c["capped"] else "") + ". "
         f"Scored: {results['held_out_sequences']} sequences of {results['held_out_files']} "
-        "held-out files (round robin over the files; intervals resample files).\n\n"
-        f"The base is a tiny Moshi ({s.model.get('num_layers', 4)} layers) with an attention "
-        f"window of C = {C} frames, trained {s.base_steps} steps, then frozen."
+        "held-out files (round robin over the files; intervals resample files).\n\n" + base
     )
     rows = []
     for name, r in results["rows"].items():
