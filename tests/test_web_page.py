@@ -88,15 +88,16 @@ def free_port() -> int:
 class Server:
     """``moshi-ttt serve --tiny`` with the memories, one conversation at most, in a process."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, ttt_yaml: str | None = E2E_YAML):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = tmp / "e2e.yaml"
-        config.write_text(E2E_YAML)
         self.log = tmp / "serve.log"
-        cmd = [sys.executable, "-m", "moshi_ttt.cli", "serve", "--tiny", "--ttt-config",
-               str(config), "--host", "127.0.0.1", "--port", str(self.port), "--max-sessions",
-               "1", "--state-dir", str(tmp / "states"), "--greedy"]  # fmt: skip
+        cmd = [sys.executable, "-m", "moshi_ttt.cli", "serve", "--tiny", "--host", "127.0.0.1",
+               "--port", str(self.port), "--max-sessions", "1", "--state-dir",
+               str(tmp / "states"), "--greedy"]  # fmt: skip
+        if ttt_yaml is not None:  # else --tiny's default: a gated TTT-Linear layer
+            (tmp / "ttt.yaml").write_text(ttt_yaml)
+            cmd += ["--ttt-config", str(tmp / "ttt.yaml")]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_TORCH_COMPILE": "1"}
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -153,15 +154,21 @@ def browser(playwright, tmp_path_factory):
     b.close()
 
 
-@pytest.fixture
-def page(browser):
+def new_page(browser):
+    """A page in a context of its own (its own storage); its uncaught errors in ``errors``."""
     context = browser.new_context(viewport={"width": 1200, "height": 860})
     p = context.new_page()
-    p.errors = []  # uncaught exceptions of the page: none, ever
+    p.errors = []
     p.on("pageerror", lambda e: p.errors.append(str(e)))
+    return p
+
+
+@pytest.fixture
+def page(browser):
+    p = new_page(browser)
     yield p
-    assert p.errors == []
-    context.close()
+    assert p.errors == []  # uncaught exceptions of the page: none, ever
+    p.context.close()
 
 
 def state(page, expr: str):
@@ -246,6 +253,41 @@ def test_talk_watch_reset_and_resume_the_memory(server, page):
     assert server.stats()["restored"] == 1
     page.click("#disconnect")
     notice(page, "disconnected")
+    # the resume link on another browser (no storage): the same conversation
+    server.idle()
+    other = new_page(page.context.browser)
+    try:
+        other.goto(f"{server.url}/?session={token}")
+        other.click("#resume")
+        until(other, "s.phase === 'connected' && s.resumed")
+        assert server.stats()["restored"] == 2
+        other.click("#disconnect")
+        notice(other, "disconnected")
+        assert other.errors == []
+    finally:
+        other.context.close()
+    final = server.stats()
+    assert final["bad_clients"] == 0 and final["frames"] > 20  # the browser's Ogg/Opus: taken
+
+
+def test_gated_ttt_layers_on_the_panel(browser, tmp_path):
+    """``moshi-ttt serve --tiny`` as it comes (a gated TTT-Linear layer): the panel plots its
+    gate and the inner loss before and after each step."""
+    server = Server(tmp_path, ttt_yaml=None)
+    page = new_page(browser)
+    try:
+        page.goto(server.url)
+        page.click("#new")
+        until(page, "s.phase === 'connected' && s.memory.kinds.includes('gated')")
+        until(page, "s.memory.points.filter(p => 'inner_before' in p).length >= 3")
+        assert page.is_visible("#plot-gated") and not page.is_visible("#plot-learned")
+        points = [p for p in state(page, "state.memory.points") if "inner_before" in p]
+        assert all(-1 <= p["gate"] <= 1 and p["inner_after"] < p["inner_before"] for p in points)
+        assert page.inner_text("#kinds") == "gated"
+        assert page.errors == []
+    finally:
+        page.context.close()
+        server.kill()
 
 
 def test_an_unknown_token_says_to_start_a_new_conversation(server, page):
