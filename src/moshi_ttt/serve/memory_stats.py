@@ -59,6 +59,7 @@ class RowMemory:
     new_points: int = 0
     new_events: int = 0
     inner: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # before, after, n
+    e2e_distance: float | None = None  # cached: the weights change only at updates and resets
 
 
 class _Probe:
@@ -73,7 +74,8 @@ class _Probe:
 
 
 def _norm(tensors: list[torch.Tensor]) -> float:
-    return math.sqrt(sum(float(t.float().pow(2).sum()) for t in tensors))
+    """The norm of all ``tensors`` together (reductions only: no copy of a 1 GB memory)."""
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors))
 
 
 class MemoryStats:
@@ -144,6 +146,7 @@ class MemoryStats:
         """The row's memory was reset (``Engine.reset_memory``): counted, marked on the plots."""
         r = self.rows[row]
         r.resets += 1
+        r.e2e_distance = None
         self._event(r, {"t": round(r.frames * FRAME_S, 2), "reset": True})
 
     # -- streaming ------------------------------------------------------------------------------
@@ -182,10 +185,12 @@ class MemoryStats:
     def distances(self, row: int) -> dict[str, float]:
         """The distance of each memory's fast weights of ``row`` from a conversation's start."""
         e2e, ttt, inplace, recall = [], [], [], []
+        r = self.rows[row]
         for _, st in ttt_states(self.lm):
             if isinstance(st, E2EState):
-                e2e.append(st.w_in[row] - st.init[0].to(st.w_in))
-                e2e.append(st.w_out[row] - st.init[1].to(st.w_out))
+                if r.e2e_distance is None:
+                    e2e.append(st.w_in[row] - st.init[0].to(st.w_in))
+                    e2e.append(st.w_out[row] - st.init[1].to(st.w_out))
             elif isinstance(st, TTTState):
                 delta = getattr(st.fast, "delta", None)
                 if delta is not None:
@@ -194,9 +199,11 @@ class MemoryStats:
                     inplace.append(st.fast.acc[row])
             elif isinstance(st, RecallState):
                 recall.append(st.w[row])
-        out = {}
-        for key, ts in (("e2e_distance", e2e), ("ttt_distance", ttt),
-                        ("inplace_distance", inplace), ("recall_distance", recall)):  # fmt: skip
+        if e2e:
+            r.e2e_distance = _norm(e2e)
+        out = {} if r.e2e_distance is None else {"e2e_distance": r.e2e_distance}
+        for key, ts in (("ttt_distance", ttt), ("inplace_distance", inplace),
+                        ("recall_distance", recall)):  # fmt: skip
             if ts:
                 out[key] = _norm(ts)
         return out
@@ -232,6 +239,7 @@ class MemoryStats:
             r.updates += streamer.updates - updates
             bad = streamer.rollbacks - rollbacks
             r.rollbacks += bad
+            r.e2e_distance = None  # its weights moved
             event: dict[str, Any] = {"t": round((r.frames + 1) * FRAME_S, 2)}
             if bad:
                 event["rolled_back"] = True

@@ -310,7 +310,12 @@ async function connect(fresh) {
     show({ kind: "codecs", title: "This browser cannot encode Opus", text: "The page needs WebCodecs (AudioEncoder): use a recent Chromium, Chrome or Edge." });
     return;
   }
-  show(null);
+  show({
+    kind: "asking",
+    level: "info",
+    title: "Waiting for the microphone",
+    text: "If the browser asks, allow this page to use the microphone.",
+  });
   setPhase("connecting", "connecting…");
   state.opened = false;
   state.byUser = false;
