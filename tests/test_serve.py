@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import os
 import socket
@@ -533,24 +534,32 @@ def tiny_engine(config: TTTConfig, batch: int = 2):
     return Engine(model.lm, mimi, batch, greedy=True)
 
 
-def drive(engine, frames: int, rows=(0, 1), seed: int = 0) -> None:
-    pcm = np.stack([audio(seed + b, frames) for b in range(engine.batch_size)])
+def drive(engine, frames: int, rows=(0, 1), seed: int = 0, same: bool = False) -> list:
+    """Step ``frames`` frames of the ``rows`` (``same``: every row hears the same voice)."""
+    pcm = np.stack([audio(seed + (0 if same else b), frames) for b in range(engine.batch_size)])
     active = np.zeros(engine.batch_size, dtype=bool)
     active[list(rows)] = True
-    for i in range(frames):
-        engine.step(pcm[:, i * FRAME : (i + 1) * FRAME], active)
+    return [engine.step(pcm[:, i * FRAME : (i + 1) * FRAME], active) for i in range(frames)]
 
 
-def test_memory_stats_of_the_end_to_end_memory_per_row():
-    engine = tiny_engine(e2e_config())
+@pytest.mark.parametrize("layers", ["top:1", "quarter"])
+def test_memory_stats_of_the_end_to_end_memory_per_row(layers):
+    engine = tiny_engine(dataclasses.replace(e2e_config(), layers=layers))
     try:
         stats = engine.memory
         assert stats.kinds() == ["e2e", "recall"] and stats.describe()["chunk"] == 4
         engine.join(0)
         engine.join(1)
         stats.watch(0, True)  # only row 0 is watched: only its updates are scored
-        drive(engine, 22)
+        outs = drive(engine, 22, same=True)
+        # watching changes nothing of what Moshi says (both rows hear the same, greedy)
+        for out in outs:
+            assert (out[0] is None) == (out[1] is None)
+            if out[0] is not None:
+                assert out[0].text_token == out[1].text_token
+                assert np.array_equal(out[0].pcm, out[1].pcm)
         r0, r1 = stats.report(0, point={"frame_ms": 12.5}), stats.report(1)
+        assert r1["points"][-1]["e2e_distance"] == r0["points"][-1]["e2e_distance"]
         # both rows learned (22 frames, an update every 4 once LMGen's delays are past)
         assert r0["updates"] == r1["updates"] >= 4 and r0["rollbacks"] == 0
         assert engine.live.streamer.updates == r0["updates"] + r1["updates"]
@@ -698,7 +707,12 @@ def test_moshi_client_protocol_code_works_against_serve(server, monkeypatch):
     monkeypatch.setitem(
         sys.modules, "sounddevice", types.SimpleNamespace(InputStream=Stream, OutputStream=Stream)
     )
-    monkeypatch.delitem(sys.modules, "moshi.client", raising=False)
+    import moshi
+
+    # imported afresh on the stub, and forgotten after the test (monkeypatch restores both)
+    monkeypatch.setitem(sys.modules, "moshi.client", None)
+    monkeypatch.setattr(moshi, "client", None, raising=False)
+    del sys.modules["moshi.client"]
     from moshi.client import Connection
 
     class Printer:
