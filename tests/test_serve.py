@@ -753,3 +753,37 @@ def test_moshi_client_protocol_code_works_against_serve(server, monkeypatch):
     assert [m for _, m in printer.logs if "unknown message kind" in m] == [
         "unknown message kind 0"  # moshi.server's handshake, which moshi.client never reads
     ]
+
+
+def test_the_page_is_served_by_default_and_whole(tmp_path):
+    """``serve`` without ``--static`` serves the package's page; every file it loads (its
+    HTML's and the modules' imports) is there, so it works without a browser check too."""
+    import re
+
+    from moshi_ttt.cli import serve as serve_cli
+    from moshi_ttt.serve import WEB_DIR
+
+    assert serve_cli._static_dir(None) == str(WEB_DIR)
+    html = (WEB_DIR / "index.html").read_text()
+    wanted = set(re.findall(r'(?:src|href)="([^":]+)"', html))
+    for js in WEB_DIR.glob("*.js"):
+        wanted |= set(re.findall(r'from "\./([^"]+)"', js.read_text()))
+        wanted |= set(re.findall(r'new URL\("\./([^"]+)"', js.read_text()))
+    assert {"app.js", "style.css", "capture-worklet.js", "ogg.js"} <= wanted
+    assert all((WEB_DIR / name).is_file() for name in wanted), wanted
+
+    async def fetch(url: str):
+        async with aiohttp.ClientSession() as http:
+            pages = {}
+            for path in ("/", "/app.js"):
+                async with http.get(url + path) as r:
+                    pages[path] = (r.status, r.content_type, await r.text())
+            return pages
+
+    lm, mimi, tok = load_tiny()
+    cfg = ServeConfig(max_sessions=1)
+    server = ChatServer(lm, mimi, tok, cfg, SessionStore(tmp_path), static=str(WEB_DIR))
+    with ServerThread(server) as t:
+        pages = run(fetch(t.url))
+    assert pages["/"][:2] == (200, "text/html") and "moshi-ttt" in pages["/"][2]
+    assert pages["/app.js"][0] == 200 and "javascript" in pages["/app.js"][1]

@@ -32,7 +32,8 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Serve /api/chat exactly as `python -m moshi.server` does (the moshi web UI "
         "and moshi.client connect unchanged), with up to --max-sessions conversations in one "
         "batched step, each with its own TTT memory; /api/stats; resumable sessions "
-        "(POST /api/sessions, then /api/chat?session=TOKEN).",
+        "(POST /api/sessions, then /api/chat?session=TOKEN); and a web page at / to talk, "
+        "resume a conversation and watch its memory learn (docs/serving.md).",
     )
     add_model_args(p)
     p.add_argument("--host", default="localhost", help="address to listen on (default localhost)")
