@@ -408,3 +408,5 @@ def test_a_lost_connection_says_how_to_resume(server, page):
     until(page, "s.phase === 'connected' && s.memoryMessages > 0 && s.sentPages > 0")
     server.kill()
     assert "press Resume once the server is back" in notice(page, "lost")
+    page.click("#resume")  # the server is still down
+    assert "Check that moshi-ttt serve is running" in notice(page, "unreachable")
