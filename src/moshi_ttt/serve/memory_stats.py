@@ -54,9 +54,7 @@ class RowMemory:
     resets: int = 0  # memory resets asked by the client
     points: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
     events: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
-    sent_points: int = 0  # points / events appended since the last report
-    sent_events: int = 0
-    new_points: int = 0
+    new_points: int = 0  # points / events appended since the last report
     new_events: int = 0
     inner: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # before, after, n
     e2e_distance: float | None = None  # cached: the weights change only at updates and resets
