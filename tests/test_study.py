@@ -26,7 +26,7 @@ from moshi_ttt.models.codec import build_tiny_tokenizer
 WORDS = ("alpha", "beta", "gamma", "delta", "memory", "window", "frame", "token", "stream")
 
 
-def _text_folder(root: Path, files: int = 40, size: int = 900) -> Path:
+def _text_folder(root: Path, files: int = 60, size: int = 900) -> Path:
     """``files`` text files of ``size`` bytes or more, each repeating its own phrases (so a
     memory has something to find beyond the window)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -161,10 +161,10 @@ def test_study_bad_input_gets_one_paragraph_and_exit_2(quick_base, texts, tmp_pa
     err = _error(["study", "--base", str(quick_base), "--data", str(empty), *common], capsys)
     assert f"--data {empty}" in err and "usable sequences" in err
     few = _text_folder(tmp_path / "few", files=1)
-    other = _text_folder(tmp_path / "other", files=4)
+    other = _text_folder(tmp_path / "other", files=6)
     err = _error(["study", "--base", str(quick_base), "--data", str(texts), "--val", str(few),
                   "--test", str(other), *common], capsys)  # fmt: skip
-    assert f"--val {few}" in err and "needs 2 files or more" in err
+    assert f"--val {few}" in err and "needs 5 files or more" in err
     err = _error(["study", "--base", str(quick_base), "--data", str(texts), "--val", str(few),
                   *common], capsys)  # fmt: skip
     assert "--val and --test go together" in err
@@ -206,3 +206,22 @@ def test_study_help_runs_as_a_command():
     r = subprocess.run([sys.executable, "-m", "moshi_ttt.cli", "study", "--help"],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0 and "--meta-steps" in r.stdout and "--base" in r.stdout
+
+
+def test_study_on_a_moshi_finetune_index_tokenizes_it_once_and_scores_audio(quick_base, tmp_path,
+                                                                           capsys):  # fmt: skip
+    from moshi_ttt.data.toy import write_toy_dataset
+
+    index = write_toy_dataset(tmp_path / "talks", [6.0] * 90)  # stereo wavs + alignments
+    out = tmp_path / "study"
+    argv = ["study", "--base", str(quick_base), "--data", str(index), "--out", str(out),
+            "--quick", "--no-progress", "--meta-steps", "0", "--rows", "e2e"]  # fmt: skip
+    assert main(argv) == 0
+    assert "tokenizing" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["corpus"]["kind"] == "shards" and (out / "tokenized" / "all").is_dir()
+    for name in ("base", "e2e"):
+        assert results["rows"][name]["audio_ce_beyond"]["mean"] > 0  # moshi's audio loss too
+    assert "Audio CE" in (out / "report.md").read_text()
+    assert main(argv) == 0
+    assert "tokenized already" in capsys.readouterr().out

@@ -38,12 +38,15 @@ def add_study_parser(subparsers: Any) -> None:
                    "config.json, a `moshi-ttt export` directory, a training run (or one of its "
                    "checkpoints), or tiny")  # fmt: skip
     p.add_argument("--data", metavar="DIR",
-                   help="a folder of text files (read recursively) or moshi-ttt shards "
-                   "(moshi-ttt tokenize: audio and text); split into train/val/test by a hash "
+                   help="a folder of text files (read recursively), moshi-ttt shards "
+                   "(audio and text) or a moshi-finetune JSONL index (tokenized once with the "
+                   "base's Mimi and tokenizer); split into train/val/test by a hash "
                    "of each file's path unless --val and --test are given (default: this "
                    "Python's standard library, as the demo)")  # fmt: skip
-    p.add_argument("--val", metavar="DIR", help="validation folder (every choice is made on it)")
-    p.add_argument("--test", metavar="DIR", help="held-out folder (only scored)")
+    p.add_argument(
+        "--val", metavar="DIR", help="validation folder or index (every choice is made on it)"
+    )
+    p.add_argument("--test", metavar="DIR", help="held-out folder or index (only scored)")
     p.add_argument("--out", default="study_out", help="output directory (default: study_out)")
     p.add_argument(
         "--rows",

@@ -223,6 +223,16 @@ def write_report(out: Path, s: Any, results: dict, curves: dict,
     )
     report.add_table(["model", f"CE < {C}", f"CE >= {C}", "row - base < C", "row - base >= C",
                       "train s", "ms/frame here", "GiB @ 1 h (7B)"], rows)  # fmt: skip
+    if any("audio_ce_beyond" in r for r in results["rows"].values()):
+        report.add_text(
+            "Audio CE (nats per token, Moshi's 8 codebooks) beyond the window, the same files "
+            "and intervals; the recall memories mix into the text stream only, so their audio "
+            "CE is their base's."
+        )
+        report.add_table(["model", f"audio CE >= {C}", "row - base >= C"],
+                         [[ROW_TEXT.get(n, n), _fmt(r.get("audio_ce_beyond")),
+                           _fmt(r.get("vs_base_beyond_audio"), "difference")]
+                          for n, r in results["rows"].items()])  # fmt: skip
     report.add_text("\n".join(f"- {line}" for line in results["verdict"]["lines"]))
     if "dyneval" in results["rows"]:
         d = results["rows"]["dyneval"]["details"]

@@ -35,9 +35,10 @@ import torch
 from moshi.utils.compile import no_compile
 
 from ..data.files import DataError
-from ..data.pipeline import SHARDS_INDEX, ShardSource
+from ..data.pipeline import SHARDS_INDEX, ShardSource, tokenize_index
 from ..eval.long_context import evaluate_long_context
 from ..eval.recall import MEMORY_ROWS
+from ..eval.stats import MIN_UNITS
 from ..format import NUM_STREAMS, ZERO_TOKEN
 from ..models.load import codec_for_source
 from ..models.runs import list_checkpoints
@@ -116,6 +117,7 @@ def study_settings(lm_kwargs: dict[str, Any], quick: bool, frames: int | None,
         retrofit_steps=s.retrofit_steps if meta_steps is None else meta_steps,
         batch_size=batch_size or s.batch_size,
         chunk_frames=min(s.chunk_frames, C), bin_frames=min(s.bin_frames, C),
+        val_files=max(s.val_files, MIN_UNITS), eval_files=max(s.eval_files, MIN_UNITS),
     )  # fmt: skip
 
 
@@ -295,8 +297,13 @@ def _study(base: FrozenBase, data: Path, out: Path, val: Any, test: Any, rows_ar
     steps = (QUICK if quick else DEFAULT).retrofit_steps if meta_steps is None else meta_steps
     s = study_settings(kw, quick, frames, steps, batch_size)
     rows = study_rows(rows_arg, steps)
-    is_shards = _is_shards(data)
+    is_index = data.suffix == ".jsonl"
+    is_shards = _is_shards(data) or is_index
     text_as = "shards" if is_shards else ("bytes" if base.bytes_are_text else "tokens")
+    for option, folder in (("--val", val), ("--test", test)):
+        if folder is not None and (Path(folder).suffix == ".jsonl") != is_index:
+            raise ValueError(f"{option} {folder}: --data, --val and --test must be of one kind "
+                             "(all moshi-finetune JSONL indexes, or all folders)")  # fmt: skip
     if text_as != "bytes":
         what = "moshi-ttt shards" if is_shards else "read through the model's tokenizer"
         why = f"the needles are planted as bytes; this corpus is {what}"
@@ -323,7 +330,11 @@ def _study(base: FrozenBase, data: Path, out: Path, val: Any, test: Any, rows_ar
     print(plan.text())
     del lm
 
-    # 2. Corpus (cached).
+    # 2. Corpus (cached); a moshi-finetune index is tokenized first with the base's Mimi and
+    #    text tokenizer (moshi-ttt tokenize), once.
+    if is_index:
+        folders = {k: str(_tokenized(Path(v), k, out, base, state, progress))
+                   for k, v in folders.items()}  # fmt: skip
     spec = CorpusSpec(frames=s.frames, max_files=s.max_files, max_bytes=s.max_bytes)
     corpus_key = _key({"folders": {k: str(Path(v).resolve()) for k, v in folders.items()},
                        "spec": dataclasses.asdict(spec), "text_as": text_as,
@@ -341,8 +352,8 @@ def _study(base: FrozenBase, data: Path, out: Path, val: Any, test: Any, rows_ar
     _check_vocab(out / "data", kw, text_as)
     val_seqs = split_sequences(out / "data" / "val", s.val_files)
     for split, least, seqs in (
-        ("val", 2, val_seqs),
-        ("test", 3, split_sequences(out / "data" / "test", s.eval_files)),
+        ("val", MIN_UNITS, val_seqs),
+        ("test", MIN_UNITS, split_sequences(out / "data" / "test", s.eval_files)),
     ):
         n = sequence_counts(seqs, split)[f"{split}_files"]
         if n < least:
@@ -350,7 +361,8 @@ def _study(base: FrozenBase, data: Path, out: Path, val: Any, test: Any, rows_ar
             raise DataError(
                 f"{option} {folders.get(split, folders.get('all'))}: the "
                 f"{'validation' if split == 'val' else 'held-out'} split has {count_text(seqs)}; "
-                f"a study needs {least} files or more there (intervals are over files): give "
+                f"a study needs {least} files or more there (an interval over files needs "
+                f"{MIN_UNITS}): give "
                 f"{option} more files" + (" (about 10 % of --data's files land in each of "
                 "validation and held-out)" if "all" in folders else "")
             )  # fmt: skip
@@ -437,6 +449,31 @@ def _row_command(argv: Sequence[str], names: tuple[str, ...]) -> str:
             continue
         args.append(a)
     return shlex.join([cli_prefix(), *args, "--rows", ",".join(names), "--no-progress"])
+
+
+def _tokenized(index: Path, name: str, out: Path, base: FrozenBase, state: _State,
+               progress: bool) -> Path:  # fmt: skip
+    """The shards of a moshi-finetune JSONL ``index`` (``OUT/tokenized/NAME``), made once per
+    index and base (``data.pipeline.tokenize_index``: bad files skipped and listed)."""
+    target = out / "tokenized" / name
+    st = index.stat()
+    key = _key({"index": str(index.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns,
+                "base": _base_identity(base)})  # fmt: skip
+    if state.get(f"tokenized_{name}", key) is not None and (target / SHARDS_INDEX).is_file():
+        print(f"      {index}: tokenized already ({target})")
+        return target
+    print(f"      tokenizing {index} with the base's Mimi and text tokenizer into {target}")
+    mimi, tokenizer = codec_for_source(base.source, device=base.device,
+                                       overrides=base.spec().overrides)  # fmt: skip
+    if tokenizer is None:
+        raise DataError(f"--base {base.source}: no text tokenizer in the checkpoint to tokenize "
+                        f"{index} with; tokenize it with moshi-ttt tokenize and pass the "
+                        "shards folder")  # fmt: skip
+    stats = tokenize_index(index, target, mimi, tokenizer, progress=progress,
+                           device=base.device)  # fmt: skip
+    print(f"      {stats.summary()}")
+    state.put(f"tokenized_{name}", key, True)
+    return target
 
 
 def _is_shards(data: Path) -> bool:
