@@ -181,6 +181,8 @@ function renderMemory() {
   $("m-learned").textContent = last
     ? `${last.before.toFixed(3)} → ${last.after.toFixed(3)} (${(last.after - last.before).toFixed(3)})`
     : "–";
+  const times = [...m.points.map((p) => p.t), ...m.events.map((e) => e.t)];
+  const range = times.length ? [Math.min(...times), Math.max(...times, c.t || 0)] : undefined;
   const e2e = m.kinds.includes("e2e");
   $("plot-learned-box").hidden = !e2e;
   if (e2e) {
@@ -189,7 +191,9 @@ function renderMemory() {
         { label: "before its update", color: "#d9822b", dots: true, points: scored.map((e) => [e.t, e.before]) },
         { label: "after", color: "#2b9348", dots: true, points: scored.map((e) => [e.t, e.after]) },
       ],
+      pairs: scored.map((e) => [e.t, e.before, e.after]),
       marks: resets,
+      range,
       empty: m.chunk ? `the first update comes after ${m.chunk} frames` : "no update yet",
     });
   }
@@ -199,6 +203,7 @@ function renderMemory() {
       .map((key) => ({ label: key.replace("_distance", ""), color: colors[key], points: series(m.points, key) }))
       .filter((s) => s.points.length),
     marks: resets,
+    range,
   });
   const gated = m.kinds.includes("gated");
   $("plot-gated-box").hidden = !gated;
@@ -210,11 +215,13 @@ function renderMemory() {
         { label: "after", color: "#2b9348", points: series(m.points, "inner_after") },
       ],
       marks: resets,
+      range,
     });
   }
   drawPlot($("plot-frame"), {
     series: [{ label: "frame time (ms)", color: "#2a6fdb", points: series(m.points, "frame_ms") }],
     hline: { y: budget, label: `budget ${budget} ms` },
+    range,
   });
 }
 

@@ -9,7 +9,8 @@ function niceMax(v) {
 
 const fmt = (v) => (Math.abs(v) >= 100 ? v.toFixed(0) : Math.abs(v) >= 1 ? v.toFixed(1) : v.toPrecision(2));
 
-// spec: {series: [{label, color, points: [[t, y]], dots}], hline: {y, label}, marks: [t]}
+// spec: {series: [{label, color, points: [[t, y]], dots}], hline: {y, label}, marks: [t],
+//        range: [t0, t1] (default: the points'), pairs: [[t, y0, y1]] (a segment each)}
 export function drawPlot(canvas, spec) {
   const ratio = window.devicePixelRatio || 1;
   const width = canvas.clientWidth || 320;
@@ -30,8 +31,8 @@ export function drawPlot(canvas, spec) {
     g.fillText(spec.empty || "nothing yet", left, top + 20);
     return;
   }
-  let t0 = Math.min(...all.map((p) => p[0]));
-  let t1 = Math.max(...all.map((p) => p[0]));
+  let t0 = spec.range ? spec.range[0] : Math.min(...all.map((p) => p[0]));
+  let t1 = spec.range ? spec.range[1] : Math.max(...all.map((p) => p[0]));
   if (t1 - t0 < 1) t1 = t0 + 1;
   let ymax = Math.max(...all.map((p) => p[1]), spec.hline ? spec.hline.y * 1.1 : 0);
   const ymin = Math.min(0, ...all.map((p) => p[1]));
@@ -69,6 +70,13 @@ export function drawPlot(canvas, spec) {
     g.setLineDash([]);
     g.fillStyle = "#d55";
     g.fillText(spec.hline.label, width - right - g.measureText(spec.hline.label).width, y(spec.hline.y) - 3);
+  }
+  g.strokeStyle = "#bbb";
+  for (const [t, a, b] of spec.pairs || []) {
+    g.beginPath();
+    g.moveTo(x(t), y(a));
+    g.lineTo(x(t), y(b));
+    g.stroke();
   }
   let legend = left + 4;
   for (const s of spec.series) {
