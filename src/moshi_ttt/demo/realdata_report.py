@@ -59,12 +59,17 @@ def recall_verdict(table: dict[str, Any], recall: dict[str, Any] | None) -> dict
     for row in FIXED_MEMORIES:
         if row not in table:
             continue
-        r, checks, words = table[row], {}, []
+        r, checks, words, notes = table[row], {}, [], []
         four = shares.get(row, {}).get("4x", {}).get("share", math.nan)
         eight = shares.get(row, {}).get("8x", {}).get("share", math.nan)
-        checks["needle_4x"] = bool(four >= NEEDLE_TARGET)
-        words.append(f"needle at 4 windows {100 * four:.0f} % of perfect recall (target "
-                     f"{100 * NEEDLE_TARGET:.0f} %; 8 windows: {100 * eight:.0f} %)")  # fmt: skip
+        if "needle_shares" in recall:
+            checks["needle_4x"] = bool(four >= NEEDLE_TARGET)
+            words.append(
+                f"needle at 4 windows {100 * four:.0f} % of perfect recall (target "
+                f"{100 * NEEDLE_TARGET:.0f} %; 8 windows: {100 * eight:.0f} %)"
+            )
+        else:  # not measured is not a failure: say why
+            notes.append(recall.get("needle_error", "needles not computed"))
         gain = base - rep.get(row, {}).get("recallable", {}).get("mean", math.nan)
         ratio = gain / best_gain if best_gain > 0 else math.nan
         checks["repeat_bytes"] = bool(ratio >= REPEAT_TARGET)
@@ -91,7 +96,8 @@ def recall_verdict(table: dict[str, Any], recall: dict[str, Any] | None) -> dict
         out["lines"].append(
             f"{row}: "
             + "; ".join(
-                f"{w} {'MET' if ok else 'NOT MET'}" for w, ok in zip(words, checks.values())
+                notes
+                + [f"{w} {'MET' if ok else 'NOT MET'}" for w, ok in zip(words, checks.values())]
             )
         )
     return out

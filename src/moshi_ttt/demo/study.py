@@ -332,6 +332,7 @@ def _study(base: FrozenBase, data: Path, out: Path, val: Any, test: Any, rows_ar
 
     # 2. Corpus (cached); a moshi-finetune index is tokenized first with the base's Mimi and
     #    text tokenizer (moshi-ttt tokenize), once.
+    given = dict(folders)  # as the user named them (errors name these)
     if is_index:
         folders = {k: str(_tokenized(Path(v), k, out, base, state, progress))
                    for k, v in folders.items()}  # fmt: skip
@@ -359,7 +360,7 @@ def _study(base: FrozenBase, data: Path, out: Path, val: Any, test: Any, rows_ar
         if n < least:
             option = "--data" if "all" in folders else f"--{split}"
             raise DataError(
-                f"{option} {folders.get(split, folders.get('all'))}: the "
+                f"{option} {given.get(split, given.get('all'))}: the "
                 f"{'validation' if split == 'val' else 'held-out'} split has {count_text(seqs)}; "
                 f"a study needs {least} files or more there (an interval over files needs "
                 f"{MIN_UNITS}): give "
@@ -418,7 +419,7 @@ def _study(base: FrozenBase, data: Path, out: Path, val: Any, test: Any, rows_ar
 
     # 5. Evaluation and report.
     timings = {"training (s)": sum(train_seconds.values())}
-    root = folders.get("all") or folders["train"]
+    root = given.get("all") or given["train"]
     corpus.root = root
     labels = {"bytes": "bytes as text tokens", "tokens": "text tokens of the model's tokenizer",
               "shards": "moshi-ttt shards: text and audio tokens"}  # fmt: skip
