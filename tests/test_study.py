@@ -225,3 +225,25 @@ def test_study_on_a_moshi_finetune_index_tokenizes_it_once_and_scores_audio(quic
     assert "Audio CE" in (out / "report.md").read_text()
     assert main(argv) == 0
     assert "tokenized already" in capsys.readouterr().out
+
+
+def test_meta_training_finished_outside_the_study_is_used(quick_base, texts, tmp_path, capsys,
+                                                          monkeypatch):  # fmt: skip
+    """Ctrl-C at the meta-training, `moshi-ttt train OUT/configs/e2e_meta.yaml` (as torchrun
+    would run it), then the same study: it goes on with that run."""
+    from moshi_ttt.demo import study
+
+    out = tmp_path / "study"
+    argv = ["study", "--base", str(quick_base), "--data", str(texts), "--out", str(out),
+            "--quick", "--no-progress", "--rows", "e2e_meta"]  # fmt: skip
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "train", stop)
+    assert main(argv) == 130
+    monkeypatch.undo()
+    assert main(["train", str(out / "configs" / "e2e_meta.yaml"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "meta-training: cached" in capsys.readouterr().out

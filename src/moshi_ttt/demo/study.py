@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import shlex
 import time
 from collections import Counter
@@ -400,9 +401,12 @@ def _study(base: FrozenBase, data: Path, out: Path, val: Any, test: Any, rows_ar
         meta_key = _key({"choice": extra["e2e"], "config": cfg.to_dict(),
                          "base": _base_identity(base)})  # fmt: skip
         finished = state.get("e2e_meta", meta_key)
-        if finished is not None and done and max(done) >= cfg.max_steps:
+        # ours: this study trained it, or started it and it was finished elsewhere (torchrun
+        # on OUT/configs/e2e_meta.yaml, docs/demo.md)
+        ours = finished is not None or state.get("e2e_meta_started", meta_key) is not None
+        if ours and done and max(done) >= cfg.max_steps:
             say(f"[{k}/{n_steps}] meta-training: cached ({run})")
-            train_seconds["e2e_meta"] = finished["seconds"]
+            train_seconds["e2e_meta"] = (finished or {}).get("seconds", math.nan)
         else:
             if state.get("e2e_meta_started", meta_key) is None:
                 done = []  # a run of other settings: started again
