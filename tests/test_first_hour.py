@@ -46,11 +46,13 @@ def check_output(command: str, text: str, options: dict[str, set[str]]) -> None:
     one named on the same line as ``moshi-ttt CMD``, else the command that printed it)."""
     assert "Traceback" not in text, f"{command}: printed a traceback:\n{text[-3000:]}"
     for line in text.splitlines():
-        named = NAMED_COMMAND.findall(line)
-        target = command
-        if named:
-            words = named[-1].split()[1:]
-            target = " ".join(words) if " ".join(words) in options else words[0]
+        target = command  # unless the line names a command: advice for that one
+        for named in NAMED_COMMAND.findall(line):
+            words = named.split()[1:]
+            if " ".join(words) in options:
+                target = " ".join(words)
+            elif words[0] in options:
+                target = words[0]
         known = options.get(target, set()) | options[""]
         for opt in OPTION.findall(line):
             if "=" in opt or opt in known:
@@ -149,3 +151,13 @@ def test_the_readme_python_snippet_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     snippet = snippet.replace('"data/shards"', repr(str(shards)))
     exec(compile(snippet, "README.md", "exec"), {})
+
+
+def test_the_advice_check_catches_an_option_the_command_lacks():
+    options = command_options()
+    check_output("demo", "pass --force", options)
+    check_output("demo", "see `moshi-ttt study --meta-steps`", options)  # advice for study
+    with np.testing.assert_raises(AssertionError):
+        check_output("demo", "use a shorter --seq-len", options)
+    with np.testing.assert_raises(AssertionError):
+        check_output("demo", "run moshi-ttt train CFG --quick", options)
