@@ -448,3 +448,35 @@ def test_the_recipe_builds_the_7b_config():
     cfg = TrainConfig.load(Path(__file__).resolve().parents[1] / "configs/moshi7b_e2e.yaml")
     assert {k: getattr(cfg.ttt, k) for k in want} == want
     assert not cfg.model.train_base and not cfg.lora.enable
+
+
+def test_update_callbacks_see_every_update_and_its_chunk_loss_before_and_after():
+    """``E2EStreamer.on_update`` (what the server's memory panel reads): one call per row's
+    update, and ``chunk_loss`` with the weights before / after it: a small inner step lowers
+    the chunk's loss, a vanishing one leaves it."""
+    from moshi.models.lm import LMGen
+
+    from moshi_ttt.integration.e2e_stream import ChunkUpdate, LiveE2E, chunk_loss
+
+    lm = memory_lm()
+    lm.float()
+    user = torch.randint(0, lm.card, (2, 8, 13), generator=torch.Generator().manual_seed(1))
+    for lr in (1e-3, 1e-12):
+        events: list[ChunkUpdate] = []
+        with inner_lr(lm, lr), torch.no_grad():
+            gen = LMGen(lm, use_sampling=False)
+            with gen.streaming(2):
+                live = LiveE2E(lm)
+                live.streamer.on_update.append(events.append)
+                for t in range(13):
+                    gen.step(user[:, :, t : t + 1])
+                live.close()
+        loop = live.streamer.loop
+        assert len(events) * loop.steps == live.streamer.updates
+        assert {u.row for u in events} == {0, 1}
+        for u in events:
+            before, after = chunk_loss(lm, u, u.before, loop), chunk_loss(lm, u, u.after, loop)
+            if lr > 1e-6:
+                assert after < before
+            else:
+                assert after == pytest.approx(before, abs=1e-6)

@@ -214,7 +214,7 @@ def inner_loss(lm: LMModel, ce: torch.Tensor, delayed: torch.Tensor, s: int, e: 
     return text + audio
 
 
-def _has_audio(lm: LMModel, delayed: torch.Tensor, s: int, e: int) -> bool:
+def has_audio(lm: LMModel, delayed: torch.Tensor, s: int, e: int) -> bool:
     ta = delayed[:, lm.audio_offset : lm.audio_offset + lm.dep_q, s:e]
     return bool(((ta >= 0) & (ta < lm.card)).any())
 
@@ -243,7 +243,7 @@ def update(lm: LMModel, h: torch.Tensor, a: int, s: int, e: int, history: Histor
     instead of computing them (tests: the first-order meta-gradient is the gradient of the
     outer loss with the inner gradients held fixed). ``scored``: the chunk's CE already
     computed from ``weights`` (with a graph to them): the first step's forward is not redone."""
-    audio = _has_audio(lm, delayed, s, e)
+    audio = has_audio(lm, delayed, s, e)
     lrs = [m.e2e.lr() for _, m in e2e_layers(lm)]
     ok_all = torch.ones(h.shape[0], dtype=torch.bool, device=h.device)
     for step in range(loop.steps):
@@ -352,7 +352,7 @@ def _scan(lm: LMModel, inputs: torch.Tensor, delayed: torch.Tensor, loop: InnerL
     previous: Weights | None = None
     texts, audios, ces = [], [], []
     rollbacks, updates, seconds = 0, 0, 0.0
-    need_audio = _has_audio(lm, delayed, 0, S) or train
+    need_audio = has_audio(lm, delayed, 0, S) or train
     for s in range(0, S, loop.chunk):
         e = min(S, s + loop.chunk)
         a = 0 if R < 0 else max(0, s - R)

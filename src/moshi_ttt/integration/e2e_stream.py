@@ -6,13 +6,44 @@ function as the training and evaluation scan's, so streaming equals the scan (te
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from moshi.models.lm import LMModel
 from torch import nn
 
-from .e2e_scan import History, InnerLoop, memory_layers, receptive_field, update
+from .e2e_scan import (
+    History,
+    InnerLoop,
+    Weights,
+    chunk_ce,
+    chunk_logits,
+    has_audio,
+    inner_loss,
+    memory_layers,
+    receptive_field,
+    update,
+)
+
+
+@dataclass
+class ChunkUpdate:
+    """One row's update, as ``E2EStreamer.on_update`` callbacks get it: the chunk ``[s, e)``
+    with its receptive field (``h`` from step ``a``, the earlier chunks' ``history``, the
+    ``delayed`` tokens by absolute step), the row's weights ``before`` and ``after`` it, and
+    how many inner steps were rolled back."""
+
+    row: int
+    h: torch.Tensor
+    a: int
+    s: int
+    e: int
+    history: History
+    delayed: torch.Tensor
+    before: Weights
+    after: Weights
+    rolled_back: int
 
 
 @dataclass
@@ -53,6 +84,7 @@ class E2EStreamer:
         self.rows = [_Row() for _ in range(first.batch_size)]
         self.init = [(st.init[0][None], st.init[1][None]) for st in self.states]
         self.update_seconds, self.updates, self.rollbacks = 0.0, 0, 0
+        self.on_update: list[Callable[[ChunkUpdate], None]] = []  # called after each update
 
     def _reset(self, mask: torch.Tensor) -> None:
         for b in torch.nonzero(mask.cpu()).flatten().tolist():
@@ -104,6 +136,11 @@ class E2EStreamer:
         for st, (wi, wo) in zip(self.states, new):
             st.w_in[b].copy_(wi[0])
             st.w_out[b].copy_(wo[0])
+        if self.on_update:
+            event = ChunkUpdate(b, h_all[:, a - row.start : e - row.start], a, s, e,
+                                list(row.history), delayed, current, new, bad)  # fmt: skip
+            for callback in self.on_update:
+                callback(event)
         row.history.append((s, e, current))
         row.chunk_start = e
         if self.R >= 0:  # keep what the next chunk's receptive field needs
@@ -113,6 +150,16 @@ class E2EStreamer:
             if drop > 0:
                 row.h, row.tokens = [h_all[:, drop:]], [tokens[..., drop:]]
                 row.start = keep
+
+
+@torch.no_grad()
+def chunk_loss(lm: LMModel, u: ChunkUpdate, weights: Weights, loop: InnerLoop) -> float:
+    """The inner loss of ``u``'s chunk (what its update descends) with ``weights``: with
+    ``u.before``, the loss the update started from; with ``u.after``, where it took it."""
+    audio = has_audio(lm, u.delayed, u.s, u.e)
+    text, au = chunk_logits(lm, u.h, u.a, u.s, u.e, u.history, weights, u.delayed, audio)
+    ce = chunk_ce(lm, text, au, u.delayed, u.s, u.e)
+    return float(inner_loss(lm, ce, u.delayed, u.s, u.e, loop)[0])
 
 
 class LiveE2E:

@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from ..integration.e2e import E2EState, e2e_layers
-from ..integration.e2e_scan import _has_audio, chunk_ce, chunk_logits, inner_loss
-from ..integration.e2e_stream import E2EStreamer, LiveE2E
+from ..integration.e2e_stream import ChunkUpdate, LiveE2E, chunk_loss
 from ..integration.hybrid import GatedTTT
 from ..integration.recall import RecallState
 from ..integration.streaming import ttt_states
@@ -88,7 +87,7 @@ class MemoryStats:
         self.probe = _Probe()
         self.chunk = live.streamer.loop.chunk if live is not None else None
         if live is not None:
-            self._instrument(live.streamer)
+            live.streamer.on_update.append(self._on_update)
 
     # -- what the model has ---------------------------------------------------------------------
     def kinds(self) -> list[str]:
@@ -223,52 +222,18 @@ class MemoryStats:
         r.events.append(event)
         r.new_events += 1
 
-    def _instrument(self, streamer: E2EStreamer) -> None:
-        """Wrap the streamer's per-row update: count it for its row, and for a watched row
-        score the chunk with the weights before and after it."""
-        original = streamer._update
-
-        def _update(b: int, row: Any, s: int, e: int) -> None:
-            watched = self.watched[b]
-            args = self._chunk(streamer, b, row, s, e) if watched else None
-            updates, rollbacks = streamer.updates, streamer.rollbacks
-            original(b, row, s, e)
-            r = self.rows[b]
-            r.updates += streamer.updates - updates
-            bad = streamer.rollbacks - rollbacks
-            r.rollbacks += bad
-            r.e2e_distance = None  # its weights moved
-            event: dict[str, Any] = {"t": round((r.frames + 1) * FRAME_S, 2)}
-            if bad:
-                event["rolled_back"] = True
-            if args is not None:
-                after = [(st.w_in[b : b + 1], st.w_out[b : b + 1]) for st in streamer.states]
-                event["before"] = _finite(self._loss(streamer, *args))
-                event["after"] = _finite(self._loss(streamer, *args[:-1], after))
-            self._event(r, event)
-
-        streamer._update = _update  # type: ignore[method-assign]
-
-    @staticmethod
-    def _chunk(streamer: E2EStreamer, b: int, row: Any, s: int, e: int) -> tuple:
-        """The arguments of ``chunk_logits`` for row ``b``'s chunk ``[s, e)`` as
-        ``E2EStreamer._update`` builds them, with the row's weights before the update."""
-        h_all, tokens = torch.cat(row.h, 1), torch.cat(row.tokens, -1)
-        a = 0 if streamer.R < 0 else max(0, s - streamer.R)
-        pad = tokens.new_full(tokens.shape[:2] + (row.start,), -1)
-        delayed = torch.cat([pad, tokens], -1)
-        current = [(st.w_in[b : b + 1].clone(), st.w_out[b : b + 1].clone())
-                   for st in streamer.states]  # fmt: skip
-        return (h_all[:, a - row.start : e - row.start], a, s, e, list(row.history), delayed,
-                current)  # fmt: skip
-
-    @staticmethod
-    @torch.no_grad()
-    def _loss(streamer: E2EStreamer, h: torch.Tensor, a: int, s: int, e: int, history: list,
-              delayed: torch.Tensor, weights: list) -> float:  # fmt: skip
-        """The inner loss of the chunk (the loss the update descends) with ``weights``."""
-        lm = streamer.lm
-        text, audio = chunk_logits(lm, h, a, s, e, history, weights, delayed,
-                                   _has_audio(lm, delayed, s, e))  # fmt: skip
-        ce = chunk_ce(lm, text, audio, delayed, s, e)
-        return float(inner_loss(lm, ce, delayed, s, e, streamer.loop)[0])
+    def _on_update(self, u: ChunkUpdate) -> None:
+        """An end-to-end update of row ``u.row``: counted; for a watched row, its chunk's loss
+        with the weights before and after it (two forwards of the chunk)."""
+        streamer = self.live.streamer  # type: ignore[union-attr]
+        r = self.rows[u.row]
+        r.updates += streamer.loop.steps
+        r.rollbacks += u.rolled_back
+        r.e2e_distance = None  # its weights moved
+        event: dict[str, Any] = {"t": round((r.frames + 1) * FRAME_S, 2)}
+        if u.rolled_back:
+            event["rolled_back"] = True
+        if self.watched[u.row]:
+            event["before"] = _finite(chunk_loss(streamer.lm, u, u.before, streamer.loop))
+            event["after"] = _finite(chunk_loss(streamer.lm, u, u.after, streamer.loop))
+        self._event(r, event)
