@@ -247,3 +247,34 @@ def test_meta_training_finished_outside_the_study_is_used(quick_base, texts, tmp
     capsys.readouterr()
     assert main(argv) == 0
     assert "meta-training: cached" in capsys.readouterr().out
+
+
+def test_study_reads_text_through_a_checkpoints_tokenizer(tmp_path, capsys):
+    """A base in moshi's format (model.safetensors, config.json, its tokenizer) made here: its
+    text is read as its tokens, one per frame, and the needles are left out, saying why."""
+    from safetensors.torch import save_file
+
+    from moshi_ttt.integration.tiny import build_tiny_lm, tiny_lm_kwargs
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    kw = tiny_lm_kwargs(context=8)
+    lm = build_tiny_lm(3, context=8)
+    save_file({k: v.contiguous() for k, v in lm.state_dict().items()}, ckpt / "model.safetensors")
+    (ckpt / "config.json").write_text(json.dumps({**kw, "model_type": "moshi"}))
+    tok = build_tiny_tokenizer(int(kw["text_card"]), 0)
+    (ckpt / "tokenizer_spm_32k_3.model").write_bytes(tok.serialized_model_proto())
+    texts = _text_folder(tmp_path / "docs", files=70, size=600)
+    out = tmp_path / "study"
+    assert main(["study", "--base", str(ckpt), "--data", str(texts), "--out", str(out), "--quick",
+                 "--no-progress", "--meta-steps", "0", "--rows", "e2e"]) == 0  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert results["study"]["text_as"] == "tokens" and results["context_frames"] == 8
+    assert "read through the model's tokenizer" in results["recall"]["needle_error"]
+    from moshi_ttt.data.pipeline import ShardSource
+
+    src = ShardSource(out / "data" / "train")
+    path, codes = str(src.files[0]["path"]), src.codes(0)
+    ids = tok.encode((texts / path.rsplit("#", 1)[0]).read_text())
+    k = int(path.rsplit("#", 1)[1]) * codes.shape[1]
+    assert codes[0].tolist() == ids[k : k + codes.shape[1]]

@@ -489,8 +489,10 @@ def _read(folders: dict[str, str], spec: CorpusSpec, out: Path, text_as: str, ba
           progress: bool) -> CorpusSummary:  # fmt: skip
     """Read ``--data`` (split by hash) or the three folders into ``out/{train,val,test}``."""
     encode = {}
-    if text_as == "tokens":
-        _, tokenizer = codec_for_source(base.source, overrides=base.spec().overrides)
+    if text_as == "tokens":  # the checkpoint's tokenizer alone (its Mimi is not needed)
+        info = base.describe().info
+        tokenizer = (info.get_text_tokenizer()
+                     if info is not None and Path(info.tokenizer).is_file() else None)  # fmt: skip
         if tokenizer is None:
             raise DataError(f"--base {base.source}: no text tokenizer in the checkpoint to read "
                             "--data's text with; give --data moshi-ttt shards "
