@@ -707,9 +707,9 @@ def _results(s: RealDataSettings, rows: tuple[str, ...], curves: dict, extra: di
     C = s.context
     units = {k: c.grouped(source_file) for k, c in curves.items()}
     stats = file_intervals(units, "base", C, "text_ce")
-    # shards with audio: the 8 codebooks' CE too (moshi's audio loss; the memory learns from it)
-    audio = (file_intervals(units, "base", C, "audio_ce")
-             if curves["base"].audio_count[:, C:].sum() > 0 else None)  # fmt: skip
+    # data with audio: the 8 codebooks' CE and codebook 0's (moshi's loss weighs it 100x)
+    has_audio = curves["base"].audio_count[:, C:].sum() > 0
+    audio = {m: file_intervals(units, "base", C, m) for m in ("audio_ce", "cb0") if has_audio}
     e2e_hidden = extra.get("e2e", {}).get("chosen", {}).get("hidden", 4 * width)
     costs = moshi7b_costs(
         dyneval_layers=extra.get("dyneval", {}).get("chosen", {}).get("layers") or 0,
@@ -741,10 +741,12 @@ def _results(s: RealDataSettings, rows: tuple[str, ...], curves: dict, extra: di
             "frozen_base": name not in ("base", "full_attention", "full_attention_4x", "scratch"),
             "command": command((name,)),
         }
-        if audio is not None:
-            table[name]["audio_ce_beyond"] = audio["totals"].get(name, {}).get("beyond_context")
-            table[name]["vs_base_beyond_audio"] = audio["difference"].get(name, {}).get(
-                "beyond_context")  # fmt: skip
+        for metric, key in (("audio_ce", "audio"), ("cb0", "cb0")):  # data with audio
+            if metric in audio:
+                a = audio[metric]
+                table[name][f"{metric}_beyond"] = a["totals"].get(name, {}).get("beyond_context")
+                table[name][f"vs_base_beyond_{key}"] = a["difference"].get(name, {}).get(
+                    "beyond_context")  # fmt: skip
         if name in extra:
             table[name]["details"] = extra[name]
     return {
