@@ -301,14 +301,19 @@ function cleanup() {
   ws = null;
 }
 
-async function connect(fresh) {
-  const problem = micProblem({
+// What decides whether the page may use the microphone (states.js: micProblem).
+function pageEnvironment() {
+  return {
     secure: window.isSecureContext,
     mediaDevices: !!(navigator.mediaDevices && navigator.mediaDevices.getUserMedia),
     host: location.hostname,
     port: location.port,
     protocol: location.protocol,
-  });
+  };
+}
+
+async function connect(fresh) {
+  const problem = micProblem(pageEnvironment());
   if (problem) {
     show(problem);
     return;
@@ -408,13 +413,7 @@ function init() {
   $("copy-token").onclick = () => copy(state.token, $("copy-token"));
   $("copy-link").onclick = () => copy(resumeLink(), $("copy-link"));
   setPhase("idle", "not connected");
-  const problem = micProblem({
-    secure: window.isSecureContext,
-    mediaDevices: !!(navigator.mediaDevices && navigator.mediaDevices.getUserMedia),
-    host: location.hostname,
-    port: location.port,
-    protocol: location.protocol,
-  });
+  const problem = micProblem(pageEnvironment());
   if (problem) show(problem);
   renderMemory();
   window.addEventListener("resize", scheduleRender);
