@@ -177,6 +177,12 @@ def test_study_bad_input_gets_one_paragraph_and_exit_2(quick_base, texts, tmp_pa
     err = _error(["study", "--base", str(quick_base), "--data", str(texts), "--rows", "scratch",
                   *common], capsys)  # fmt: skip
     assert "--rows" in err and "scratch" in err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("x")
+    err = _error(["study", "--base", str(quick_base), "--data", str(texts), "--out", str(mine),
+                  "--quick"], capsys)  # fmt: skip
+    assert "not a previous study" in err and (mine / "thesis.tex").read_text() == "x"
 
 
 def test_study_rows_and_base_sources():

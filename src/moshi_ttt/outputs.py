@@ -74,3 +74,19 @@ def check_no_clobber(
             "it, or choose another directory"
         )
     return p
+
+
+def check_own_dir(path: str | Path, key: str, markers: Iterable[str], entries: Iterable[str],
+                  force: bool = False, what: str = "output", note: str = "") -> Path:  # fmt: skip
+    """``check_output_dir``, then accept a directory that is new, empty, or a previous ``what``
+    (holding one of ``markers``, or only names among ``entries``); anything else is refused
+    unless ``force`` (``note``: what the command replaces there)."""
+    p = check_output_dir(path, key)
+    if force or not p.is_dir():
+        return p
+    found = {e.name for e in p.iterdir()}
+    if found and not found & set(markers) and not found <= set(entries):
+        shown = ", ".join(sorted(found)[:5])
+        raise ValueError(f"{key} {p}: not empty and not a previous {what} (holds {shown}); "
+                         f"{note}choose another directory or pass --force")  # fmt: skip
+    return p

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..outputs import check_output_dir
+from ..outputs import check_own_dir
 
 DEMO_MARKERS = ("results.json", "report.json", "report.md")  # a previous demo output
 DEMO_ENTRIES = {"runs", "data", "configs", "base", "eval", "cache", *DEMO_MARKERS}
@@ -49,18 +49,9 @@ def add_demo_parser(subparsers: Any) -> None:
 
 def check_demo_out(out: str | Path, force: bool) -> Path:
     """``--out`` must be writable and new, empty, or a previous demo output (unless ``force``)."""
-    p = check_output_dir(out, "--out")
-    if force or not p.is_dir():
-        return p
-    entries = {e.name for e in p.iterdir()}
-    if entries and not entries & set(DEMO_MARKERS) and not entries <= DEMO_ENTRIES:
-        shown = ", ".join(sorted(entries)[:5])
-        raise ValueError(
-            f"--out {p}: not empty and not a previous demo output (holds {shown}); the demo "
-            "replaces its runs/, data/, configs/, base/ and eval/ folders there: choose another "
-            "directory or pass --force"
-        )
-    return p
+    return check_own_dir(out, "--out", DEMO_MARKERS, DEMO_ENTRIES, force, "demo output",
+                         "the demo replaces its runs/, data/, configs/, base/ and eval/ folders "
+                         "there: ")  # fmt: skip
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.spec import DTYPES, resolve_device
-from ..outputs import check_output_dir
+from ..outputs import check_own_dir
 
 STUDY_ENTRIES = {"study.json", "data", "runs", "configs", "results.json", "report.md", "figures",
                  "eval"}  # fmt: skip
@@ -90,15 +90,7 @@ def add_study_parser(subparsers: Any) -> None:
 
 def check_study_out(out: str | Path, force: bool) -> Path:
     """``--out``: new, empty, or a previous study's (unless ``force``)."""
-    p = check_output_dir(out, "--out")
-    if force or not p.is_dir():
-        return p
-    entries = {e.name for e in p.iterdir()}
-    if entries and "study.json" not in entries and not entries <= STUDY_ENTRIES:
-        shown = ", ".join(sorted(entries)[:5])
-        raise ValueError(f"--out {p}: not empty and not a previous study (holds {shown}); "
-                         "choose another directory or pass --force")  # fmt: skip
-    return p
+    return check_own_dir(out, "--out", ("study.json",), STUDY_ENTRIES, force, "study")
 
 
 def _study(args: argparse.Namespace) -> None:
