@@ -40,6 +40,7 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
+    owns_group: bool = False  # this process's init_distributed created the process group
 
     @property
     def is_main(self) -> bool:
@@ -63,13 +64,16 @@ def init_distributed(device: str = "auto") -> Dist:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
-    return Dist(rank, world, local_rank, dev)
+    return Dist(rank, world, local_rank, dev, owns)
 
 
 def shutdown_distributed() -> None:
+    """Destroy the process group, if any (before exit: a rank that exits with a live gloo
+    group can abort while its peers exit)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

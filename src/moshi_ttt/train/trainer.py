@@ -50,6 +50,7 @@ from .parallel import (
     barrier,
     first_failure,
     init_distributed,
+    shutdown_distributed,
     sum_replicated_grads,
 )
 from .rundir import (
@@ -182,6 +183,18 @@ def train(cfg: TrainConfig, *, resume: bool | str | Path = False, progress: bool
     start, differences, restart = _preflight(cfg, run_dir, resume, overwrite,
                                              allow_inexact_resume)  # fmt: skip
     d = init_distributed(device)
+    try:  # every exit, an error included, destroys the group it made (no rank aborts at exit)
+        return _train(cfg, d, run_dir, start, differences, restart, overwrite, progress,
+                      command)  # fmt: skip
+    finally:
+        if d.owns_group:
+            shutdown_distributed()
+
+
+def _train(cfg: TrainConfig, d: Dist, run_dir: Path, start: Path | None, differences: list[str],
+           restart: str | None, overwrite: bool, progress: bool,
+           command: str | None) -> TrainResult:  # fmt: skip
+    """``train`` after its checks, inside the process group."""
     if start is None and (overwrite or restart is not None) and d.is_main:
         clear_run_dir(run_dir)
     barrier()
