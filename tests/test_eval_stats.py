@@ -235,3 +235,85 @@ def test_controls_window_and_foreign_history_then_compare_and_summary(tmp_path, 
     assert "## Long context" in md and "no_ttt" in md and page.data["reports"]
     assert (tmp_path / "summary" / "long_context.png").is_file()
     assert main(["eval", "summary", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s2")]) == 2
+
+
+# -- a sum of token-weighted means: moshi-finetune's loss per file ------------------------------
+def test_a_sum_of_token_weighted_means_is_bootstrapped_on_the_same_files():
+    """``[terms, files]``: one term gives the 1-d result exactly; two terms give the sum of their
+    ratios, resampled on the same files (a plain loop), and a term with no token counts 0."""
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 50, (2, 12)).astype(float)
+    sums = counts * rng.uniform(1, 3, (2, 12))
+    assert ratio_interval(sums[:1], counts[:1]) == ratio_interval(sums[0], counts[0])
+    ci = ratio_interval(sums, counts, n_boot=300, seed=4)
+    assert ci["mean"] == pytest.approx(sum(sums[t].sum() / counts[t].sum() for t in range(2)))
+    idx = np.random.default_rng(4).integers(0, 12, size=(300, 12))
+    boot = [sum(sums[t, i].sum() / counts[t, i].sum() for t in range(2)) for i in idx]
+    assert (ci["lo"], ci["hi"]) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])))
+    d = ratio_difference(sums + 0.5 * counts, counts, sums, counts)  # +0.5 on each term
+    assert d["difference"] == pytest.approx(1.0) and d["lo"] == pytest.approx(1.0)
+    empty = np.zeros_like(counts)
+    empty[0] = counts[0]
+    assert ratio_interval(sums * (empty > 0), empty)["mean"] == pytest.approx(
+        sums[0].sum() / counts[0].sum())  # fmt: skip
+    with pytest.raises(ValueError, match=r"\[terms, files\]"):
+        ratio_interval(np.zeros((2, 3, 4)), np.zeros((2, 3, 4)))
+
+
+def test_moshi_loss_of_a_file_equals_the_training_loss():
+    """The per-file ``moshi_loss`` of the evaluation (streamed, unweighted CE + PAD/EPAD marks)
+    equals ``train.loss``'s L_text + L_audio (PAD/EPAD x0.5, codebook 0 x100) on the same codes
+    through ``LMModel.forward``: the definition, on the tiny Moshi."""
+    from moshi_ttt.eval.long_context import MOSHI_LOSS, stream_losses
+    from moshi_ttt.train.loss import compute_loss_terms
+
+    lm = build_tiny_lm(seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 32, (17, 40), generator=g)
+    codes[0] = torch.randint(0, 64, (40,), generator=g)
+    codes[0, ::3], codes[0, 1::5] = 3, 0  # PAD and EPAD
+    codes[9:, 30:] = -1  # the user stream ends early
+    with no_compile(), torch.no_grad():
+        terms = compute_loss_terms(lm(codes[None]), codes[None], first_codebook_weight=100.0,
+                                   text_padding_weight=0.5)  # fmt: skip
+        losses = stream_losses(lm, codes, chunk_frames=7)
+    assert int(losses.text_padding.sum()) > 10
+    curve = PositionLosses(lm.dep_q, block_frames=5)
+    curve.add(losses, "f")
+    ft = curve.file_totals(0)[MOSHI_LOSS]
+    assert ft["sum"].shape == (2, 1)
+    text, audio = (ft["sum"][:, 0] / ft["count"][:, 0]).tolist()
+    expected = terms.metrics()
+    assert text == pytest.approx(expected["text_loss"], rel=1e-5)
+    assert audio == pytest.approx(expected["audio_loss"], rel=1e-5)
+    assert ratio_interval(ft["sum"], ft["count"])["mean"] == pytest.approx(
+        float(terms.loss()), rel=1e-5)  # fmt: skip
+
+
+def test_a_curve_with_new_text_keeps_its_audio_and_padding():
+    """``with_text`` (a recall memory mixed into the text stream): the same text gives the same
+    per-file totals; new text changes the text metrics only; PAD/EPAD stay marked."""
+    curve = PositionLosses(block_frames=5)
+    for i in range(3):
+        f = _file(23, i)
+        curve.add(FileLosses(f.text, f.text_mask, f.audio, f.audio_mask,
+                             torch.arange(23) % 4 == 0), f"f{i}")  # fmt: skip
+    same = curve.with_text(curve.file_text)
+    for start in (0, 10):
+        a, b = curve.file_totals(start), same.file_totals(start)
+        for m in a:
+            for k in ("sum", "count"):
+                np.testing.assert_allclose(a[m][k], b[m][k], rtol=1e-6)
+    np.testing.assert_allclose(curve.text_sum, same.text_sum, rtol=1e-6)
+    halved = curve.with_text([(ce / 2, mask) for ce, mask in curve.file_text])
+    a, b = curve.file_totals(0), halved.file_totals(0)
+    assert b["text_ce"]["sum"] == pytest.approx(a["text_ce"]["sum"] / 2)
+    for m in ("audio_ce", "cb0", "cb1_7"):
+        for k in ("sum", "count"):
+            assert np.array_equal(a[m][k], b[m][k]), (m, k)
+    assert b["moshi_loss"]["sum"][0] == pytest.approx(a["moshi_loss"]["sum"][0] / 2)
+    assert np.array_equal(a["moshi_loss"]["sum"][1], b["moshi_loss"]["sum"][1])
+    # PAD/EPAD weighed 0.5: 6 of the 23 positions (0, 4, ..., 20) in each file
+    assert a["moshi_loss"]["count"][0].tolist() == [23 - 0.5 * 6] * 3
+    with pytest.raises(ValueError, match="positions"):
+        curve.with_text([(ce[:-1], mask[:-1]) for ce, mask in curve.file_text])

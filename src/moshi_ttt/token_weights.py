@@ -29,10 +29,14 @@ def step_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(valid, ce.view_as(target), 0.0)
 
 
+def is_text_padding(target: torch.Tensor) -> torch.Tensor:
+    """Bool, same shape: the text target is PAD or EPAD (the tokens weighed ``padding_weight``)."""
+    return (target == TEXT_PAD) | (target == TEXT_EPAD)
+
+
 def text_weights(target: torch.Tensor, mask: torch.Tensor, padding_weight: float) -> torch.Tensor:
     """Float32 weights of text targets ``[B, 1, T]``: 0 off-mask, ``padding_weight`` on PAD/EPAD."""
-    is_pad = (target == TEXT_PAD) | (target == TEXT_EPAD)
-    w = torch.where(is_pad, padding_weight, 1.0).to(torch.float32)
+    w = torch.where(is_text_padding(target), padding_weight, 1.0).to(torch.float32)
     return w * mask
 
 

@@ -3,6 +3,7 @@
 
     moshi-ttt study --base kyutai/moshiko-pytorch-bf16 --data my_shards/ --meta-steps 200
     moshi-ttt study --base demo_out/base --data my_texts/ --quick
+    torchrun --standalone --nproc-per-node 8 -m moshi_ttt.cli study --base ... --data ...
 
 The study writes its own files in ``--out`` and keeps its finished stages there (a rerun of the
 same command resumes); a ``--out`` holding anything else is refused unless ``--force``.
@@ -16,9 +17,10 @@ from typing import Any
 
 from ..models.spec import DTYPES, resolve_device
 from ..outputs import check_own_dir
+from ..train.parallel import launch_rank
 
 STUDY_ENTRIES = {"study.json", "data", "runs", "configs", "results.json", "report.md", "figures",
-                 "eval"}  # fmt: skip
+                 "eval", "ranks.json"}  # fmt: skip
 
 
 def add_study_parser(subparsers: Any) -> None:
@@ -108,7 +110,8 @@ def _study(args: argparse.Namespace) -> None:
     if not data.exists():
         raise ValueError(f"--data {data}: no such file or directory; expected a folder of text "
                          "files or moshi-ttt shards")  # fmt: skip
-    check_study_out(args.out, args.force)
+    if launch_rank()[0] == 0:  # under torchrun, rank 0 alone owns --out
+        check_study_out(args.out, args.force)
     device = str(resolve_device(args.device))
     base = base_from_arg(args.base, device, args.dtype)
     argv = [a for a in args.argv if a != "--debug"]

@@ -57,6 +57,7 @@ from ..data.pipeline import ShardSource
 from ..eval.dyneval import DynEvalConfig, evaluate_dyneval, sweep_dyneval
 from ..eval.e2e import E2EStats, evaluate_e2e, evaluate_static
 from ..eval.long_context import (
+    MOSHI_LOSS,
     PositionLosses,
     evaluate_long_context,
     file_intervals,
@@ -115,6 +116,8 @@ ROWS = (
     "retrofit_reset", "retrofit_gate0", "retrofit_forced", "lora_long", "full_attention",
     "full_attention_4x", "scratch",
 )  # fmt: skip
+# data with audio, per row: metric -> the suffix of its key ``vs_base_beyond_<suffix>``
+AUDIO_METRICS = {"audio_ce": "audio", "cb0": "cb0", MOSHI_LOSS: "moshi"}
 TRAINED = ("base", "e2e_meta", "retrofit", "retrofit_forced", "lora_long", "full_attention",
            "full_attention_4x", "scratch")  # fmt: skip
 
@@ -707,9 +710,10 @@ def _results(s: RealDataSettings, rows: tuple[str, ...], curves: dict, extra: di
     C = s.context
     units = {k: c.grouped(source_file) for k, c in curves.items()}
     stats = file_intervals(units, "base", C, "text_ce")
-    # data with audio: the 8 codebooks' CE and codebook 0's (moshi's loss weighs it 100x)
+    # data with audio: the 8 codebooks' CE, codebook 0's (moshi's loss weighs it 100x) and
+    # moshi-finetune's training loss (text with PAD/EPAD x0.5 + audio with codebook 0 x100)
     has_audio = curves["base"].audio_count[:, C:].sum() > 0
-    audio = {m: file_intervals(units, "base", C, m) for m in ("audio_ce", "cb0") if has_audio}
+    audio = {m: file_intervals(units, "base", C, m) for m in AUDIO_METRICS if has_audio}
     e2e_hidden = extra.get("e2e", {}).get("chosen", {}).get("hidden", 4 * width)
     costs = moshi7b_costs(
         dyneval_layers=extra.get("dyneval", {}).get("chosen", {}).get("layers") or 0,
@@ -741,7 +745,7 @@ def _results(s: RealDataSettings, rows: tuple[str, ...], curves: dict, extra: di
             "frozen_base": name not in ("base", "full_attention", "full_attention_4x", "scratch"),
             "command": command((name,)),
         }
-        for metric, key in (("audio_ce", "audio"), ("cb0", "cb0")):  # data with audio
+        for metric, key in AUDIO_METRICS.items():  # data with audio
             if metric in audio:
                 a = audio[metric]
                 table[name][f"{metric}_beyond"] = a["totals"].get(name, {}).get("beyond_context")

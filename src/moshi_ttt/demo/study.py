@@ -17,6 +17,12 @@ Hub repo, a checkpoint directory, an export, a training run, ``tiny``) frozen, a
 
 Stages 2-4 are cached in ``OUT`` (``study.json`` records what made them): a rerun of the same
 command resumes at the first unfinished stage; a changed option redoes what it changes.
+
+**Under torchrun** (``torchrun --nproc-per-node N -m moshi_ttt.cli study ...``): rank 0 runs
+the study; the other ranks wait (no process group, so no timeout however long stages 1-3
+take) until rank 0 hands them the meta-training (``_Handoff``: ``OUT/ranks.json``, tagged
+with this launch), train with it (FSDP over all ranks) and exit; rank 0 evaluates alone. When
+rank 0 stops before that, every rank stops with its message.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shlex
 import time
 from collections import Counter
@@ -43,6 +50,8 @@ from ..eval.stats import MIN_UNITS
 from ..format import NUM_STREAMS, ZERO_TOKEN
 from ..models.load import codec_for_source
 from ..models.runs import list_checkpoints
+from ..train.config import TrainConfig
+from ..train.parallel import launch_rank
 from ..train.plan import make_plan
 from ..train.trainer import train
 from .corpus import (
@@ -77,6 +86,59 @@ STUDY_ESSENTIAL = ("base", "dyneval", "e2e", "e2e_meta", "e2e_meta_static", "cac
                    "retrieval", "assoc", "e2e_assoc", "e2e_meta_assoc")  # fmt: skip
 META_ROWS = ("e2e_meta", "e2e_meta_static", "e2e_meta_assoc")
 STATE = "study.json"
+HANDOFF = "ranks.json"  # rank 0 -> the other ranks under torchrun
+WAIT_NOTE_S = 600.0  # a waiting rank says so this often
+
+
+class _Handoff:
+    """Under torchrun, what rank 0 tells the other ranks in ``OUT/ranks.json``: the
+    meta-training to join (``{"config", "resume", "overwrite"}``), none (``{"config": None}``)
+    or its error (``{"error"}``); each message carries this launch's tag, so that a file left
+    by an earlier launch is never read as this one's."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / HANDOFF
+        env = os.environ
+        self.launch = "/".join(env.get(k, "") for k in ("TORCHELASTIC_RUN_ID", "MASTER_ADDR",
+                                                        "MASTER_PORT",
+                                                        "TORCHELASTIC_RESTART_COUNT"))  # fmt: skip
+
+    told = False  # this launch's message is written
+
+    def tell(self, **message: Any) -> None:
+        self.told = True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"launch": self.launch, **message}))
+        tmp.replace(self.path)
+
+    def wait(self, rank: int) -> dict[str, Any]:
+        start = last = time.monotonic()
+        while True:
+            try:
+                got = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                got = None  # not written yet (or mid-replace)
+            if isinstance(got, dict) and got.get("launch") == self.launch:
+                return got
+            time.sleep(0.5)
+            if time.monotonic() - last > WAIT_NOTE_S:
+                last = time.monotonic()
+                print(f"rank {rank}: waiting for rank 0's study to reach the meta-training "
+                      f"({(last - start) / 60:.0f} min)", flush=True)  # fmt: skip
+
+
+def _follow(base: FrozenBase, out: Path, rank: int, argv: Sequence[str]) -> None:
+    """A rank other than 0 under torchrun: join rank 0's meta-training, if any, and return."""
+    told = _Handoff(out).wait(rank)
+    if "error" in told:
+        raise ValueError(f"rank 0 stopped the study: {told['error']}")
+    if told.get("config") is None:
+        return
+    cfg = TrainConfig.load(told["config"])
+    train(cfg, progress=False, device=base.device, resume=told["resume"],
+          overwrite=told["overwrite"], command=shlex.join([cli_prefix(), *argv]))  # fmt: skip
+    print(f"rank {rank}: meta-training done; rank 0 evaluates", flush=True)
 
 
 def study_rows(rows: str, meta_steps: int) -> tuple[str, ...]:
@@ -259,23 +321,32 @@ def run_study(base: FrozenBase, data: str | Path, out: str | Path, *,
               batch_size: int | None = None, seed: int = 0, quick: bool = False,
               progress: bool = True, dry_run: bool = False,
               argv: Sequence[str] = ()) -> dict[str, Any] | StudyPlan:  # fmt: skip
-    """Run a study (module docstring); returns ``results.json`` (``dry_run``: the plan only).
-    ``argv``: the command's arguments, recorded as the command that recomputes a row."""
+    """Run a study (module docstring); returns ``results.json`` (``dry_run``: the plan only;
+    None on a rank other than 0 under torchrun). ``argv``: the command's arguments, recorded
+    as the command that recomputes a row."""
+    rank, world = launch_rank()
     threads = torch.get_num_threads()
     if base.device == "cpu":
         torch.set_num_threads(1)  # deterministic, as the demo
+    handoff = _Handoff(Path(out)) if world > 1 and not dry_run else None
     try:
         with no_compile():
+            if rank > 0:
+                return None if dry_run else _follow(base, Path(out), rank, argv)
             return _study(base, Path(data), Path(out), val, test, rows, meta_steps, frames,
-                          batch_size, seed, quick, progress, dry_run, argv)  # fmt: skip
+                          batch_size, seed, quick, progress, dry_run, argv, handoff)  # fmt: skip
+    except Exception as e:
+        if handoff is not None and rank == 0 and not handoff.told:
+            handoff.tell(error=" ".join(str(e).split()) or type(e).__name__)
+        raise
     finally:
         torch.set_num_threads(threads)
 
 
 def _study(base: FrozenBase, data: Path, out: Path, val: Any, test: Any, rows_arg: str,
            meta_steps: int | None, frames: int | None, batch_size: int | None, seed: int,
-           quick: bool, progress: bool, dry_run: bool,
-           argv: Sequence[str]) -> dict[str, Any] | StudyPlan:  # fmt: skip
+           quick: bool, progress: bool, dry_run: bool, argv: Sequence[str],
+           handoff: _Handoff | None) -> dict[str, Any] | StudyPlan:  # fmt: skip
     say = print  # stage lines are the study's log: --no-progress hides only the bars
     t0 = time.perf_counter()
     if (val is None) != (test is None):
@@ -415,13 +486,18 @@ def _study(base: FrozenBase, data: Path, out: Path, val: Any, test: Any, rows_ar
                 f"{cfg.batch_size} x {cfg.frames_per_window} frames"
                 + (f" (resuming at step {max(done)})" if done else ""))  # fmt: skip
             start = time.perf_counter()
+            if handoff is not None:  # the other ranks join this run
+                handoff.tell(config=str(out / "configs" / "e2e_meta.yaml"), resume=bool(done),
+                             overwrite=not done)  # fmt: skip
             train(cfg, progress=progress, device=base.device, resume=bool(done),
                   overwrite=not done, command=shlex.join([cli_prefix(), *argv]))  # fmt: skip
             train_seconds["e2e_meta"] = time.perf_counter() - start
             state.put("e2e_meta", meta_key, {"seconds": train_seconds["e2e_meta"]})
         runs["e2e_meta"] = run
 
-    # 5. Evaluation and report.
+    # 5. Evaluation and report (rank 0 alone under torchrun).
+    if handoff is not None and not handoff.told:
+        handoff.tell(config=None)  # nothing to train: the other ranks are done
     timings = {"training (s)": sum(train_seconds.values())}
     root = given.get("all") or given["train"]
     corpus.root = root

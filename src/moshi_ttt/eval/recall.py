@@ -271,7 +271,7 @@ def text_curve(block_frames: int, dep_q: int,
 def mix_curve(curve: PositionLosses, reads: dict[str, tuple[np.ndarray, np.ndarray]],
               lam: float) -> PositionLosses:  # fmt: skip
     """``curve``'s text CE with the memory mixed in: ``(1 - lam conf) p + lam conf p_mem``
-    (text only: the memory predicts text tokens)."""
+    (the memory predicts text tokens: the audio CE stays ``curve``'s)."""
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"the memory's mixing weight must be in [0, 1], got {lam}")
     files = []
@@ -280,8 +280,8 @@ def mix_curve(curve: PositionLosses, reads: dict[str, tuple[np.ndarray, np.ndarr
         n = len(ce)
         mixed = mix_ce(torch.from_numpy(ce), torch.from_numpy(p_y[:n]),
                        lam * torch.from_numpy(conf[:n])).numpy()  # fmt: skip
-        files.append((name, mixed, mask))
-    return text_curve(curve.block_frames, curve.audio_sum.shape[0], files)
+        files.append((mixed, mask))
+    return curve.with_text(files)
 
 
 def restrict(curve: PositionLosses, keep: dict[str, np.ndarray]) -> PositionLosses:
@@ -503,7 +503,8 @@ def retrieval_losses(lm: LMModel, codes: torch.Tensor, top_k: int,
                                                 reduction="none")  # fmt: skip
     ce[:n] = step_ce.cpu()
     mask = base.text_mask.clone()
-    return FileLosses(torch.where(mask, ce, 0.0), mask, base.audio, base.audio_mask)
+    return FileLosses(torch.where(mask, ce, 0.0), mask, base.audio, base.audio_mask,
+                      base.text_padding)  # fmt: skip
 
 
 def _retrieval_attention(layer: torch.nn.Module, x: torch.Tensor, top_k: int) -> torch.Tensor:

@@ -7,6 +7,8 @@
 - ``paired_difference(a, b)``: the mean of ``a - b`` over paired units, its bootstrap interval
   and a two-sided bootstrap p-value; identical inputs give difference 0 and p = 1;
 - ``ratio_difference``: the same for two token-weighted means over the same files;
+- both take a **sum of token-weighted means** too (``[terms, files]`` sums and counts, e.g.
+  moshi-finetune's text + audio loss): each term's ratio, summed, on the same resampled files;
 - ``mcnemar_exact(b, c)``: McNemar's exact test (two-sided binomial on the discordant pairs).
 
 Bootstraps resample units with replacement ``n_boot`` times with ``numpy.random.default_rng
@@ -112,8 +114,30 @@ def mean_interval(
 
 
 def _ratio(sums: np.ndarray, counts: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    num, den = sums[idx].sum(-1), counts[idx].sum(-1)
-    return np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)
+    """Per resample (rows of ``idx``), the sum over terms of each term's ratio; ``sums``,
+    ``counts`` ``[terms, files]``. A term with no token in a resample counts 0 there (as in
+    the training loss); NaN where no term has one."""
+    num, den = sums[:, idx].sum(-1), counts[:, idx].sum(-1)  # [terms, n_boot]
+    ratios = np.divide(num, den, out=np.zeros(num.shape), where=den > 0)
+    return np.where((den > 0).any(0), ratios.sum(0), np.nan)
+
+
+def _terms(sums: Any, counts: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(sums, counts)`` as ``[terms, files]`` float64 (1-d: one term); ``ValueError`` on
+    other shapes."""
+    s, c = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    if s.shape != c.shape or s.ndim not in (1, 2):
+        raise ValueError(f"{what} must be [files] or [terms, files] of one shape, got "
+                         f"{s.shape}, {c.shape}")  # fmt: skip
+    return (s[None], c[None]) if s.ndim == 1 else (s, c)
+
+
+def _total(sums: np.ndarray, counts: np.ndarray) -> float:
+    """Sum over terms of ``sum / count`` (a term without tokens counts 0; NaN if none has)."""
+    den = counts.sum(-1)
+    if not (den > 0).any():
+        return math.nan
+    return float(np.divide(sums.sum(-1), den, out=np.zeros(den.shape), where=den > 0).sum())
 
 
 def ratio_interval(
@@ -127,18 +151,17 @@ def ratio_interval(
 ) -> dict[str, Any]:
     """Token-weighted mean ``sum(sums) / sum(counts)`` over units (files) with a bootstrap
     interval over the files: ``{"mean", "lo", "hi", "n", "level", "method"}``; ``n`` = files
-    with a token. Under ``min_units`` such files: ``lo``, ``hi`` NaN and a ``note``."""
-    s, c = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
-    if s.shape != c.shape or s.ndim != 1:
-        raise ValueError(f"sums and counts must be 1-d of one length, got {s.shape}, {c.shape}")
-    n = int((c > 0).sum())
+    with a token. ``[terms, files]`` inputs: the sum of the terms' means. Under ``min_units``
+    such files: ``lo``, ``hi`` NaN and a ``note``."""
+    s, c = _terms(sums, counts, "sums and counts")
+    n = int((c > 0).any(0).sum())
     method = f"bootstrap over files ({n_boot}, seed {seed})"
     out: dict[str, Any] = {"n": n, "level": level, "method": method}
-    mean = float(s.sum() / c.sum()) if c.sum() > 0 else math.nan
+    mean = _total(s, c)
     few = too_few(n, "files", min_units)
     if few is not None:
         return out | few | {"mean": mean, "lo": math.nan, "hi": math.nan}
-    lo, hi = _percentiles(_ratio(s, c, _indices(len(s), n_boot, seed)), level)
+    lo, hi = _percentiles(_ratio(s, c, _indices(s.shape[1], n_boot, seed)), level)
     return out | {"mean": mean, "lo": lo, "hi": hi}
 
 
@@ -189,15 +212,14 @@ def ratio_difference(
 ) -> dict[str, Any]:
     """``sum(a)/count(a) - sum(b)/count(b)`` over the same files (arrays aligned by file) with
     a paired bootstrap over files: ``{"difference", "lo", "hi", "p_value", "n", ...}``
-    (for losses in nats: > 0 means b is better); ``n`` = files with a token in a or b. Under
-    ``min_units`` such files: ``lo``, ``hi``, ``p_value`` NaN and a ``note``."""
-    arrays = [np.asarray(v, dtype=np.float64) for v in (sums_a, counts_a, sums_b, counts_b)]
-    if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 1:
-        raise ValueError(
-            f"per-file arrays must be 1-d of one length, got {[a.shape for a in arrays]}"
-        )
-    sa, ca, sb, cb = arrays
-    n = int(((ca > 0) | (cb > 0)).sum())
+    (for losses in nats: > 0 means b is better); ``n`` = files with a token in a or b.
+    ``[terms, files]`` inputs: sums of the terms' means. Under ``min_units`` such files:
+    ``lo``, ``hi``, ``p_value`` NaN and a ``note``."""
+    sa, ca = _terms(sums_a, counts_a, "per-file arrays")
+    sb, cb = _terms(sums_b, counts_b, "per-file arrays")
+    if sa.shape != sb.shape:
+        raise ValueError(f"per-file arrays must be of one shape, got {sa.shape}, {sb.shape}")
+    n = int(((ca > 0) | (cb > 0)).any(0).sum())
     out: dict[str, Any] = {
         "n": n,
         "level": level,
@@ -206,11 +228,11 @@ def ratio_difference(
     nan = {"lo": math.nan, "hi": math.nan, "p_value": math.nan}
     if ca.sum() == 0 or cb.sum() == 0:
         return out | nan | {"difference": math.nan} | (too_few(n, "files", min_units) or {})
-    diff = float(sa.sum() / ca.sum() - sb.sum() / cb.sum())
+    diff = _total(sa, ca) - _total(sb, cb)
     few = too_few(n, "files", min_units)
     if few is not None:
         return out | few | nan | {"difference": diff}
-    idx = _indices(len(sa), n_boot, seed)
+    idx = _indices(sa.shape[1], n_boot, seed)
     boot = _ratio(sa, ca, idx) - _ratio(sb, cb, idx)
     lo, hi = _percentiles(boot, level)
     return out | {"difference": diff, "lo": lo, "hi": hi, "p_value": _p_value(boot, diff)}

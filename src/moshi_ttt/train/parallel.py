@@ -51,13 +51,18 @@ class Dist:
         return self.world_size > 1
 
 
+def launch_rank() -> tuple[int, int]:
+    """``(rank, world size)`` of this process as its launcher (``torchrun``) set them, before
+    any process group exists; ``(0, 1)`` alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device: str = "auto") -> Dist:
     """Join the ``torchrun`` job if there is one (``WORLD_SIZE`` > 1), else a single process.
 
     ``device``: ``auto`` (the local GPU if any, else CPU), ``cpu`` or ``cuda``.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world = launch_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if resolve_device(device, what="device").type == "cuda":
         torch.cuda.set_device(local_rank)

@@ -5,7 +5,8 @@ Definition (the same CE and masks as ``LMModel.forward`` + ``train.loss``): for 
 ``[17, T]``, the text CE at frame t and the CE of each of Moshi's 8 codebooks at frame t, in
 nats, scored iff the target is not -1 and not lost to its stream's delay (acoustic codebooks
 lag one frame: their last frame is never predicted). **Unweighted**: no x100 on codebook 0,
-no 0.5 on text padding. The user stream is never scored.
+no 0.5 on text padding (``FileLosses.text_padding`` marks the text targets that moshi's loss
+weighs 0.5, so that ``statistics`` can form it). The user stream is never scored.
 
 How (``stream_losses``): the file's codes are put in moshi's delay pattern once; the temporal
 transformer reads the delayed columns chunk by chunk in moshi streaming mode (attention KV
@@ -35,7 +36,7 @@ from ...integration.e2e_scan import InnerLoop, e2e_scan
 from ...integration.recall import RecallMemory, mix_file
 from ...integration.streaming import chunked_streaming, delayed_inputs, reset_ttt_states
 from ...models.lora import lora_modules
-from ...token_weights import step_ce
+from ...token_weights import is_text_padding, step_ce
 
 
 @dataclass
@@ -46,6 +47,7 @@ class FileLosses:
     text_mask: torch.Tensor  # [T] bool: scored
     audio: torch.Tensor  # [8, T]
     audio_mask: torch.Tensor  # [8, T] bool
+    text_padding: torch.Tensor | None = None  # [T] bool: the text target is PAD/EPAD (None: none)
 
 
 class ChunkObserver(Protocol):
@@ -218,7 +220,7 @@ def undelay_losses(lm: LMModel, per_step: torch.Tensor, codes: torch.Tensor) -> 
         ce[i, : T - d] = per_step[i, d:]
         mask[i, : T - d] = target[i, : T - d] != -1
     ce = torch.where(mask, ce, 0.0)
-    return FileLosses(ce[0], mask[0], ce[1:], mask[1:])
+    return FileLosses(ce[0], mask[0], ce[1:], mask[1:], is_text_padding(target[0]) & mask[0])
 
 
 @dataclass(frozen=True)

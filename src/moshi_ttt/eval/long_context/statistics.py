@@ -18,6 +18,7 @@ import torch
 
 from ...format import NUM_CODEBOOKS
 from ...recipes import HARM_TOLERANCE
+from ...token_weights import FIRST_CODEBOOK_WEIGHT, TEXT_PADDING_WEIGHT
 from ..stats import flip_interval, format_p, ratio_difference, ratio_interval
 from .scoring import FileLosses, Variant
 
@@ -25,6 +26,10 @@ NUM_AUDIO = NUM_CODEBOOKS  # Moshi's codebooks, the scored audio
 
 
 METRICS = ("audio_ce", "cb0", "cb1_7", "text_ce")
+
+# moshi-finetune's training loss, per file: text CE weighted (PAD/EPAD x0.5) + audio CE weighted
+# (codebook 0 x100), a sum of two token-weighted means (``file_totals``: two terms per file)
+MOSHI_LOSS = "moshi_loss"
 
 
 METRIC_LABELS = {"audio_ce": "audio CE", "cb0": "cb0 CE", "cb1_7": "cb1-7 CE", "text_ce": "text CE"}
@@ -50,7 +55,9 @@ class PositionLosses:
         self.audio_count = np.zeros((num_codebooks, 0))
         self.files = np.zeros(0)
         # per file, for intervals and equal-length curves: sums over blocks of
-        # ``block_frames`` frames, rows text_sum, text_count, audio_sum[K], audio_count[K]
+        # ``block_frames`` frames, rows text_sum, text_count, the text CE and count on PAD/EPAD
+        # targets, audio_sum[K], audio_count[K] (``_rows``)
+        self.num_codebooks = num_codebooks
         self.block_frames = block_frames
         self.file_names: list[str] = []
         self.file_frames: list[int] = []
@@ -59,6 +66,7 @@ class PositionLosses:
         # per file, the text CE and scored mask per position (float32, bool), for metrics on a
         # subset of positions (``eval.recall``: repeated bytes, needles) and mixing with a memory
         self.file_text: list[tuple[np.ndarray, np.ndarray]] = []
+        self.file_padding: list[np.ndarray] = []  # per file, bool [T]: scored PAD/EPAD target
 
     @property
     def length(self) -> int:
@@ -72,21 +80,58 @@ class PositionLosses:
             f = FileLosses(
                 torch.where(keep, f.text, 0.0), f.text_mask & keep,
                 torch.where(keep, f.audio, 0.0), f.audio_mask & keep,
+                None if f.text_padding is None else f.text_padding & keep,
             )  # fmt: skip
+        if f.audio.shape[0] != self.num_codebooks:
+            raise ValueError(f"{name}: {f.audio.shape[0]} codebooks, the curve has "
+                             f"{self.num_codebooks}")  # fmt: skip
         self._add_positions(f)
-        rows = np.concatenate(
-            [
-                f.text.double().numpy()[None],
-                f.text_mask.double().numpy()[None],
-                f.audio.double().numpy(),
-                f.audio_mask.double().numpy(),
-            ]
-        )
+        text, mask = f.text.float().numpy().copy(), f.text_mask.numpy().copy()
+        padding = np.zeros_like(mask) if f.text_padding is None else f.text_padding.numpy() & mask
+        audio = np.concatenate([f.audio.double().numpy(), f.audio_mask.double().numpy()])
+        self._add_blocks(str(len(self.file_names)) if name is None else name, text, mask,
+                         padding, audio)  # fmt: skip
+
+    def _add_blocks(self, name: str, text: np.ndarray, mask: np.ndarray, padding: np.ndarray,
+                    audio: np.ndarray) -> None:  # fmt: skip
+        """One file's per-file data: text CE ``[T]``, scored ``[T]``, PAD/EPAD ``[T]``, the
+        audio rows ``[2K, T]`` (sums, then counts)."""
+        t = text.astype(np.float64)
+        rows = np.concatenate([np.stack([t, mask, t * padding, padding]).astype(np.float64),
+                               audio])  # fmt: skip
         starts = np.arange(0, rows.shape[1], self.block_frames)
         self.file_blocks.append(np.add.reduceat(rows, starts, axis=1) if len(starts) else rows)
-        self.file_names.append(str(len(self.file_names)) if name is None else name)
+        self.file_names.append(name)
         self.file_frames.append(int(rows.shape[1]))
-        self.file_text.append((f.text.float().numpy().copy(), f.text_mask.numpy().copy()))
+        self.file_text.append((text, mask))
+        self.file_padding.append(padding.astype(bool))
+
+    def with_text(self, files: Sequence[tuple[np.ndarray, np.ndarray]]) -> PositionLosses:
+        """The same curve with each file's text CE and scored mask replaced by ``files``
+        (``(ce [T], scored [T])`` in ``file_names`` order, e.g. a memory mixed into the text
+        stream); audio and the PAD/EPAD marks are kept."""
+        if len(files) != len(self.file_names):
+            raise ValueError(f"{len(files)} files of text CE for a curve of "
+                             f"{len(self.file_names)}")  # fmt: skip
+        out = PositionLosses(self.num_codebooks, self.block_frames)
+        out.foreign_history = self.foreign_history
+        out.audio_sum, out.audio_count = self.audio_sum.copy(), self.audio_count.copy()
+        out.files = self.files.copy()
+        out.text_sum, out.text_count = np.zeros(self.length), np.zeros(self.length)
+        for i, (ce, mask) in enumerate(files):
+            T = self.file_frames[i]
+            if len(ce) != T or len(mask) != T:
+                raise ValueError(f"{self.file_names[i]}: text CE of {len(ce)} positions, the "
+                                 f"file has {T}")  # fmt: skip
+            ce = np.where(mask, ce, 0.0).astype(np.float32)
+            out.text_sum[:T] += ce
+            out.text_count[:T] += mask
+            audio = np.zeros((2 * self.num_codebooks, T))
+            audio_blocks = _rows(self.file_blocks[i], self.num_codebooks)[4]
+            audio[:, :: self.block_frames] = audio_blocks  # block sums at each block's start
+            out._add_blocks(self.file_names[i], ce, mask.astype(bool),
+                            self.file_padding[i] & mask.astype(bool), audio)  # fmt: skip
+        return out
 
     def _add_positions(self, f: FileLosses) -> None:
         n = f.text.shape[-1]
@@ -157,21 +202,28 @@ class PositionLosses:
         """Per file (order ``file_names``): ``{metric: {"sum", "count"}}`` of the CE (nats) and
         token counts over positions ``[start, end)``, rounded down to ``block_frames`` (exact
         for multiples of it)."""
-        B, K = self.block_frames, (len(self.file_blocks[0]) - 2) // 2 if self.file_blocks else 0
+        B, K = self.block_frames, self.num_codebooks
         a, b = start // B, None if end is None else end // B
-        out: dict[str, dict[str, list[float]]] = {m: {"sum": [], "count": []} for m in METRICS}
+        out: dict[str, dict[str, list[Any]]] = {
+            m: {"sum": [], "count": []} for m in (*METRICS, MOSHI_LOSS)
+        }
         for blocks in self.file_blocks:
-            x = blocks[:, a:b].sum(1)
-            a_sum, a_cnt = x[2 : 2 + K], x[2 + K :]
+            t_sum, t_cnt, p_sum, p_cnt, audio = _rows(blocks[:, a:b].sum(1), K)
+            a_sum, a_cnt = audio[:K], audio[K:]
             for m, (num, den) in {
                 "audio_ce": (a_sum.sum(), a_cnt.sum()),
                 "cb0": (a_sum[0], a_cnt[0]),
                 "cb1_7": (a_sum[1:].sum(), a_cnt[1:].sum()),
-                "text_ce": (x[0], x[1]),
+                "text_ce": (t_sum, t_cnt),
+                MOSHI_LOSS: _moshi_terms(t_sum, t_cnt, p_sum, p_cnt, a_sum, a_cnt),
             }.items():
-                out[m]["sum"].append(float(num))
-                out[m]["count"].append(float(den))
-        return {m: {k: np.asarray(v) for k, v in d.items()} for m, d in out.items()}
+                out[m]["sum"].append(num)
+                out[m]["count"].append(den)
+        totals = {m: {k: np.asarray(v, dtype=np.float64) for k, v in d.items()}
+                  for m, d in out.items()}  # fmt: skip
+        for k in ("sum", "count"):  # [terms, files]
+            totals[MOSHI_LOSS][k] = totals[MOSHI_LOSS][k].reshape(-1, 2).T
+        return totals
 
     def file_bins(self, bin_frames: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
         """``(sums, counts)`` ``[files, bins]`` of ``metric`` per position bin (``bin_frames``
@@ -183,9 +235,8 @@ class PositionLosses:
             np.zeros((len(self.file_blocks), n_bins)),
             np.zeros((len(self.file_blocks), n_bins)),
         )
-        K = (len(self.file_blocks[0]) - 2) // 2 if self.file_blocks else 0
         for i, blocks in enumerate(self.file_blocks):
-            num, den = _metric_rows(blocks, K, metric)
+            num, den = _metric_rows(blocks, self.num_codebooks, metric)
             starts = np.arange(0, blocks.shape[1], per)
             sums[i, : len(starts)] = np.add.reduceat(num, starts)
             counts[i, : len(starts)] = np.add.reduceat(den, starts)
@@ -197,7 +248,7 @@ class PositionLosses:
         and totals are unchanged."""
         out = copy.copy(self)
         out.file_names, out.file_frames, out.file_blocks = [], [], []
-        out.file_text = []  # per position data stays with the sequences (``self``)
+        out.file_text, out.file_padding = [], []  # per position data stays with the sequences
         index: dict[str, int] = {}
         for name, T, blocks in zip(self.file_names, self.file_frames, self.file_blocks):
             key = unit(name)
@@ -226,7 +277,7 @@ class PositionLosses:
         n_blocks = frames // B
         if n_blocks < 1:
             raise ValueError(f"equal length {frames} frames is shorter than a block ({B})")
-        K = (len(self.file_blocks[0]) - 2) // 2 if self.file_blocks else self.audio_sum.shape[0]
+        K = self.num_codebooks
         out = PositionLosses(K, B)
         L = n_blocks * B
         for name, T, blocks in zip(self.file_names, self.file_frames, self.file_blocks):
@@ -238,10 +289,11 @@ class PositionLosses:
             if out.length == 0:
                 out.text_sum, out.text_count, out.files = np.zeros(L), np.zeros(L), np.zeros(L)
                 out.audio_sum, out.audio_count = np.zeros((K, L)), np.zeros((K, L))
-            out.text_sum += pos[0]
-            out.text_count += pos[1]
-            out.audio_sum += pos[2 : 2 + K]
-            out.audio_count += pos[2 + K :]
+            t_sum, t_cnt, _, _, audio = _rows(pos, K)
+            out.text_sum += t_sum
+            out.text_count += t_cnt
+            out.audio_sum += audio[:K]
+            out.audio_count += audio[K:]
             out.files += 1
             out.file_names.append(name)
             out.file_frames.append(L)
@@ -249,9 +301,29 @@ class PositionLosses:
         return out
 
 
+def _rows(x: np.ndarray, K: int) -> tuple[Any, Any, Any, Any, np.ndarray]:
+    """A file's rows (``PositionLosses.file_blocks``, or their sums over blocks): ``(text CE
+    sum, text count, the same two on PAD/EPAD targets, the audio rows [2K]: sums then
+    counts)``."""
+    return x[0], x[1], x[2], x[3], x[4 : 4 + 2 * K]
+
+
+def _moshi_terms(t_sum: float, t_cnt: float, p_sum: float, p_cnt: float, a_sum: np.ndarray,
+                 a_cnt: np.ndarray) -> tuple[list[float], list[float]]:  # fmt: skip
+    """moshi-finetune's loss of one file as two terms ``([text w CE, audio w CE], [text w,
+    audio w])``: text weighted ``TEXT_PADDING_WEIGHT`` on PAD/EPAD, audio
+    ``FIRST_CODEBOOK_WEIGHT`` on codebook 0 (``token_weights``)."""
+    off = 1.0 - TEXT_PADDING_WEIGHT
+    text = (float(t_sum - off * p_sum), float(t_cnt - off * p_cnt))
+    w0 = FIRST_CODEBOOK_WEIGHT
+    audio = (float(w0 * a_sum[0] + a_sum[1:].sum()), float(w0 * a_cnt[0] + a_cnt[1:].sum()))
+    return [text[0], audio[0]], [text[1], audio[1]]
+
+
 def _metric_rows(blocks: np.ndarray, K: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """(CE sums, token counts) per block of ``metric`` from a file's block rows."""
-    a_sum, a_cnt = blocks[2 : 2 + K], blocks[2 + K :]
+    t_sum, t_cnt, _, _, audio = _rows(blocks, K)
+    a_sum, a_cnt = audio[:K], audio[K:]
     if metric == "audio_ce":
         return a_sum.sum(0), a_cnt.sum(0)
     if metric == "cb0":
@@ -259,7 +331,7 @@ def _metric_rows(blocks: np.ndarray, K: int, metric: str) -> tuple[np.ndarray, n
     if metric == "cb1_7":
         return a_sum[1:].sum(0), a_cnt[1:].sum(0)
     if metric == "text_ce":
-        return blocks[0], blocks[1]
+        return t_sum, t_cnt
     raise ValueError(f"metric {metric!r}: expected one of {METRICS}")
 
 
@@ -515,9 +587,8 @@ def _aligned(
     ia = {n: i for i, n in enumerate(a.file_names)}
     ib = {n: i for i, n in enumerate(b.file_names)}
     common = [n for n in a.file_names if n in ib]
-    xa = [np.asarray([t[k][ia[n]] for n in common]) for t, k in ((ta, "sum"), (ta, "count"))]
-    xb = [np.asarray([t[k][ib[n]] for n in common]) for t, k in ((tb, "sum"), (tb, "count"))]
-    return (xa[0], xa[1]), (xb[0], xb[1])
+    ka, kb = [ia[n] for n in common], [ib[n] for n in common]
+    return (ta["sum"][..., ka], ta["count"][..., ka]), (tb["sum"][..., kb], tb["count"][..., kb])
 
 
 def per_file_data(curves: dict[str, PositionLosses], context: int) -> dict[str, Any]:
