@@ -229,6 +229,14 @@ def test_controls_window_and_foreign_history_then_compare_and_summary(tmp_path, 
                         variant_b="no_ttt")  # fmt: skip
     expect = summary["difference"]["no_ttt"]["beyond_context"]
     assert c["parts"]["beyond_context"]["difference"] == pytest.approx(-expect)
+    # moshi-finetune's loss (two terms per file) compares the same way
+    m = compare_reports(json.loads((out / "report.json").read_text()) | {"_path": "a"},
+                        json.loads((out / "report.json").read_text()) | {"_path": "b"},
+                        variant_b="no_ttt", metric="moshi_loss")  # fmt: skip
+    loss = {k: res.variants[k].totals(ctx)["moshi_loss"] for k in ("ttt", "no_ttt")}
+    part = m["parts"]["beyond_context"]
+    assert (part["ce_a"], part["ce_b"]) == pytest.approx((loss["ttt"], loss["no_ttt"]))
+    assert part["difference"] == pytest.approx(loss["ttt"] - loss["no_ttt"])
 
     page = summarize([tmp_path], tmp_path / "summary")
     md = (tmp_path / "summary" / "report.md").read_text()
@@ -264,7 +272,7 @@ def test_moshi_loss_of_a_file_equals_the_training_loss():
     """The per-file ``moshi_loss`` of the evaluation (streamed, unweighted CE + PAD/EPAD marks)
     equals ``train.loss``'s L_text + L_audio (PAD/EPAD x0.5, codebook 0 x100) on the same codes
     through ``LMModel.forward``: the definition, on the tiny Moshi."""
-    from moshi_ttt.eval.long_context import MOSHI_LOSS, stream_losses
+    from moshi_ttt.eval.long_context import MOSHI_LOSS, binned_intervals, stream_losses
     from moshi_ttt.train.loss import compute_loss_terms
 
     lm = build_tiny_lm(seed=0).eval()
@@ -288,6 +296,13 @@ def test_moshi_loss_of_a_file_equals_the_training_loss():
     assert audio == pytest.approx(expected["audio_loss"], rel=1e-5)
     assert ratio_interval(ft["sum"], ft["count"])["mean"] == pytest.approx(
         float(terms.loss()), rel=1e-5)  # fmt: skip
+    # the per-position curve gives the same: its totals, one bin over the file, its band
+    assert curve.totals()[MOSHI_LOSS] == pytest.approx(float(terms.loss()), rel=1e-5)
+    assert curve.binned(40)[MOSHI_LOSS] == pytest.approx([float(terms.loss())], rel=1e-5)
+    band = binned_intervals(curve, 40, MOSHI_LOSS)
+    for k in ("lo", "hi"):  # one file: every resample is that file
+        assert band[k] == pytest.approx([float(terms.loss())], rel=1e-5)
+    assert band["n_files"] == [1]
 
 
 def test_a_curve_with_new_text_keeps_its_audio_and_padding():

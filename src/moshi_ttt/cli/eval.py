@@ -129,10 +129,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--metric",
-        choices=["auto", "audio_ce", "cb0", "cb1_7", "text_ce"],
+        choices=["auto", "audio_ce", "cb0", "cb1_7", "text_ce", "moshi_loss"],
         default="auto",
         help="headline metric (default auto: audio CE when audio tokens are scored beyond "
-        "the attention context, else text CE)",
+        "the attention context, else text CE; moshi_loss: moshi-finetune's training loss, "
+        "text with PAD/EPAD x0.5 + audio with codebook 0 x100)",
     )
     p.add_argument(
         "--equal-length",

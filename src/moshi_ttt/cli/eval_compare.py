@@ -31,7 +31,8 @@ def add_compare_parsers(subparsers: Any) -> None:
     p.add_argument("--reduction", choices=["mean", "sum"], help="pairs: default A's headline")
     p.add_argument("--variant-a", help="long context: variant of A (default: its primary)")
     p.add_argument("--variant-b", help="long context: variant of B (default: its primary)")
-    p.add_argument("--metric", choices=["audio_ce", "cb0", "cb1_7", "text_ce"], help="default: A's")
+    p.add_argument("--metric", choices=["audio_ce", "cb0", "cb1_7", "text_ce", "moshi_loss"],
+                   help="default: A's")  # fmt: skip
     p.set_defaults(func=run_compare)
 
     s = subparsers.add_parser(

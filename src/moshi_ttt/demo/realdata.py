@@ -76,7 +76,7 @@ from ..eval.recall import (
     restrict,
 )
 from ..eval.window import extended_window
-from ..format import FRAME_RATE
+from ..format import FRAME_RATE, NUM_CODEBOOKS
 from ..integration.apply import ttt_modules
 from ..integration.config import parse_layer_spec
 from ..integration.e2e import e2e_layers
@@ -106,7 +106,7 @@ from .e2e_rows import chunk_frames_of, e2e_choice, e2e_memory, e2e_ttt
 from .frozen import FrozenBase
 from .markov import cli_prefix
 from .needle import NeedleSpec, needle_cases, plant_training_phrases
-from .realdata_report import verdict, write_report
+from .realdata_report import SECONDARY_METRICS, verdict, write_report
 
 ESSENTIAL = ("base", "dyneval", "e2e", "e2e_meta", "e2e_meta_static", "cache", "retrieval",
              "assoc", "e2e_assoc", "e2e_meta_assoc")  # fmt: skip
@@ -116,8 +116,6 @@ ROWS = (
     "retrofit_reset", "retrofit_gate0", "retrofit_forced", "lora_long", "full_attention",
     "full_attention_4x", "scratch",
 )  # fmt: skip
-# data with audio, per row: metric -> the suffix of its key ``vs_base_beyond_<suffix>``
-AUDIO_METRICS = {"audio_ce": "audio", "cb0": "cb0", MOSHI_LOSS: "moshi"}
 TRAINED = ("base", "e2e_meta", "retrofit", "retrofit_forced", "lora_long", "full_attention",
            "full_attention_4x", "scratch")  # fmt: skip
 
@@ -168,6 +166,9 @@ class RealDataSettings:
     gate_fit_files: int = 48  # training sequences a learned gate is fitted on
     # needles are planted as bytes: off for text read through a model's tokenizer or shards
     needles_why_not: str = ""
+    # the headline and what every validation choice minimises: text CE, or on data with audio
+    # moshi-finetune's loss (``headline_metric``)
+    metric: str = "text_ce"
 
     def corpus_spec(self) -> CorpusSpec:
         return CorpusSpec(frames=self.frames, max_files=self.max_files, max_bytes=self.max_bytes)
@@ -403,6 +404,7 @@ def _run(out: Path, data: str | Path | None, seed: int, rows: tuple[str, ...],
     base = FrozenBase.local(out / "base")  # the base's export, once trained or cached
     train_seconds: dict[str, float] = {}
     val = split_sequences(val_dir, s.val_files)
+    s = dataclasses.replace(s, metric=headline_metric(val))
     extra: dict[str, Any] = {}
     (out / "configs").mkdir(parents=True, exist_ok=True)
     for name in trains:
@@ -498,6 +500,13 @@ def _copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst)
 
 
+def headline_metric(seqs: list[tuple[str, torch.Tensor]]) -> str:
+    """``moshi_loss`` (moshi-finetune's: text with PAD/EPAD x0.5 + audio with codebook 0 x100)
+    when some sequence ``(name, codes [17, T])`` has a Moshi audio token, else ``text_ce``."""
+    audio = any(bool((codes[1 : 1 + NUM_CODEBOOKS] >= 0).any()) for _, codes in seqs)
+    return MOSHI_LOSS if audio else "text_ce"
+
+
 def split_sequences(split_dir: Path, cap: int) -> list[tuple[str, torch.Tensor]]:
     """At most ``cap`` sequences of a split, round robin over its files: every file's first
     sequence (``#0``), then every file's second, ... (a corpus with many files gives one
@@ -513,7 +522,8 @@ def split_sequences(split_dir: Path, cap: int) -> list[tuple[str, torch.Tensor]]
 def choose_e2e(base: FrozenBase, s: RealDataSettings, val: list, seed: int,
                 progress: bool) -> dict[str, Any]:  # fmt: skip
     return e2e_choice(base, s.e2e_layers, s.e2e_hiddens, s.e2e_lrs,
-                      [chunk_of(s, f) for f in s.e2e_chunks], val, seed, progress)  # fmt: skip
+                      [chunk_of(s, f) for f in s.e2e_chunks], val, seed, progress,
+                      s.metric)  # fmt: skip
 
 
 def _evaluate_rows(rows: tuple[str, ...], base: FrozenBase, runs: dict[str, Path],
@@ -551,7 +561,7 @@ def _evaluate_rows(rows: tuple[str, ...], base: FrozenBase, runs: dict[str, Path
         grid = [DynEvalConfig(lr=lr, layers=layers, chunk_frames=chunk_of(s, f))
                 for f in s.dyneval_chunks for layers in s.dyneval_layers
                 for lr in s.dyneval_lrs]  # fmt: skip
-        best, scores = sweep_dyneval(base_lm, val, grid, progress=progress)
+        best, scores = sweep_dyneval(base_lm, val, grid, metric=s.metric, progress=progress)
         extra["dyneval"] = {"chosen": best.__dict__.copy(), "label": best.label(),
                             "validation": scores, **sequence_counts(val, "validation")}  # fmt: skip
         scorers["dyneval"] = lambda fs: evaluate_dyneval(base_lm, fs, best, progress=progress,
@@ -559,11 +569,11 @@ def _evaluate_rows(rows: tuple[str, ...], base: FrozenBase, runs: dict[str, Path
         curves["dyneval"] = timed("dyneval", lambda: scorers["dyneval"](test))
     if "retrieval" in rows:
         found = {k: evaluate_retrieval(base_lm, val, k, blocks, s.chunk_frames).totals(
-                 s.context)["text_ce"] for k in s.retrieval_top_k}  # fmt: skip
+                 s.context)[s.metric] for k in s.retrieval_top_k}  # fmt: skip
         top_k = min(found, key=lambda k: found[k])  # inside the window it is the base
         extra["retrieval"] = {"chosen": {"top_k": top_k},
                               "label": f"top layer, {top_k} evicted keys per head",
-                              "validation": [{"top_k": k, "text_ce": v} for k, v in found.items()],
+                              "validation": [{"top_k": k, s.metric: v} for k, v in found.items()],
                               **sequence_counts(val, "validation")}  # fmt: skip
         scorers["retrieval"] = lambda fs: evaluate_retrieval(base_lm, fs, top_k, blocks,
                                                              s.chunk_frames)  # fmt: skip
@@ -653,7 +663,8 @@ def evaluate_recall(rows: tuple[str, ...], s: RealDataSettings, curves: dict[str
         train = split_sequences(Path(test_dir).parent / "train", s.gate_fit_files)
         fit = base_features(base_lm, train, s.chunk_frames, blocks, progress)
     chosen = add_memory_rows(memory, curves, val_curves, feats.get("test", {}),
-                             feats.get("val", {}), s.memory, C, vocab, seed, fit)  # fmt: skip
+                             feats.get("val", {}), s.memory, C, vocab, seed, fit,
+                             s.metric)  # fmt: skip
     for row, choice in chosen.items():
         for v in needles.get(choice.on, {}):
             reads = memory_reads(choice.setting, feats[v], vocab, seed)
@@ -709,11 +720,12 @@ def _results(s: RealDataSettings, rows: tuple[str, ...], curves: dict, extra: di
              width: int, quick: bool = False) -> dict[str, Any]:  # fmt: skip
     C = s.context
     units = {k: c.grouped(source_file) for k, c in curves.items()}
-    stats = file_intervals(units, "base", C, "text_ce")
-    # data with audio: the 8 codebooks' CE, codebook 0's (moshi's loss weighs it 100x) and
-    # moshi-finetune's training loss (text with PAD/EPAD x0.5 + audio with codebook 0 x100)
+    stats = file_intervals(units, "base", C, s.metric)
+    # data with audio, beside the headline: text CE, the 8 codebooks' CE, codebook 0's (moshi's
+    # loss weighs it 100x) and moshi-finetune's training loss
     has_audio = curves["base"].audio_count[:, C:].sum() > 0
-    audio = {m: file_intervals(units, "base", C, m) for m in AUDIO_METRICS if has_audio}
+    audio = {m: file_intervals(units, "base", C, m) for m in SECONDARY_METRICS
+             if has_audio and m != s.metric}  # fmt: skip
     e2e_hidden = extra.get("e2e", {}).get("chosen", {}).get("hidden", 4 * width)
     costs = moshi7b_costs(
         dyneval_layers=extra.get("dyneval", {}).get("chosen", {}).get("layers") or 0,
@@ -745,7 +757,7 @@ def _results(s: RealDataSettings, rows: tuple[str, ...], curves: dict, extra: di
             "frozen_base": name not in ("base", "full_attention", "full_attention_4x", "scratch"),
             "command": command((name,)),
         }
-        for metric, key in AUDIO_METRICS.items():  # data with audio
+        for metric, key in SECONDARY_METRICS.items():  # data with audio
             if metric in audio:
                 a = audio[metric]
                 table[name][f"{metric}_beyond"] = a["totals"].get(name, {}).get("beyond_context")
@@ -754,7 +766,7 @@ def _results(s: RealDataSettings, rows: tuple[str, ...], curves: dict, extra: di
         if name in extra:
             table[name]["details"] = extra[name]
     return {
-        "metric": "text_ce",
+        "metric": s.metric,
         "context_frames": C,
         "frames_per_file": s.frames,
         "corpus": corpus.to_dict(),

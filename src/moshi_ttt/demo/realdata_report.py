@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..eval.long_context import write_long_context_section
+from ..eval.long_context import COLUMN_LABELS, MOSHI_LOSS, write_long_context_section
 from ..eval.report import Report, legend_outside, row_styles
 from ..recipes import HARM_TOLERANCE
 
@@ -107,6 +107,9 @@ def recall_verdict(table: dict[str, Any], recall: dict[str, Any] | None) -> dict
     return out
 
 
+# data with audio, per row, beside the headline: metric -> the suffix of its key
+# ``vs_base_beyond_<suffix>`` (``<metric>_beyond``: its value)
+SECONDARY_METRICS = {"text_ce": "text", "audio_ce": "audio", "cb0": "cb0", MOSHI_LOSS: "moshi"}
 QUICK_MARK = "[--quick: a smoke test of the pipeline, not a measurement] "
 SIGN = "row - base, negative: the row helps"  # docs/evaluation.md, "Sign convention"
 
@@ -225,39 +228,41 @@ def write_report(out: Path, s: Any, results: dict, curves: dict,
                      "-" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}",
                      "-" if r["ms_per_frame"] is None else f"{r['ms_per_frame']:.2f}",
                      f"{r['state_bytes_moshi7b']['45000'] / 2**30:.2f}"])  # fmt: skip
+    metric = results.get("metric", "text_ce")
     report.add_text(
-        "## Result\n\nText CE (nats per byte) inside (frames < C) and beyond the window, 95 % "
-        "bootstrap intervals over files; differences are row - base, paired over files "
-        "(negative: better than the base, the memory helps). State: GiB per conversation for "
-        "Moshi 7B at 45,000 frames (1 hour)."
+        f"## Result\n\n{metric_label(results)[0]} inside (frames < C) and beyond the window, "
+        "95 % bootstrap intervals over files; differences are row - base, paired over files "
+        "(negative: better than the base, the memory helps). Every setting of a memory was "
+        f"chosen on validation by this measure. State: GiB per conversation for Moshi 7B at "
+        "45,000 frames (1 hour)."
     )
-    report.add_table(["model", f"CE < {C}", f"CE >= {C}", "row - base < C", "row - base >= C",
-                      "train s", "ms/frame here", "GiB @ 1 h (7B)"], rows)  # fmt: skip
-    if any("audio_ce_beyond" in r for r in results["rows"].values()):
+    short = COLUMN_LABELS.get(metric, metric)
+    report.add_table(["model", f"{short} < {C}", f"{short} >= {C}", "row - base < C",
+                      "row - base >= C", "train s", "ms/frame here", "GiB @ 1 h (7B)"],
+                     rows)  # fmt: skip
+    secondary = [(m, k) for m, k in SECONDARY_METRICS.items()
+                 if any(f"{m}_beyond" in r for r in results["rows"].values())]  # fmt: skip
+    if secondary:  # data with audio
         report.add_text(
-            "Audio CE (nats per token) beyond the window, the same files and intervals: the 8 "
-            "codebooks' mean; codebook 0 (semantic), which moshi's training loss weighs 100x "
-            "the others; and moshi's loss itself (moshi-finetune's: text CE with PAD/EPAD "
-            "weighed 0.5 + audio CE with codebook 0 weighed 100, the sum of two token-weighted "
-            "means). The recall memories mix into the text stream only, so their audio CE is "
-            "their base's. The memories' settings are chosen on text CE."
+            "The other measures beyond the window (nats per token), the same files and "
+            "intervals: text CE; audio CE, the 8 codebooks' mean; codebook 0 (semantic), which "
+            "moshi's training loss weighs 100x the others. The recall memories mix into the "
+            "text stream only, so their audio CE is their base's."
         )
-        report.add_table(["model", f"audio CE >= {C}", "row - base", f"cb0 CE >= {C}",
-                          "row - base", f"moshi loss >= {C}", "row - base"],
-                         [[ROW_TEXT.get(n, n), _fmt(r.get("audio_ce_beyond")),
-                           _fmt(r.get("vs_base_beyond_audio"), "difference"),
-                           _fmt(r.get("cb0_beyond")),
-                           _fmt(r.get("vs_base_beyond_cb0"), "difference"),
-                           _fmt(r.get("moshi_loss_beyond")),
-                           _fmt(r.get("vs_base_beyond_moshi"), "difference")]
-                          for n, r in results["rows"].items()])  # fmt: skip
+        head = ["model"] + [x for m, _ in secondary
+                            for x in (f"{COLUMN_LABELS[m]} >= {C}", "row - base")]  # fmt: skip
+        report.add_table(head, [[ROW_TEXT.get(n, n)] + [
+            x for m, k in secondary
+            for x in (_fmt(r.get(f"{m}_beyond")), _fmt(r.get(f"vs_base_beyond_{k}"),
+                                                        "difference"))]
+            for n, r in results["rows"].items()])  # fmt: skip
     report.add_text("\n".join(f"- {line}" for line in results["verdict"]["lines"]))
     if "dyneval" in results["rows"]:
         d = results["rows"]["dyneval"]["details"]
         report.add_text(
             f"Dynamic evaluation setting chosen on {counted(d, 'validation')}: "
-            f"{d['label']} (validation CE beyond the window: "
-            + ", ".join(f"{v['label']}: {v['text_ce']:.4f}" for v in d["validation"])
+            f"{d['label']} (validation {COLUMN_LABELS[metric]} beyond the window: "
+            + ", ".join(f"{v['label']}: {v[metric]:.4f}" for v in d["validation"])
             + ")."
         )
     if "e2e" in results["rows"] or "e2e_meta" in results["rows"]:
@@ -266,9 +271,9 @@ def write_report(out: Path, s: Any, results: dict, curves: dict,
         text = "End-to-end memory: "
         if d:
             text += (f"setting chosen on {counted(d, 'validation')}: {d['label']} "
-                     "(validation CE beyond the window: "
+                     f"(validation {COLUMN_LABELS[metric]} beyond the window: "
                      + ", ".join(f"width {v['hidden']} lr {v['lr']:g} K {v['chunk']}: "
-                                 f"{v['text_ce']:.4f}" for v in d["validation"])
+                                 f"{v[metric]:.4f}" for v in d["validation"])
                      + f"); {d['ms_per_update']:.1f} ms per update here, "
                      f"{d['rollbacks']} rollbacks. ")  # fmt: skip
         if m:
@@ -280,10 +285,10 @@ def write_report(out: Path, s: Any, results: dict, curves: dict,
         _recall_section(report, results, recall, C)
     styles = row_styles([*results["rows"], *curves])  # one colour and marker per row
     write_long_context_section(report, curves, context=C, bin_frames=s.bin_frames,
-                               reference="base", metric="text_ce", gain_plot=False,
+                               reference="base", metric=metric, gain_plot=False,
                                styles=styles,
                                title="Loss against position (held-out files)")  # fmt: skip
-    plot_vs_base(report, results["rows"], C, styles)
+    plot_vs_base(report, results["rows"], C, styles, metric_label(results)[1])
     report.data.update(results=results, runs={k: str(v) for k, v in runs.items()})
     return report.write()
 
@@ -299,8 +304,20 @@ def counted(details: dict, split: str) -> str:
     return f"{n} {split} sequences" if n is not None else f"the {split} sequences"
 
 
+def metric_label(results: dict[str, Any]) -> tuple[str, str]:
+    """The headline measure of ``results.json`` in words: ``(sentence start, axis label)``:
+    text CE per byte (the demo, bytes as text) or per token, or moshi's loss."""
+    if results.get("metric") == MOSHI_LOSS:
+        return ("moshi-finetune's loss (nats: text CE with PAD/EPAD weighed 0.5 plus audio CE "
+                "with codebook 0 weighed 100, the sum of two token-weighted means)",
+                "moshi loss (nats)")  # fmt: skip
+    unit = "byte" if (results.get("study") or {}).get("text_as", "bytes") == "bytes" else "token"
+    return f"Text CE (nats per {unit})", f"text CE (nats per {unit})"
+
+
 def plot_vs_base(report: Report, rows: dict[str, Any], C: int,
-                 styles: dict[str, dict[str, str]] | None = None) -> None:  # fmt: skip
+                 styles: dict[str, dict[str, str]] | None = None,
+                 measure: str = "text CE (nats per byte)") -> None:  # fmt: skip
     """``vs_base.png``: each row minus the base, inside and beyond the window, with its 95 %
     interval over files (``vs_base_within`` / ``vs_base_beyond``: ``difference``, ``lo``,
     ``hi``); the base is the reference (0), not a row of the plot."""
@@ -322,7 +339,7 @@ def plot_vs_base(report: Report, rows: dict[str, Any], C: int,
             ax.errorbar([d], [y], xerr=err, fmt=styles[name]["marker"], ms=7, capsize=4,
                         color=styles[name]["color"], label=name)  # fmt: skip
         ax.axvline(0, color="k", lw=0.8)
-        ax.set(title=where, xlabel="row - base, text CE (nats per byte)")
+        ax.set(title=where, xlabel=f"row - base, {measure}")
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(ys, names)
     fig.suptitle("Row - base (negative: the row helps), 95 % interval over files")

@@ -74,6 +74,7 @@ from .realdata import (
     RealDataSettings,
     choose_e2e,
     evaluate_and_report,
+    headline_metric,
     split_sequences,
     train_config,
 )
@@ -424,6 +425,7 @@ def _study(base: FrozenBase, data: Path, out: Path, val: Any, test: Any, rows_ar
     say("      " + corpus.text())
     _check_vocab(out / "data", kw, text_as)
     val_seqs = split_sequences(out / "data" / "val", s.val_files)
+    s = dataclasses.replace(s, metric=headline_metric(val_seqs))  # moshi's loss with audio
     for split, least, seqs in (
         ("val", MIN_UNITS, val_seqs),
         ("test", MIN_UNITS, split_sequences(out / "data" / "test", s.eval_files)),
@@ -447,7 +449,7 @@ def _study(base: FrozenBase, data: Path, out: Path, val: Any, test: Any, rows_ar
     if any(r in rows for r in ("e2e", "e2e_assoc", *META_ROWS)):
         choice_key = _key({"corpus": corpus_key, "base": _base_identity(base), "seed": seed,
                            "grid": [s.e2e_layers, s.e2e_hiddens, s.e2e_lrs, s.e2e_chunks],
-                           "val": s.val_files})  # fmt: skip
+                           "val": s.val_files, "metric": s.metric})  # fmt: skip
         extra["e2e"] = state.get("e2e_choice", choice_key)
         if extra["e2e"] is None:
             say(f"[3/{n_steps}] choosing the memory's width, inner lr and K on validation")

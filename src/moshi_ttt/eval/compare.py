@@ -37,6 +37,7 @@ from .stats import (
     no_interval,
     paired_difference,
     ratio_difference,
+    ratio_sum,
 )
 
 
@@ -185,16 +186,19 @@ def _compare_long_context(
         raise ValueError(f"{a['_path']} and {b['_path']} share no file name: not the same data")
     ia = {n: i for i, n in enumerate(fa["names"])}
     out: dict[str, Any] = {}
+    for path, f in ((a["_path"], fa), (b["_path"], fb)):
+        if m not in f["all"]:
+            raise ValueError(f"{path}: no per-file {m} (a report of an older moshi-ttt: run "
+                             "its eval long-context again, or pick another --metric)")  # fmt: skip
     for part in ("beyond_context", "within_context", "all"):
         xa, xb = fa[part][m], fb[part][m]
-        arrays = [
-            np.asarray([x[k][idx[n]] for n in common])
+        arrays = [  # [files], or [terms, files] for moshi_loss
+            np.asarray(x[k], dtype=np.float64)[..., [idx[n] for n in common]]
             for x, idx in ((xa, ia), (xb, ib))
             for k in ("sum", "count")
         ]
         d = ratio_difference(*arrays)
-        ca = arrays[0].sum() / arrays[1].sum() if arrays[1].sum() > 0 else math.nan
-        cb = arrays[2].sum() / arrays[3].sum() if arrays[3].sum() > 0 else math.nan
+        ca, cb = (ratio_sum(s.sum(-1), c.sum(-1)) for s, c in (arrays[:2], arrays[2:]))
         out[part] = {"ce_a": float(ca), "ce_b": float(cb), **d}
     return {
         "kind": "compare",

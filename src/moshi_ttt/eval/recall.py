@@ -295,15 +295,16 @@ def choose_memory(curve: PositionLosses, feats: dict[str, Features],
                   settings: Sequence[MemorySetting], lams: Sequence[float], context: int,
                   vocab: int, seed: int = 0, harm_tolerance: float | None = HARM_TOLERANCE,
                   scans: dict[tuple, dict[str, torch.Tensor]] | None = None,
-                  ) -> tuple[dict, list[dict]]:  # fmt: skip
+                  metric: str = "text_ce") -> tuple[dict, list[dict]]:  # fmt: skip
     """The memory setting and mixing weight for the row ``curve`` (scored on *validation*
-    files whose ``feats`` are given): every ``(setting, lam)``'s text CE within and beyond
-    ``context`` and the rule of ``eval.e2e.choose_setting``. Returns ``(chosen, scores)``.
-    ``scans``: a dict kept between calls on the same ``feats`` (each scan is computed once)."""
+    files whose ``feats`` are given): every ``(setting, lam)``'s ``metric`` (text CE, or
+    moshi's loss on data with audio) within and beyond ``context`` and the rule of
+    ``eval.e2e.choose_setting``. Returns ``(chosen, scores)``. ``scans``: a dict kept between
+    calls on the same ``feats`` (each scan is computed once)."""
     if not settings or not lams:
         raise ValueError("choose_memory: the grid is empty")
-    base_within = curve.totals(0, context)["text_ce"]
-    base_beyond = curve.totals(context)["text_ce"]
+    base_within = curve.totals(0, context)[metric]
+    base_beyond = curve.totals(context)[metric]
     scores = []
     scans = {} if scans is None else scans
     for setting in settings:
@@ -313,11 +314,11 @@ def choose_memory(curve: PositionLosses, feats: dict[str, Features],
         reads = memory_reads(setting, feats, vocab, seed, scans[key])
         for lam in (1.0,) if setting.gate else lams:
             mixed = mix_curve(curve, reads, lam)
-            within, beyond = mixed.totals(0, context)["text_ce"], mixed.totals(context)["text_ce"]
-            scores.append({"setting": setting, "lam": float(lam), "text_ce": beyond,
+            within, beyond = mixed.totals(0, context)[metric], mixed.totals(context)[metric]
+            scores.append({"setting": setting, "lam": float(lam), metric: beyond,
                            "within": within, "harm_within": within - base_within,
                            "gain_beyond": beyond - base_beyond})  # fmt: skip
-    best = choose_setting(scores, "text_ce", harm_tolerance)
+    best = choose_setting(scores, metric, harm_tolerance)
     return best, scores
 
 
@@ -348,12 +349,13 @@ def add_memory_rows(rows: dict[str, tuple[str, str]], curves: dict[str, Position
                     val_curves: dict[str, PositionLosses], feats: dict[str, Features],
                     val_feats: dict[str, Features], grid: MemoryGrid, context: int, vocab: int,
                     seed: int = 0, fit: tuple[dict[str, Features], PositionLosses] | None = None,
-                    ) -> dict[str, MemoryChoice]:  # fmt: skip
+                    metric: str = "text_ce") -> dict[str, MemoryChoice]:  # fmt: skip
     """Add the memory rows ``{row: (the row it mixes into, kind)}`` to ``curves`` (held-out
     files, ``feats``), each chosen on the validation files (``val_curves`` of the row it mixes
     into, ``val_feats``; ``choose_memory``); rows whose underlying row is missing are skipped.
     ``fit``: the base's features and curve on training files, where a learned gate is fitted
-    for the associative memory's best setting and competes with it on validation."""
+    for the associative memory's best setting and competes with it on validation. ``metric``:
+    what the choices minimise (``choose_memory``)."""
     chosen = {}
     scans: dict[tuple, dict[str, torch.Tensor]] = {}  # the validation scans, shared by rows
     gates: dict[tuple, MemorySetting] = {}  # learned gates, by the scan they read
@@ -363,15 +365,15 @@ def add_memory_rows(rows: dict[str, tuple[str, str]], curves: dict[str, Position
             continue
         settings = grid.settings(kind)
         best, scores = choose_memory(val_curves[under], val_feats, settings, grid.lams, context,
-                                     vocab, seed, scans=scans)  # fmt: skip
+                                     vocab, seed, scans=scans, metric=metric)  # fmt: skip
         if fit is not None and kind == "assoc" and grid.learned_gate:
             key = (best["setting"].scan_key(), best["setting"].sharpen, best["setting"].scale)
             if key not in gates:
                 gates[key] = fit_memory_gate(best["setting"], fit[0], fit[1], vocab, seed)
             _, more = choose_memory(val_curves[under], val_feats, [gates[key]], [1.0], context,
-                                    vocab, seed, scans=scans)  # fmt: skip
+                                    vocab, seed, scans=scans, metric=metric)  # fmt: skip
             scores = scores + more
-            best = choose_setting(scores, "text_ce", HARM_TOLERANCE)
+            best = choose_setting(scores, metric, HARM_TOLERANCE)
         choice = MemoryChoice(best["setting"], best["lam"], scores, under)
         start = time.perf_counter()
         reads = memory_reads(choice.setting, feats, vocab, seed)

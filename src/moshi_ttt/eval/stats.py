@@ -113,13 +113,20 @@ def mean_interval(
     return out | {"mean": float(x.mean()), "lo": lo, "hi": hi, "se": se}
 
 
-def _ratio(sums: np.ndarray, counts: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Per resample (rows of ``idx``), the sum over terms of each term's ratio; ``sums``,
-    ``counts`` ``[terms, files]``. A term with no token in a resample counts 0 there (as in
-    the training loss); NaN where no term has one."""
-    num, den = sums[:, idx].sum(-1), counts[:, idx].sum(-1)  # [terms, n_boot]
+def ratio_sum(num: Any, den: Any) -> Any:
+    """``sum over terms of num / den`` over the first axis (``[terms, ...]`` -> ``[...]``): a
+    term with no token (``den`` 0) counts 0, as in the training loss; NaN where no term has
+    one. One term: ``num / den`` (NaN where ``den`` is 0). A float for a 0-d result."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
     ratios = np.divide(num, den, out=np.zeros(num.shape), where=den > 0)
-    return np.where((den > 0).any(0), ratios.sum(0), np.nan)
+    out = np.where((den > 0).any(0), ratios.sum(0), np.nan)
+    return float(out) if out.ndim == 0 else out
+
+
+def _ratio(sums: np.ndarray, counts: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Per resample (rows of ``idx``), ``ratio_sum`` of ``sums``, ``counts`` ``[terms, files]``
+    over the resampled files."""
+    return ratio_sum(sums[:, idx].sum(-1), counts[:, idx].sum(-1))
 
 
 def _terms(sums: Any, counts: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -133,11 +140,8 @@ def _terms(sums: Any, counts: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _total(sums: np.ndarray, counts: np.ndarray) -> float:
-    """Sum over terms of ``sum / count`` (a term without tokens counts 0; NaN if none has)."""
-    den = counts.sum(-1)
-    if not (den > 0).any():
-        return math.nan
-    return float(np.divide(sums.sum(-1), den, out=np.zeros(den.shape), where=den > 0).sum())
+    """``ratio_sum`` of ``[terms, files]`` over all files."""
+    return ratio_sum(sums.sum(-1), counts.sum(-1))
 
 
 def ratio_interval(

@@ -27,6 +27,7 @@ from .statistics import (
     COLUMN_LABELS,
     METRIC_LABELS,
     METRICS,
+    MOSHI_LOSS,
     LongContextResult,
     PositionLosses,
     binned_intervals,
@@ -354,6 +355,8 @@ def _plot_losses(
         ("text_ce", "text CE"),
     ]
     panels = [p for p in panels if scored(p[0])] or panels[:1]
+    if metric == MOSHI_LOSS:  # the headline first (moshi-finetune's weighted text + audio)
+        panels.insert(0, (MOSHI_LOSS, "moshi loss (text + audio, weighted)"))
     styles = styles or row_styles(binned)
     banded = list(binned) if banded is None else banded
     fig, axes = report.figure(max(10.0, 4.5 * len(panels)), 5.0, ncols=len(panels))

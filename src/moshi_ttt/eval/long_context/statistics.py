@@ -19,23 +19,26 @@ import torch
 from ...format import NUM_CODEBOOKS
 from ...recipes import HARM_TOLERANCE
 from ...token_weights import FIRST_CODEBOOK_WEIGHT, TEXT_PADDING_WEIGHT
-from ..stats import flip_interval, format_p, ratio_difference, ratio_interval
+from ..stats import flip_interval, format_p, ratio_difference, ratio_interval, ratio_sum
 from .scoring import FileLosses, Variant
 
 NUM_AUDIO = NUM_CODEBOOKS  # Moshi's codebooks, the scored audio
 
 
-METRICS = ("audio_ce", "cb0", "cb1_7", "text_ce")
-
-# moshi-finetune's training loss, per file: text CE weighted (PAD/EPAD x0.5) + audio CE weighted
-# (codebook 0 x100), a sum of two token-weighted means (``file_totals``: two terms per file)
+# moshi-finetune's training loss: text CE weighted (PAD/EPAD x0.5) + audio CE weighted (codebook
+# 0 x100), the sum of two token-weighted means (two terms: ``_metric_terms``)
 MOSHI_LOSS = "moshi_loss"
 
 
-METRIC_LABELS = {"audio_ce": "audio CE", "cb0": "cb0 CE", "cb1_7": "cb1-7 CE", "text_ce": "text CE"}
+METRICS = ("audio_ce", "cb0", "cb1_7", "text_ce", MOSHI_LOSS)
 
 
-COLUMN_LABELS = {"audio_ce": "audio CE", "cb0": "cb0", "cb1_7": "cb1-7", "text_ce": "text CE"}
+METRIC_LABELS = {"audio_ce": "audio CE", "cb0": "cb0 CE", "cb1_7": "cb1-7 CE", "text_ce": "text CE",
+                 MOSHI_LOSS: "moshi loss"}  # fmt: skip
+
+
+COLUMN_LABELS = {"audio_ce": "audio CE", "cb0": "cb0", "cb1_7": "cb1-7", "text_ce": "text CE",
+                 MOSHI_LOSS: "moshi loss"}  # fmt: skip
 
 
 AUTO = "auto"  # the headline metric chosen from what is scored (``choose_metric``)
@@ -43,14 +46,17 @@ AUTO = "auto"  # the headline metric chosen from what is scored (``choose_metric
 
 class PositionLosses:
     """CE sums and token counts per position over files (float64 numpy, grown as needed):
-    ``text_sum``/``text_count`` ``[P]``, ``audio_sum``/``audio_count`` ``[8, P]``, ``files``
-    ``[P]`` (files reaching position p)."""
+    ``text_sum``/``text_count`` ``[P]``, the same on PAD/EPAD targets ``pad_sum``/``pad_count``
+    ``[P]``, ``audio_sum``/``audio_count`` ``[8, P]``, ``files`` ``[P]`` (files reaching
+    position p)."""
 
     def __init__(self, num_codebooks: int = NUM_AUDIO, block_frames: int = 50) -> None:
         if block_frames < 1:
             raise ValueError(f"block_frames must be >= 1, got {block_frames}")
         self.text_sum = np.zeros(0)
         self.text_count = np.zeros(0)
+        self.pad_sum = np.zeros(0)
+        self.pad_count = np.zeros(0)
         self.audio_sum = np.zeros((num_codebooks, 0))
         self.audio_count = np.zeros((num_codebooks, 0))
         self.files = np.zeros(0)
@@ -85,9 +91,9 @@ class PositionLosses:
         if f.audio.shape[0] != self.num_codebooks:
             raise ValueError(f"{name}: {f.audio.shape[0]} codebooks, the curve has "
                              f"{self.num_codebooks}")  # fmt: skip
-        self._add_positions(f)
         text, mask = f.text.float().numpy().copy(), f.text_mask.numpy().copy()
         padding = np.zeros_like(mask) if f.text_padding is None else f.text_padding.numpy() & mask
+        self._add_positions(f, padding)
         audio = np.concatenate([f.audio.double().numpy(), f.audio_mask.double().numpy()])
         self._add_blocks(str(len(self.file_names)) if name is None else name, text, mask,
                          padding, audio)  # fmt: skip
@@ -118,57 +124,67 @@ class PositionLosses:
         out.audio_sum, out.audio_count = self.audio_sum.copy(), self.audio_count.copy()
         out.files = self.files.copy()
         out.text_sum, out.text_count = np.zeros(self.length), np.zeros(self.length)
+        out.pad_sum, out.pad_count = np.zeros(self.length), np.zeros(self.length)
         for i, (ce, mask) in enumerate(files):
             T = self.file_frames[i]
             if len(ce) != T or len(mask) != T:
                 raise ValueError(f"{self.file_names[i]}: text CE of {len(ce)} positions, the "
                                  f"file has {T}")  # fmt: skip
             ce = np.where(mask, ce, 0.0).astype(np.float32)
+            padding = self.file_padding[i] & mask.astype(bool)
             out.text_sum[:T] += ce
             out.text_count[:T] += mask
+            out.pad_sum[:T] += ce * padding
+            out.pad_count[:T] += padding
             audio = np.zeros((2 * self.num_codebooks, T))
             audio_blocks = _rows(self.file_blocks[i], self.num_codebooks)[4]
             audio[:, :: self.block_frames] = audio_blocks  # block sums at each block's start
-            out._add_blocks(self.file_names[i], ce, mask.astype(bool),
-                            self.file_padding[i] & mask.astype(bool), audio)  # fmt: skip
+            out._add_blocks(self.file_names[i], ce, mask.astype(bool), padding, audio)
         return out
 
-    def _add_positions(self, f: FileLosses) -> None:
+    def _add_positions(self, f: FileLosses, padding: np.ndarray) -> None:
         n = f.text.shape[-1]
         if self.length < n:
             pad = n - self.length
-            self.text_sum, self.text_count, self.files = (
-                np.pad(a, (0, pad)) for a in (self.text_sum, self.text_count, self.files)
+            self.text_sum, self.text_count, self.pad_sum, self.pad_count, self.files = (
+                np.pad(a, (0, pad))
+                for a in (self.text_sum, self.text_count, self.pad_sum, self.pad_count, self.files)
             )
             self.audio_sum, self.audio_count = (
                 np.pad(a, ((0, 0), (0, pad))) for a in (self.audio_sum, self.audio_count)
             )
-        self.text_sum[:n] += f.text.double().numpy()
+        text = f.text.double().numpy()
+        self.text_sum[:n] += text
         self.text_count[:n] += f.text_mask.double().numpy()
+        self.pad_sum[:n] += text * padding
+        self.pad_count[:n] += padding
         self.audio_sum[:, :n] += f.audio.double().numpy()
         self.audio_count[:, :n] += f.audio_mask.double().numpy()
         self.files[:n] += 1
 
     def totals(self, start: int = 0, end: int | None = None) -> dict[str, Any]:
-        """Token-weighted mean CE (nats) over positions ``[start, end)``: ``audio_ce`` (all 8
-        codebooks), ``cb0`` (semantic), ``cb1_7``, ``text_ce``, ``codebooks`` (8 values), and
-        the token counts; NaN where nothing was scored."""
-        s = slice(start, end)
-        a_sum, a_cnt = self.audio_sum[:, s].sum(1), self.audio_count[:, s].sum(1)
+        """Token-weighted mean CE (nats) over positions ``[start, end)``: every one of
+        ``METRICS`` (``audio_ce``: all 8 codebooks, ``cb0``: semantic, ``cb1_7``, ``text_ce``,
+        ``moshi_loss``), ``codebooks`` (8 values), and the token counts; NaN where nothing was
+        scored."""
+        x = self._position_rows()[:, start:end].sum(1)
+        a_sum, a_cnt = np.split(_rows(x, self.num_codebooks)[4], 2)
         return {
-            "audio_ce": _div(a_sum.sum(), a_cnt.sum()),
-            "cb0": _div(a_sum[0], a_cnt[0]),
-            "cb1_7": _div(a_sum[1:].sum(), a_cnt[1:].sum()),
-            "text_ce": _div(self.text_sum[s].sum(), self.text_count[s].sum()),
-            "codebooks": [_div(x, n) for x, n in zip(a_sum, a_cnt)],
+            **{m: ratio_sum(*_metric_terms(x, self.num_codebooks, m)) for m in METRICS},
+            "codebooks": [_div(v, n) for v, n in zip(a_sum, a_cnt)],
             "audio_tokens": float(a_cnt.sum()),
-            "text_tokens": float(self.text_count[s].sum()),
+            "text_tokens": float(x[1]),
         }
 
+    def _position_rows(self) -> np.ndarray:
+        """The per-position arrays as one ``[4 + 2K, P]`` array in the rows' order (``_rows``)."""
+        text = np.stack([self.text_sum, self.text_count, self.pad_sum, self.pad_count])
+        return np.concatenate([text, self.audio_sum, self.audio_count])
+
     def binned(self, bin_frames: int) -> dict[str, Any]:
-        """Means per position bin of ``bin_frames`` frames: ``start``/``end`` (frames),
-        ``audio_ce``, ``cb0``, ``cb1_7``, ``text_ce``, ``codebooks`` ``[8][bins]``, ``files``,
-        ``audio_tokens``, ``text_tokens`` (lists)."""
+        """Means per position bin of ``bin_frames`` frames: ``start``/``end`` (frames), every
+        one of ``METRICS``, ``codebooks`` ``[8][bins]``, ``files``, ``audio_tokens``,
+        ``text_tokens`` (lists)."""
         if bin_frames < 1:
             raise ValueError(f"bin_frames must be >= 1, got {bin_frames}")
         P = self.length
@@ -179,21 +195,17 @@ class PositionLosses:
                 k: empty for k in ("start", "end", *METRICS, "files", "audio_tokens", "text_tokens")
             } | {"codebooks": []}
 
-        def red(a: np.ndarray) -> np.ndarray:
-            return np.add.reduceat(a, starts, axis=-1)
-
-        a_sum, a_cnt = red(self.audio_sum), red(self.audio_count)
+        x = np.add.reduceat(self._position_rows(), starts, axis=-1)
+        K = self.num_codebooks
+        a_sum, a_cnt = np.split(_rows(x, K)[4], 2)
         return {
             "start": starts.tolist(),
             "end": np.minimum(starts + bin_frames, P).tolist(),
-            "audio_ce": _div(a_sum.sum(0), a_cnt.sum(0)).tolist(),
-            "cb0": _div(a_sum[0], a_cnt[0]).tolist(),
-            "cb1_7": _div(a_sum[1:].sum(0), a_cnt[1:].sum(0)).tolist(),
-            "text_ce": _div(red(self.text_sum), red(self.text_count)).tolist(),
+            **{m: np.asarray(ratio_sum(*_metric_terms(x, K, m))).tolist() for m in METRICS},
             "codebooks": _div(a_sum, a_cnt).tolist(),
             "files": self.files[starts].tolist(),
             "audio_tokens": a_cnt.sum(0).tolist(),
-            "text_tokens": red(self.text_count).tolist(),
+            "text_tokens": x[1].tolist(),
         }
 
     def file_totals(
@@ -201,45 +213,35 @@ class PositionLosses:
     ) -> dict[str, dict[str, np.ndarray]]:
         """Per file (order ``file_names``): ``{metric: {"sum", "count"}}`` of the CE (nats) and
         token counts over positions ``[start, end)``, rounded down to ``block_frames`` (exact
-        for multiples of it)."""
+        for multiples of it): ``[files]``, or ``[terms, files]`` for ``moshi_loss`` (the
+        intervals of ``eval.stats`` take both)."""
         B, K = self.block_frames, self.num_codebooks
         a, b = start // B, None if end is None else end // B
-        out: dict[str, dict[str, list[Any]]] = {
-            m: {"sum": [], "count": []} for m in (*METRICS, MOSHI_LOSS)
-        }
-        for blocks in self.file_blocks:
-            t_sum, t_cnt, p_sum, p_cnt, audio = _rows(blocks[:, a:b].sum(1), K)
-            a_sum, a_cnt = audio[:K], audio[K:]
-            for m, (num, den) in {
-                "audio_ce": (a_sum.sum(), a_cnt.sum()),
-                "cb0": (a_sum[0], a_cnt[0]),
-                "cb1_7": (a_sum[1:].sum(), a_cnt[1:].sum()),
-                "text_ce": (t_sum, t_cnt),
-                MOSHI_LOSS: _moshi_terms(t_sum, t_cnt, p_sum, p_cnt, a_sum, a_cnt),
-            }.items():
-                out[m]["sum"].append(num)
-                out[m]["count"].append(den)
-        totals = {m: {k: np.asarray(v, dtype=np.float64) for k, v in d.items()}
-                  for m, d in out.items()}  # fmt: skip
-        for k in ("sum", "count"):  # [terms, files]
-            totals[MOSHI_LOSS][k] = totals[MOSHI_LOSS][k].reshape(-1, 2).T
-        return totals
+        sums = [blocks[:, a:b].sum(1) for blocks in self.file_blocks]
+        out = {}
+        for m in METRICS:
+            n = 2 if m == MOSHI_LOSS else 1
+            terms = [_metric_terms(x, K, m) for x in sums]
+            num, den = (np.asarray([t[j] for t in terms], dtype=np.float64).reshape(-1, n).T
+                        for j in (0, 1))  # fmt: skip
+            out[m] = {"sum": num[0], "count": den[0]} if n == 1 else {"sum": num, "count": den}
+        return out
 
     def file_bins(self, bin_frames: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(sums, counts)`` ``[files, bins]`` of ``metric`` per position bin (``bin_frames``
-        rounded down to a multiple of ``block_frames``, at least one block)."""
+        """``(sums, counts)`` ``[terms, files, bins]`` of ``metric`` per position bin
+        (``bin_frames`` rounded down to a multiple of ``block_frames``, at least one block;
+        terms: 2 for ``moshi_loss``, else 1)."""
         per = max(1, bin_frames // self.block_frames)
         nb = max((x.shape[1] for x in self.file_blocks), default=0)
         n_bins = -(-nb // per)
-        sums, counts = (
-            np.zeros((len(self.file_blocks), n_bins)),
-            np.zeros((len(self.file_blocks), n_bins)),
-        )
+        terms = 2 if metric == MOSHI_LOSS else 1
+        shape = (terms, len(self.file_blocks), n_bins)
+        sums, counts = np.zeros(shape), np.zeros(shape)
         for i, blocks in enumerate(self.file_blocks):
-            num, den = _metric_rows(blocks, self.num_codebooks, metric)
+            num, den = _metric_terms(blocks, self.num_codebooks, metric)
             starts = np.arange(0, blocks.shape[1], per)
-            sums[i, : len(starts)] = np.add.reduceat(num, starts)
-            counts[i, : len(starts)] = np.add.reduceat(den, starts)
+            sums[:, i, : len(starts)] = np.add.reduceat(num, starts, axis=-1)
+            counts[:, i, : len(starts)] = np.add.reduceat(den, starts, axis=-1)
         return sums, counts
 
     def grouped(self, unit: Callable[[str], str]) -> PositionLosses:
@@ -288,10 +290,13 @@ class PositionLosses:
             pos[:, ::B] = kept
             if out.length == 0:
                 out.text_sum, out.text_count, out.files = np.zeros(L), np.zeros(L), np.zeros(L)
+                out.pad_sum, out.pad_count = np.zeros(L), np.zeros(L)
                 out.audio_sum, out.audio_count = np.zeros((K, L)), np.zeros((K, L))
-            t_sum, t_cnt, _, _, audio = _rows(pos, K)
+            t_sum, t_cnt, p_sum, p_cnt, audio = _rows(pos, K)
             out.text_sum += t_sum
             out.text_count += t_cnt
+            out.pad_sum += p_sum
+            out.pad_count += p_cnt
             out.audio_sum += audio[:K]
             out.audio_count += audio[K:]
             out.files += 1
@@ -308,31 +313,29 @@ def _rows(x: np.ndarray, K: int) -> tuple[Any, Any, Any, Any, np.ndarray]:
     return x[0], x[1], x[2], x[3], x[4 : 4 + 2 * K]
 
 
-def _moshi_terms(t_sum: float, t_cnt: float, p_sum: float, p_cnt: float, a_sum: np.ndarray,
-                 a_cnt: np.ndarray) -> tuple[list[float], list[float]]:  # fmt: skip
-    """moshi-finetune's loss of one file as two terms ``([text w CE, audio w CE], [text w,
-    audio w])``: text weighted ``TEXT_PADDING_WEIGHT`` on PAD/EPAD, audio
-    ``FIRST_CODEBOOK_WEIGHT`` on codebook 0 (``token_weights``)."""
-    off = 1.0 - TEXT_PADDING_WEIGHT
-    text = (float(t_sum - off * p_sum), float(t_cnt - off * p_cnt))
-    w0 = FIRST_CODEBOOK_WEIGHT
-    audio = (float(w0 * a_sum[0] + a_sum[1:].sum()), float(w0 * a_cnt[0] + a_cnt[1:].sum()))
-    return [text[0], audio[0]], [text[1], audio[1]]
-
-
-def _metric_rows(blocks: np.ndarray, K: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """(CE sums, token counts) per block of ``metric`` from a file's block rows."""
-    t_sum, t_cnt, _, _, audio = _rows(blocks, K)
+def _metric_terms(x: np.ndarray, K: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(CE sums, token weights)`` ``[terms, ...]`` of ``metric`` from rows ``x`` (``_rows``:
+    per position, per block, or summed): one term (``audio_ce``, ``cb0``, ``cb1_7``,
+    ``text_ce``), or two for ``moshi_loss``: text with PAD/EPAD weighed
+    ``TEXT_PADDING_WEIGHT``, audio with codebook 0 weighed ``FIRST_CODEBOOK_WEIGHT``
+    (``token_weights``, the training loss's); ``ratio_sum`` gives the metric."""
+    t_sum, t_cnt, p_sum, p_cnt, audio = _rows(x, K)
     a_sum, a_cnt = audio[:K], audio[K:]
     if metric == "audio_ce":
-        return a_sum.sum(0), a_cnt.sum(0)
-    if metric == "cb0":
-        return a_sum[0], a_cnt[0]
-    if metric == "cb1_7":
-        return a_sum[1:].sum(0), a_cnt[1:].sum(0)
-    if metric == "text_ce":
-        return t_sum, t_cnt
-    raise ValueError(f"metric {metric!r}: expected one of {METRICS}")
+        num, den = a_sum.sum(0), a_cnt.sum(0)
+    elif metric == "cb0":
+        num, den = a_sum[0], a_cnt[0]
+    elif metric == "cb1_7":
+        num, den = a_sum[1:].sum(0), a_cnt[1:].sum(0)
+    elif metric == "text_ce":
+        num, den = t_sum, t_cnt
+    elif metric == MOSHI_LOSS:
+        off, w0 = 1.0 - TEXT_PADDING_WEIGHT, FIRST_CODEBOOK_WEIGHT
+        return (np.stack([t_sum - off * p_sum, w0 * a_sum[0] + a_sum[1:].sum(0)]),
+                np.stack([t_cnt - off * p_cnt, w0 * a_cnt[0] + a_cnt[1:].sum(0)]))  # fmt: skip
+    else:
+        raise ValueError(f"metric {metric!r}: expected one of {METRICS}")
+    return np.asarray(num)[None], np.asarray(den)[None]
 
 
 def ppl(ce: Any) -> Any:
@@ -515,14 +518,13 @@ def binned_intervals(curve: PositionLosses, bin_frames: int, metric: str) -> dic
     and the files with a scored token (``n_files``); empty without per-file data."""
     if not curve.file_blocks:
         return {"lo": [], "hi": [], "file_std": [], "n_files": []}
-    sums, counts = curve.file_bins(bin_frames, metric)
-    F = sums.shape[0]
+    sums, counts = curve.file_bins(bin_frames, metric)  # [terms, files, bins]
+    F, n_bins = sums.shape[1:]
     idx = np.random.default_rng(0).integers(0, F, size=(1000, F))
-    num, den = sums[idx].sum(1), counts[idx].sum(1)  # [boot, bins]
-    boot = np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)
-    means = np.divide(sums, counts, out=np.full(sums.shape, np.nan), where=counts > 0)
-    lo, hi, std = (np.full(sums.shape[1], np.nan) for _ in range(3))
-    for j in range(sums.shape[1]):  # bins without data stay NaN (no warnings)
+    boot = ratio_sum(sums[:, idx].sum(2), counts[:, idx].sum(2))  # [boot, bins]
+    means = ratio_sum(sums, counts)  # [files, bins]
+    lo, hi, std = (np.full(n_bins, np.nan) for _ in range(3))
+    for j in range(n_bins):  # bins without data stay NaN (no warnings)
         col = boot[:, j][np.isfinite(boot[:, j])]
         if col.size:
             lo[j], hi[j] = np.quantile(col, [0.025, 0.975])
@@ -533,7 +535,7 @@ def binned_intervals(curve: PositionLosses, bin_frames: int, metric: str) -> dic
         "lo": lo.tolist(),
         "hi": hi.tolist(),
         "file_std": std.tolist(),
-        "n_files": (counts > 0).sum(0).tolist(),
+        "n_files": (counts > 0).any(0).sum(0).tolist(),
     }
 
 
