@@ -332,3 +332,9 @@ def test_a_curve_with_new_text_keeps_its_audio_and_padding():
     assert a["moshi_loss"]["count"][0].tolist() == [23 - 0.5 * 6] * 3
     with pytest.raises(ValueError, match="positions"):
         curve.with_text([(ce[:-1], mask[:-1]) for ce, mask in curve.file_text])
+    # a curve of per-position sums only (the Markov demo's oracle): every metric, no PAD
+    ones = np.ones(4)
+    analytic = PositionLosses.of_positions(2 * ones, ones, np.zeros((8, 4)), np.zeros((8, 4)), ones)
+    assert analytic.totals()["text_ce"] == analytic.totals()["moshi_loss"] == 2.0
+    with pytest.raises(ValueError, match="4 positions"):
+        PositionLosses.of_positions(ones, ones[:3], np.zeros((8, 4)), np.zeros((8, 4)), ones)

@@ -53,7 +53,7 @@ from ..eval.recall import (
     base_features,
 )
 from ..eval.report import Report, legend_outside, row_line_style, row_styles
-from ..format import FRAME_RATE
+from ..format import FRAME_RATE, NUM_CODEBOOKS
 from ..integration.apply import ttt_modules
 from ..models.export import export_run
 from ..recipes import FORCED_TRAIN, FORCED_TTT, retrofit_training
@@ -197,15 +197,13 @@ def oracle_curves(task: MarkovTask, files: list[tuple[str, torch.Tensor]], conte
     for name, window in (("oracle_full", None), ("oracle_window", context)):
         nll = np.stack([task.oracle_nll(task.symbols_of(codes), window) for _, codes in files])
         T, n = nll.shape[1], np.full(nll.shape[1], float(len(files)))
-        curve = PositionLosses()
-        curve.text_sum, curve.text_count = np.zeros(T), np.zeros(T)
-        curve.audio_sum, curve.audio_count = np.zeros((8, T)), np.zeros((8, T))
+        text_sum, text_count = np.zeros(T), np.zeros(T)
+        audio_sum, audio_count = np.zeros((NUM_CODEBOOKS, T)), np.zeros((NUM_CODEBOOKS, T))
         if task.stream == "text":
-            curve.text_sum, curve.text_count = nll.sum(0), n
+            text_sum, text_count = nll.sum(0), n
         else:  # audio codebook 0
-            curve.audio_sum[0], curve.audio_count[0] = nll.sum(0), n
-        curve.files = n
-        out[name] = curve
+            audio_sum[0], audio_count[0] = nll.sum(0), n
+        out[name] = PositionLosses.of_positions(text_sum, text_count, audio_sum, audio_count, n)
     return out
 
 

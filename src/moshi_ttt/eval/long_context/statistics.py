@@ -74,6 +74,25 @@ class PositionLosses:
         self.file_text: list[tuple[np.ndarray, np.ndarray]] = []
         self.file_padding: list[np.ndarray] = []  # per file, bool [T]: scored PAD/EPAD target
 
+    @classmethod
+    def of_positions(cls, text_sum: np.ndarray, text_count: np.ndarray, audio_sum: np.ndarray,
+                     audio_count: np.ndarray, files: np.ndarray) -> PositionLosses:  # fmt: skip
+        """A curve of per-position sums only (no per-file data: no intervals), e.g. an
+        analytic one; ``[P]`` text and files, ``[K, P]`` audio; no PAD/EPAD target."""
+        out = cls(audio_sum.shape[0])
+        P = len(files)
+        if text_sum.shape != (P,) or text_count.shape != (P,) or audio_sum.shape[1:] != (P,) \
+                or audio_count.shape != audio_sum.shape:  # fmt: skip
+            raise ValueError(f"per-position sums of {P} positions expected, got text "
+                             f"{text_sum.shape}, {text_count.shape}, audio {audio_sum.shape}, "
+                             f"{audio_count.shape}")  # fmt: skip
+        out.text_sum, out.text_count, out.files = (np.asarray(a, dtype=np.float64) for a in
+                                                   (text_sum, text_count, files))  # fmt: skip
+        out.audio_sum = np.asarray(audio_sum, dtype=np.float64)
+        out.audio_count = np.asarray(audio_count, dtype=np.float64)
+        out.pad_sum, out.pad_count = np.zeros(P), np.zeros(P)
+        return out
+
     @property
     def length(self) -> int:
         return len(self.files)
