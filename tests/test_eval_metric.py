@@ -231,3 +231,18 @@ def test_cli_prints_the_totals_of_the_chosen_metric(shards, tmp_path, capsys):
         assert summary["beyond_context"][name]["text_ce"] == v.totals(ctx)["text_ce"]
     assert summary["lines"] == summary_lines(result.summary())
     assert [ln for ln in printed.splitlines() if ln in summary["lines"]] == summary["lines"]
+
+
+def test_every_metric_is_offered_by_the_commands_that_take_one():
+    """``--metric`` of ``eval long-context`` and ``eval compare`` lists exactly ``METRICS``
+    (moshi's loss included)."""
+    from moshi_ttt.eval.long_context import METRICS
+
+    parser = build_parser()
+    for command, extra in ((("eval", "long-context"), {"auto"}), (("eval", "compare"), set())):
+        sub = parser
+        for word in command:
+            sub = next(a for a in sub._actions if a.dest and a.choices and word in a.choices)
+            sub = sub.choices[word]
+        (metric,) = [a for a in sub._actions if a.dest == "metric"]
+        assert set(metric.choices) == set(METRICS) | extra, metric.choices

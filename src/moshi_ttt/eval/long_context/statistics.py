@@ -115,19 +115,22 @@ class PositionLosses:
         self._add_positions(f, padding)
         audio = np.concatenate([f.audio.double().numpy(), f.audio_mask.double().numpy()])
         self._add_blocks(str(len(self.file_names)) if name is None else name, text, mask,
-                         padding, audio)  # fmt: skip
+                         padding, self._block_sums(audio))  # fmt: skip
+
+    def _block_sums(self, rows: np.ndarray) -> np.ndarray:
+        """``rows [R, T]`` summed over blocks of ``block_frames`` frames: ``[R, blocks]``."""
+        starts = np.arange(0, rows.shape[1], self.block_frames)
+        return np.add.reduceat(rows, starts, axis=1) if len(starts) else rows
 
     def _add_blocks(self, name: str, text: np.ndarray, mask: np.ndarray, padding: np.ndarray,
-                    audio: np.ndarray) -> None:  # fmt: skip
-        """One file's per-file data: text CE ``[T]``, scored ``[T]``, PAD/EPAD ``[T]``, the
-        audio rows ``[2K, T]`` (sums, then counts)."""
+                    audio_blocks: np.ndarray) -> None:  # fmt: skip
+        """One file's per-file data: text CE ``[T]``, scored ``[T]``, PAD/EPAD ``[T]``, and its
+        audio rows already summed over blocks ``[2K, blocks]`` (sums, then counts)."""
         t = text.astype(np.float64)
-        rows = np.concatenate([np.stack([t, mask, t * padding, padding]).astype(np.float64),
-                               audio])  # fmt: skip
-        starts = np.arange(0, rows.shape[1], self.block_frames)
-        self.file_blocks.append(np.add.reduceat(rows, starts, axis=1) if len(starts) else rows)
+        text_rows = np.stack([t, mask, t * padding, padding]).astype(np.float64)
+        self.file_blocks.append(np.concatenate([self._block_sums(text_rows), audio_blocks]))
         self.file_names.append(name)
-        self.file_frames.append(int(rows.shape[1]))
+        self.file_frames.append(len(t))
         self.file_text.append((text, mask))
         self.file_padding.append(padding.astype(bool))
 
@@ -155,10 +158,8 @@ class PositionLosses:
             out.text_count[:T] += mask
             out.pad_sum[:T] += ce * padding
             out.pad_count[:T] += padding
-            audio = np.zeros((2 * self.num_codebooks, T))
             audio_blocks = _rows(self.file_blocks[i], self.num_codebooks)[4]
-            audio[:, :: self.block_frames] = audio_blocks  # block sums at each block's start
-            out._add_blocks(self.file_names[i], ce, mask.astype(bool), padding, audio)
+            out._add_blocks(self.file_names[i], ce, mask.astype(bool), padding, audio_blocks)
         return out
 
     def _add_positions(self, f: FileLosses, padding: np.ndarray) -> None:
